@@ -1,0 +1,148 @@
+"""nox sessions for polyopt.
+
+    nox -s tests                 # the test suite (the default session; CI runs it)
+    nox -s tests -- -k adam -x   # arguments after -- go to every pytest run
+    nox -s lab -- --quick        # the optimizer lab: numpy + matplotlib only, no framework
+    nox -s lint                  # ruff
+
+Every install goes through constraints.txt, which pins the CPU build of torch
+(a plain `pip install torch` would fetch a multi-GB CUDA build).
+
+Environment of the tests session:
+
+POLYOPT_FRAMEWORKS
+    Frameworks under test in the main pytest run (default ``numpy,torch,jax``;
+    numpy and array_api_strict are always tested). See tests/conftest.py.
+POLYOPT_KERAS_BACKENDS
+    Keras backends, one pytest process each, for the tests marked ``keras``
+    (default ``tensorflow,jax,torch``; empty to skip them).
+
+torch and tensorflow must never share a process (it can segfault), so the
+main run deselects the ``keras`` tests and runs with KERAS_BACKEND=jax, and
+each Keras backend gets its own pytest process. Caches (matplotlib,
+torch.compile, Keras config) live inside .nox, never in $HOME.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).resolve().parent
+CONSTRAINTS = ROOT / "constraints.txt"
+
+DEFAULT_FRAMEWORKS = "numpy,torch,jax"
+DEFAULT_KERAS_BACKENDS = "tensorflow,jax,torch"
+PYTEST_NO_TESTS_COLLECTED = 5
+
+nox.options.sessions = ["tests"]
+nox.options.default_venv_backend = "virtualenv"
+nox.options.error_on_external_run = True
+# Reuse environments locally (fast re-runs); CI always builds them anew
+# (.ci/run also passes --reuse-venv=never).
+nox.options.reuse_venv = "no" if os.environ.get("CI") else "yes"
+
+
+def _install(session: nox.Session, *args: str) -> None:
+    session.install("-c", str(CONSTRAINTS), *args)
+
+
+def _base_env(session: nox.Session) -> dict[str, str]:
+    """Environment shared by every session: caches inside the build area."""
+    cache = Path(session.create_tmp()) / "cache"
+    dirs = {
+        "MPLCONFIGDIR": cache / "matplotlib",
+        "TORCHINDUCTOR_CACHE_DIR": cache / "torchinductor",
+        "KERAS_HOME": cache / "keras",
+    }
+    for path in dirs.values():
+        path.mkdir(parents=True, exist_ok=True)
+    env = {name: str(path) for name, path in dirs.items()}
+    env["RUFF_CACHE_DIR"] = str(cache / "ruff")
+    env["MPLBACKEND"] = "Agg"
+    # Explicit, and never tensorflow by accident: a process that also holds
+    # torch must not import tensorflow through Keras's default backend.
+    env["KERAS_BACKEND"] = "jax"
+    env["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1")
+    return env
+
+
+def _split(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _collect(session: nox.Session, marker: str, env: dict[str, str]) -> tuple[int, list[str]]:
+    """What ``pytest -m marker`` (plus posargs) selects: (test count, test files).
+
+    Returns (-1, []) under ``nox --install-only``, where nothing runs.
+    """
+    output = session.run(
+        "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", marker,
+        *session.posargs, env=env, silent=True, success_codes=[0, PYTEST_NO_TESTS_COLLECTED],
+    )
+    if not isinstance(output, str):
+        return -1, []
+    files = sorted({
+        line.split("::", 1)[0] for line in output.splitlines()
+        if "::" in line and line.split("::", 1)[0].endswith(".py")
+    })
+    for line in reversed(output.splitlines()):
+        found = re.match(r"(?:no tests|(\d+)(?:/\d+)? tests?) collected\b", line.strip())
+        if found:
+            return int(found.group(1) or 0), files
+    session.error(f"cannot read pytest's collection summary:\n{output}")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite: the main run, then one process per Keras backend."""
+    started = time.monotonic()
+    _install(session, "-e", ".[all,dev]")
+    session.log(f"installed in {time.monotonic() - started:.0f} s")
+    env = _base_env(session)
+    env["POLYOPT_FRAMEWORKS"] = os.environ.get("POLYOPT_FRAMEWORKS", DEFAULT_FRAMEWORKS)
+    backends = _split(os.environ.get("POLYOPT_KERAS_BACKENDS", DEFAULT_KERAS_BACKENDS))
+    keras_env = {**env, "POLYOPT_FRAMEWORKS": "keras"}
+
+    # Count first, so that an empty selection is an explicit decision: a run
+    # whose selections are all empty fails; a legitimately empty one (no test
+    # is marked keras yet, or posargs pick Keras tests only) is not started.
+    # Collecting the Keras tests runs with KERAS_BACKEND=jax: no tensorflow.
+    main_count, _ = _collect(session, "not keras", env)
+    keras_count, keras_files = _collect(session, "keras", keras_env) if backends else (0, [])
+    if main_count < 0:  # nox --install-only
+        return
+    session.log(f"selected: {main_count} tests in the main run, {keras_count} Keras tests "
+                f"x {len(backends)} backends ({','.join(backends) or 'none'})")
+    if main_count == 0 and keras_count == 0:
+        session.error("no test selected: nothing would be tested")
+
+    if main_count:
+        # pytest's exit code 5 (no tests ran) fails the session here.
+        session.run("pytest", "-m", "not keras", *session.posargs, env=env)
+    for backend in backends if keras_count else []:
+        # Only the files that hold Keras tests are imported: a tensorflow
+        # process never imports the torch test modules.
+        session.log(f"Keras tests, KERAS_BACKEND={backend}")
+        files = [f for f in keras_files if f not in session.posargs]
+        session.run("pytest", "-m", "keras", *session.posargs, *files,
+                    env={**keras_env, "KERAS_BACKEND": backend})
+    session.log(f"tests session done in {time.monotonic() - started:.0f} s")
+
+
+@nox.session
+def lab(session: nox.Session) -> None:
+    """The optimizer lab, with numpy and matplotlib only (no framework installed)."""
+    _install(session, "-e", ".[lab]")
+    session.run("python", "-m", "polyopt.lab", *session.posargs, env=_base_env(session))
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (configuration in pyproject.toml)."""
+    _install(session, "ruff")
+    session.run("ruff", "check", *(session.posargs or ["."]), env=_base_env(session))

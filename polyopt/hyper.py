@@ -1,0 +1,556 @@
+"""The one hyperparameter spec: names, defaults, allowed values, native spellings.
+
+Every rule factory in :mod:`polyopt.rules` takes its defaults and its argument
+checks from the :class:`Spec` registered here, and the framework adapters
+generate their signatures, ``get_config`` and error messages from the same
+spec, so that a default or a range is written exactly once.
+
+A :class:`Hyper` names one argument. ``torch``, ``keras`` and ``optax`` give
+its spelling in that framework when it differs from the canonical (optax-like)
+name, e.g. ``Hyper("b1", ..., torch="betas[0]", keras="beta_1")``.
+``runtime=True`` marks values a framework changes while training (torch
+``group["lr"]``, a Keras learning-rate variable, OneCycleLR's momentum): rules
+accept them as 0-d arrays and never branch on their value.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+__all__ = [
+    "Hyper",
+    "Spec",
+    "Interval",
+    "SPECS",
+    "spec",
+    "describe",
+]
+
+_MISSING = object()
+
+
+# --------------------------------------------------------------------------
+# checks
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A range of real numbers, e.g. ``Interval(0, 1, hi_closed=False)`` is [0, 1)."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_closed: bool = True
+    hi_closed: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        lo_ok = x >= self.lo if self.lo_closed else x > self.lo
+        hi_ok = x <= self.hi if self.hi_closed else x < self.hi
+        return bool(lo_ok and hi_ok)  # NaN fails both comparisons
+
+    def __str__(self) -> str:
+        lo = "[" if self.lo_closed else "("
+        hi = "]" if self.hi_closed else ")"
+        return f"{lo}{_fmt(self.lo)}, {_fmt(self.hi)}{hi}"
+
+
+def _fmt(x: float) -> str:
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return repr(int(x)) if float(x).is_integer() else repr(x)
+
+
+NONNEG = Interval(0.0, math.inf)
+POSITIVE = Interval(0.0, math.inf, lo_closed=False)
+UNIT_OPEN = Interval(0.0, 1.0)  # [0, 1)
+UNIT = Interval(0.0, 1.0, hi_closed=True)  # [0, 1]
+
+
+def _is_bool(x: Any) -> bool:
+    return isinstance(x, bool) or type(x).__name__ in ("bool_", "bool")
+
+
+def _scalar_value(value: Any) -> float | None:
+    """The float value of a Python/numpy number or a concrete 0-d array.
+
+    Returns None for a 0-d array whose value cannot be read without running a
+    computation (a jax tracer, a torch tensor under compilation): such values
+    are checked by shape only.
+    """
+    if isinstance(value, numbers.Real):
+        return float(value)
+    try:
+        return float(value)
+    except Exception:  # noqa: BLE001 - tracers raise framework-specific errors
+        return None
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """One argument of a rule.
+
+    kind: ``"real"`` (number or 0-d array), ``"int"``, ``"bool"``, ``"choice"``.
+    allowed: an :class:`Interval` for real/int, a tuple of strings for choice.
+    schedule: the value may also be a callable ``count -> value``.
+    """
+
+    name: str
+    default: Any
+    kind: str = "real"
+    allowed: Any = NONNEG
+    doc: str = ""
+    torch: str | None = None
+    keras: str | None = None
+    optax: str | None = None
+    runtime: bool = False
+    schedule: bool = False
+
+    def spelling(self, framework: str | None) -> str:
+        """This argument's name in ``framework`` (None: the canonical name)."""
+        if framework is None or framework == "polyopt":
+            return self.name
+        own = getattr(self, framework)
+        return own if own is not None else self.name
+
+    def allowed_text(self) -> str:
+        if self.kind == "bool":
+            return "True or False"
+        if self.kind == "choice":
+            return "one of " + ", ".join(repr(c) for c in self.allowed)
+        kind = "an integer" if self.kind == "int" else "a number"
+        if self.kind == "real" and self.schedule:
+            kind = "a number or a schedule (callable)"
+        return f"{kind} in {self.allowed}"
+
+    def check(self, value: Any, owner: str, framework: str | None = None) -> Any:
+        """Return ``value`` if allowed, else raise TypeError/ValueError naming it."""
+        name = self.spelling(framework)
+
+        def fail(exc: type[Exception]) -> Exception:
+            return exc(f"{owner}: {name} must be {self.allowed_text()}, got {name}={value!r}")
+
+        if self.kind == "bool":
+            if not _is_bool(value):
+                raise fail(TypeError)
+            return bool(value)
+        if self.kind == "choice":
+            if not isinstance(value, str):
+                raise fail(TypeError)
+            if value not in self.allowed:
+                raise fail(ValueError)
+            return value
+        if self.kind == "int":
+            if _is_bool(value) or not isinstance(value, numbers.Integral):
+                raise fail(TypeError)
+            if int(value) not in self.allowed:
+                raise fail(ValueError)
+            return int(value)
+        # real
+        if self.schedule and callable(value) and not hasattr(value, "shape"):
+            return value
+        if _is_bool(value) or isinstance(value, (str, bytes)):
+            raise fail(TypeError)
+        if isinstance(value, numbers.Real):
+            if float(value) not in self.allowed:
+                raise fail(ValueError)
+            return value
+        shape = getattr(value, "shape", _MISSING)
+        if shape is _MISSING:
+            raise fail(TypeError)
+        if tuple(shape) != ():
+            raise ValueError(
+                f"{owner}: {name} must be a scalar (a number or a 0-d array), "
+                f"got an array of shape {tuple(shape)}"
+            )
+        dtype = str(getattr(value, "dtype", ""))
+        if "float" not in dtype and "int" not in dtype:
+            raise TypeError(
+                f"{owner}: {name} must be a real number, got an array of dtype {dtype}"
+            )
+        concrete = _scalar_value(value)
+        if concrete is not None and concrete not in self.allowed:
+            raise fail(ValueError)
+        return value
+
+
+# --------------------------------------------------------------------------
+# specs
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The arguments of one rule, in signature order."""
+
+    name: str
+    hypers: tuple[Hyper, ...]
+    doc: str = ""
+    native: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = [h.name for h in self.hypers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"spec {self.name}: duplicate hyperparameter names {names}")
+
+    def __getitem__(self, name: str) -> Hyper:
+        for h in self.hypers:
+            if h.name == name:
+                return h
+        raise KeyError(f"{self.name} has no hyperparameter {name!r}")
+
+    def __contains__(self, name: str) -> bool:
+        return any(h.name == name for h in self.hypers)
+
+    def __iter__(self):
+        return iter(self.hypers)
+
+    @property
+    def names(self) -> list[str]:
+        return [h.name for h in self.hypers]
+
+    def defaults(self) -> dict[str, Any]:
+        return {h.name: h.default for h in self.hypers}
+
+    def with_defaults(self, name: str | None = None, **defaults: Any) -> Spec:
+        """A copy with other defaults (and optionally another name)."""
+        unknown = set(defaults) - set(self.names)
+        if unknown:
+            raise KeyError(f"{self.name} has no hyperparameters {sorted(unknown)}")
+        hypers = tuple(
+            replace(h, default=defaults[h.name]) if h.name in defaults else h
+            for h in self.hypers
+        )
+        return replace(self, name=name or self.name, hypers=hypers)
+
+    def plus(self, name: str, *hypers: Hyper) -> Spec:
+        """A new spec: these hyperparameters followed by ``hypers``."""
+        return Spec(name, self.hypers + tuple(hypers))
+
+    def validate(self, values: dict[str, Any], framework: str | None = None) -> dict[str, Any]:
+        """Check every value; return the complete dict (defaults filled in).
+
+        Raises TypeError/ValueError naming the argument (in ``framework``'s
+        spelling), the value and what is allowed. Unknown names raise TypeError.
+        """
+        unknown = set(values) - set(self.names)
+        if unknown:
+            spelled = sorted(unknown)
+            raise TypeError(
+                f"{self.name}: unexpected argument(s) {spelled}; "
+                f"allowed: {[h.spelling(framework) for h in self.hypers]}"
+            )
+        out = {}
+        for h in self.hypers:
+            value = values.get(h.name, h.default)
+            out[h.name] = h.check(value, self.name, framework)
+        return out
+
+    def factory(self, fn: Callable) -> Callable:
+        """Decorate a rule factory: defaults and checks come from this spec.
+
+        ``fn`` declares the hyperparameters as parameters without defaults (any
+        other parameter, e.g. ``inner``, keeps its own). The returned factory
+        has a signature with the spec's defaults, validates every argument at
+        call time (construction) and then calls ``fn`` with all of them.
+        """
+        sig = inspect.signature(fn)
+        declared = [p.name for p in sig.parameters.values() if p.name in self]
+        if declared != self.names:
+            raise TypeError(
+                f"{fn.__name__}: parameters {declared} do not match spec {self.name} {self.names}"
+            )
+        params = [
+            p.replace(default=self[p.name].default) if p.name in self else p
+            for p in sig.parameters.values()
+        ]
+        new_sig = sig.replace(parameters=params)
+
+        @functools.wraps(fn)
+        def make(*args: Any, **kwargs: Any):
+            try:
+                bound = new_sig.bind(*args, **kwargs)
+            except TypeError as e:
+                raise TypeError(f"{self.name}: {e}") from None
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            hyper = {k: arguments.pop(k) for k in self.names}
+            hyper = self.validate(hyper)
+            return fn(**arguments, **hyper)
+
+        make.__signature__ = new_sig  # type: ignore[attr-defined]
+        make.spec = self  # type: ignore[attr-defined]
+        return make
+
+
+# shared argument shapes ---------------------------------------------------
+
+
+def learning_rate(default: float) -> Hyper:
+    return Hyper(
+        "learning_rate", default, allowed=NONNEG, schedule=True, runtime=True, torch="lr",
+        doc="step size; a number, a 0-d array or a schedule count -> value",
+    )
+
+
+def eps(default: float, doc: str = "added to the denominator for numerical stability") -> Hyper:
+    return Hyper("eps", default, allowed=NONNEG, keras="epsilon", doc=doc)
+
+
+def eps_root() -> Hyper:
+    return Hyper("eps_root", 0.0, allowed=NONNEG,
+                 doc="added to the bias-corrected v inside the sqrt (optax)")
+
+
+def b1(default: float = 0.9) -> Hyper:
+    return Hyper(
+        "b1", default, allowed=UNIT_OPEN, runtime=True, torch="betas[0]", keras="beta_1",
+        doc="decay of the first moment",
+    )
+
+
+def b2(default: float = 0.999) -> Hyper:
+    return Hyper(
+        "b2", default, allowed=UNIT_OPEN, torch="betas[1]", keras="beta_2",
+        doc="decay of the second moment",
+    )
+
+
+def weight_decay(default: float = 0.0, mode: str = "l2") -> tuple[Hyper, Hyper]:
+    return (
+        Hyper("weight_decay", default, allowed=NONNEG, doc="weight decay coefficient"),
+        Hyper(
+            "weight_decay_mode", mode, kind="choice",
+            allowed=("l2", "decoupled", "decoupled_unscaled"),
+            doc="'l2': add weight_decay*p to the gradient (torch Adam/SGD); "
+            "'decoupled': p -= lr*weight_decay*p (torch AdamW, Keras, optax adamw); "
+            "'decoupled_unscaled': p -= weight_decay*p (tfa AdamW)",
+        ),
+    )
+
+
+def momentum(default: float = 0.0) -> Hyper:
+    return Hyper("momentum", default, allowed=UNIT, runtime=True, doc="momentum factor")
+
+
+def momentum_form(default: str) -> Hyper:
+    return Hyper(
+        "momentum_form", default, kind="choice", allowed=("buffer", "velocity"),
+        doc="'buffer': the buffer sums gradients and lr multiplies it (torch, optax sgd); "
+        "'velocity': the buffer sums lr-scaled steps (Keras, optax rmsprop); "
+        "they differ only when lr changes",
+    )
+
+
+# --------------------------------------------------------------------------
+# the rules' specs
+
+SGD = Spec("sgd", (
+    learning_rate(0.01),
+    momentum(0.0),
+    Hyper("dampening", 0.0, allowed=UNIT, doc="dampening of the gradient in the momentum buffer"),
+    Hyper("nesterov", False, kind="bool", doc="Nesterov momentum"),
+    *weight_decay(0.0, "l2"),
+    momentum_form("buffer"),
+))
+
+ADAGRAD = Spec("adagrad", (
+    learning_rate(0.01),
+    Hyper("initial_accumulator_value", 0.0, allowed=NONNEG, doc="initial sum of squares"),
+    eps(1e-10),
+    Hyper(
+        "eps_placement", "outside", kind="choice", allowed=("outside", "inside"),
+        doc="'outside': g / (sqrt(sum) + eps) (torch); "
+        "'inside': g / sqrt(sum + eps) (Keras, optax)",
+    ),
+    Hyper("lr_decay", 0.0, allowed=NONNEG, doc="lr / (1 + count * lr_decay) (torch)"),
+    *weight_decay(0.0, "l2"),
+))
+
+RMSPROP = Spec("rmsprop", (
+    learning_rate(0.001),
+    Hyper("decay", 0.9, allowed=UNIT_OPEN, torch="alpha", keras="rho",
+          doc="decay of the mean square"),
+    eps(1e-8),
+    Hyper(
+        "eps_placement", "inside", kind="choice", allowed=("outside", "inside"),
+        doc="'inside': g / sqrt(v + eps) (Keras, optax); 'outside': g / (sqrt(v) + eps) (torch)",
+    ),
+    Hyper("initial_scale", 0.0, allowed=NONNEG, doc="initial mean square (optax)"),
+    Hyper("centered", False, kind="bool", doc="divide by the variance instead of the mean square"),
+    momentum(0.0),
+    Hyper("nesterov", False, kind="bool", doc="Nesterov momentum (optax)"),
+    momentum_form("velocity"),
+    Hyper("bias_correction", False, kind="bool", doc="bias-correct the mean square (optax)"),
+    *weight_decay(0.0, "l2"),
+))
+
+ADADELTA = Spec("adadelta", (
+    learning_rate(1.0),
+    Hyper("rho", 0.95, allowed=UNIT_OPEN, doc="decay of the squared gradients and updates"),
+    eps(1e-6),
+    *weight_decay(0.0, "l2"),
+))
+
+_ADAM_CORE = (
+    learning_rate(0.001),
+    b1(0.9),
+    b2(0.999),
+    eps(1e-8),
+    eps_root(),
+    Hyper(
+        "eps_placement", "outside", kind="choice", allowed=("outside", "hat"),
+        doc="'outside': m_hat / (sqrt(v_hat) + eps) (torch, optax); 'hat': Keras's "
+        "'epsilon hat', eps on the raw sqrt(v) with lr*sqrt(1-b2^t)/(1-b1^t)",
+    ),
+    Hyper("amsgrad", False, kind="bool", doc="use the running maximum of v"),
+    Hyper(
+        "amsgrad_form", "raw", kind="choice", allowed=("raw", "corrected", "uncorrected"),
+        doc="'raw': maximum of raw v, then bias-corrected (torch, Keras); "
+        "'corrected': maximum of bias-corrected v (optax); 'uncorrected': maximum of "
+        "raw v, never bias-corrected (the AMSGrad paper; optax bias_correction_nu=False)",
+    ),
+)
+
+_FIRST_MOMENT_BIAS_CORRECTION = Hyper(
+    "first_moment_bias_correction", True, kind="bool", optax="bias_correction_mu",
+    doc="divide m by 1 - b1^t; False: the AMSGrad paper (optax amsgrad bias_correction_mu=False)",
+)
+
+ADAM = Spec("adam", _ADAM_CORE + weight_decay(0.0, "l2") + (_FIRST_MOMENT_BIAS_CORRECTION,))
+ADAMW = Spec("adamw", _ADAM_CORE + weight_decay(0.01, "decoupled")
+             + (_FIRST_MOMENT_BIAS_CORRECTION,))
+
+ADAMAX = Spec("adamax", (
+    learning_rate(0.002),
+    b1(0.9),
+    b2(0.999),
+    eps(1e-8),
+    Hyper(
+        "eps_placement", "inside", kind="choice", allowed=("inside", "outside"),
+        doc="'inside': u = max(b2*u, |g| + eps) (torch, optax); 'outside': m / (u + eps) (Keras)",
+    ),
+    *weight_decay(0.0, "l2"),
+))
+
+NADAM = Spec("nadam", (
+    learning_rate(0.002),
+    b1(0.9),
+    b2(0.999),
+    eps(1e-8),
+    eps_root(),
+    Hyper("momentum_decay", 0.004, allowed=NONNEG,
+          doc="mu_t = b1 * (1 - 0.5 * 0.96 ** (t * momentum_decay)); Keras uses 1.0"),
+    Hyper("momentum_schedule", True, kind="bool",
+          doc="True: Dozat's warming momentum schedule (torch, Keras); "
+          "False: Adam with constant Nesterov momentum b1 (optax nadam)"),
+    *weight_decay(0.0, "l2"),
+))
+
+_RADAM_CORE = (
+    learning_rate(0.001),
+    b1(0.9),
+    b2(0.999),
+    eps(1e-8),
+    eps_root(),
+    Hyper(
+        "eps_placement", "hat", kind="choice", allowed=("hat", "outside"),
+        doc="'hat': eps on the raw sqrt(v) (paper, torch); "
+        "'outside': after bias correction (optax, tfa)",
+    ),
+    Hyper("threshold", 5.0, allowed=Interval(4.0, math.inf, lo_closed=False),
+          doc="rectify when rho_t >= threshold, else fall back"),
+    Hyper("fallback", "momentum", kind="choice", allowed=("momentum", "none"),
+          doc="below the threshold: 'momentum' steps with m_hat (torch, optax, tfa); 'none' skips"),
+    Hyper("total_steps", 0, kind="int", allowed=NONNEG,
+          doc="tfa warmup/decay schedule length; 0 disables it"),
+    Hyper("warmup_proportion", 0.1, allowed=UNIT,
+          doc="tfa: fraction of total_steps spent warming up"),
+    Hyper("min_lr", 0.0, allowed=NONNEG, doc="tfa: learning rate reached at total_steps"),
+)
+
+RADAM = Spec("radam", _RADAM_CORE + weight_decay(0.0, "l2"))
+
+LOOKAHEAD = Spec("lookahead", (
+    Hyper("sync_period", 6, kind="int", allowed=Interval(1, math.inf), torch="k",
+          doc="fast steps between synchronisations"),
+    Hyper("slow_step_size", 0.5, allowed=UNIT, torch="alpha",
+          doc="slow += slow_step_size * (fast - slow) at each synchronisation"),
+    Hyper("reset_state", False, kind="bool",
+          doc="re-initialise the inner rule's state after each synchronisation (optax)"),
+))
+
+_GC = Hyper("gradient_centralization", True, kind="bool",
+            doc="subtract the mean of each gradient with ndim > 1 over all axes but axis 0 "
+            "(lessw2020 Ranger)")
+
+RANGER = RADAM.with_defaults(
+    "ranger", b1=0.95, eps=1e-5, weight_decay_mode="decoupled",
+).plus("ranger", *LOOKAHEAD.hypers, _GC)
+
+SAM = Spec("sam", (
+    Hyper("rho", 0.05, allowed=NONNEG, doc="radius of the ascent step"),
+    Hyper("eps", 1e-12, allowed=NONNEG,
+          doc="added to the gradient norm (davda54: 1e-12; optax.contrib.sam: 0)"),
+    Hyper("adaptive", False, kind="bool", doc="ASAM: scale the ascent by |p|"),
+))
+
+CLIP_BY_GLOBAL_NORM = Spec("clip_by_global_norm", (
+    Hyper("max_norm", 1.0, allowed=NONNEG, doc="largest global norm let through"),
+    Hyper("eps", 0.0, allowed=NONNEG,
+          doc="scale = max_norm / max(norm + eps, max_norm) (torch clip_grad_norm_: 1e-6)"),
+))
+
+CENTRALIZE = Spec("centralize", (
+    Hyper("keep_axis", 0, kind="int", allowed=Interval(-64, 64),
+          doc="the output axis, not averaged over (0 in torch layouts, -1 in Keras layouts)"),
+    Hyper("min_ndim", 2, kind="int", allowed=Interval(1, math.inf),
+          doc="centralize only gradients with at least this many axes"),
+))
+
+ADD_DECAYED_WEIGHTS = Spec("add_decayed_weights", (
+    Hyper("weight_decay", 0.0, allowed=NONNEG, doc="g + weight_decay * p (coupled L2)"),
+))
+
+DECOUPLED_WEIGHT_DECAY = Spec("decoupled_weight_decay", (
+    Hyper("weight_decay", 0.0, allowed=NONNEG, doc="u - learning_rate * weight_decay * p"),
+    learning_rate(1.0),
+))
+
+SPECS: dict[str, Spec] = {
+    s.name: s for s in (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, ADAMAX, NADAM, RADAM,
+                        LOOKAHEAD, RANGER, SAM, CLIP_BY_GLOBAL_NORM, CENTRALIZE,
+                        ADD_DECAYED_WEIGHTS, DECOUPLED_WEIGHT_DECAY)
+}
+
+
+def spec(name: str) -> Spec:
+    """The spec of rule ``name``."""
+    try:
+        return SPECS[name]
+    except KeyError:
+        raise KeyError(f"no rule named {name!r}; known: {sorted(SPECS)}") from None
+
+
+def describe(name: str) -> str:
+    """A markdown table of a rule's arguments, defaults and allowed values."""
+    s = spec(name)
+    rows = ["| argument | default | allowed | torch | Keras | optax |", "|---|---|---|---|---|---|"]
+    for h in s.hypers:
+        rows.append(
+            f"| `{h.name}` | `{h.default!r}` | {h.allowed_text()} | `{h.spelling('torch')}` "
+            f"| `{h.spelling('keras')}` | `{h.spelling('optax')}` |"
+        )
+    return "\n".join(rows)
+
+
+def defaults_table(names: list[str] | None = None) -> str:
+    """A markdown table: each rule with its arguments and defaults (the README's)."""
+    rows = ["| rule | arguments and defaults |", "|---|---|"]
+    for name in names or list(SPECS):
+        args = ", ".join(f"`{h.name}={h.default!r}`" for h in spec(name).hypers)
+        rows.append(f"| `{name}` | {args} |")
+    return "\n".join(rows)

@@ -1,0 +1,87 @@
+"""Native optimizer -> the polyopt call that reproduces it.
+
+``PRESETS["keras.optimizers.Adam"]`` is ``("adam", {...})``: the rule and the
+options that give keras.optimizers.Adam's numbers with its default
+arguments (pass the native's other arguments under polyopt's names as
+usual). The README's conventions table is generated from this dict, and
+tests/test_presets.py runs every entry side by side with the real native
+optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["PRESETS", "preset", "markdown_table"]
+
+# Keras applies weight decay decoupled, times the learning rate, to every optimizer.
+_KERAS = {"weight_decay_mode": "decoupled"}
+
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    # torch.optim (2.x defaults)
+    "torch.optim.SGD": ("sgd", {"learning_rate": 0.001}),
+    "torch.optim.Adagrad": ("adagrad", {}),
+    "torch.optim.RMSprop": ("rmsprop", {"learning_rate": 0.01, "decay": 0.99,
+                                        "eps_placement": "outside", "momentum_form": "buffer"}),
+    "torch.optim.Adadelta": ("adadelta", {"rho": 0.9}),
+    "torch.optim.Adam": ("adam", {}),
+    "torch.optim.Adam(amsgrad=True)": ("adam", {"amsgrad": True}),
+    "torch.optim.AdamW": ("adamw", {}),
+    "torch.optim.Adamax": ("adamax", {}),
+    "torch.optim.NAdam": ("nadam", {}),
+    "torch.optim.RAdam": ("radam", {}),
+    # keras.optimizers (Keras 3 defaults)
+    "keras.optimizers.SGD": ("sgd", {"momentum_form": "velocity", **_KERAS}),
+    "keras.optimizers.Adagrad": ("adagrad", {"learning_rate": 0.001,
+                                             "initial_accumulator_value": 0.1, "eps": 1e-7,
+                                             "eps_placement": "inside", **_KERAS}),
+    "keras.optimizers.RMSprop": ("rmsprop", {"learning_rate": 0.001, "decay": 0.9, "eps": 1e-7,
+                                             "eps_placement": "inside",
+                                             "momentum_form": "velocity", **_KERAS}),
+    "keras.optimizers.Adadelta": ("adadelta", {"learning_rate": 0.001, "rho": 0.95, "eps": 1e-7,
+                                               **_KERAS}),
+    "keras.optimizers.Adam": ("adam", {"eps": 1e-7, "eps_placement": "hat", **_KERAS}),
+    "keras.optimizers.Adam(amsgrad=True)": ("adam", {"eps": 1e-7, "eps_placement": "hat",
+                                                     "amsgrad": True, **_KERAS}),
+    "keras.optimizers.AdamW": ("adamw", {"eps": 1e-7, "eps_placement": "hat",
+                                         "weight_decay": 0.004}),
+    "keras.optimizers.Adamax": ("adamax", {"learning_rate": 0.001, "eps": 1e-7,
+                                           "eps_placement": "outside", **_KERAS}),
+    "keras.optimizers.Nadam": ("nadam", {"learning_rate": 0.001, "eps": 1e-7,
+                                         "momentum_decay": 1.0, **_KERAS}),
+    # optax (learning_rate is required there; any value)
+    "optax.sgd": ("sgd", {}),
+    "optax.adagrad": ("adagrad", {"initial_accumulator_value": 0.1, "eps": 1e-7,
+                                  "eps_placement": "inside"}),
+    "optax.rmsprop": ("rmsprop", {}),
+    "optax.adadelta": ("adadelta", {"rho": 0.9}),
+    "optax.adam": ("adam", {}),
+    "optax.adamw": ("adamw", {"weight_decay": 1e-4}),
+    "optax.amsgrad": ("adam", {"amsgrad": True, "amsgrad_form": "corrected"}),
+    "optax.adamax": ("adamax", {}),
+    "optax.nadam": ("nadam", {"momentum_schedule": False}),
+    "optax.radam": ("radam", {"eps_placement": "outside"}),
+}
+
+
+def preset(native: str, **overrides: Any):
+    """The polyopt rule reproducing ``native`` (a key of PRESETS), with overrides."""
+    from polyopt import rules
+
+    try:
+        name, options = PRESETS[native]
+    except KeyError:
+        raise KeyError(f"no preset for {native!r}; known: {sorted(PRESETS)}") from None
+    return getattr(rules, name)(**{**options, **overrides})
+
+
+def _call(name: str, options: dict[str, Any]) -> str:
+    args = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    return f"`rules.{name}({args})`"
+
+
+def markdown_table() -> str:
+    """The README's table: native optimizer -> polyopt call."""
+    rows = ["| native optimizer (defaults) | polyopt call with the same numbers |", "|---|---|"]
+    rows += [f"| `{native}` | {_call(*entry)} |" for native, entry in PRESETS.items()]
+    return "\n".join(rows)

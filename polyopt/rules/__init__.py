@@ -1,0 +1,60 @@
+"""Update rules, written once against the Python Array API standard.
+
+Every rule is a factory returning a :class:`Rule` (or :class:`SAMRule`):
+``state = rule.init(params)``, ``updates, state = rule.update(grads, state,
+params)`` on lists of arrays of one namespace; ``params + updates`` is the
+new point. Rules are pure: nothing is changed in place.
+
+The Array API subset the core calls is ``polyopt.rules.ARRAY_API_SUBSET``
+(plus operators and the attributes shape, ndim, dtype, device); a test
+keeps it exact. A namespace that provides it (see the Keras adapter's
+TensorFlow namespace) runs every rule and schedule.
+"""
+
+from polyopt.rules._base import ARRAY_API_SUBSET, Rule
+from polyopt.rules.adam_family import (
+    AdamaxState,
+    AdamState,
+    NAdamState,
+    RAdamState,
+    adam,
+    adamax,
+    adamw,
+    amsgrad,
+    nadam,
+    radam,
+)
+from polyopt.rules.adaptive import (
+    AdadeltaState,
+    AdagradState,
+    RMSpropState,
+    adadelta,
+    adagrad,
+    rmsprop,
+)
+from polyopt.rules.sgd_family import SGDState, sgd
+from polyopt.rules.wrappers import (
+    ChainState,
+    CountState,
+    LookaheadState,
+    SAMRule,
+    add_decayed_weights,
+    centralize,
+    chain,
+    clip_by_global_norm,
+    decoupled_weight_decay,
+    global_norm,
+    lookahead,
+    ranger,
+    sam,
+)
+
+__all__ = [
+    "ARRAY_API_SUBSET", "Rule", "SAMRule",
+    "sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
+    "radam", "lookahead", "ranger", "sam",
+    "chain", "clip_by_global_norm", "centralize", "add_decayed_weights",
+    "decoupled_weight_decay", "global_norm",
+    "SGDState", "AdagradState", "RMSpropState", "AdadeltaState", "AdamState", "AdamaxState",
+    "NAdamState", "RAdamState", "LookaheadState", "ChainState", "CountState",
+]

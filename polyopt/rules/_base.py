@@ -1,0 +1,257 @@
+"""Shared pieces of every rule: the Rule pair, argument checks at update time,
+scalar handling, and the few bits of math more than one family uses.
+
+Only the documented subset of the Array API standard is used (see
+``polyopt/rules/__init__.py``); every function here takes its namespace from
+the arrays it is given.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from array_api_compat import array_namespace
+
+Array = Any
+Params = Sequence[Array]
+
+#: The Array API names the core (rules and schedules) calls on a namespace,
+#: besides operators (+ - * / ** %, comparisons) and the attributes shape,
+#: ndim, dtype and device. A namespace providing these runs every rule (the
+#: Keras adapter's TensorFlow namespace is tested against this set).
+ARRAY_API_SUBSET = frozenset({
+    "abs", "asarray", "astype", "cos", "expm1", "float32", "floor", "full_like", "int32",
+    "isdtype", "maximum", "mean", "minimum", "ones", "pow", "result_type", "sqrt", "sum",
+    "where", "zeros", "zeros_like",
+})
+
+
+class Rule(NamedTuple):
+    """An update rule: two pure functions.
+
+    ``init(params) -> state`` and ``update(grads, state, params) -> (updates, state)``,
+    where params, grads and updates are lists of arrays of one namespace and
+    ``new_params = [p + u for p, u in zip(params, updates)]``.
+    """
+
+    init: Callable[[Params], Any]
+    update: Callable[[Params, Any, Params], tuple[list[Array], Any]]
+
+
+def namespace(*arrays: Array):
+    """The Array API namespace of ``arrays`` (one namespace, or a clear error)."""
+    try:
+        return array_namespace(*arrays)
+    except TypeError as e:
+        raise TypeError(f"arrays must all come from one array library: {e}") from None
+
+
+def zeros_count(xp, like: Array | None = None) -> Array:
+    device = None if like is None else _device(like)
+    return xp.zeros((), dtype=xp.int32, device=device)
+
+
+def _device(x: Array):
+    try:
+        return x.device
+    except AttributeError:  # pragma: no cover - every Array API array has one
+        return None
+
+
+def zeros_like_all(xp, params: Params) -> list[Array]:
+    return [xp.zeros_like(p) for p in params]
+
+
+def full_like_all(xp, params: Params, value: float) -> list[Array]:
+    return [xp.full_like(p, value) for p in params]
+
+
+def check_params(owner: str, params: Params) -> list[Array]:
+    """Check ``params`` for ``init``: a non-empty list of floating arrays."""
+    if isinstance(params, (str, bytes)) or not isinstance(params, Sequence):
+        raise TypeError(
+            f"{owner}.init: params must be a list of arrays, got {type(params).__name__}")
+    params = list(params)
+    if not params:
+        raise ValueError(f"{owner}.init: params must not be empty")
+    xp = namespace(*params)
+    for i, p in enumerate(params):
+        if not xp.isdtype(p.dtype, "real floating"):
+            raise TypeError(
+                f"{owner}.init: params[{i}] must have a real floating dtype, got {p.dtype}"
+            )
+    return params
+
+
+def check_update(owner: str, grads: Params, state: Any, params: Params | None,
+                 slots: Sequence[Sequence[Array]] = ()) -> tuple[Any, list[Array], list[Array]]:
+    """Check an update's arguments before anything is computed.
+
+    grads and params must be lists of the same length, shapes and dtypes, from
+    one namespace; every list in ``slots`` (state arrays per parameter) must
+    match them too. Returns (xp, grads, params). Nothing is changed on error.
+    """
+    for what, seq in (("grads", grads), ("params", params)):
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
+            raise TypeError(
+                f"{owner}.update: {what} must be a list of arrays, got {type(seq).__name__}"
+            )
+    grads, params = list(grads), list(params)
+    if len(grads) != len(params):
+        raise ValueError(
+            f"{owner}.update: got {len(grads)} grads for {len(params)} params"
+        )
+    if not grads:
+        raise ValueError(f"{owner}.update: grads must not be empty")
+    xp = namespace(*grads, *params)
+    for i, (g, p) in enumerate(zip(grads, params)):
+        if tuple(g.shape) != tuple(p.shape):
+            raise ValueError(
+                f"{owner}.update: grads[{i}] has shape {tuple(g.shape)} "
+                f"but params[{i}] has shape {tuple(p.shape)}"
+            )
+        if g.dtype != p.dtype:
+            raise TypeError(
+                f"{owner}.update: grads[{i}] has dtype {g.dtype} "
+                f"but params[{i}] has dtype {p.dtype}"
+            )
+    for slot in slots:
+        if len(slot) and len(slot) != len(params):
+            raise ValueError(
+                f"{owner}.update: state holds {len(slot)} arrays per slot for "
+                f"{len(params)} params; was it made by init() for other params?"
+            )
+        for i, (s, p) in enumerate(zip(slot, params)):
+            if tuple(s.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"{owner}.update: state for params[{i}] has shape {tuple(s.shape)}, "
+                    f"params[{i}] has shape {tuple(p.shape)}"
+                )
+    return xp, grads, params
+
+
+def check_state(owner: str, state: Any, state_type: type) -> None:
+    if not isinstance(state, state_type):
+        raise TypeError(
+            f"{owner}.update: state must be a {state_type.__name__} made by {owner}.init, "
+            f"got {type(state).__name__}"
+        )
+
+
+# --------------------------------------------------------------------------
+# scalars
+
+
+def is_zero(value: Any) -> bool:
+    """True only for a Python/numpy number equal to 0 (an array is never 'zero')."""
+    return isinstance(value, numbers.Number) and value == 0
+
+
+def scalar(xp, value: Any, like: Array) -> Any:
+    """``value`` ready to combine with ``like``.
+
+    Python numbers stay Python numbers (weakly typed: they take the array's
+    dtype exactly, so float64 runs keep float64 hyperparameters); 0-d arrays
+    are cast to ``like``'s dtype so that a float64 learning rate never
+    promotes float32 params.
+    """
+    if isinstance(value, numbers.Number):
+        return float(value)
+    if hasattr(value, "shape"):
+        if not _same_namespace(xp, value):
+            value = xp.asarray(value, device=_device(like))
+        if value.dtype != like.dtype:
+            value = xp.astype(value, like.dtype)
+        return value
+    return value
+
+
+def _same_namespace(xp, value: Any) -> bool:
+    try:
+        return array_namespace(value) is xp
+    except TypeError:
+        return False
+
+
+def evaluate(value: Any, count: Array) -> Any:
+    """A hyperparameter's value at step ``count``: calls a schedule, else returns it."""
+    if callable(value) and not hasattr(value, "shape"):
+        return value(count)
+    return value
+
+
+def step_number(xp, count: Array, like: Array) -> Array:
+    """t = count + 1 as a float array of ``like``'s dtype (for b ** t)."""
+    return xp.astype(count + 1, like.dtype)
+
+
+def increment(count: Array) -> Array:
+    return count + 1
+
+
+# --------------------------------------------------------------------------
+# math shared by several families
+
+
+def add_l2(xp, grads: list[Array], params: list[Array], weight_decay: Any,
+           mode: str = "l2") -> list[Array]:
+    """g + weight_decay * p (coupled L2) in 'l2' mode; unchanged otherwise or when
+    weight_decay is the number 0."""
+    if mode != "l2" or is_zero(weight_decay):
+        return grads
+    return [g + scalar(xp, weight_decay, p) * p for g, p in zip(grads, params)]
+
+
+def apply_decoupled(xp, updates: list[Array], params: list[Array], weight_decay: Any,
+                    learning_rate: Any, mode: str) -> list[Array]:
+    """updates - lr * weight_decay * p ('decoupled'), updates - weight_decay * p
+    ('decoupled_unscaled'); unchanged in 'l2' mode or when weight_decay is 0."""
+    if mode == "l2" or is_zero(weight_decay):
+        return updates
+    out = []
+    for u, p in zip(updates, params):
+        rate = scalar(xp, weight_decay, p)
+        if mode == "decoupled":
+            rate = scalar(xp, learning_rate, p) * rate
+        out.append(u - rate * p)
+    return out
+
+
+def momentum_step(xp, direction: Array, slot: Array, momentum: Any, learning_rate: Any,
+                  *, nesterov: bool, form: str, dampening: Any = 0.0,
+                  first: Array | None = None) -> tuple[Array, Array]:
+    """Heavy-ball momentum on one array; returns (update, new slot).
+
+    ``direction`` is the (preconditioned) gradient. form 'buffer' keeps
+    b = m*b + (1-d)*g and steps -lr*b (torch; first step b = g when d != 0);
+    'velocity' keeps v = m*v - lr*(1-d)*g and steps v (Keras). Nesterov steps
+    -lr*(g + m*b), or m*v - lr*g.
+    """
+    damped = direction
+    if not is_zero(dampening):
+        damped = (1 - dampening) * direction
+        if first is not None:
+            damped = xp.where(first, direction, damped)
+    if form == "buffer":
+        slot = momentum * slot + damped
+        step = direction + momentum * slot if nesterov else slot
+        return -learning_rate * step, slot
+    slot = momentum * slot - learning_rate * damped
+    update = momentum * slot - learning_rate * direction if nesterov else slot
+    return update, slot
+
+
+def per_dtype(fn: Callable[[Array], Any]) -> Callable[[Array], Any]:
+    """Memoise ``fn(like)`` by ``like.dtype``: scalar work is done once per dtype,
+    not once per parameter."""
+    cache: dict = {}
+
+    def get(like: Array) -> Any:
+        key = like.dtype
+        if key not in cache:
+            cache[key] = fn(like)
+        return cache[key]
+
+    return get

@@ -1,0 +1,491 @@
+"""Adam and its variants: AdamW, AMSGrad, Adamax, NAdam, RAdam."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple
+
+from polyopt import hyper
+from polyopt.rules import _base
+from polyopt.rules._base import Rule
+
+
+class AdamState(NamedTuple):
+    count: Any
+    first_moment: list
+    second_moment: list
+    max_second_moment: list  # empty unless amsgrad
+
+
+def _moments(b1, b2, g, m, v):
+    """m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2."""
+    return b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * (g * g)
+
+
+def _one_minus_power(xp, b, t):
+    """The bias correction 1 - b**t for b in [0, 1) and t >= 1 (a float array).
+
+    For a Python number b this is -expm1(t * log(b)) with log(b) taken in
+    double precision. The plain 1 - b**t first rounds b to t's dtype: in
+    float32, 0.999 becomes 0.99900001 and 1 - 0.999**t is off by up to 1.3e-5
+    relative, a bias of every step that torch and optax (which compute it in
+    double) do not have. A 0-d array b (a runtime b1) keeps the plain form.
+    """
+    if isinstance(b, numbers.Number) and b > 0:
+        return -xp.expm1(t * math.log(b))
+    return 1 - b ** t
+
+
+def _radam_rho(xp, b2, rho_inf, t):
+    """rho_t = rho_inf - 2 t b2^t / (1 - b2^t), without its cancellation.
+
+    rho_inf is ~2/(1 - b2) (1999 for b2 = 0.999) while rho_t starts at 1 and
+    crosses the threshold 5 by a margin of 0.004 at t = 5, so the plain
+    difference loses all but a few digits in float32 (an error of 0.03 in
+    rho_5 and of 1e-4 in the rectification term). With L = -log(b2), y = t L:
+    rho_t = (rho_inf - 2/L) + (2/L) (1 - y / expm1(y)), where the first term
+    is a double-precision constant and 1 - y/expm1(y) = y/2 - y^2/12 + y^4/720
+    - ... is summed as a series for y < 1/4 (relative truncation error < 2e-13).
+    In float64 this is also closer to the exact value than the plain formula
+    (2e-15 against up to 3e-11 absolute, checked with mpmath).
+    """
+    if not (isinstance(b2, numbers.Number) and b2 > 0):
+        b2t = b2 ** t
+        return rho_inf - 2 * t * b2t / (1 - b2t)
+    log_b2 = -math.log(b2)
+    y = t * log_b2
+    y2 = y * y
+    series = y * (0.5 - y * (1 / 12 - y2 * (1 / 720 - y2 * (1 / 30240 - y2 / 1209600))))
+    capped = xp.where(y < 64.0, y, xp.full_like(y, 64.0))  # expm1(y > 88) overflows float32
+    direct = 1 - capped / xp.expm1(capped)
+    return (rho_inf - 2 / log_b2) + (2 / log_b2) * xp.where(y < 0.25, series, direct)
+
+
+def _adam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad, amsgrad_form,
+          weight_decay, weight_decay_mode, first_moment_bias_correction) -> Rule:
+    def init(params):
+        params = _base.check_params(name, params)
+        xp = _base.namespace(*params)
+        return AdamState(
+            _base.zeros_count(xp, params[0]),
+            _base.zeros_like_all(xp, params),
+            _base.zeros_like_all(xp, params),
+            _base.zeros_like_all(xp, params) if amsgrad else [],
+        )
+
+    def update(grads, state, params):
+        _base.check_state(name, state, AdamState)
+        xp, grads, params = _base.check_update(
+            name, grads, state, params,
+            [state.first_moment, state.second_moment, state.max_second_moment])
+        lr_value = _base.evaluate(learning_rate, state.count)
+        grads = _base.add_l2(xp, grads, params, weight_decay, weight_decay_mode)
+
+        @_base.per_dtype
+        def scalars(like):
+            t = _base.step_number(xp, state.count, like)
+            beta1 = _base.scalar(xp, b1, like)
+            bc1 = _one_minus_power(xp, beta1, t) if first_moment_bias_correction else 1.0
+            return beta1, bc1, _one_minus_power(xp, b2, t), _base.scalar(xp, lr_value, like)
+
+        updates, ms, vs, maxes = [], [], [], []
+        for i, g in enumerate(grads):
+            beta1, bc1, bc2, lr = scalars(g)
+            m, v = _moments(beta1, b2, g, state.first_moment[i], state.second_moment[i])
+            ms.append(m)
+            vs.append(v)
+            # v_hat = v_raw / c2: the bias-corrected second moment (c2 None: uncorrected)
+            if amsgrad and amsgrad_form == "corrected":
+                v_max = xp.maximum(state.max_second_moment[i], v / bc2)
+                v_hat, v_raw, c2 = v_max, v_max * bc2, bc2
+            elif amsgrad:
+                v_max = xp.maximum(state.max_second_moment[i], v)
+                if amsgrad_form == "uncorrected":
+                    v_hat, v_raw, c2 = v_max, v_max, None
+                else:
+                    v_hat, v_raw, c2 = v_max / bc2, v_max, bc2
+            else:
+                v_hat, v_raw, c2 = v / bc2, v, bc2
+            if amsgrad:
+                maxes.append(v_max)
+            if eps_placement == "hat":
+                step = lr / bc1 if c2 is None else lr * xp.sqrt(c2) / bc1
+                updates.append(-step * (m / (xp.sqrt(v_raw + eps_root) + eps)))
+            else:
+                updates.append(-lr * ((m / bc1) / (xp.sqrt(v_hat + eps_root) + eps)))
+        updates = _base.apply_decoupled(xp, updates, params, weight_decay, lr_value,
+                                        weight_decay_mode)
+        return updates, AdamState(_base.increment(state.count), ms, vs, maxes)
+
+    return Rule(init, update)
+
+
+_ADAM_DOC = r"""
+
+    .. math::
+        \begin{aligned}
+        &m_t \leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t, \quad
+         v_t \leftarrow \beta_2 v_{t-1} + (1 - \beta_2) g_t^2\\
+        &\hat m_t \leftarrow m_t / (1 - \beta_1^t), \quad
+         \hat v_t \leftarrow v_t / (1 - \beta_2^t)
+         \quad (\hat v_t \leftarrow \max(\hat v_{t-1}, \hat v_t)\ \text{with amsgrad})\\
+        &\theta_t \leftarrow \theta_{t-1} - \gamma \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}}
+            + \epsilon) \quad\text{('outside')}\\
+        &\theta_t \leftarrow \theta_{t-1} - \gamma \frac{\sqrt{1 - \beta_2^t}}{1 - \beta_1^t}
+            m_t / (\sqrt{v_t} + \epsilon) \quad\text{('hat', Keras)}
+        \end{aligned}
+
+    Args:
+      learning_rate: \gamma (default 0.001; may be a schedule).
+      b1: \beta_1 in [0, 1) (default 0.9).
+      b2: \beta_2 in [0, 1) (default 0.999).
+      eps: \epsilon >= 0 (default 1e-8; Keras uses 1e-7 in 'hat' placement).
+      eps_root: \epsilon_{root} >= 0, inside the sqrt (optax; default 0).
+      eps_placement: 'outside' (torch, optax) or 'hat' (Keras).
+      amsgrad: keep the running maximum of v (default False).
+      amsgrad_form: 'raw' (torch, Keras: maximum of raw v, then corrected),
+        'corrected' (optax: maximum of bias-corrected v) or 'uncorrected'
+        (the AMSGrad paper, optax ``bias_correction_nu=False``: maximum of
+        raw v, never corrected).
+      weight_decay: \lambda >= 0.
+      weight_decay_mode: 'l2' (torch Adam), 'decoupled' (torch AdamW, Keras,
+        optax adamw: p -= lr*wd*p) or 'decoupled_unscaled' (tfa: p -= wd*p).
+      first_moment_bias_correction: divide m by 1 - b1^t (default True;
+        False is the AMSGrad paper, optax ``bias_correction_mu=False``).
+
+    Returns:
+      A :class:`Rule`; state :class:`AdamState`.
+"""
+
+
+@hyper.ADAM.factory
+def adam(learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad, amsgrad_form,
+         weight_decay, weight_decay_mode, first_moment_bias_correction) -> Rule:
+    return _adam("adam", learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad,
+                 amsgrad_form, weight_decay, weight_decay_mode, first_moment_bias_correction)
+
+
+adam.__doc__ = "Adam (Kingma and Ba, 2015)." + _ADAM_DOC + r"""
+    Examples:
+      The first step is -lr * sign(g) when eps is small:
+
+      >>> import numpy as np
+      >>> from polyopt import rules
+      >>> rule = rules.adam(learning_rate=0.1)
+      >>> params = [np.array([1.0, 2.0])]
+      >>> updates, state = rule.update([np.array([3.0, -0.5])], rule.init(params), params)
+      >>> np.round(updates[0], 6).tolist()
+      [-0.1, 0.1]
+    """
+
+
+@hyper.ADAMW.factory
+def adamw(learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad, amsgrad_form,
+          weight_decay, weight_decay_mode, first_moment_bias_correction) -> Rule:
+    return _adam("adamw", learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad,
+                 amsgrad_form, weight_decay, weight_decay_mode, first_moment_bias_correction)
+
+
+adamw.__doc__ = ("AdamW (Loshchilov and Hutter, 2019): Adam with decoupled weight decay "
+                 "(default weight_decay=0.01, weight_decay_mode='decoupled', as torch.optim.AdamW)."
+                 + _ADAM_DOC)
+
+
+def amsgrad(learning_rate=hyper.ADAM["learning_rate"].default, **options) -> Rule:
+    """AMSGrad (Reddi et al., 2018): :func:`adam` with ``amsgrad=True``."""
+    return adam(learning_rate, amsgrad=True, **options)
+
+
+class AdamaxState(NamedTuple):
+    count: Any
+    first_moment: list
+    infinity_norm: list
+
+
+@hyper.ADAMAX.factory
+def adamax(learning_rate, b1, b2, eps, eps_placement, weight_decay, weight_decay_mode) -> Rule:
+    r"""Adamax (Kingma and Ba, 2015): Adam with the infinity norm.
+
+    .. math::
+        \begin{aligned}
+        &m_t \leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t\\
+        &u_t \leftarrow \max(\beta_2 u_{t-1}, |g_t| + \epsilon) \quad\text{('inside')}\\
+        &\theta_t \leftarrow \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t} m_t / u_t
+        \end{aligned}
+
+    Args:
+      learning_rate: \gamma (default 0.002, the paper's and torch's).
+      b1, b2: in [0, 1) (defaults 0.9, 0.999).
+      eps: \epsilon (default 1e-8).
+      eps_placement: 'inside' (torch, optax: inside the max) or 'outside'
+        (Keras: u_t = max(b2 u, |g|), step m / (u + eps)).
+      weight_decay, weight_decay_mode: see :func:`adam`.
+
+    Examples:
+      >>> import numpy as np
+      >>> from polyopt import rules
+      >>> rule = rules.adamax(learning_rate=0.1, eps=0.0)
+      >>> params = [np.array([1.0])]
+      >>> updates, _ = rule.update([np.array([-4.0])], rule.init(params), params)
+      >>> float(updates[0][0])
+      0.1
+    """
+
+    def init(params):
+        params = _base.check_params("adamax", params)
+        xp = _base.namespace(*params)
+        return AdamaxState(_base.zeros_count(xp, params[0]), _base.zeros_like_all(xp, params),
+                           _base.zeros_like_all(xp, params))
+
+    def update(grads, state, params):
+        _base.check_state("adamax", state, AdamaxState)
+        xp, grads, params = _base.check_update(
+            "adamax", grads, state, params, [state.first_moment, state.infinity_norm])
+        lr_value = _base.evaluate(learning_rate, state.count)
+        grads = _base.add_l2(xp, grads, params, weight_decay, weight_decay_mode)
+
+        @_base.per_dtype
+        def step_size(like):
+            beta1 = _base.scalar(xp, b1, like)
+            t = _base.step_number(xp, state.count, like)
+            return beta1, _base.scalar(xp, lr_value, like) / _one_minus_power(xp, beta1, t)
+
+        updates, ms, us = [], [], []
+        for g, m, u in zip(grads, state.first_moment, state.infinity_norm):
+            beta1, step = step_size(g)
+            m = beta1 * m + (1 - beta1) * g
+            if eps_placement == "inside":
+                u = xp.maximum(b2 * u, xp.abs(g) + eps)
+                updates.append(-step * (m / u))
+            else:
+                u = xp.maximum(b2 * u, xp.abs(g))
+                updates.append(-step * (m / (u + eps)))
+            ms.append(m)
+            us.append(u)
+        updates = _base.apply_decoupled(xp, updates, params, weight_decay, lr_value,
+                                        weight_decay_mode)
+        return updates, AdamaxState(_base.increment(state.count), ms, us)
+
+    return Rule(init, update)
+
+
+class NAdamState(NamedTuple):
+    count: Any
+    first_moment: list
+    second_moment: list
+    momentum_product: Any  # 0-d: prod of mu_1..mu_t (Dozat's schedule); 1.0 otherwise
+
+
+@hyper.NADAM.factory
+def nadam(learning_rate, b1, b2, eps, eps_root, momentum_decay, momentum_schedule,
+          weight_decay, weight_decay_mode) -> Rule:
+    r"""NAdam (Dozat, 2016): Adam with Nesterov momentum.
+
+    .. math::
+        \begin{aligned}
+        &\mu_t \leftarrow \beta_1 (1 - \tfrac12 0.96^{t \psi}), \quad
+         \Pi_t \leftarrow \Pi_{t-1} \mu_t\\
+        &m_t \leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t, \quad
+         v_t \leftarrow \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \quad
+         \hat v_t \leftarrow v_t / (1 - \beta_2^t)\\
+        &\theta_t \leftarrow \theta_{t-1} - \gamma \Big(
+           \frac{1 - \mu_t}{1 - \Pi_t} g_t + \frac{\mu_{t+1}}{1 - \Pi_t \mu_{t+1}} m_t \Big)
+           / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon)
+        \end{aligned}
+
+    With ``momentum_schedule=False`` (optax.nadam) mu is the constant b1 and
+    the step is (b1 m_t / (1 - b1^{t+1}) + (1 - b1) g_t / (1 - b1^t)) / (sqrt(v_hat) + eps).
+
+    Args:
+      learning_rate: \gamma (default 0.002, Dozat's and torch's).
+      b1, b2: in [0, 1) (defaults 0.9, 0.999).
+      eps: \epsilon (default 1e-8).
+      eps_root: inside the sqrt (optax; default 0).
+      momentum_decay: \psi >= 0 (default 0.004, torch; Keras's Nadam is 1.0).
+      momentum_schedule: Dozat's warming schedule (True) or constant b1 (False).
+      weight_decay, weight_decay_mode: see :func:`adam` (torch NAdam's
+        decoupled_weight_decay=True is 'decoupled').
+
+    Examples:
+      >>> import numpy as np
+      >>> from polyopt import rules
+      >>> rule = rules.nadam(learning_rate=0.1, momentum_schedule=False, eps=0.0)
+      >>> params = [np.array([1.0])]
+      >>> updates, _ = rule.update([np.array([2.0])], rule.init(params), params)
+      >>> round(float(updates[0][0]), 6)   # -(0.9*0.2/0.19 + 0.1*2/0.1) / 2 * 0.1
+      -0.147368
+    """
+
+    def init(params):
+        params = _base.check_params("nadam", params)
+        xp = _base.namespace(*params)
+        dtype = xp.result_type(*params)
+        return NAdamState(
+            _base.zeros_count(xp, params[0]),
+            _base.zeros_like_all(xp, params),
+            _base.zeros_like_all(xp, params),
+            xp.ones((), dtype=dtype, device=_base._device(params[0])),
+        )
+
+    def update(grads, state, params):
+        _base.check_state("nadam", state, NAdamState)
+        xp, grads, params = _base.check_update(
+            "nadam", grads, state, params, [state.first_moment, state.second_moment])
+        lr_value = _base.evaluate(learning_rate, state.count)
+        grads = _base.add_l2(xp, grads, params, weight_decay, weight_decay_mode)
+        product = state.momentum_product
+        if momentum_schedule:
+            t = xp.astype(state.count + 1, product.dtype)
+            beta1 = _base.scalar(xp, b1, product)
+            mu = beta1 * (1 - 0.5 * 0.96 ** (t * momentum_decay))
+            mu_next = beta1 * (1 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
+            product = product * mu
+
+        @_base.per_dtype
+        def scalars(like):
+            t = _base.step_number(xp, state.count, like)
+            beta1 = _base.scalar(xp, b1, like)
+            lr = _base.scalar(xp, lr_value, like)
+            if momentum_schedule:
+                prod = _base.scalar(xp, product, like)
+                mu_t, mu_n = _base.scalar(xp, mu, like), _base.scalar(xp, mu_next, like)
+                grad_coef = lr * (1 - mu_t) / (1 - prod)
+                moment_coef = lr * mu_n / (1 - prod * mu_n)
+            else:
+                grad_coef = lr * (1 - beta1) / _one_minus_power(xp, beta1, t)
+                moment_coef = lr * beta1 / _one_minus_power(xp, beta1, t + 1)
+            return beta1, _one_minus_power(xp, b2, t), grad_coef, moment_coef
+
+        updates, ms, vs = [], [], []
+        for g, m, v in zip(grads, state.first_moment, state.second_moment):
+            beta1, bc2, grad_coef, moment_coef = scalars(g)
+            m, v = _moments(beta1, b2, g, m, v)
+            denom = xp.sqrt(v / bc2 + eps_root) + eps
+            updates.append(-(grad_coef * g + moment_coef * m) / denom)
+            ms.append(m)
+            vs.append(v)
+        updates = _base.apply_decoupled(xp, updates, params, weight_decay, lr_value,
+                                        weight_decay_mode)
+        return updates, NAdamState(_base.increment(state.count), ms, vs, product)
+
+    return Rule(init, update)
+
+
+class RAdamState(NamedTuple):
+    count: Any
+    first_moment: list
+    second_moment: list
+
+
+def _radam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallback,
+           total_steps, warmup_proportion, min_lr, weight_decay, weight_decay_mode) -> Rule:
+    rho_inf = 2.0 / (1.0 - b2) - 1.0
+
+    def init(params):
+        params = _base.check_params(name, params)
+        xp = _base.namespace(*params)
+        return RAdamState(_base.zeros_count(xp, params[0]), _base.zeros_like_all(xp, params),
+                          _base.zeros_like_all(xp, params))
+
+    def update(grads, state, params):
+        _base.check_state(name, state, RAdamState)
+        xp, grads, params = _base.check_update(
+            name, grads, state, params, [state.first_moment, state.second_moment])
+        lr_value = _base.evaluate(learning_rate, state.count)
+        grads = _base.add_l2(xp, grads, params, weight_decay, weight_decay_mode)
+
+        @_base.per_dtype
+        def scalars(like):
+            t = _base.step_number(xp, state.count, like)
+            beta1 = _base.scalar(xp, b1, like)
+            bc1, bc2 = _one_minus_power(xp, beta1, t), _one_minus_power(xp, b2, t)
+            rho = _radam_rho(xp, b2, rho_inf, t)
+            rectify = rho >= threshold
+            safe_rho = xp.where(rectify, rho, xp.asarray(threshold, dtype=like.dtype))
+            rect = xp.sqrt((safe_rho - 4) * (safe_rho - 2) * rho_inf
+                           / ((rho_inf - 4) * (rho_inf - 2) * safe_rho))
+            lr = _base.scalar(xp, lr_value, like)
+            if total_steps > 0:  # tensorflow-addons' warmup and linear decay
+                warmup = total_steps * warmup_proportion
+                decay_steps = max(total_steps - warmup, 1.0)
+                rate = (min_lr - lr) / decay_steps
+                warm = lr * t / warmup if warmup > 0 else lr
+                lr = xp.where(t <= warmup, warm,
+                              lr + rate * xp.minimum(t - warmup, xp.asarray(
+                                  decay_steps, dtype=like.dtype)))
+            return beta1, bc1, bc2, rectify, rect, lr
+
+        updates, ms, vs, lrs = [], [], [], []
+        for g, m, v in zip(grads, state.first_moment, state.second_moment):
+            beta1, bc1, bc2, rectify, rect, lr = scalars(g)
+            m, v = _moments(beta1, b2, g, m, v)
+            m_hat = m / bc1
+            if eps_placement == "hat":
+                adaptive = xp.sqrt(bc2) / (xp.sqrt(v + eps_root) + eps)
+            else:
+                adaptive = 1 / (xp.sqrt(v / bc2 + eps_root) + eps)
+            rectified = m_hat * (rect * adaptive)
+            plain = m_hat if fallback == "momentum" else xp.zeros_like(m_hat)
+            updates.append(-lr * xp.where(rectify, rectified, plain))
+            ms.append(m)
+            vs.append(v)
+            lrs.append(lr)
+        if weight_decay_mode != "l2" and not _base.is_zero(weight_decay):
+            updates = [
+                u - (_base.scalar(xp, weight_decay, p)
+                     * (lr if weight_decay_mode == "decoupled" else 1.0)) * p
+                for u, p, lr in zip(updates, params, lrs)
+            ]
+        return updates, RAdamState(_base.increment(state.count), ms, vs)
+
+    return Rule(init, update)
+
+
+@hyper.RADAM.factory
+def radam(learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallback, total_steps,
+          warmup_proportion, min_lr, weight_decay, weight_decay_mode) -> Rule:
+    r"""RAdam (Liu et al., 2020): Adam with the variance of the adaptive step rectified.
+
+    .. math::
+        \begin{aligned}
+        &\rho_\infty \leftarrow 2 / (1 - \beta_2) - 1, \quad
+         \rho_t \leftarrow \rho_\infty - 2 t \beta_2^t / (1 - \beta_2^t)\\
+        &r_t \leftarrow \sqrt{\frac{(\rho_t - 4)(\rho_t - 2)\rho_\infty}
+            {(\rho_\infty - 4)(\rho_\infty - 2)\rho_t}}\\
+        &\theta_t \leftarrow \theta_{t-1} - \gamma_t \hat m_t\, r_t\,
+            \frac{\sqrt{1 - \beta_2^t}}{\sqrt{v_t} + \epsilon}
+            \ \text{if } \rho_t \ge \text{threshold ('hat')},
+            \ \text{else } \theta_{t-1} - \gamma_t \hat m_t
+        \end{aligned}
+
+    Args:
+      learning_rate: \gamma (default 0.001; may be a schedule).
+      b1, b2: in [0, 1) (defaults 0.9, 0.999).
+      eps: \epsilon (default 1e-8).
+      eps_root: inside the sqrt (optax; default 0).
+      eps_placement: 'hat' (paper, torch: eps on the raw sqrt(v)) or
+        'outside' (optax, tensorflow-addons: after bias correction).
+      threshold: rectify when rho_t >= threshold (> 4; default 5). torch
+        tests rho_t > 5; rho_t never equals 5 exactly for b2 < 1 and integer t.
+      fallback: 'momentum' (step with m_hat below the threshold) or 'none'.
+      total_steps, warmup_proportion, min_lr: tensorflow-addons' schedule:
+        linear warmup over total_steps*warmup_proportion steps, then linear
+        decay to min_lr at total_steps (total_steps=0 disables it).
+      weight_decay, weight_decay_mode: see :func:`adam`; decoupled decay
+        uses the scheduled learning rate (as tfa does).
+
+    Examples:
+      Below the threshold RAdam steps with the bias-corrected momentum:
+
+      >>> import numpy as np
+      >>> from polyopt import rules
+      >>> rule = rules.radam(learning_rate=0.1)
+      >>> params = [np.array([1.0])]
+      >>> updates, _ = rule.update([np.array([3.0])], rule.init(params), params)
+      >>> round(float(updates[0][0]), 12)
+      -0.3
+    """
+    return _radam("radam", learning_rate, b1, b2, eps, eps_root, eps_placement, threshold,
+                  fallback, total_steps, warmup_proportion, min_lr, weight_decay,
+                  weight_decay_mode)

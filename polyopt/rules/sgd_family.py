@@ -1,0 +1,92 @@
+"""Stochastic gradient descent with (Nesterov) momentum."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from polyopt import hyper
+from polyopt.rules import _base
+from polyopt.rules._base import Rule
+
+
+class SGDState(NamedTuple):
+    count: Any  # 0-d int32: steps taken
+    momentum: list  # one buffer per param; empty without momentum
+
+
+@hyper.SGD.factory
+def sgd(learning_rate, momentum, dampening, nesterov, weight_decay, weight_decay_mode,
+        momentum_form) -> Rule:
+    r"""SGD with optional heavy-ball or Nesterov momentum.
+
+    .. math::
+        \begin{aligned}
+        &g_t \leftarrow \nabla f(\theta_{t-1}) + \lambda \theta_{t-1}
+            \quad\text{(weight\_decay\_mode='l2')}\\
+        &b_t \leftarrow \mu b_{t-1} + (1 - \tau) g_t \quad (b_1 = g_1)\\
+        &\theta_t \leftarrow \theta_{t-1} - \gamma (g_t + \mu b_t \text{ if nesterov else } b_t)
+        \end{aligned}
+
+    Args:
+      learning_rate: step size \gamma (default 0.01, >= 0, may be a schedule).
+      momentum: \mu in [0, 1] (default 0: plain SGD, no state).
+      dampening: \tau in [0, 1] (torch; default 0).
+      nesterov: Nesterov momentum (default False).
+      weight_decay: \lambda >= 0 (default 0).
+      weight_decay_mode: 'l2' (torch SGD), 'decoupled' (Keras: p -= lr*wd*p),
+        or 'decoupled_unscaled'.
+      momentum_form: 'buffer' (torch, optax: b sums gradients, lr multiplies
+        it) or 'velocity' (Keras: v = mu*v - lr*g; p += v). The two differ
+        only when the learning rate changes.
+
+    Returns:
+      A :class:`Rule`; state :class:`SGDState`.
+
+    Examples:
+      >>> import numpy as np
+      >>> from polyopt import rules
+      >>> rule = rules.sgd(learning_rate=0.1, momentum=0.9)
+      >>> params = [np.array([1.0, -2.0])]
+      >>> state = rule.init(params)
+      >>> updates, state = rule.update([np.array([0.5, 1.0])], state, params)
+      >>> [float(u) for u in updates[0]]
+      [-0.05, -0.1]
+
+    Notes:
+      torch.optim.SGD: momentum_form='buffer' (its default). Keras SGD:
+      momentum_form='velocity', weight_decay_mode='decoupled'. optax.sgd:
+      the defaults (optax has no dampening).
+    """
+    use_momentum = not _base.is_zero(momentum)
+
+    def init(params):
+        params = _base.check_params("sgd", params)
+        xp = _base.namespace(*params)
+        slots = _base.zeros_like_all(xp, params) if use_momentum else []
+        return SGDState(_base.zeros_count(xp, params[0]), slots)
+
+    def update(grads, state, params):
+        _base.check_state("sgd", state, SGDState)
+        xp, grads, params = _base.check_update("sgd", grads, state, params, [state.momentum])
+        lr_value = _base.evaluate(learning_rate, state.count)
+        grads = _base.add_l2(xp, grads, params, weight_decay, weight_decay_mode)
+        first = state.count == 0
+        updates, slots = [], []
+        for i, g in enumerate(grads):
+            lr = _base.scalar(xp, lr_value, g)
+            if use_momentum:
+                u, slot = _base.momentum_step(
+                    xp, g, state.momentum[i], _base.scalar(xp, momentum, g), lr,
+                    nesterov=nesterov, form=momentum_form,
+                    dampening=_base.scalar(xp, dampening, g), first=first,
+                )
+                slots.append(slot)
+            else:
+                u = -lr * g
+            updates.append(u)
+        updates = _base.apply_decoupled(xp, updates, params, weight_decay, lr_value,
+                                        weight_decay_mode)
+        return updates, SGDState(_base.increment(state.count), slots)
+
+    return Rule(init, update)
+

@@ -1,0 +1,468 @@
+"""Rules that wrap or compose other rules, and the composable pieces.
+
+chain, lookahead, ranger, sam; clip_by_global_norm, centralize (gradient
+centralization), add_decayed_weights (coupled L2), decoupled_weight_decay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from polyopt import hyper
+from polyopt.rules import _base
+from polyopt.rules._base import Rule
+from polyopt.rules.adam_family import _radam
+
+
+class ChainState(NamedTuple):
+    inner: tuple  # one state per chained rule
+
+
+def chain(*rules: Rule) -> Rule:
+    """Apply rules in sequence: each one's updates are the next one's grads.
+
+    As optax.chain. Gradient transforms (clip_by_global_norm, centralize,
+    add_decayed_weights) go before the optimizer, decoupled_weight_decay
+    after it.
+
+    Examples:
+      >>> import numpy as np
+      >>> from polyopt import rules
+      >>> rule = rules.chain(rules.clip_by_global_norm(1.0), rules.sgd(learning_rate=0.5))
+      >>> params = [np.array([0.0, 0.0])]
+      >>> updates, _ = rule.update([np.array([3.0, 4.0])], rule.init(params), params)
+      >>> np.round(updates[0], 12).tolist()
+      [-0.3, -0.4]
+    """
+    if not rules:
+        raise ValueError("chain: needs at least one rule, got none")
+    for i, r in enumerate(rules):
+        if not (hasattr(r, "init") and hasattr(r, "update")):
+            raise TypeError(f"chain: rules[{i}] must be a Rule (init, update), got {r!r}")
+
+    def init(params):
+        params = _base.check_params("chain", params)
+        return ChainState(tuple(r.init(params) for r in rules))
+
+    def update(grads, state, params):
+        _base.check_state("chain", state, ChainState)
+        if len(state.inner) != len(rules):
+            raise ValueError(
+                f"chain.update: state holds {len(state.inner)} states for {len(rules)} rules")
+        new_states = []
+        for r, s in zip(rules, state.inner):
+            grads, s = r.update(grads, s, params)
+            new_states.append(s)
+        return grads, ChainState(tuple(new_states))
+
+    return Rule(init, update)
+
+
+class CountState(NamedTuple):
+    count: Any
+
+
+def _stateless(name: str, fn: Callable, check: Callable | None = None) -> Rule:
+    """A rule whose state is only a step count; fn(xp, grads, params, count) -> updates.
+
+    ``check(owner, params)``, if given, checks the params' shapes in init and update.
+    """
+
+    def init(params):
+        params = _base.check_params(name, params)
+        if check is not None:
+            check(f"{name}.init", params)
+        xp = _base.namespace(*params)
+        return CountState(_base.zeros_count(xp, params[0]))
+
+    def update(grads, state, params):
+        _base.check_state(name, state, CountState)
+        xp, grads, params = _base.check_update(name, grads, state, params)
+        if check is not None:
+            check(f"{name}.update", params)
+        return fn(xp, grads, params, state.count), CountState(_base.increment(state.count))
+
+    return Rule(init, update)
+
+
+@hyper.CLIP_BY_GLOBAL_NORM.factory
+def clip_by_global_norm(max_norm, eps) -> Rule:
+    r"""Scale all gradients by max_norm / (norm + eps) when norm + eps >= max_norm.
+
+    .. math::
+        g \leftarrow \frac{g}{\lVert g \rVert_2 + \epsilon} \cdot c
+        \quad\text{if } \lVert g \rVert_2 + \epsilon \ge c \text{ else } g
+
+    The norm is taken over all arrays together. eps=0 is optax's
+    ``clip_by_global_norm`` and Keras's ``global_clipnorm``; eps=1e-6 is
+    torch's ``clip_grad_norm_`` (g * min(c / (norm + 1e-6), 1)). Gradients
+    with norm + eps below max_norm pass unchanged. With
+    max_norm=0 every gradient becomes 0 (all-zero gradients stay 0, not NaN).
+
+    Args:
+      max_norm: c >= 0 (default 1.0; a number or a 0-d array).
+      eps: \epsilon >= 0 added to the norm (default 0).
+
+    Examples:
+      >>> import numpy as np
+      >>> from polyopt import rules
+      >>> rule = rules.clip_by_global_norm(1.0)
+      >>> params = [np.zeros(2)]
+      >>> rule.update([np.array([3.0, 4.0])], rule.init(params), params)[0][0].tolist()
+      [0.6, 0.8]
+    """
+
+    def fn(xp, grads, params, count):
+        norm = global_norm(xp, grads)
+        outs = []
+        for g in grads:
+            limit = _as_array(xp, max_norm, g)
+            total = xp.astype(norm, g.dtype) + eps
+            keep = total < limit
+            total = xp.where(total > 0, total, xp.full_like(total, 1.0))  # max_norm=0, g=0
+            # optax's order of operations: (g / norm) * max_norm
+            outs.append(xp.where(keep, g, (g / total) * limit))
+        return outs
+
+    return _stateless("clip_by_global_norm", fn)
+
+
+def _as_array(xp, value: Any, like) -> Any:
+    """A hyperparameter as a 0-d array of ``like``'s dtype, namespace and device."""
+    value = _base.scalar(xp, value, like)
+    if hasattr(value, "shape"):
+        return value
+    return xp.asarray(value, dtype=like.dtype, device=_base._device(like))
+
+
+def global_norm(xp, arrays) -> Any:
+    """sqrt of the sum of squares of all arrays, in the widest dtype among them."""
+    dtype = xp.result_type(*arrays)
+    total = None
+    for a in arrays:
+        s = xp.sum(xp.astype(a, dtype) * xp.astype(a, dtype))
+        total = s if total is None else total + s
+    return xp.sqrt(total)
+
+
+@hyper.CENTRALIZE.factory
+def centralize(keep_axis, min_ndim) -> Rule:
+    r"""Gradient centralization (Yong et al., 2020): subtract from each gradient with
+    at least ``min_ndim`` axes its mean over every axis except ``keep_axis``.
+
+    .. math::
+        g \leftarrow g - \operatorname{mean}_{\text{axes} \ne k}(g)
+        \quad\text{if } g.\mathrm{ndim} \ge \text{min\_ndim}
+
+    Args:
+      keep_axis: the output axis k, not averaged over: 0 (default) for torch's
+        (out, in, kh, kw) and (out, in) layouts, -1 for Keras's
+        (kh, kw, in, out) and (in, out). It must be a valid axis of every
+        centralized gradient (checked in init and update, never wrapped).
+      min_ndim: centralize only gradients with at least this many axes
+        (default 2: dense and conv kernels, as Ranger's ``gc_conv_only=False``;
+        4: conv kernels only, as ``gc_conv_only=True``).
+
+    Examples:
+      >>> import numpy as np
+      >>> from polyopt import rules
+      >>> rule = rules.centralize()
+      >>> params = [np.zeros((2, 2))]
+      >>> grads = [np.array([[1.0, 3.0], [0.0, 4.0]])]
+      >>> rule.update(grads, rule.init(params), params)[0][0].tolist()
+      [[-1.0, 1.0], [-2.0, 2.0]]
+    """
+
+    def check(owner, arrays):
+        for i, a in enumerate(arrays):
+            if a.ndim >= min_ndim and not -a.ndim <= keep_axis < a.ndim:
+                raise ValueError(
+                    f"{owner}: keep_axis={keep_axis} is not an axis of params[{i}], "
+                    f"which has shape {tuple(a.shape)}")
+
+    def fn(xp, grads, params, count):
+        outs = []
+        for g in grads:
+            if g.ndim < min_ndim:
+                outs.append(g)
+                continue
+            keep = keep_axis % g.ndim
+            axes = tuple(a for a in range(g.ndim) if a != keep)
+            outs.append(g - xp.mean(g, axis=axes, keepdims=True))
+        return outs
+
+    return _stateless("centralize", fn, check)
+
+
+@hyper.ADD_DECAYED_WEIGHTS.factory
+def add_decayed_weights(weight_decay) -> Rule:
+    """g + weight_decay * p: coupled L2 weight decay, placed before the optimizer."""
+
+    def fn(xp, grads, params, count):
+        return _base.add_l2(xp, grads, params, weight_decay, "l2")
+
+    return _stateless("add_decayed_weights", fn)
+
+
+@hyper.DECOUPLED_WEIGHT_DECAY.factory
+def decoupled_weight_decay(weight_decay, learning_rate) -> Rule:
+    """u - learning_rate * weight_decay * p: decoupled decay, placed after the optimizer.
+
+    learning_rate may be a schedule (evaluated at this piece's own count).
+    """
+
+    def fn(xp, updates, params, count):
+        lr = _base.evaluate(learning_rate, count)
+        return _base.apply_decoupled(xp, updates, params, weight_decay, lr, "decoupled")
+
+    return _stateless("decoupled_weight_decay", fn)
+
+
+class LookaheadState(NamedTuple):
+    count: Any
+    slow: list  # the slow weights
+    inner: Any  # the fast rule's state
+
+
+def _select_state(xp, cond, new: Any, old: Any) -> Any:
+    """``new`` where ``cond`` else ``old``, leaf by leaf, over a state's
+    NamedTuples, tuples and lists of arrays (other leaves are kept from ``old``)."""
+    if isinstance(old, tuple) and hasattr(old, "_fields"):
+        return type(old)(*(_select_state(xp, cond, n, o) for n, o in zip(new, old)))
+    if isinstance(old, (list, tuple)):
+        return type(old)(_select_state(xp, cond, n, o) for n, o in zip(new, old))
+    if hasattr(old, "shape") and hasattr(old, "dtype"):
+        return xp.where(cond, new, old)
+    return old
+
+
+@hyper.LOOKAHEAD.factory
+def lookahead(inner: Rule, sync_period, slow_step_size, reset_state) -> Rule:
+    r"""Lookahead (Zhang et al., 2019) around any rule.
+
+    The inner ("fast") rule steps every time; every ``sync_period`` steps the
+    slow weights move toward the fast ones and the fast weights restart there:
+
+    .. math::
+        \begin{aligned}
+        &\textbf{input: } \theta_0 \text{ (params)}, k, \alpha, \text{inner rule}\\
+        &\textbf{initialize: } \phi \leftarrow \theta_0 \text{ (slow weights)}\\
+        &\textbf{for } t = 1, 2, \ldots:\\
+        &\quad \theta_t \leftarrow \theta_{t-1} + \text{inner.update}(g_t, \theta_{t-1})\\
+        &\quad \textbf{if } t \equiv 0 \pmod k:\
+            \phi \leftarrow \phi + \alpha (\theta_t - \phi), \quad \theta_t \leftarrow \phi
+            \quad (\text{inner state} \leftarrow \text{init if reset\_state})
+        \end{aligned}
+
+    The params the rule updates (and at which gradients are taken) are the
+    fast weights; the slow weights live in ``state.slow``. After a
+    synchronisation both are equal (up to the rounding of ``p + (slow - p)``).
+
+    Args:
+      inner: the fast rule.
+      sync_period: k >= 1 (default 6, tensorflow-addons' and Ranger's; torch
+        spelling ``k``).
+      slow_step_size: \alpha in [0, 1] (default 0.5; torch spelling ``alpha``).
+      reset_state: re-initialise the inner rule's state (with ``inner.init``
+        of the fast params before the synchronising step) after every
+        synchronisation, as ``optax.lookahead(..., reset_state=True)``
+        (default False: tensorflow-addons, Ranger, optax's default).
+
+    Returns:
+      A :class:`Rule`; state :class:`LookaheadState` (count, slow, inner).
+
+    Examples:
+      >>> import numpy as np
+      >>> from polyopt import rules
+      >>> rule = rules.lookahead(rules.sgd(learning_rate=1.0), sync_period=2, slow_step_size=0.5)
+      >>> params = [np.array([0.0])]
+      >>> state = rule.init(params)
+      >>> for _ in range(2):
+      ...     updates, state = rule.update([np.array([-1.0])], state, params)
+      ...     params = [p + u for p, u in zip(params, updates)]
+      >>> params[0].tolist()   # fast reached 2, slow moved half way
+      [1.0]
+
+    References:
+      Zhang, Lucas, Hinton and Ba, "Lookahead Optimizer: k steps forward, 1
+      step back", NeurIPS 2019, https://arxiv.org/abs/1907.08610
+
+    Notes:
+      optax.lookahead keeps ``LookaheadParams(fast, slow)`` as the params:
+      polyopt's params are optax's ``params.fast`` and ``state.slow`` is
+      optax's ``params.slow``; the sync condition (``steps_since_sync ==
+      sync_period - 1``) and ``reset_state`` are the same.
+      tensorflow-addons' Lookahead and lessw2020's Ranger copy the slow weights
+      into the model; polyopt's params are those model weights.
+    """
+    if not (hasattr(inner, "init") and hasattr(inner, "update")):
+        raise TypeError(f"lookahead: inner must be a Rule (init, update), got {inner!r}")
+
+    def init(params):
+        params = _base.check_params("lookahead", params)
+        xp = _base.namespace(*params)
+        return LookaheadState(_base.zeros_count(xp, params[0]),
+                              [xp.asarray(p, copy=True) for p in params], inner.init(params))
+
+    def update(grads, state, params):
+        _base.check_state("lookahead", state, LookaheadState)
+        xp, grads, params = _base.check_update("lookahead", grads, state, params, [state.slow])
+        fast_updates, inner_state = inner.update(grads, state.inner, params)
+        count = _base.increment(state.count)
+        sync = (count % sync_period) == 0
+        updates, slow = [], []
+        for p, u, s in zip(params, fast_updates, state.slow):
+            fast = p + u
+            synced = s + _base.scalar(xp, slow_step_size, p) * (fast - s)
+            updates.append(xp.where(sync, synced - p, u))
+            slow.append(xp.where(sync, synced, s))
+        if reset_state:
+            inner_state = _select_state(xp, sync, inner.init(params), inner_state)
+        return updates, LookaheadState(count, slow, inner_state)
+
+    return Rule(init, update)
+
+
+@hyper.RANGER.factory
+def ranger(learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallback, total_steps,
+           warmup_proportion, min_lr, weight_decay, weight_decay_mode, sync_period,
+           slow_step_size, reset_state, gradient_centralization) -> Rule:
+    r"""Ranger (Wright, 2019): Lookahead over RAdam, with gradient centralization.
+
+    ``lookahead(chain(centralize(), radam(...)), sync_period, slow_step_size)``.
+    The defaults reproduce lessw2020's Ranger (version 20.4.11,
+    ``ranger/ranger.py``): b1=0.95, b2=0.999, eps=1e-5 on the raw sqrt(v)
+    ('hat'), threshold 5, momentum fallback, k=6, alpha=0.5, gradient
+    centralization of every gradient with ndim > 1 over all axes but 0,
+    decoupled weight decay p -= lr * weight_decay * p.
+
+    Args:
+      As :func:`radam` and :func:`lookahead`, plus
+      gradient_centralization: centralize gradients with ndim >= 2 around
+        axis 0, torch layouts (default True). For Keras layouts or
+        lessw2020's ``gc_conv_only=True`` compose by hand:
+        ``lookahead(chain(centralize(keep_axis=-1, min_ndim=4), radam(...)))``.
+
+    Examples:
+      >>> import numpy as np
+      >>> from polyopt import rules
+      >>> rule = rules.ranger(learning_rate=0.1)
+      >>> params = [np.array([1.0])]
+      >>> updates, _ = rule.update([np.array([2.0])], rule.init(params), params)
+      >>> round(float(updates[0][0]), 12)   # below the threshold: -lr * m_hat
+      -0.2
+
+    References:
+      Wright, Ranger, https://github.com/lessw2020/Ranger-Deep-Learning-Optimizer;
+      Liu et al. 2020 (RAdam); Zhang et al. 2019 (Lookahead); Yong et al. 2020
+      (gradient centralization).
+
+    Notes:
+      Differences from lessw2020's code, none of which changes the default
+      numbers: it rectifies when N_sma > threshold, polyopt when rho_t >=
+      threshold (equal only if rho_t hits the threshold exactly, which it does
+      not for b2=0.999); it computes in float32 (``p.data.float()``) whatever
+      the params' dtype, polyopt in the params' dtype; its ``weight_decay``
+      shrinks p in place before the step, which equals polyopt's decoupled
+      decay because the step does not read p.
+    """
+    inner = _radam("ranger", learning_rate, b1, b2, eps, eps_root, eps_placement, threshold,
+                   fallback, total_steps, warmup_proportion, min_lr, weight_decay,
+                   weight_decay_mode)
+    if gradient_centralization:
+        inner = chain(centralize(), inner)
+    return lookahead(inner, sync_period, slow_step_size, reset_state)
+
+
+class SAMRule(NamedTuple):
+    """A SAM rule: the inner rule's (init, update) plus ``perturb``.
+
+    ``perturb(params, grads) -> params'`` gives the point at which to take the
+    second gradient; ``update(grads_at_perturbed, state, params)`` is the
+    inner rule's update, applied to the original params.
+    """
+
+    init: Callable
+    update: Callable
+    perturb: Callable
+
+
+@hyper.SAM.factory
+def sam(inner: Rule, rho, eps, adaptive) -> SAMRule:
+    r"""Sharpness-aware minimization (Foret et al., 2021; ASAM: Kwon et al., 2021).
+
+    .. math::
+        \begin{aligned}
+        &\textbf{for each step, with } T = \operatorname{diag}|\theta|
+            \text{ (adaptive) else } I:\\
+        &\quad g \leftarrow \nabla f(\theta), \quad
+            \hat\epsilon \leftarrow \rho \frac{T^2 g}{\lVert T g \rVert_2 + \epsilon}
+            \quad\text{(one norm over all arrays)}\\
+        &\quad g' \leftarrow \nabla f(\theta + \hat\epsilon)\\
+        &\quad \theta \leftarrow \theta + \text{inner.update}(g', \theta)
+        \end{aligned}
+
+    The caller evaluates the gradient at ``perturb(params, grads)`` and passes
+    it to ``update`` with the original params.
+
+    Args:
+      inner: the base rule.
+      rho: radius >= 0 (default 0.05; a number or a 0-d array).
+      eps: added to the norm (default 1e-12, davda54/sam; optax.contrib.sam: 0).
+      adaptive: ASAM's scale-invariant ascent (default False).
+
+    Returns:
+      A :class:`SAMRule` (init, update, perturb); the state is the inner rule's.
+
+    Examples:
+      >>> import numpy as np
+      >>> from polyopt import rules
+      >>> rule = rules.sam(rules.sgd(learning_rate=0.1), rho=0.5, eps=0.0)
+      >>> rule.perturb([np.array([1.0, 1.0])], [np.array([3.0, 4.0])])[0].tolist()
+      [1.3, 1.4]
+
+    References:
+      Foret, Kleiner, Mobahi and Neyshabur, "Sharpness-Aware Minimization for
+      Efficiently Improving Generalization", ICLR 2021; Kwon et al., "ASAM",
+      ICML 2021; https://github.com/davda54/sam.
+
+    Notes:
+      davda54/sam: ``SAM(params, Base, rho, adaptive)``; ``first_step`` is
+      ``perturb`` (eps 1e-12), ``second_step`` restores the old params and
+      runs the base optimizer: ``update`` with the original params.
+
+      optax.contrib.sam(opt, chain(normalize(), sgd(rho)), sync_period=2) in
+      its default (transparent) mode takes two ``update`` calls per SAM step.
+      The first, with g(w), returns the ascent rho * g / ||g|| (w' = w + e)
+      and caches w; the second, with g(w'), returns w + u - w' with
+      u = opt.update(g(w'), opt_state, w), so the params become w + u. That
+      is ``perturb`` with ``eps=0`` followed by ``update(g(w'), state, w)``.
+      sync_period=n > 2 takes n - 1 normalized ascent steps, each from the
+      last perturbed point: ``perturb`` applied n - 1 times, each time with
+      the gradient at the current perturbed point. ``opaque_mode=True`` gives
+      the same numbers in one call. optax has no ASAM (adaptive=False) and no
+      eps; where optax divides 0 by 0 (an all-zero gradient) ``perturb``
+      returns the params unchanged.
+    """
+    if not (hasattr(inner, "init") and hasattr(inner, "update")):
+        raise TypeError(f"sam: inner must be a Rule (init, update), got {inner!r}")
+
+    def perturb(params, grads):
+        try:
+            xp, grads, params = _base.check_update("sam.perturb", grads, None, params)
+        except (TypeError, ValueError) as e:  # name the method: "sam.perturb: ..."
+            raise type(e)(str(e).replace("sam.perturb.update:", "sam.perturb:", 1)) from None
+        scaled = [xp.abs(p) * g for p, g in zip(params, grads)] if adaptive else grads
+        norm = global_norm(xp, scaled)
+        out = []
+        for p, g in zip(params, grads):
+            denom = xp.astype(norm, g.dtype) + eps
+            # a zero (scaled) gradient gives no perturbation, not 0/0
+            denom = xp.where(denom > 0, denom, xp.full_like(denom, 1.0))
+            scale = _base.scalar(xp, rho, g) / denom
+            e = (p * p) * g * scale if adaptive else g * scale
+            out.append(p + e)
+        return out
+
+    return SAMRule(inner.init, inner.update, perturb)

@@ -1,0 +1,165 @@
+"""The one registry of rule cases, reused by the core tests and every adapter.
+
+CASES: (rule, hyperparameters) that every adapter must run; ``wraps`` names
+an inner rule for wrappers. ERRORS: bad arguments with the expected
+exception and message. Capabilities are data here, not skips in test bodies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from polyopt import rules
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    rule: str
+    options: dict = dataclasses.field(default_factory=dict)
+    inner: tuple | None = None  # (rule, options) for lookahead / sam
+
+    def build(self):
+        factory = getattr(rules, self.rule)
+        if self.inner is not None:
+            name, options = self.inner
+            return factory(getattr(rules, name)(**options), **self.options)
+        return factory(**self.options)
+
+    def __str__(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options.items())
+        inner = f"[{self.inner[0]}]" if self.inner else ""
+        return f"{self.rule}{inner}({opts})"
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorCase:
+    rule: str
+    options: dict
+    exception: type
+    match: str
+    inner: tuple | None = None
+
+    def build(self):
+        return Case(self.rule, self.options, self.inner).build()
+
+    def __str__(self) -> str:
+        return f"{self.rule}({self.options})"
+
+
+CASES: list[Case] = [
+    Case("sgd", {"learning_rate": 0.05}),
+    Case("sgd", {"learning_rate": 0.05, "momentum": 0.9}),
+    Case("sgd", {"learning_rate": 0.05, "momentum": 0.9, "nesterov": True}),
+    Case("sgd", {"learning_rate": 0.05, "momentum": 0.9, "dampening": 0.3}),
+    Case("sgd", {"learning_rate": 0.05, "momentum": 0.9, "momentum_form": "velocity",
+                 "nesterov": True}),
+    Case("sgd", {"learning_rate": 0.05, "weight_decay": 0.01}),
+    Case("sgd", {"learning_rate": 0.05, "weight_decay": 0.01, "weight_decay_mode": "decoupled"}),
+    Case("adagrad", {}),
+    Case("adagrad", {"initial_accumulator_value": 0.1, "eps": 1e-7, "eps_placement": "inside",
+                     "lr_decay": 0.01}),
+    Case("rmsprop", {}),
+    Case("rmsprop", {"centered": True, "momentum": 0.9}),
+    Case("rmsprop", {"eps_placement": "outside", "momentum": 0.9, "momentum_form": "buffer",
+                     "decay": 0.99}),
+    Case("rmsprop", {"momentum": 0.9, "nesterov": True, "bias_correction": True,
+                     "initial_scale": 0.1}),
+    Case("adadelta", {}),
+    Case("adadelta", {"rho": 0.9, "weight_decay": 0.01}),
+    Case("adam", {}),
+    Case("adam", {"amsgrad": True}),
+    Case("adam", {"amsgrad": True, "amsgrad_form": "corrected", "eps_root": 1e-8}),
+    Case("adam", {"eps_placement": "hat", "eps": 1e-7}),
+    Case("adam", {"weight_decay": 0.01}),
+    Case("adamw", {}),
+    Case("adamw", {"weight_decay_mode": "decoupled_unscaled", "weight_decay": 1e-3}),
+    Case("amsgrad", {}),
+    Case("adamax", {}),
+    Case("adamax", {"eps_placement": "outside", "eps": 1e-7}),
+    Case("nadam", {}),
+    Case("nadam", {"momentum_decay": 1.0}),
+    Case("nadam", {"momentum_schedule": False}),
+    Case("radam", {}),
+    Case("radam", {"eps_placement": "outside", "fallback": "none"}),
+    Case("radam", {"total_steps": 20, "warmup_proportion": 0.2, "min_lr": 1e-5,
+                   "weight_decay": 0.01, "weight_decay_mode": "decoupled"}),
+    Case("lookahead", {"sync_period": 3, "slow_step_size": 0.5},
+         inner=("sgd", {"learning_rate": 0.05, "momentum": 0.9})),
+    Case("lookahead", {}, inner=("radam", {})),
+    Case("lookahead", {"sync_period": 3, "reset_state": True}, inner=("adam", {})),
+    Case("ranger", {}),
+    Case("ranger", {"gradient_centralization": False, "sync_period": 2}),
+]
+
+NAMES = sorted({c.rule for c in CASES})
+
+ERRORS: list[ErrorCase] = [
+    ErrorCase("sgd", {"learning_rate": -0.1}, ValueError,
+              r"sgd: learning_rate must be .*in \[0, inf\), got learning_rate=-0.1"),
+    ErrorCase("sgd", {"learning_rate": float("nan")}, ValueError, r"learning_rate=nan"),
+    ErrorCase("sgd", {"learning_rate": float("inf")}, ValueError, r"learning_rate=inf"),
+    ErrorCase("sgd", {"learning_rate": "0.1"}, TypeError, r"learning_rate='0.1'"),
+    ErrorCase("sgd", {"learning_rate": True}, TypeError, r"learning_rate=True"),
+    ErrorCase("sgd", {"momentum": 1.5}, ValueError, r"momentum must be a number in \[0, 1\]"),
+    ErrorCase("sgd", {"momentum": -0.1}, ValueError, r"momentum=-0.1"),
+    ErrorCase("sgd", {"dampening": 2.0}, ValueError, r"dampening=2.0"),
+    ErrorCase("sgd", {"nesterov": 1}, TypeError, r"nesterov must be True or False, got nesterov=1"),
+    ErrorCase("sgd", {"momentum_form": "keras"}, ValueError,
+              r"momentum_form must be one of 'buffer', 'velocity', got momentum_form='keras'"),
+    ErrorCase("sgd", {"weight_decay": -1e-4}, ValueError, r"weight_decay=-0.0001"),
+    ErrorCase("sgd", {"weight_decay_mode": "L2"}, ValueError, r"weight_decay_mode='L2'"),
+    ErrorCase("sgd", {"lr": 0.1}, TypeError, r"sgd: .*lr"),
+    ErrorCase("adagrad", {"initial_accumulator_value": -0.1}, ValueError,
+              r"initial_accumulator_value=-0.1"),
+    ErrorCase("adagrad", {"eps_placement": "hat"}, ValueError, r"eps_placement='hat'"),
+    ErrorCase("adagrad", {"lr_decay": -1.0}, ValueError, r"lr_decay=-1.0"),
+    ErrorCase("rmsprop", {"decay": 1.0}, ValueError,
+              r"rmsprop: decay must be a number in \[0, 1\)"),
+    ErrorCase("rmsprop", {"eps": -1e-8}, ValueError, r"eps=-1e-08"),
+    ErrorCase("rmsprop", {"centered": "yes"}, TypeError, r"centered='yes'"),
+    ErrorCase("adadelta", {"rho": 1.0}, ValueError, r"adadelta: rho must be a number in \[0, 1\)"),
+    ErrorCase("adadelta", {"rho": None}, TypeError, r"rho=None"),
+    ErrorCase("adam", {"b1": 1.0}, ValueError,
+              r"adam: b1 must be a number in \[0, 1\), got b1=1.0"),
+    ErrorCase("adam", {"b2": -0.5}, ValueError, r"b2=-0.5"),
+    ErrorCase("adam", {"b1": (0.9, 0.99)}, TypeError, r"b1=\(0.9, 0.99\)"),
+    ErrorCase("adam", {"eps": float("nan")}, ValueError, r"eps=nan"),
+    ErrorCase("adam", {"eps_root": -1.0}, ValueError, r"eps_root=-1.0"),
+    ErrorCase("adam", {"eps_placement": "inside"}, ValueError, r"eps_placement='inside'"),
+    ErrorCase("adam", {"amsgrad": "False"}, TypeError, r"amsgrad='False'"),
+    ErrorCase("adam", {"amsgrad_form": "max"}, ValueError, r"amsgrad_form='max'"),
+    ErrorCase("adamw", {"weight_decay": -0.01}, ValueError, r"adamw: weight_decay"),
+    ErrorCase("amsgrad", {"b2": 1.0}, ValueError, r"b2=1.0"),
+    ErrorCase("adamax", {"eps_placement": "hat"}, ValueError,
+              r"adamax: eps_placement must .* got eps_placement='hat'"),
+    ErrorCase("nadam", {"momentum_decay": -0.004}, ValueError, r"momentum_decay=-0.004"),
+    ErrorCase("nadam", {"momentum_schedule": None}, TypeError, r"momentum_schedule=None"),
+    ErrorCase("radam", {"threshold": 4.0}, ValueError,
+              r"radam: threshold must be a number in \(4, inf\), got threshold=4.0"),
+    ErrorCase("radam", {"total_steps": 10.5}, TypeError, r"total_steps must be an integer"),
+    ErrorCase("radam", {"total_steps": -1}, ValueError, r"total_steps=-1"),
+    ErrorCase("radam", {"warmup_proportion": 1.5}, ValueError, r"warmup_proportion=1.5"),
+    ErrorCase("radam", {"fallback": "sgd"}, ValueError, r"fallback='sgd'"),
+    ErrorCase("lookahead", {"sync_period": 0}, ValueError,
+              r"lookahead: sync_period must be an integer in \[1, inf\)",
+              inner=("sgd", {})),
+    ErrorCase("lookahead", {"sync_period": 2.0}, TypeError, r"sync_period=2.0", inner=("sgd", {})),
+    ErrorCase("lookahead", {"slow_step_size": 1.5}, ValueError, r"slow_step_size=1.5",
+              inner=("sgd", {})),
+    ErrorCase("ranger", {"b1": 1.2}, ValueError, r"ranger: b1"),
+    ErrorCase("ranger", {"gradient_centralization": 1}, TypeError, r"gradient_centralization=1"),
+    ErrorCase("sam", {"rho": -0.05}, ValueError,
+              r"sam: rho must be a number in \[0, inf\), got rho=-0.05",
+              inner=("sgd", {})),
+    ErrorCase("sam", {"adaptive": "no"}, TypeError, r"adaptive='no'", inner=("sgd", {})),
+    ErrorCase("clip_by_global_norm", {"max_norm": -1.0}, ValueError, r"max_norm=-1.0"),
+    ErrorCase("centralize", {"keep_axis": 0.5}, TypeError, r"keep_axis=0.5"),
+    ErrorCase("add_decayed_weights", {"weight_decay": -1.0}, ValueError, r"weight_decay=-1.0"),
+    ErrorCase("decoupled_weight_decay", {"weight_decay": 0.1, "learning_rate": -1.0}, ValueError,
+              r"learning_rate=-1.0"),
+]
+
+
+def build(name: str, **options: Any):
+    return getattr(rules, name)(**options)

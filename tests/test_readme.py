@@ -1,0 +1,43 @@
+"""The README stays true: its tables are generated from the code, its examples run."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from polyopt import hyper, native
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+BLOCKS = re.findall(r"```python\n(.*?)```", README, re.DOTALL)
+
+
+def test_rules_table_is_generated_from_the_spec():
+    assert hyper.defaults_table() in README
+
+
+def test_conventions_table_is_generated_from_the_presets():
+    assert native.markdown_table() in README
+
+
+def test_the_two_commands():
+    commands = re.findall(r"^nox -s (\w+)$", README, re.MULTILINE)
+    assert commands[:2] == ["lab", "tests"]
+
+
+def test_every_rule_is_in_the_table():
+    from polyopt import rules
+
+    for name in hyper.SPECS:
+        assert f"| `{name}` |" in README
+        assert callable(getattr(rules, name))
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
+def test_python_examples_run(block):
+    exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - our own README
+
+
+def test_there_are_examples():
+    assert len(BLOCKS) >= 2
