@@ -395,12 +395,9 @@ ADADELTA = Spec("adadelta", (
     *weight_decay(0.0, "l2"),
 ))
 
-_ADAM_CORE = (
-    learning_rate(0.001),
-    b1(0.9),
-    b2(0.999),
-    eps(1e-8),
-    eps_root(),
+_MOMENTS = (learning_rate(0.001), b1(0.9), b2(0.999), eps(1e-8), eps_root())
+
+_ADAM_CORE = _MOMENTS + (
     Hyper(
         "eps_placement", "outside", kind="choice", allowed=("outside", "hat"),
         doc="'outside': m_hat / (sqrt(v_hat) + eps) (torch, optax); 'hat': Keras's "
@@ -423,6 +420,7 @@ _FIRST_MOMENT_BIAS_CORRECTION = Hyper(
 ADAM = Spec("adam", _ADAM_CORE + weight_decay(0.0, "l2") + (_FIRST_MOMENT_BIAS_CORRECTION,))
 ADAMW = Spec("adamw", _ADAM_CORE + weight_decay(0.01, "decoupled")
              + (_FIRST_MOMENT_BIAS_CORRECTION,))
+AMSGRAD = ADAM.with_defaults("amsgrad", amsgrad=True)
 
 ADAMAX = Spec("adamax", (
     learning_rate(0.002),
@@ -450,12 +448,7 @@ NADAM = Spec("nadam", (
     *weight_decay(0.0, "l2"),
 ))
 
-_RADAM_CORE = (
-    learning_rate(0.001),
-    b1(0.9),
-    b2(0.999),
-    eps(1e-8),
-    eps_root(),
+_RADAM_CORE = _MOMENTS + (
     Hyper(
         "eps_placement", "hat", kind="choice", allowed=("hat", "outside"),
         doc="'hat': eps on the raw sqrt(v) (paper, torch); "
@@ -521,8 +514,8 @@ DECOUPLED_WEIGHT_DECAY = Spec("decoupled_weight_decay", (
 ))
 
 SPECS: dict[str, Spec] = {
-    s.name: s for s in (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, ADAMAX, NADAM, RADAM,
-                        LOOKAHEAD, RANGER, SAM, CLIP_BY_GLOBAL_NORM, CENTRALIZE,
+    s.name: s for s in (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, AMSGRAD, ADAMAX, NADAM,
+                        RADAM, LOOKAHEAD, RANGER, SAM, CLIP_BY_GLOBAL_NORM, CENTRALIZE,
                         ADD_DECAYED_WEIGHTS, DECOUPLED_WEIGHT_DECAY)
 }
 

@@ -129,3 +129,33 @@ def test_the_documented_array_api_subset_is_exactly_what_the_core_calls():
 
     missing = [name for name in used if not hasattr(array_api_strict, name)]
     assert missing == [], "not in the Array API standard"
+
+
+def _runtime_names(case: Case) -> list[str]:
+    from polyopt import hyper
+
+    names = [h.name for h in hyper.spec(case.rule) if h.runtime]
+    return [n for n in names if n in case.options or hyper.spec(case.rule)[n].default != 0]
+
+
+RUNTIME_CASES = [c for c in CASES if c.inner is None]
+
+
+@pytest.mark.parametrize("case", RUNTIME_CASES, ids=str)
+def test_runtime_hyperparameters_as_0d_arrays(case, array_namespaces, to_namespace, to_numpy):
+    """learning_rate, momentum and b1 (what torch schedulers, Keras variables and
+    optax.inject_hyperparams change while training) may be 0-d arrays of the
+    params' namespace: same numbers as Python floats."""
+    from polyopt import hyper
+
+    spec = hyper.spec(case.rule)
+    names = _runtime_names(case)
+    assert names, "every rule has a runtime learning rate"
+    reference, _ = _run(case, "numpy", to_namespace, to_numpy)
+    for name in array_namespaces:
+        options = {**spec.defaults(), **case.options}
+        arrays = {n: to_namespace(name, np.asarray(float(options[n]))) for n in names}
+        rule = getattr(rules, case.rule)(**{**case.options, **arrays})
+        got, _ = _run(rule, name, to_namespace, to_numpy)
+        for r, g in zip(reference, got):
+            np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-15, err_msg=name)

@@ -210,13 +210,46 @@ def apply_decoupled(xp, updates: list[Array], params: list[Array], weight_decay:
     ('decoupled_unscaled'); unchanged in 'l2' mode or when weight_decay is 0."""
     if mode == "l2" or is_zero(weight_decay):
         return updates
+    rates = learning_rate if isinstance(learning_rate, list) else [learning_rate] * len(params)
     out = []
-    for u, p in zip(updates, params):
+    for u, p, lr in zip(updates, params, rates):
         rate = scalar(xp, weight_decay, p)
         if mode == "decoupled":
-            rate = scalar(xp, learning_rate, p) * rate
+            rate = scalar(xp, lr, p) * rate
         out.append(u - rate * p)
     return out
+
+
+def stateful_rule(name: str, state_type: type, init_fields: Callable, step: Callable, *,
+                  learning_rate: Any, weight_decay: Any, weight_decay_mode: str) -> Rule:
+    """A Rule from its per-step math; the checks and weight decay are done here, once.
+
+    ``state_type`` is a NamedTuple ``(count, *fields)``; every field that is
+    a list holds one array per parameter (or is empty) and is checked against
+    the params at update. ``init_fields(xp, params)`` returns the fields;
+    ``step(xp, grads, params, state, lr)`` returns ``(updates, fields,
+    decay_lr)``, where grads already carry L2 decay ('l2' mode), ``lr`` is
+    the learning rate at this step, and ``decay_lr`` (a value or one per
+    parameter) multiplies decoupled decay, which is applied to the updates
+    afterwards.
+    """
+
+    def init(params):
+        params = check_params(name, params)
+        xp = namespace(*params)
+        return state_type(zeros_count(xp, params[0]), *init_fields(xp, params))
+
+    def update(grads, state, params):
+        check_state(name, state, state_type)
+        slots = [field for field in state[1:] if isinstance(field, list)]
+        xp, grads, params = check_update(name, grads, state, params, slots)
+        lr = evaluate(learning_rate, state.count)
+        grads = add_l2(xp, grads, params, weight_decay, weight_decay_mode)
+        updates, fields, decay_lr = step(xp, grads, params, state, lr)
+        updates = apply_decoupled(xp, updates, params, weight_decay, decay_lr, weight_decay_mode)
+        return updates, state_type(increment(state.count), *fields)
+
+    return Rule(init, update)
 
 
 def momentum_step(xp, direction: Array, slot: Array, momentum: Any, learning_rate: Any,

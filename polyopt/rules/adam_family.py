@@ -64,24 +64,11 @@ def _radam_rho(xp, b2, rho_inf, t):
 
 def _adam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad, amsgrad_form,
           weight_decay, weight_decay_mode, first_moment_bias_correction) -> Rule:
-    def init(params):
-        params = _base.check_params(name, params)
-        xp = _base.namespace(*params)
-        return AdamState(
-            _base.zeros_count(xp, params[0]),
-            _base.zeros_like_all(xp, params),
-            _base.zeros_like_all(xp, params),
-            _base.zeros_like_all(xp, params) if amsgrad else [],
-        )
+    def init_fields(xp, params):
+        return (_base.zeros_like_all(xp, params), _base.zeros_like_all(xp, params),
+                _base.zeros_like_all(xp, params) if amsgrad else [])
 
-    def update(grads, state, params):
-        _base.check_state(name, state, AdamState)
-        xp, grads, params = _base.check_update(
-            name, grads, state, params,
-            [state.first_moment, state.second_moment, state.max_second_moment])
-        lr_value = _base.evaluate(learning_rate, state.count)
-        grads = _base.add_l2(xp, grads, params, weight_decay, weight_decay_mode)
-
+    def step(xp, grads, params, state, lr_value):
         @_base.per_dtype
         def scalars(like):
             t = _base.step_number(xp, state.count, like)
@@ -114,11 +101,10 @@ def _adam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad, am
                 updates.append(-step * (m / (xp.sqrt(v_raw + eps_root) + eps)))
             else:
                 updates.append(-lr * ((m / bc1) / (xp.sqrt(v_hat + eps_root) + eps)))
-        updates = _base.apply_decoupled(xp, updates, params, weight_decay, lr_value,
-                                        weight_decay_mode)
-        return updates, AdamState(_base.increment(state.count), ms, vs, maxes)
+        return updates, (ms, vs, maxes), lr_value
 
-    return Rule(init, update)
+    return _base.stateful_rule(name, AdamState, init_fields, step, learning_rate=learning_rate,
+                               weight_decay=weight_decay, weight_decay_mode=weight_decay_mode)
 
 
 _ADAM_DOC = r"""
@@ -192,9 +178,12 @@ adamw.__doc__ = ("AdamW (Loshchilov and Hutter, 2019): Adam with decoupled weigh
                  + _ADAM_DOC)
 
 
-def amsgrad(learning_rate=hyper.ADAM["learning_rate"].default, **options) -> Rule:
-    """AMSGrad (Reddi et al., 2018): :func:`adam` with ``amsgrad=True``."""
-    return adam(learning_rate, amsgrad=True, **options)
+@hyper.AMSGRAD.factory
+def amsgrad(learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad, amsgrad_form,
+            weight_decay, weight_decay_mode, first_moment_bias_correction) -> Rule:
+    """AMSGrad (Reddi et al., 2018): :func:`adam` with ``amsgrad=True`` by default."""
+    return _adam("amsgrad", learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad,
+                 amsgrad_form, weight_decay, weight_decay_mode, first_moment_bias_correction)
 
 
 class AdamaxState(NamedTuple):
@@ -232,19 +221,10 @@ def adamax(learning_rate, b1, b2, eps, eps_placement, weight_decay, weight_decay
       0.1
     """
 
-    def init(params):
-        params = _base.check_params("adamax", params)
-        xp = _base.namespace(*params)
-        return AdamaxState(_base.zeros_count(xp, params[0]), _base.zeros_like_all(xp, params),
-                           _base.zeros_like_all(xp, params))
+    def init_fields(xp, params):
+        return _base.zeros_like_all(xp, params), _base.zeros_like_all(xp, params)
 
-    def update(grads, state, params):
-        _base.check_state("adamax", state, AdamaxState)
-        xp, grads, params = _base.check_update(
-            "adamax", grads, state, params, [state.first_moment, state.infinity_norm])
-        lr_value = _base.evaluate(learning_rate, state.count)
-        grads = _base.add_l2(xp, grads, params, weight_decay, weight_decay_mode)
-
+    def update_step(xp, grads, params, state, lr_value):
         @_base.per_dtype
         def step_size(like):
             beta1 = _base.scalar(xp, b1, like)
@@ -263,11 +243,11 @@ def adamax(learning_rate, b1, b2, eps, eps_placement, weight_decay, weight_decay
                 updates.append(-step * (m / (u + eps)))
             ms.append(m)
             us.append(u)
-        updates = _base.apply_decoupled(xp, updates, params, weight_decay, lr_value,
-                                        weight_decay_mode)
-        return updates, AdamaxState(_base.increment(state.count), ms, us)
+        return updates, (ms, us), lr_value
 
-    return Rule(init, update)
+    return _base.stateful_rule("adamax", AdamaxState, init_fields, update_step,
+                               learning_rate=learning_rate, weight_decay=weight_decay,
+                               weight_decay_mode=weight_decay_mode)
 
 
 class NAdamState(NamedTuple):
@@ -317,23 +297,12 @@ def nadam(learning_rate, b1, b2, eps, eps_root, momentum_decay, momentum_schedul
       -0.147368
     """
 
-    def init(params):
-        params = _base.check_params("nadam", params)
-        xp = _base.namespace(*params)
+    def init_fields(xp, params):
         dtype = xp.result_type(*params)
-        return NAdamState(
-            _base.zeros_count(xp, params[0]),
-            _base.zeros_like_all(xp, params),
-            _base.zeros_like_all(xp, params),
-            xp.ones((), dtype=dtype, device=_base._device(params[0])),
-        )
+        return (_base.zeros_like_all(xp, params), _base.zeros_like_all(xp, params),
+                xp.ones((), dtype=dtype, device=_base._device(params[0])))
 
-    def update(grads, state, params):
-        _base.check_state("nadam", state, NAdamState)
-        xp, grads, params = _base.check_update(
-            "nadam", grads, state, params, [state.first_moment, state.second_moment])
-        lr_value = _base.evaluate(learning_rate, state.count)
-        grads = _base.add_l2(xp, grads, params, weight_decay, weight_decay_mode)
+    def step(xp, grads, params, state, lr_value):
         product = state.momentum_product
         if momentum_schedule:
             t = xp.astype(state.count + 1, product.dtype)
@@ -365,11 +334,11 @@ def nadam(learning_rate, b1, b2, eps, eps_root, momentum_decay, momentum_schedul
             updates.append(-(grad_coef * g + moment_coef * m) / denom)
             ms.append(m)
             vs.append(v)
-        updates = _base.apply_decoupled(xp, updates, params, weight_decay, lr_value,
-                                        weight_decay_mode)
-        return updates, NAdamState(_base.increment(state.count), ms, vs, product)
+        return updates, (ms, vs, product), lr_value
 
-    return Rule(init, update)
+    return _base.stateful_rule("nadam", NAdamState, init_fields, step,
+                               learning_rate=learning_rate, weight_decay=weight_decay,
+                               weight_decay_mode=weight_decay_mode)
 
 
 class RAdamState(NamedTuple):
@@ -382,19 +351,10 @@ def _radam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, threshold,
            total_steps, warmup_proportion, min_lr, weight_decay, weight_decay_mode) -> Rule:
     rho_inf = 2.0 / (1.0 - b2) - 1.0
 
-    def init(params):
-        params = _base.check_params(name, params)
-        xp = _base.namespace(*params)
-        return RAdamState(_base.zeros_count(xp, params[0]), _base.zeros_like_all(xp, params),
-                          _base.zeros_like_all(xp, params))
+    def init_fields(xp, params):
+        return _base.zeros_like_all(xp, params), _base.zeros_like_all(xp, params)
 
-    def update(grads, state, params):
-        _base.check_state(name, state, RAdamState)
-        xp, grads, params = _base.check_update(
-            name, grads, state, params, [state.first_moment, state.second_moment])
-        lr_value = _base.evaluate(learning_rate, state.count)
-        grads = _base.add_l2(xp, grads, params, weight_decay, weight_decay_mode)
-
+    def step(xp, grads, params, state, lr_value):
         @_base.per_dtype
         def scalars(like):
             t = _base.step_number(xp, state.count, like)
@@ -431,15 +391,11 @@ def _radam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, threshold,
             ms.append(m)
             vs.append(v)
             lrs.append(lr)
-        if weight_decay_mode != "l2" and not _base.is_zero(weight_decay):
-            updates = [
-                u - (_base.scalar(xp, weight_decay, p)
-                     * (lr if weight_decay_mode == "decoupled" else 1.0)) * p
-                for u, p, lr in zip(updates, params, lrs)
-            ]
-        return updates, RAdamState(_base.increment(state.count), ms, vs)
+        # decoupled decay uses the scheduled (tfa warmup) learning rate, as tfa does
+        return updates, (ms, vs), lrs
 
-    return Rule(init, update)
+    return _base.stateful_rule(name, RAdamState, init_fields, step, learning_rate=learning_rate,
+                               weight_decay=weight_decay, weight_decay_mode=weight_decay_mode)
 
 
 @hyper.RADAM.factory

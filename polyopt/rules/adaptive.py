@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 
 from polyopt import hyper
 from polyopt.rules import _base
-from polyopt.rules._base import Rule
+from polyopt.rules._base import Rule  # noqa: F401 - documented return type
 
 
 class AdagradState(NamedTuple):
@@ -46,21 +46,10 @@ def adagrad(learning_rate, initial_accumulator_value, eps, eps_placement, lr_dec
       [-0.5, 0.5]
     """
 
-    def init(params):
-        params = _base.check_params("adagrad", params)
-        xp = _base.namespace(*params)
-        return AdagradState(
-            _base.zeros_count(xp, params[0]),
-            _base.full_like_all(xp, params, initial_accumulator_value),
-        )
+    def init_fields(xp, params):
+        return (_base.full_like_all(xp, params, initial_accumulator_value),)
 
-    def update(grads, state, params):
-        _base.check_state("adagrad", state, AdagradState)
-        xp, grads, params = _base.check_update(
-            "adagrad", grads, state, params, [state.sum_of_squares])
-        lr_value = _base.evaluate(learning_rate, state.count)
-        grads = _base.add_l2(xp, grads, params, weight_decay, weight_decay_mode)
-
+    def step(xp, grads, params, state, lr_value):
         @_base.per_dtype
         def step_size(like):
             lr = _base.scalar(xp, lr_value, like)
@@ -77,11 +66,11 @@ def adagrad(learning_rate, initial_accumulator_value, eps, eps_placement, lr_dec
                 denom = xp.sqrt(s + eps)
             updates.append(-step_size(g) * (g / denom))
             sums.append(s)
-        updates = _base.apply_decoupled(xp, updates, params, weight_decay, lr_value,
-                                        weight_decay_mode)
-        return updates, AdagradState(_base.increment(state.count), sums)
+        return updates, (sums,), lr_value
 
-    return Rule(init, update)
+    return _base.stateful_rule("adagrad", AdagradState, init_fields, step,
+                               learning_rate=learning_rate, weight_decay=weight_decay,
+                               weight_decay_mode=weight_decay_mode)
 
 
 class RMSpropState(NamedTuple):
@@ -133,23 +122,14 @@ def rmsprop(learning_rate, decay, eps, eps_placement, initial_scale, centered, m
     """
     use_momentum = not _base.is_zero(momentum)
 
-    def init(params):
-        params = _base.check_params("rmsprop", params)
-        xp = _base.namespace(*params)
-        return RMSpropState(
-            _base.zeros_count(xp, params[0]),
+    def init_fields(xp, params):
+        return (
             _base.full_like_all(xp, params, initial_scale),
             _base.zeros_like_all(xp, params) if centered else [],
             _base.zeros_like_all(xp, params) if use_momentum else [],
         )
 
-    def update(grads, state, params):
-        _base.check_state("rmsprop", state, RMSpropState)
-        xp, grads, params = _base.check_update(
-            "rmsprop", grads, state, params, [state.mean_square, state.mean_grad, state.momentum])
-        lr_value = _base.evaluate(learning_rate, state.count)
-        grads = _base.add_l2(xp, grads, params, weight_decay, weight_decay_mode)
-
+    def step(xp, grads, params, state, lr_value):
         @_base.per_dtype
         def correction(like):
             if not bias_correction:
@@ -179,11 +159,11 @@ def rmsprop(learning_rate, decay, eps, eps_placement, initial_scale, centered, m
             else:
                 u = -lr * direction
             updates.append(u)
-        updates = _base.apply_decoupled(xp, updates, params, weight_decay, lr_value,
-                                        weight_decay_mode)
-        return updates, RMSpropState(_base.increment(state.count), squares, means, slots)
+        return updates, (squares, means, slots), lr_value
 
-    return Rule(init, update)
+    return _base.stateful_rule("rmsprop", RMSpropState, init_fields, step,
+                               learning_rate=learning_rate, weight_decay=weight_decay,
+                               weight_decay_mode=weight_decay_mode)
 
 
 class AdadeltaState(NamedTuple):
@@ -222,21 +202,10 @@ def adadelta(learning_rate, rho, eps, weight_decay, weight_decay_mode) -> Rule:
       -0.00316226
     """
 
-    def init(params):
-        params = _base.check_params("adadelta", params)
-        xp = _base.namespace(*params)
-        return AdadeltaState(
-            _base.zeros_count(xp, params[0]),
-            _base.zeros_like_all(xp, params),
-            _base.zeros_like_all(xp, params),
-        )
+    def init_fields(xp, params):
+        return _base.zeros_like_all(xp, params), _base.zeros_like_all(xp, params)
 
-    def update(grads, state, params):
-        _base.check_state("adadelta", state, AdadeltaState)
-        xp, grads, params = _base.check_update(
-            "adadelta", grads, state, params, [state.mean_square_grad, state.mean_square_delta])
-        lr_value = _base.evaluate(learning_rate, state.count)
-        grads = _base.add_l2(xp, grads, params, weight_decay, weight_decay_mode)
+    def step(xp, grads, params, state, lr_value):
         updates, grad_sq, delta_sq = [], [], []
         for g, eg, ed in zip(grads, state.mean_square_grad, state.mean_square_delta):
             eg = rho * eg + (1 - rho) * (g * g)
@@ -245,8 +214,8 @@ def adadelta(learning_rate, rho, eps, weight_decay, weight_decay_mode) -> Rule:
             updates.append(-_base.scalar(xp, lr_value, g) * delta)
             grad_sq.append(eg)
             delta_sq.append(ed)
-        updates = _base.apply_decoupled(xp, updates, params, weight_decay, lr_value,
-                                        weight_decay_mode)
-        return updates, AdadeltaState(_base.increment(state.count), grad_sq, delta_sq)
+        return updates, (grad_sq, delta_sq), lr_value
 
-    return Rule(init, update)
+    return _base.stateful_rule("adadelta", AdadeltaState, init_fields, step,
+                               learning_rate=learning_rate, weight_decay=weight_decay,
+                               weight_decay_mode=weight_decay_mode)

@@ -59,17 +59,10 @@ def sgd(learning_rate, momentum, dampening, nesterov, weight_decay, weight_decay
     """
     use_momentum = not _base.is_zero(momentum)
 
-    def init(params):
-        params = _base.check_params("sgd", params)
-        xp = _base.namespace(*params)
-        slots = _base.zeros_like_all(xp, params) if use_momentum else []
-        return SGDState(_base.zeros_count(xp, params[0]), slots)
+    def init_fields(xp, params):
+        return (_base.zeros_like_all(xp, params) if use_momentum else [],)
 
-    def update(grads, state, params):
-        _base.check_state("sgd", state, SGDState)
-        xp, grads, params = _base.check_update("sgd", grads, state, params, [state.momentum])
-        lr_value = _base.evaluate(learning_rate, state.count)
-        grads = _base.add_l2(xp, grads, params, weight_decay, weight_decay_mode)
+    def step(xp, grads, params, state, lr_value):
         first = state.count == 0
         updates, slots = [], []
         for i, g in enumerate(grads):
@@ -84,9 +77,7 @@ def sgd(learning_rate, momentum, dampening, nesterov, weight_decay, weight_decay
             else:
                 u = -lr * g
             updates.append(u)
-        updates = _base.apply_decoupled(xp, updates, params, weight_decay, lr_value,
-                                        weight_decay_mode)
-        return updates, SGDState(_base.increment(state.count), slots)
+        return updates, (slots,), lr_value
 
-    return Rule(init, update)
-
+    return _base.stateful_rule("sgd", SGDState, init_fields, step, learning_rate=learning_rate,
+                               weight_decay=weight_decay, weight_decay_mode=weight_decay_mode)
