@@ -188,3 +188,19 @@ def test_zero_gradient_without_decay_leaves_params_unchanged(case):
         updates, state = rule.update([np.zeros((2, 3)), np.zeros(2)], state, params)
         for u in updates:
             np.testing.assert_array_equal(u, 0.0)
+
+
+def test_momentum_switched_on_after_init_starts_like_torch():
+    """A rule made without momentum keeps no buffer; rebuilt with momentum (as a
+    scheduler does), the buffer starts at the gradient, as torch's lazily made
+    momentum_buffer; rebuilt without it again, the buffer is kept, unused."""
+    params = [np.array(0.0)]
+    state = rules.sgd(learning_rate=1.0).init(params)
+    assert state.momentum == []
+    rule = rules.sgd(learning_rate=1.0, momentum=0.5, dampening=0.5)
+    params, state = _step(rule, [np.array(2.0)], params, state)
+    assert float(state.momentum[0]) == 2.0 and float(params[0]) == -2.0
+    params, state = _step(rules.sgd(learning_rate=1.0), [np.array(1.0)], params, state)
+    assert float(state.momentum[0]) == 2.0 and float(params[0]) == -3.0
+    params, state = _step(rule, [np.array(2.0)], params, state)
+    assert float(state.momentum[0]) == 0.5 * 2.0 + 0.5 * 2.0

@@ -252,6 +252,20 @@ def stateful_rule(name: str, state_type: type, init_fields: Callable, step: Call
     return Rule(init, update)
 
 
+def momentum_buffers(xp, buffers: list[Array], grads: list[Array], use_momentum: bool,
+                     count: Array) -> tuple[list[Array], Any]:
+    """The momentum buffers to step from, and whether this is their first step.
+
+    A rule made with momentum 0 (a number) keeps no buffers; when momentum
+    becomes non-zero later (a scheduler, rebuilt hyperparameters), buffers
+    start here from zero and count as new, as torch's lazily created
+    momentum_buffer does (its first value is the gradient).
+    """
+    if use_momentum and not buffers:
+        return [xp.zeros_like(g) for g in grads], True
+    return buffers, count == 0
+
+
 def momentum_step(xp, direction: Array, slot: Array, momentum: Any, learning_rate: Any,
                   *, nesterov: bool, form: str, dampening: Any = 0.0,
                   first: Array | None = None) -> tuple[Array, Array]:
@@ -260,12 +274,15 @@ def momentum_step(xp, direction: Array, slot: Array, momentum: Any, learning_rat
     ``direction`` is the (preconditioned) gradient. form 'buffer' keeps
     b = m*b + (1-d)*g and steps -lr*b (torch; first step b = g when d != 0);
     'velocity' keeps v = m*v - lr*(1-d)*g and steps v (Keras). Nesterov steps
-    -lr*(g + m*b), or m*v - lr*g.
+    -lr*(g + m*b), or m*v - lr*g. ``first`` (a boolean array, or True) marks
+    the buffer's first step.
     """
     damped = direction
     if not is_zero(dampening):
         damped = (1 - dampening) * direction
-        if first is not None:
+        if first is True:
+            damped = direction
+        elif first is not None:
             damped = xp.where(first, direction, damped)
     if form == "buffer":
         slot = momentum * slot + damped

@@ -136,6 +136,7 @@ def rmsprop(learning_rate, decay, eps, eps_placement, initial_scale, centered, m
                 return 1.0
             return 1 - decay ** _base.step_number(xp, state.count, like)
 
+        buffers, _ = _base.momentum_buffers(xp, state.momentum, grads, use_momentum, state.count)
         updates, squares, means, slots = [], [], [], []
         for i, g in enumerate(grads):
             v = decay * state.mean_square[i] + (1 - decay) * (g * g)
@@ -153,12 +154,14 @@ def rmsprop(learning_rate, decay, eps, eps_placement, initial_scale, centered, m
             lr = _base.scalar(xp, lr_value, g)
             if use_momentum:
                 u, slot = _base.momentum_step(
-                    xp, direction, state.momentum[i], _base.scalar(xp, momentum, g), lr,
+                    xp, direction, buffers[i], _base.scalar(xp, momentum, g), lr,
                     nesterov=nesterov, form=momentum_form)
                 slots.append(slot)
             else:
                 u = -lr * direction
             updates.append(u)
+        if not use_momentum:
+            slots = list(state.momentum)  # momentum 0 (a number) leaves buffers as they are
         return updates, (squares, means, slots), lr_value
 
     return _base.stateful_rule("rmsprop", RMSpropState, init_fields, step,

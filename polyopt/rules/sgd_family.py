@@ -63,13 +63,14 @@ def sgd(learning_rate, momentum, dampening, nesterov, weight_decay, weight_decay
         return (_base.zeros_like_all(xp, params) if use_momentum else [],)
 
     def step(xp, grads, params, state, lr_value):
-        first = state.count == 0
+        buffers, first = _base.momentum_buffers(xp, state.momentum, grads, use_momentum,
+                                                state.count)
         updates, slots = [], []
         for i, g in enumerate(grads):
             lr = _base.scalar(xp, lr_value, g)
             if use_momentum:
                 u, slot = _base.momentum_step(
-                    xp, g, state.momentum[i], _base.scalar(xp, momentum, g), lr,
+                    xp, g, buffers[i], _base.scalar(xp, momentum, g), lr,
                     nesterov=nesterov, form=momentum_form,
                     dampening=_base.scalar(xp, dampening, g), first=first,
                 )
@@ -77,7 +78,8 @@ def sgd(learning_rate, momentum, dampening, nesterov, weight_decay, weight_decay
             else:
                 u = -lr * g
             updates.append(u)
-        return updates, (slots,), lr_value
+        # momentum 0 (a number) leaves existing buffers as they are, as torch does
+        return updates, (slots if use_momentum else list(state.momentum),), lr_value
 
     return _base.stateful_rule("sgd", SGDState, init_fields, step, learning_rate=learning_rate,
                                weight_decay=weight_decay, weight_decay_mode=weight_decay_mode)
