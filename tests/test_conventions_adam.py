@@ -712,3 +712,65 @@ def test_adam_first_step_is_minus_lr_sign_g(options, factor, dtype):
     for u, g in zip(updates, grads):
         assert u.dtype == np.dtype(dtype)
         np.testing.assert_allclose(u, -lr * factor * np.sign(g), rtol=8 * ulp, atol=0)
+
+
+def _run_polyopt(rule, params, grads):
+    state = rule.init(params)
+    for g in grads:
+        updates, state = rule.update(g, state, params)
+        params = [p + u for p, u in zip(params, updates)]
+    return params
+
+
+def _random_problem(steps=60):
+    rng = np.random.default_rng(11)
+    shapes = [(3, 2), (4,)]
+    params = [rng.normal(size=s) for s in shapes]
+    scale = lambda t: 1.0 / (1 + t) ** 0.5  # noqa: E731 - shrinking grads: amsgrad's max matters
+    grads = [[rng.normal(size=s) * scale(t) for s in shapes] for t in range(steps)]
+    return params, grads
+
+
+def test_radam_nesterov_matches_optax():
+    params, grads = _random_problem()
+    transform = optax.radam(0.01, nesterov=True)
+    state = transform.init([jnp.asarray(p) for p in params])
+    native = [jnp.asarray(p) for p in params]
+    for g in grads:
+        updates, state = transform.update([jnp.asarray(x) for x in g], state, native)
+        native = optax.apply_updates(native, updates)
+    ours = _run_polyopt(rules.radam(0.01, nesterov=True, eps_placement="outside"), params, grads)
+    plain = _run_polyopt(rules.radam(0.01, eps_placement="outside"), params, grads)
+    for o, n, p in zip(ours, native, plain):
+        np.testing.assert_allclose(o, np.asarray(n), rtol=1e-10, atol=1e-14)
+        assert np.max(np.abs(p - np.asarray(n))) > 1e-6  # nesterov really changes the steps
+
+
+def test_radam_amsgrad_matches_a_transcription_of_tfa():
+    """tensorflow-addons RectifiedAdam(amsgrad=True)._resource_apply_dense, in numpy."""
+    params, grads = _random_problem()
+    lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-7
+    expected = [p.copy() for p in params]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    vhat = [np.zeros_like(p) for p in params]
+    for step, g in enumerate(grads, start=1):
+        b1_power, b2_power = b1 ** step, b2 ** step
+        sma_inf = 2.0 / (1.0 - b2) - 1.0
+        sma_t = sma_inf - 2.0 * step * b2_power / (1.0 - b2_power)
+        for i, gi in enumerate(g):
+            m[i] = b1 * m[i] + (1 - b1) * gi
+            v[i] = b2 * v[i] + (1 - b2) * gi * gi
+            m_corr = m[i] / (1.0 - b1_power)
+            vhat[i] = np.maximum(vhat[i], v[i])
+            v_corr = np.sqrt(vhat[i] / (1.0 - b2_power))
+            r_t = np.sqrt((sma_t - 4.0) / (sma_inf - 4.0) * (sma_t - 2.0) / (sma_inf - 2.0)
+                          * sma_inf / sma_t) if sma_t >= 5.0 else 0.0
+            var_t = r_t * m_corr / (v_corr + eps) if sma_t >= 5.0 else m_corr
+            expected[i] = expected[i] - lr * var_t
+    ours = _run_polyopt(rules.radam(lr, eps=eps, eps_placement="outside", amsgrad=True),
+                        params, grads)
+    plain = _run_polyopt(rules.radam(lr, eps=eps, eps_placement="outside"), params, grads)
+    for o, e, p in zip(ours, expected, plain):
+        np.testing.assert_allclose(o, e, rtol=1e-10, atol=1e-14)
+        assert np.max(np.abs(p - e)) > 1e-8  # the maximum really changes the steps

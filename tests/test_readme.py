@@ -13,12 +13,15 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 BLOCKS = re.findall(r"```python\n(.*?)```", README, re.DOTALL)
 
 
+REGENERATE = "out of date: run `python -m tests.test_readme` to regenerate the README's tables"
+
+
 def test_rules_table_is_generated_from_the_spec():
-    assert hyper.defaults_table() in README
+    assert hyper.defaults_table() in README, REGENERATE
 
 
 def test_conventions_table_is_generated_from_the_presets():
-    assert native.markdown_table() in README
+    assert native.markdown_table() in README, REGENERATE
 
 
 def test_the_two_commands():
@@ -41,3 +44,19 @@ def test_python_examples_run(block):
 
 def test_there_are_examples():
     assert len(BLOCKS) >= 2
+
+
+def _regenerate() -> None:
+    """Rewrite the README's generated tables: ``python -m tests.test_readme``."""
+    path = Path(__file__).resolve().parents[1] / "README.md"
+    text = path.read_text()
+    for header, table in (("| rule | arguments and defaults |", hyper.defaults_table()),
+                          ("| native optimizer (defaults) |", native.markdown_table())):
+        start = text.index(header)
+        end = text.find("\n\n", start)
+        text = text[:start] + table + (text[end:] if end >= 0 else "\n")
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    _regenerate()

@@ -345,14 +345,17 @@ class RAdamState(NamedTuple):
     count: Any
     first_moment: list
     second_moment: list
+    max_second_moment: list  # empty unless amsgrad
 
 
 def _radam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallback,
-           total_steps, warmup_proportion, min_lr, weight_decay, weight_decay_mode) -> Rule:
+           nesterov, amsgrad, total_steps, warmup_proportion, min_lr, weight_decay,
+           weight_decay_mode) -> Rule:
     rho_inf = 2.0 / (1.0 - b2) - 1.0
 
     def init_fields(xp, params):
-        return _base.zeros_like_all(xp, params), _base.zeros_like_all(xp, params)
+        return (_base.zeros_like_all(xp, params), _base.zeros_like_all(xp, params),
+                _base.zeros_like_all(xp, params) if amsgrad else [])
 
     def step(xp, grads, params, state, lr_value):
         @_base.per_dtype
@@ -374,13 +377,22 @@ def _radam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, threshold,
                 lr = xp.where(t <= warmup, warm,
                               lr + rate * xp.minimum(t - warmup, xp.asarray(
                                   decay_steps, dtype=like.dtype)))
-            return beta1, bc1, bc2, rectify, rect, lr
+            bc1_next = _one_minus_power(xp, beta1, t + 1) if nesterov else None
+            return beta1, bc1, bc1_next, bc2, rectify, rect, lr
 
-        updates, ms, vs, lrs = [], [], [], []
-        for g, m, v in zip(grads, state.first_moment, state.second_moment):
-            beta1, bc1, bc2, rectify, rect, lr = scalars(g)
-            m, v = _moments(beta1, b2, g, m, v)
-            m_hat = m / bc1
+        updates, ms, vs, maxes, lrs = [], [], [], [], []
+        for i, g in enumerate(grads):
+            beta1, bc1, bc1_next, bc2, rectify, rect, lr = scalars(g)
+            m, v = _moments(beta1, b2, g, state.first_moment[i], state.second_moment[i])
+            ms.append(m)
+            vs.append(v)
+            if amsgrad:
+                v = xp.maximum(state.max_second_moment[i], v)
+                maxes.append(v)
+            if nesterov:
+                m_hat = beta1 * m / bc1_next + (1 - beta1) * g / bc1
+            else:
+                m_hat = m / bc1
             if eps_placement == "hat":
                 adaptive = xp.sqrt(bc2) / (xp.sqrt(v + eps_root) + eps)
             else:
@@ -388,19 +400,18 @@ def _radam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, threshold,
             rectified = m_hat * (rect * adaptive)
             plain = m_hat if fallback == "momentum" else xp.zeros_like(m_hat)
             updates.append(-lr * xp.where(rectify, rectified, plain))
-            ms.append(m)
-            vs.append(v)
             lrs.append(lr)
         # decoupled decay uses the scheduled (tfa warmup) learning rate, as tfa does
-        return updates, (ms, vs), lrs
+        return updates, (ms, vs, maxes), lrs
 
     return _base.stateful_rule(name, RAdamState, init_fields, step, learning_rate=learning_rate,
                                weight_decay=weight_decay, weight_decay_mode=weight_decay_mode)
 
 
 @hyper.RADAM.factory
-def radam(learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallback, total_steps,
-          warmup_proportion, min_lr, weight_decay, weight_decay_mode) -> Rule:
+def radam(learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallback, nesterov,
+          amsgrad, total_steps, warmup_proportion, min_lr, weight_decay,
+          weight_decay_mode) -> Rule:
     r"""RAdam (Liu et al., 2020): Adam with the variance of the adaptive step rectified.
 
     .. math::
@@ -425,6 +436,9 @@ def radam(learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallba
       threshold: rectify when rho_t >= threshold (> 4; default 5). torch
         tests rho_t > 5; rho_t never equals 5 exactly for b2 < 1 and integer t.
       fallback: 'momentum' (step with m_hat below the threshold) or 'none'.
+      nesterov: optax's Nesterov variant, m_hat = b1 m_t / (1 - b1^{t+1}) +
+        (1 - b1) g_t / (1 - b1^t) (default False).
+      amsgrad: the running maximum of raw v (tensorflow-addons; default False).
       total_steps, warmup_proportion, min_lr: tensorflow-addons' schedule:
         linear warmup over total_steps*warmup_proportion steps, then linear
         decay to min_lr at total_steps (total_steps=0 disables it).
@@ -443,5 +457,5 @@ def radam(learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallba
       -0.3
     """
     return _radam("radam", learning_rate, b1, b2, eps, eps_root, eps_placement, threshold,
-                  fallback, total_steps, warmup_proportion, min_lr, weight_decay,
-                  weight_decay_mode)
+                  fallback, nesterov, amsgrad, total_steps, warmup_proportion, min_lr,
+                  weight_decay, weight_decay_mode)

@@ -325,9 +325,9 @@ def lookahead(inner: Rule, sync_period, slow_step_size, reset_state) -> Rule:
 
 
 @hyper.RANGER.factory
-def ranger(learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallback, total_steps,
-           warmup_proportion, min_lr, weight_decay, weight_decay_mode, sync_period,
-           slow_step_size, reset_state, gradient_centralization) -> Rule:
+def ranger(learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallback, nesterov,
+           amsgrad, total_steps, warmup_proportion, min_lr, weight_decay, weight_decay_mode,
+           sync_period, slow_step_size, reset_state, gradient_centralization) -> Rule:
     r"""Ranger (Wright, 2019): Lookahead over RAdam, with gradient centralization.
 
     ``lookahead(chain(centralize(), radam(...)), sync_period, slow_step_size)``.
@@ -368,8 +368,8 @@ def ranger(learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallb
       decay because the step does not read p.
     """
     inner = _radam("ranger", learning_rate, b1, b2, eps, eps_root, eps_placement, threshold,
-                   fallback, total_steps, warmup_proportion, min_lr, weight_decay,
-                   weight_decay_mode)
+                   fallback, nesterov, amsgrad, total_steps, warmup_proportion, min_lr,
+                   weight_decay, weight_decay_mode)
     if gradient_centralization:
         inner = chain(centralize(), inner)
     return lookahead(inner, sync_period, slow_step_size, reset_state)
