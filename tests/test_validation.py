@@ -177,3 +177,14 @@ def test_messages_name_value_and_range():
         rules.rmsprop(momentum=3.0)
     assert re.fullmatch(r"rmsprop: momentum must be a number in \[0, 1\], got momentum=3.0",
                         str(info.value))
+
+
+def test_describe_lists_every_argument_with_its_native_spellings():
+    table = hyper.describe("adam").splitlines()
+    assert len(table) == 2 + len(hyper.ADAM.hypers)
+    row = next(line for line in table if line.startswith("| `b1` |"))
+    assert "`0.9`" in row and "`betas[0]`" in row and "`beta_1`" in row and "`b1` |" in row
+    row = next(line for line in table if line.startswith("| `eps` |"))
+    assert "`epsilon`" in row
+    with pytest.raises(KeyError, match="no rule named 'adamm'"):
+        hyper.describe("adamm")
