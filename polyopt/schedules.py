@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 import numpy as np
 
+from polyopt._namespace import namespace
 from polyopt.hyper import NONNEG, POSITIVE, UNIT, Hyper, Interval
 
 __all__ = [
@@ -102,7 +103,7 @@ class Schedule:
             t = np.asarray(float(count), dtype=np.float64)
             return float(self._function(_NUMPY, t))
         if xp is None:
-            xp = array_api_compat.array_namespace(count)
+            xp = namespace(count)
         return self._function(xp, _as_float(xp, count, self.name))
 
     def __repr__(self) -> str:

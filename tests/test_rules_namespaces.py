@@ -159,3 +159,64 @@ def test_runtime_hyperparameters_as_0d_arrays(case, array_namespaces, to_namespa
         got, _ = _run(rule, name, to_namespace, to_numpy)
         for r, g in zip(reference, got):
             np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-15, err_msg=name)
+
+
+class _RecordingNamespace:
+    """An adapter-style namespace: forwards to array_api_compat.numpy, records what is used."""
+
+    def __init__(self):
+        import array_api_compat.numpy as np_compat
+
+        self._inner = np_compat
+        self.used: set[str] = set()
+
+    def __getattr__(self, name):
+        self.used.add(name)
+        return getattr(self._inner, name)
+
+
+@pytest.mark.parametrize("case", CASES + SAM_CASES, ids=str)
+def test_a_registered_namespace_is_used_and_needs_only_the_subset(case, to_namespace, to_numpy):
+    """What the Keras adapter does for TensorFlow: register a namespace for arrays
+    array_api_compat does not know. The rules must use it, and only the names of
+    ARRAY_API_SUBSET from it."""
+    recording = _RecordingNamespace()
+    unregister = rules.register_namespace(lambda a: isinstance(a, (np.ndarray, np.generic)),
+                                          recording)
+    try:
+        got, _ = _run(case, "numpy", to_namespace, to_numpy)
+    finally:
+        unregister()
+    reference, _ = _run(case, "numpy", to_namespace, to_numpy)
+    for r, g in zip(reference, got):
+        np.testing.assert_array_equal(g, r)
+    assert recording.used, "the registered namespace was not used"
+    assert recording.used <= set(rules.ARRAY_API_SUBSET), recording.used - rules.ARRAY_API_SUBSET
+
+
+def test_register_namespace_checks_its_argument():
+    with pytest.raises(TypeError, match="is_array must be callable"):
+        rules.register_namespace("tf.Tensor", object())
+
+
+def test_schedules_use_a_registered_namespace_and_only_the_subset():
+    from polyopt import schedules
+
+    made = [schedules.one_cycle(100, 0.1), schedules.one_cycle(100, 0.1, anneal="linear",
+                                                               three_phase=True),
+            schedules.warmup_cosine_decay(0.0, 1.0, 10, 100), schedules.step_decay(0.1, 0.5, 10),
+            schedules.exponential_decay(0.1, 10, 0.5, staircase=True),
+            schedules.rampup_sustain_decay(1e-5, 1e-3, 1e-6, 5, 3, 0.8)]
+    recording = _RecordingNamespace()
+    unregister = rules.register_namespace(lambda a: isinstance(a, (np.ndarray, np.generic)),
+                                          recording)
+    try:
+        for schedule in made:
+            for count in (0, 7, 42, 99):
+                got = schedule(np.asarray(count, dtype=np.int32))
+                assert float(got) == pytest.approx(schedule(count), rel=1e-14)
+    finally:
+        unregister()
+    functions = {name for name in recording.used if not name.startswith("__")}
+    assert functions <= set(rules.ARRAY_API_SUBSET), functions - rules.ARRAY_API_SUBSET
+    assert {"where"} <= recording.used

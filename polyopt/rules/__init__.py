@@ -7,10 +7,12 @@ new point. Rules are pure: nothing is changed in place.
 
 The Array API subset the core calls is ``polyopt.rules.ARRAY_API_SUBSET``
 (plus operators and the attributes shape, ndim, dtype, device); a test
-keeps it exact. A namespace that provides it (see the Keras adapter's
-TensorFlow namespace) runs every rule and schedule.
+keeps it exact. A namespace that provides it runs every rule and schedule:
+``register_namespace(is_array, xp)`` makes the core use ``xp`` for arrays
+array_api_compat does not know (TensorFlow's, in the Keras adapter).
 """
 
+from polyopt._namespace import register_namespace
 from polyopt.rules._base import ARRAY_API_SUBSET, Rule
 from polyopt.rules.adam_family import (
     AdamaxState,
@@ -50,7 +52,7 @@ from polyopt.rules.wrappers import (
 )
 
 __all__ = [
-    "ARRAY_API_SUBSET", "Rule", "SAMRule",
+    "ARRAY_API_SUBSET", "Rule", "SAMRule", "register_namespace",
     "sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
     "radam", "lookahead", "ranger", "sam",
     "chain", "clip_by_global_norm", "centralize", "add_decayed_weights",

@@ -12,7 +12,7 @@ import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from array_api_compat import array_namespace
+from polyopt._namespace import namespace
 
 Array = Any
 Params = Sequence[Array]
@@ -38,14 +38,6 @@ class Rule(NamedTuple):
 
     init: Callable[[Params], Any]
     update: Callable[[Params, Any, Params], tuple[list[Array], Any]]
-
-
-def namespace(*arrays: Array):
-    """The Array API namespace of ``arrays`` (one namespace, or a clear error)."""
-    try:
-        return array_namespace(*arrays)
-    except TypeError as e:
-        raise TypeError(f"arrays must all come from one array library: {e}") from None
 
 
 def zeros_count(xp, like: Array | None = None) -> Array:
@@ -170,7 +162,7 @@ def scalar(xp, value: Any, like: Array) -> Any:
 
 def _same_namespace(xp, value: Any) -> bool:
     try:
-        return array_namespace(value) is xp
+        return namespace(value) is xp
     except TypeError:
         return False
 
