@@ -4,7 +4,7 @@ TensorFlow has no array_api_compat support, so the Keras adapter registers a
 small namespace of its own for tf.Tensor/tf.Variable (covering
 ``polyopt.rules.ARRAY_API_SUBSET``); the rules and schedules then run on
 TensorFlow arrays unchanged. Registered namespaces are consulted first, in
-registration order; nothing is imported to find one.
+most recent first; nothing is imported to find one.
 """
 
 from __future__ import annotations
