@@ -3,7 +3,7 @@
 TensorFlow has no array_api_compat support, so the Keras adapter registers a
 small namespace of its own for tf.Tensor/tf.Variable (covering
 ``polyopt.rules.ARRAY_API_SUBSET``); the rules and schedules then run on
-TensorFlow arrays unchanged. Registered namespaces are consulted first, in
+TensorFlow arrays unchanged. Registered namespaces are consulted first, the
 most recent first; nothing is imported to find one.
 """
 
