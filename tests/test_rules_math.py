@@ -204,3 +204,20 @@ def test_momentum_switched_on_after_init_starts_like_torch():
     assert float(state.momentum[0]) == 2.0 and float(params[0]) == -3.0
     params, state = _step(rule, [np.array(2.0)], params, state)
     assert float(state.momentum[0]) == 0.5 * 2.0 + 0.5 * 2.0
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_ascent_is_perturb_in_updates_form(adaptive):
+    rule = rules.sam(rules.sgd(), rho=0.1, adaptive=adaptive)
+    params = [np.array([1.0, -2.0]), np.array([[0.5]])]
+    grads = [np.array([3.0, 4.0]), np.array([[-1.0]])]
+    ascent = rule.ascent(grads, params)
+    perturbed = rule.perturb(params, grads)
+    for p, e, q in zip(params, ascent, perturbed):
+        np.testing.assert_array_equal(p + e, q)
+    # the ascent lies on the rho-sphere in the metric T^-1 (T = |p| for ASAM, else 1)
+    metric = [1 / np.abs(p) if adaptive else 1.0 for p in params]
+    length = np.sqrt(sum(np.sum((t * e) ** 2) for t, e in zip(metric, ascent)))
+    assert length == pytest.approx(0.1, rel=1e-10)
+    with pytest.raises(ValueError, match=r"sam.ascent: got 1 grads for 2 params"):
+        rule.ascent(grads[:1], params)

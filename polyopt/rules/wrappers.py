@@ -376,16 +376,19 @@ def ranger(learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallb
 
 
 class SAMRule(NamedTuple):
-    """A SAM rule: the inner rule's (init, update) plus ``perturb``.
+    """A SAM rule: the inner rule's (init, update) plus ``perturb`` and ``ascent``.
 
     ``perturb(params, grads) -> params'`` gives the point at which to take the
     second gradient; ``update(grads_at_perturbed, state, params)`` is the
-    inner rule's update, applied to the original params.
+    inner rule's update, applied to the original params. ``ascent(grads,
+    params) -> e`` is the same step in updates form (params' = params + e),
+    for frameworks that apply updates rather than set params (optax).
     """
 
     init: Callable
     update: Callable
     perturb: Callable
+    ascent: Callable
 
 
 @hyper.SAM.factory
@@ -413,7 +416,8 @@ def sam(inner: Rule, rho, eps, adaptive) -> SAMRule:
       adaptive: ASAM's scale-invariant ascent (default False).
 
     Returns:
-      A :class:`SAMRule` (init, update, perturb); the state is the inner rule's.
+      A :class:`SAMRule` (init, update, perturb, ascent); the state is the
+      inner rule's.
 
     Examples:
       >>> import numpy as np
@@ -448,11 +452,11 @@ def sam(inner: Rule, rho, eps, adaptive) -> SAMRule:
     if not (hasattr(inner, "init") and hasattr(inner, "update")):
         raise TypeError(f"sam: inner must be a Rule (init, update), got {inner!r}")
 
-    def perturb(params, grads):
+    def ascent(grads, params, method="sam.ascent"):
         try:
-            xp, grads, params = _base.check_update("sam.perturb", grads, None, params)
-        except (TypeError, ValueError) as e:  # name the method: "sam.perturb: ..."
-            raise type(e)(str(e).replace("sam.perturb.update:", "sam.perturb:", 1)) from None
+            xp, grads, params = _base.check_update(method, grads, None, params)
+        except (TypeError, ValueError) as e:  # name the method: "sam.ascent: ..."
+            raise type(e)(str(e).replace(f"{method}.update:", f"{method}:", 1)) from None
         scaled = [xp.abs(p) * g for p, g in zip(params, grads)] if adaptive else grads
         norm = global_norm(xp, scaled)
         out = []
@@ -461,8 +465,10 @@ def sam(inner: Rule, rho, eps, adaptive) -> SAMRule:
             # a zero (scaled) gradient gives no perturbation, not 0/0
             denom = xp.where(denom > 0, denom, xp.full_like(denom, 1.0))
             scale = _base.scalar(xp, rho, g) / denom
-            e = (p * p) * g * scale if adaptive else g * scale
-            out.append(p + e)
+            out.append((p * p) * g * scale if adaptive else g * scale)
         return out
 
-    return SAMRule(inner.init, inner.update, perturb)
+    def perturb(params, grads):
+        return [p + e for p, e in zip(params, ascent(grads, params, "sam.perturb"))]
+
+    return SAMRule(inner.init, inner.update, perturb, ascent)
