@@ -62,11 +62,19 @@ def _radam_rho(xp, b2, rho_inf, t):
     return (rho_inf - 2 / log_b2) + (2 / log_b2) * xp.where(y < 0.25, series, direct)
 
 
-def _adam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad, amsgrad_form,
-          weight_decay, weight_decay_mode, first_moment_bias_correction) -> Rule:
+def _moment_fields(amsgrad: bool):
+    """init_fields of a rule with state (count, m, v, max of v if amsgrad else [])."""
+
     def init_fields(xp, params):
         return (_base.zeros_like_all(xp, params), _base.zeros_like_all(xp, params),
                 _base.zeros_like_all(xp, params) if amsgrad else [])
+
+    return init_fields
+
+
+def _adam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad, amsgrad_form,
+          weight_decay, weight_decay_mode, first_moment_bias_correction) -> Rule:
+    init_fields = _moment_fields(amsgrad)
 
     def step(xp, grads, params, state, lr_value):
         @_base.per_dtype
@@ -353,9 +361,7 @@ def _radam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, threshold,
            weight_decay_mode) -> Rule:
     rho_inf = 2.0 / (1.0 - b2) - 1.0
 
-    def init_fields(xp, params):
-        return (_base.zeros_like_all(xp, params), _base.zeros_like_all(xp, params),
-                _base.zeros_like_all(xp, params) if amsgrad else [])
+    init_fields = _moment_fields(amsgrad)
 
     def step(xp, grads, params, state, lr_value):
         @_base.per_dtype
