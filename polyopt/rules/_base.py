@@ -78,47 +78,49 @@ def check_params(owner: str, params: Params) -> list[Array]:
 
 
 def check_update(owner: str, grads: Params, state: Any, params: Params | None,
-                 slots: Sequence[Sequence[Array]] = ()) -> tuple[Any, list[Array], list[Array]]:
+                 slots: Sequence[Sequence[Array]] = (), method: str = "update",
+                 ) -> tuple[Any, list[Array], list[Array]]:
     """Check an update's arguments before anything is computed.
 
     grads and params must be lists of the same length, shapes and dtypes, from
     one namespace; every list in ``slots`` (state arrays per parameter) must
     match them too. Returns (xp, grads, params). Nothing is changed on error.
     """
+    where = f"{owner}.{method}"  # how messages name the call
     for what, seq in (("grads", grads), ("params", params)):
         if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
             raise TypeError(
-                f"{owner}.update: {what} must be a list of arrays, got {type(seq).__name__}"
+                f"{where}: {what} must be a list of arrays, got {type(seq).__name__}"
             )
     grads, params = list(grads), list(params)
     if len(grads) != len(params):
         raise ValueError(
-            f"{owner}.update: got {len(grads)} grads for {len(params)} params"
+            f"{where}: got {len(grads)} grads for {len(params)} params"
         )
     if not grads:
-        raise ValueError(f"{owner}.update: grads must not be empty")
+        raise ValueError(f"{where}: grads must not be empty")
     xp = namespace(*grads, *params)
     for i, (g, p) in enumerate(zip(grads, params)):
         if tuple(g.shape) != tuple(p.shape):
             raise ValueError(
-                f"{owner}.update: grads[{i}] has shape {tuple(g.shape)} "
+                f"{where}: grads[{i}] has shape {tuple(g.shape)} "
                 f"but params[{i}] has shape {tuple(p.shape)}"
             )
         if g.dtype != p.dtype:
             raise TypeError(
-                f"{owner}.update: grads[{i}] has dtype {g.dtype} "
+                f"{where}: grads[{i}] has dtype {g.dtype} "
                 f"but params[{i}] has dtype {p.dtype}"
             )
     for slot in slots:
         if len(slot) and len(slot) != len(params):
             raise ValueError(
-                f"{owner}.update: state holds {len(slot)} arrays per slot for "
+                f"{where}: state holds {len(slot)} arrays per slot for "
                 f"{len(params)} params; was it made by init() for other params?"
             )
         for i, (s, p) in enumerate(zip(slot, params)):
             if tuple(s.shape) != tuple(p.shape):
                 raise ValueError(
-                    f"{owner}.update: state for params[{i}] has shape {tuple(s.shape)}, "
+                    f"{where}: state for params[{i}] has shape {tuple(s.shape)}, "
                     f"params[{i}] has shape {tuple(p.shape)}"
                 )
     return xp, grads, params

@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 
 from polyopt import hyper
 from polyopt.rules import _base
-from polyopt.rules._base import Rule  # noqa: F401 - documented return type
+from polyopt.rules._base import Rule
 
 
 class AdagradState(NamedTuple):

@@ -452,11 +452,8 @@ def sam(inner: Rule, rho, eps, adaptive) -> SAMRule:
     if not (hasattr(inner, "init") and hasattr(inner, "update")):
         raise TypeError(f"sam: inner must be a Rule (init, update), got {inner!r}")
 
-    def ascent(grads, params, method="sam.ascent"):
-        try:
-            xp, grads, params = _base.check_update(method, grads, None, params)
-        except (TypeError, ValueError) as e:  # name the method: "sam.ascent: ..."
-            raise type(e)(str(e).replace(f"{method}.update:", f"{method}:", 1)) from None
+    def _ascent(grads, params, method):
+        xp, grads, params = _base.check_update("sam", grads, None, params, method=method)
         scaled = [xp.abs(p) * g for p, g in zip(params, grads)] if adaptive else grads
         norm = global_norm(xp, scaled)
         out = []
@@ -468,7 +465,10 @@ def sam(inner: Rule, rho, eps, adaptive) -> SAMRule:
             out.append((p * p) * g * scale if adaptive else g * scale)
         return out
 
+    def ascent(grads, params):
+        return _ascent(grads, params, "ascent")
+
     def perturb(params, grads):
-        return [p + e for p, e in zip(params, ascent(grads, params, "sam.perturb"))]
+        return [p + e for p, e in zip(params, _ascent(grads, params, "perturb"))]
 
     return SAMRule(inner.init, inner.update, perturb, ascent)
