@@ -12,3 +12,13 @@ from polyopt import hyper, native, rules, schedules
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "hyper", "native", "rules", "schedules"]
+
+# The framework adapters live in adapters/<name> and install as polyopt.<name>
+# (pyproject's package-dir). From a source checkout without installation (the
+# tests, `python -m examples...`) they are found through this package's path.
+import os as _os
+
+_ADAPTERS = _os.path.join(_os.path.dirname(_os.path.dirname(__file__)), "adapters")
+if _os.path.isdir(_ADAPTERS):
+    __path__.append(_ADAPTERS)
+del _os
