@@ -145,6 +145,8 @@ class Hyper:
                 raise fail(ValueError)
             return value
         if self.kind == "int":
+            if value == math.inf and math.inf in self.allowed:  # "no limit"
+                return value
             if _is_bool(value) or not isinstance(value, numbers.Integral):
                 raise fail(TypeError)
             if int(value) not in self.allowed:
@@ -517,10 +519,17 @@ DECOUPLED_WEIGHT_DECAY = Spec("decoupled_weight_decay", (
     learning_rate(1.0),
 ))
 
+APPLY_IF_FINITE = Spec("apply_if_finite", (
+    Hyper("max_consecutive_errors", math.inf, kind="int",
+          allowed=Interval(0, math.inf, hi_closed=True),
+          doc="after more consecutive non-finite steps than this, apply them anyway "
+          "(optax); inf: never"),
+))
+
 SPECS: dict[str, Spec] = {
     s.name: s for s in (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, AMSGRAD, ADAMAX, NADAM,
                         RADAM, LOOKAHEAD, RANGER, SAM, CLIP_BY_GLOBAL_NORM, CENTRALIZE,
-                        ADD_DECAYED_WEIGHTS, DECOUPLED_WEIGHT_DECAY)
+                        ADD_DECAYED_WEIGHTS, DECOUPLED_WEIGHT_DECAY, APPLY_IF_FINITE)
 }
 
 

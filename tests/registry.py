@@ -93,6 +93,7 @@ CASES: list[Case] = [
 ]
 
 NAMES = sorted({c.rule for c in CASES})
+WRAPPERS = ("lookahead", "sam", "apply_if_finite")  # factories taking an inner rule first
 
 ERRORS: list[ErrorCase] = [
     ErrorCase("sgd", {"learning_rate": -0.1}, ValueError,
@@ -141,6 +142,11 @@ ERRORS: list[ErrorCase] = [
     ErrorCase("radam", {"total_steps": -1}, ValueError, r"total_steps=-1"),
     ErrorCase("radam", {"warmup_proportion": 1.5}, ValueError, r"warmup_proportion=1.5"),
     ErrorCase("radam", {"fallback": "sgd"}, ValueError, r"fallback='sgd'"),
+    ErrorCase("apply_if_finite", {"max_consecutive_errors": -1}, ValueError,
+              r"apply_if_finite: max_consecutive_errors must be an integer in \[0, inf\], "
+              r"got max_consecutive_errors=-1", inner=("adam", {})),
+    ErrorCase("apply_if_finite", {"max_consecutive_errors": 1.5}, TypeError,
+              r"max_consecutive_errors=1.5", inner=("adam", {})),
     ErrorCase("lookahead", {"sync_period": 0}, ValueError,
               r"lookahead: sync_period must be an integer in \[1, inf\)",
               inner=("sgd", {})),

@@ -26,7 +26,8 @@ SAM_CASES = [
     Case("sam", {"rho": 0.05}, inner=("sgd", {"learning_rate": 0.05, "momentum": 0.9})),
     Case("sam", {"rho": 0.1, "adaptive": True}, inner=("adam", {})),
 ]
-ALL = CASES + SAM_CASES
+GUARDED = [Case("apply_if_finite", {}, inner=("rmsprop", {"centered": True, "momentum": 0.5}))]
+ALL = CASES + SAM_CASES + GUARDED
 
 SETTINGS = settings(max_examples=4, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from polyopt import hyper, rules
-from tests.registry import CASES, ERRORS, ErrorCase
+from tests.registry import CASES, ERRORS, WRAPPERS, ErrorCase
 
 
 @pytest.mark.parametrize("case", ERRORS, ids=str)
@@ -27,7 +27,7 @@ def test_error_catalogue_covers_every_rule():
 def test_every_hyperparameter_rejects_a_wrong_type(name):
     """Each argument of each spec rejects a value of the wrong type, naming itself."""
     spec = hyper.SPECS[name]
-    inner = [rules.sgd()] if name in ("lookahead", "sam") else []
+    inner = [rules.sgd()] if name in WRAPPERS else []
     factory = getattr(rules, name)
     for h in spec:
         bad = object()
@@ -38,7 +38,7 @@ def test_every_hyperparameter_rejects_a_wrong_type(name):
 @pytest.mark.parametrize("name", sorted(hyper.SPECS))
 def test_every_real_hyperparameter_rejects_nan(name):
     spec = hyper.SPECS[name]
-    inner = [rules.sgd()] if name in ("lookahead", "sam") else []
+    inner = [rules.sgd()] if name in WRAPPERS else []
     factory = getattr(rules, name)
     for h in spec:
         if h.kind != "real":

@@ -733,6 +733,90 @@ def test_add_decayed_weights_and_decoupled_weight_decay_by_hand():
 
 
 # --------------------------------------------------------------------------
+# apply_if_finite: skipped steps change nothing
+
+
+NONFINITE_STEPS = {2, 3, 4, 7}  # steps whose first gradient holds a NaN or an inf
+
+
+def _poisoned(problem, params, t):
+    grads = problem.grad(params, t)
+    if t in NONFINITE_STEPS:
+        grads[0] = grads[0].copy()
+        grads[0].flat[t % grads[0].size] = np.nan if t % 2 else -np.inf
+    return grads
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the NaN let through
+@pytest.mark.parametrize("limit", [math.inf, 2])
+def test_apply_if_finite_skips_and_counts(limit):
+    problem = Problem(seed=3, steps=10)
+    rule = rules.apply_if_finite(rules.adam(learning_rate=0.05), max_consecutive_errors=limit)
+    plain = rules.adam(learning_rate=0.05)
+    params = problem.start()
+    state = rule.init(params)
+    ref_params, ref_state = problem.start(), plain.init(problem.start())
+    for t in range(10):
+        grads = _poisoned(problem, params, t)
+        before = params
+        updates, state = rule.update(grads, state, params)
+        params = [p + u for p, u in zip(params, updates)]
+        finite = t not in NONFINITE_STEPS
+        assert bool(state.last_finite) == finite
+        if limit == math.inf or finite or int(state.notfinite_count) <= limit:
+            # the reference skips exactly the non-finite steps
+            if finite:
+                ref_updates, ref_state = plain.update(grads, ref_state, ref_params)
+                ref_params = [p + u for p, u in zip(ref_params, ref_updates)]
+            else:
+                assert all(np.array_equal(p, b) for p, b in zip(params, before))
+            assert_close(f"step {t}", params, ref_params, 0.0)
+        else:  # gave up after `limit` consecutive skips: the NaN goes through
+            assert t == 4 and not np.all(np.isfinite(params[0]))
+            break
+    assert int(state.count) == t + 1
+    assert int(state.total_notfinite) == len([s for s in NONFINITE_STEPS if s <= t])
+    if limit == math.inf:
+        assert int(state.inner.count) == 10 - len(NONFINITE_STEPS)
+        assert all(np.all(np.isfinite(m)) for m in state.inner.second_moment)
+
+
+@pytest.mark.needs("jax")
+@pytest.mark.parametrize("limit", [1, 3])
+def test_apply_if_finite_matches_optax(limit):
+    import jax
+    import optax
+
+    problem = Problem(seed=4, steps=10)
+    got_params = problem.start()
+    rule = rules.apply_if_finite(rules.sgd(learning_rate=0.05, momentum=0.9),
+                                 max_consecutive_errors=limit)
+    state = rule.init(got_params)
+    with jax.enable_x64(True):
+        import jax.numpy as jnp
+
+        opt = optax.apply_if_finite(optax.sgd(0.05, momentum=0.9), max_consecutive_errors=limit)
+        params = [jnp.asarray(p) for p in problem.start()]
+        native_state = opt.init(params)
+        update = jax.jit(opt.update)
+        for t in range(10):
+            with np.errstate(invalid="ignore"):  # once NaN went through, grads are NaN
+                grads = _poisoned(problem, [np.asarray(p) for p in params], t)
+            updates, native_state = update([jnp.asarray(g) for g in grads], native_state, params)
+            params = optax.apply_updates(params, updates)
+            mine, state = rule.update(grads, state, got_params)
+            got_params = [p + u for p, u in zip(got_params, mine)]
+            for name in ("notfinite_count", "last_finite", "total_notfinite"):
+                assert np.asarray(getattr(state, name)) == np.asarray(
+                    getattr(native_state, name)), (t, name)
+            np.testing.assert_allclose(np.concatenate([np.ravel(p) for p in got_params]),
+                                       np.concatenate([np.ravel(p) for p in params]),
+                                       rtol=1e-12, atol=0, equal_nan=True, err_msg=f"step {t}")
+    # three non-finite steps in a row: with limit 1 the third goes through
+    assert bool(np.all(np.isfinite(got_params[0]))) == (limit >= 3)
+
+
+# --------------------------------------------------------------------------
 # array API: the new pieces agree in every namespace under test
 # (numpy and array_api_strict always; torch and jax when POLYOPT_FRAMEWORKS names them)
 
@@ -744,8 +828,9 @@ def test_add_decayed_weights_and_decoupled_weight_decay_by_hand():
     lambda: rules.chain(rules.clip_by_global_norm(np.asarray(2.0), eps=1e-6),
                         rules.centralize(keep_axis=-1), rules.sgd(learning_rate=0.1)),
     lambda: rules.sam(rules.adam(learning_rate=0.05), rho=0.1, adaptive=True),
+    lambda: rules.apply_if_finite(rules.rmsprop(centered=True, momentum=0.5)),
 ], ids=["lookahead-adam-reset", "lookahead-nadam-reset", "ranger-reset", "clip-array-gc",
-        "sam-adaptive"])
+        "sam-adaptive", "apply-if-finite"])
 def test_pieces_agree_across_namespaces(make, array_namespaces, to_namespace, to_numpy):
     problem = Problem(seed=15, steps=8)
 
@@ -787,6 +872,11 @@ def test_pieces_agree_across_namespaces(make, array_namespaces, to_namespace, to
     (lambda: rules.ranger(reset_state="no"), TypeError, r"ranger: reset_state"),
     (lambda: rules.centralize(min_ndim=0), ValueError, r"min_ndim=0"),
     (lambda: rules.clip_by_global_norm(eps=-1e-6), ValueError, r"eps=-1e-06"),
+    (lambda: rules.apply_if_finite("adam"), TypeError, r"apply_if_finite: inner must be a Rule"),
+    (lambda: rules.apply_if_finite(rules.adam(), max_consecutive_errors=-1), ValueError,
+     r"max_consecutive_errors must be an integer in \[0, inf\], got max_consecutive_errors=-1"),
+    (lambda: rules.apply_if_finite(rules.adam(), max_consecutive_errors=2.5), TypeError,
+     r"max_consecutive_errors=2.5"),
 ])
 def test_bad_construction(build, exception, match):
     with pytest.raises(exception, match=match):

@@ -36,11 +36,13 @@ from polyopt.rules.adaptive import (
 )
 from polyopt.rules.sgd_family import SGDState, sgd
 from polyopt.rules.wrappers import (
+    ApplyIfFiniteState,
     ChainState,
     CountState,
     LookaheadState,
     SAMRule,
     add_decayed_weights,
+    apply_if_finite,
     centralize,
     chain,
     clip_by_global_norm,
@@ -56,7 +58,8 @@ __all__ = [
     "sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
     "radam", "lookahead", "ranger", "sam",
     "chain", "clip_by_global_norm", "centralize", "add_decayed_weights",
-    "decoupled_weight_decay", "global_norm",
+    "decoupled_weight_decay", "global_norm", "apply_if_finite",
     "SGDState", "AdagradState", "RMSpropState", "AdadeltaState", "AdamState", "AdamaxState",
     "NAdamState", "RAdamState", "LookaheadState", "ChainState", "CountState",
+    "ApplyIfFiniteState",
 ]

@@ -22,9 +22,9 @@ Params = Sequence[Array]
 #: ndim, dtype and device. A namespace providing these runs every rule (the
 #: Keras adapter's TensorFlow namespace is tested against this set).
 ARRAY_API_SUBSET = frozenset({
-    "abs", "asarray", "astype", "cos", "expm1", "float32", "floor", "full_like", "int32",
-    "isdtype", "maximum", "mean", "minimum", "ones", "pow", "result_type", "sqrt", "sum",
-    "where", "zeros", "zeros_like",
+    "abs", "all", "asarray", "astype", "cos", "expm1", "float32", "floor", "full_like", "int32",
+    "isdtype", "isfinite", "maximum", "mean", "minimum", "ones", "pow", "result_type", "sqrt",
+    "sum", "where", "zeros", "zeros_like",
 })
 
 

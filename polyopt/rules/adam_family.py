@@ -372,10 +372,15 @@ def _radam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, threshold,
             rho = _radam_rho(xp, b2, rho_inf, t)
             rectify = rho >= threshold
             safe_rho = xp.where(rectify, rho, xp.asarray(threshold, dtype=like.dtype))
-            # abs: with b2 < ~0.67, rho_inf < 5 and the quotient is negative, but
-            # rect is then never used (rho_t <= rho_inf < threshold): no sqrt warning
-            rect = xp.sqrt(xp.abs((safe_rho - 4) * (safe_rho - 2) * rho_inf
-                                  / ((rho_inf - 4) * (rho_inf - 2) * safe_rho)))
+            # rho_t < rho_inf: when rectifying, rho_inf > threshold > 4. Otherwise
+            # (b2 < 0.67 gives rho_inf <= 5: never rectified) any value > 4 keeps
+            # the unused branch free of 0/0 and sqrt(-x) (and of their warnings).
+            inf = _base.scalar(xp, rho_inf, like)
+            if isinstance(inf, float):
+                inf = xp.asarray(inf, dtype=like.dtype, device=_base._device(like))
+            safe_inf = xp.where(inf > threshold, inf, safe_rho + 1)
+            rect = xp.sqrt((safe_rho - 4) * (safe_rho - 2) * safe_inf
+                           / ((safe_inf - 4) * (safe_inf - 2) * safe_rho))
             lr = _base.scalar(xp, lr_value, like)
             if total_steps > 0:  # tensorflow-addons' warmup and linear decay
                 warmup = total_steps * warmup_proportion

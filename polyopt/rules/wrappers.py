@@ -1,11 +1,13 @@
 """Rules that wrap or compose other rules, and the composable pieces.
 
-chain, lookahead, ranger, sam; clip_by_global_norm, centralize (gradient
-centralization), add_decayed_weights (coupled L2), decoupled_weight_decay.
+chain, lookahead, ranger, sam, apply_if_finite; clip_by_global_norm,
+centralize (gradient centralization), add_decayed_weights (coupled L2),
+decoupled_weight_decay.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -472,3 +474,78 @@ def sam(inner: Rule, rho, eps, adaptive) -> SAMRule:
         return [p + e for p, e in zip(params, _ascent(grads, params, "perturb"))]
 
     return SAMRule(inner.init, inner.update, perturb, ascent)
+
+
+class ApplyIfFiniteState(NamedTuple):
+    count: Any  # steps seen, finite or not
+    notfinite_count: Any  # consecutive steps with a non-finite gradient (0 after a finite one)
+    last_finite: Any  # 0-d bool: were the last step's gradients all finite
+    total_notfinite: Any  # steps skipped or applied with a non-finite gradient, never reset
+    inner: Any  # the inner rule's state
+
+
+@hyper.APPLY_IF_FINITE.factory
+def apply_if_finite(inner: Rule, max_consecutive_errors) -> Rule:
+    r"""Skip every step whose gradients hold a NaN or an infinity (as loss scaling does).
+
+    A skipped step returns zero updates and leaves the inner rule's state as it
+    was: no NaN ever reaches the moments. The state counts the skips. After
+    more than ``max_consecutive_errors`` non-finite steps in a row the steps
+    are applied anyway, so that a run that has truly diverged shows it.
+
+    Args:
+      inner: the rule to protect.
+      max_consecutive_errors: an integer >= 0, or ``math.inf`` (the default:
+        never apply a non-finite step).
+
+    Returns:
+      A :class:`Rule`; state :class:`ApplyIfFiniteState` (count,
+      notfinite_count, last_finite, total_notfinite, inner).
+
+    Examples:
+      >>> import numpy as np
+      >>> from polyopt import rules
+      >>> rule = rules.apply_if_finite(rules.adam(learning_rate=0.1))
+      >>> params = [np.ones(2)]
+      >>> state = rule.init(params)
+      >>> updates, state = rule.update([np.array([np.nan, 1.0])], state, params)
+      >>> updates[0].tolist(), int(state.total_notfinite), int(state.inner.count)
+      ([0.0, 0.0], 1, 0)
+
+    Notes:
+      The same semantics and state fields as ``optax.apply_if_finite``
+      (``inner_state`` is ``inner`` here, and ``count`` is added).
+      torch.amp.GradScaler skips the step the same way but also lowers the
+      loss scale; Keras's LossScaleOptimizer likewise.
+    """
+    if not (hasattr(inner, "init") and hasattr(inner, "update")):
+        raise TypeError(f"apply_if_finite: inner must be a Rule (init, update), got {inner!r}")
+
+    def init(params):
+        params = _base.check_params("apply_if_finite", params)
+        xp = _base.namespace(*params)
+        zero = _base.zeros_count(xp, params[0])
+        return ApplyIfFiniteState(zero, zero, zero == 0, zero, inner.init(params))
+
+    def update(grads, state, params):
+        _base.check_state("apply_if_finite", state, ApplyIfFiniteState)
+        xp, grads, params = _base.check_update("apply_if_finite", grads, state, params)
+        finite = xp.all(xp.isfinite(grads[0]))
+        for g in grads[1:]:
+            finite = finite & xp.all(xp.isfinite(g))
+        notfinite_count = xp.where(finite, state.notfinite_count * 0,
+                                   _base.increment(state.notfinite_count))
+        apply = finite
+        if max_consecutive_errors != math.inf:
+            apply = finite | (notfinite_count > int(max_consecutive_errors))
+        # a skipped step's result is discarded: give the inner rule zeros, not
+        # infinities (no NaN arithmetic, no floating-point warnings)
+        grads = [xp.where(apply, g, xp.zeros_like(g)) for g in grads]
+        updates, inner_state = inner.update(grads, state.inner, params)
+        updates = [xp.where(apply, u, xp.zeros_like(u)) for u in updates]
+        inner_state = _select_state(xp, apply, inner_state, state.inner)
+        total = xp.where(finite, state.total_notfinite, _base.increment(state.total_notfinite))
+        return updates, ApplyIfFiniteState(_base.increment(state.count), notfinite_count,
+                                           finite, total, inner_state)
+
+    return Rule(init, update)
