@@ -1,0 +1,228 @@
+"""Shared pieces of the optimizer benchmarks: parameter sets, memory traffic,
+interleaved timing and the result files. numpy only: each framework's script
+imports this and runs in its own process.
+
+Method (DESIGN.md, "Performance"): warm-up and compilation are timed apart;
+the variants of one comparison run interleaved, round after round, so that
+load changes on a shared machine hit all of them alike; each round times
+``steps`` consecutive optimizer steps; the report gives the median and the
+spread (25th-75th percentile) over rounds, and ratios against the fastest
+native variant measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# --------------------------------------------------------------------------
+# parameter sets: the tensor shapes of real networks (conv kernels in torch's
+# OIHW layout; frameworks with other layouts transpose, which changes nothing
+# for an elementwise optimizer)
+
+
+def _resnet_cifar(blocks: int = 3, widths=(24, 48, 96, 192)) -> list[tuple]:
+    """ResNet-20's layout (3 stages of 3 basic blocks, batch-norm scale and
+    shift), widened 1.5x: 2.6M params in 59 tensors."""
+    shapes: list[tuple] = [(widths[0], 3, 3, 3), (widths[0],), (widths[0],)]
+    cin = widths[0]
+    for width in widths[1:4]:
+        for b in range(blocks):
+            shapes += [(width, cin if b == 0 else width, 3, 3), (width,), (width,),
+                       (width, width, 3, 3), (width,), (width,)]
+            cin = width
+    shapes += [(10, cin), (10,)]
+    return shapes
+
+
+def _resnet18() -> list[tuple]:
+    """torchvision's ResNet-18 (ImageNet head): 11.7M params in 62 tensors."""
+    shapes: list[tuple] = [(64, 3, 7, 7), (64,), (64,)]
+    cin = 64
+    for width in (64, 128, 256, 512):
+        for b in range(2):
+            stride_block = b == 0 and width != 64
+            shapes += [(width, cin, 3, 3), (width,), (width,), (width, width, 3, 3), (width,),
+                       (width,)]
+            if stride_block:
+                shapes += [(width, cin, 1, 1), (width,), (width,)]
+            cin = width
+    shapes += [(1000, 512), (1000,)]
+    return shapes
+
+
+PARAM_SETS: dict[str, list[tuple]] = {
+    "resnet20-wide": _resnet_cifar(),
+    "resnet18": _resnet18(),
+}
+
+
+def sizes(shapes: list[tuple]) -> tuple[int, int]:
+    """(parameter count, tensor count)."""
+    return int(sum(int(np.prod(s)) for s in shapes)), len(shapes)
+
+
+def make_arrays(shapes: list[tuple], seed: int = 0, dtype=np.float32) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+# --------------------------------------------------------------------------
+# memory traffic: the bytes an optimizer must move per step at the least
+
+
+def traffic_bytes(n_params: int, slots: int, itemsize: int = 4) -> int:
+    """Bytes read and written by one step that keeps ``slots`` arrays per param:
+    read params, grads and every slot; write params and every slot."""
+    return n_params * itemsize * ((2 + slots) + (1 + slots))
+
+
+def slot_count(rule, shapes: list[tuple] | None = None) -> int:
+    """Per-parameter state arrays of a polyopt rule (e.g. 2 for Adam, 1 for
+    SGD with momentum, 3 for Lookahead(RAdam): slow weights + 2 moments)."""
+    shapes = shapes or [(3, 2), (2,)]
+    state = rule.init([np.zeros(s, np.float32) for s in shapes])
+    return _count_lists(state) // len(shapes)
+
+
+def _count_lists(tree: Any) -> int:
+    if isinstance(tree, list):
+        return len(tree)
+    if isinstance(tree, tuple):
+        return sum(_count_lists(t) for t in tree)
+    return 0
+
+
+# --------------------------------------------------------------------------
+# timing
+
+
+@dataclass
+class Timing:
+    """Seconds per step over rounds, and the first (warm-up/compile) call."""
+
+    name: str
+    first_call: float = 0.0
+    per_step: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.per_step)
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        q = np.percentile(self.per_step, [25, 75])
+        return float(q[0]), float(q[1])
+
+    def summary(self) -> dict[str, Any]:
+        lo, hi = self.spread
+        return {"name": self.name, "first_call_s": self.first_call, "median_s": self.median,
+                "p25_s": lo, "p75_s": hi, "rounds": len(self.per_step)}
+
+
+def interleaved(variants: dict[str, Callable[[int], None]], *, steps: int, rounds: int,
+                warmup: int = 2) -> dict[str, Timing]:
+    """Time ``variants`` (name -> run(n): run n steps and wait for the result).
+
+    The first call of each variant (one step: compilation, allocation) is
+    timed on its own; then ``warmup`` untimed rounds; then ``rounds`` rounds
+    in which every variant runs ``steps`` steps, in rotating order.
+    """
+    timings = {name: Timing(name) for name in variants}
+    for name, run in variants.items():
+        start = time.perf_counter()
+        run(1)
+        timings[name].first_call = time.perf_counter() - start
+    for _ in range(warmup):
+        for run in variants.values():
+            run(steps)
+    names = list(variants)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            variants[name](steps)
+            timings[name].per_step.append((time.perf_counter() - start) / steps)
+    return timings
+
+
+def bandwidth(copy: Callable[[int], None], nbytes_per_call: int, *, calls: int = 20,
+              rounds: int = 5) -> float:
+    """Bytes per second of ``copy(n)`` (n calls, each moving ``nbytes_per_call``
+    bytes: read plus write), best round."""
+    copy(2)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        copy(calls)
+        best = min(best, (time.perf_counter() - start) / calls)
+    return nbytes_per_call / best
+
+
+# --------------------------------------------------------------------------
+# results
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    return {"platform": platform.platform(), "processor": platform.processor() or "unknown",
+            "cpus": os.cpu_count(), "python": platform.python_version()}
+
+
+@dataclass
+class Result:
+    framework: str
+    algorithm: str
+    param_set: str
+    n_params: int
+    n_tensors: int
+    traffic_bytes: int
+    bandwidth_bytes_per_s: float
+    timings: list[dict]
+    versions: dict = field(default_factory=dict)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per variant: median ms, spread, ratio to the fastest native
+        variant (names starting with ``native``) and to the bandwidth bound."""
+        natives = [t["median_s"] for t in self.timings if t["name"].startswith("native")]
+        fastest = min(natives) if natives else float("nan")
+        bound = self.traffic_bytes / self.bandwidth_bytes_per_s
+        return [{
+            "framework": self.framework, "algorithm": self.algorithm, "params": self.param_set,
+            "variant": t["name"], "ms": 1e3 * t["median_s"],
+            "spread_ms": (1e3 * t["p25_s"], 1e3 * t["p75_s"]),
+            "first_call_s": t["first_call_s"],
+            "vs_native": t["median_s"] / fastest, "vs_bound": t["median_s"] / bound,
+        } for t in self.timings]
+
+
+def write(results: list[Result], path: Path) -> None:
+    """Append results to a JSON file (a list of Result dicts; created if absent)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(path.read_text()) if path.exists() else []
+    existing += [asdict(r) for r in results]
+    path.write_text(json.dumps(existing, indent=1))
+
+
+def markdown(path: Path) -> str:
+    """The markdown table of every result in ``path``."""
+    results = [Result(**r) for r in json.loads(path.read_text())]
+    lines = ["| framework | algorithm | params | variant | ms/step (p25-p75) | first call s "
+             "| vs fastest native | vs bandwidth bound |",
+             "|---|---|---|---|---|---|---|---|"]
+    for result in results:
+        for row in result.rows():
+            lo, hi = row["spread_ms"]
+            lines.append(f"| {row['framework']} | {row['algorithm']} | {row['params']} | "
+                         f"{row['variant']} | {row['ms']:.2f} ({lo:.2f}-{hi:.2f}) | "
+                         f"{row['first_call_s']:.2f} | {row['vs_native']:.2f}x | "
+                         f"{row['vs_bound']:.2f}x |")
+    return "\n".join(lines)
