@@ -158,7 +158,24 @@ def test_float32_params_keep_float32_state_under_x64():
 def test_empty_params_tree():
     opt = po.adam()
     state = opt.init({})
-    assert opt.update({}, state, {}) == ({}, state)
+    assert state.first_moment == {} and state.max_second_moment == []
+    updates, new_state = opt.update({}, state, {})
+    assert updates == {} and new_state is state
+
+
+@pytest.mark.parametrize("opt, slot", [(po.adam(amsgrad=True), "max_second_moment"),
+                                       (po.ranger(), "slow"), (po.sgd(momentum=0.9), "momentum")],
+                         ids=["adam", "ranger", "sgd"])
+def test_optax_tree_map_params_finds_the_param_slots(opt, slot):
+    """How optax users build shardings for the state from the params' ones."""
+    params = _params()
+    state = opt.init(params)
+    specs = jax.tree.map(lambda p: f"spec{p.shape}", params)
+    mapped = optax.tree_utils.tree_map_params(opt, lambda _, spec: spec, state, specs,
+                                              transform_non_params=lambda _: None)
+    assert getattr(mapped, slot) == specs
+    assert mapped.count is None
+    assert set(jax.tree.leaves(mapped)) == set(jax.tree.leaves(specs))
 
 
 def test_same_numbers_as_the_core_rule_on_the_leaves():
@@ -485,3 +502,19 @@ def test_import_brings_no_other_framework():
         result = sorted(m for m in ("torch", "tensorflow", "keras") if m in sys.modules)
     """))
     assert result == []
+
+
+def test_adadelta_default_descends_where_optax_default_ascends():
+    params = _params()
+    x = _batches(1)[0]
+    start = float(_loss(params, x))
+
+    def final_loss(opt):
+        p, s = params, opt.init(params)
+        for _ in range(20):
+            updates, s = opt.update(jax.grad(_loss)(p, x), s, p)
+            p = optax.apply_updates(p, updates)
+        return float(_loss(p, x))
+
+    assert final_loss(po.adadelta()) < start
+    assert final_loss(optax.adadelta()) > start  # learning_rate=None: no -lr, uphill

@@ -93,7 +93,7 @@ def _transformation(owner: str, rule: Any, uses_params: bool) -> optax.GradientT
     def init(params):
         leaves, treedef = _tree.flatten(f"{owner}.init", params, "params")
         if not leaves:
-            return optax.EmptyState()
+            return _tree.layout_without_arrays(rule, params)
         return _tree.to_tree(rule.init(leaves), treedef)
 
     def update(updates, state, params=None):
@@ -212,6 +212,8 @@ def lookahead(*args, **kwargs) -> optax.GradientTransformation:
     def init(params):
         fast = params.fast if isinstance(params, optax.LookaheadParams) else params
         leaves, treedef = _tree.flatten(f"{owner}.init", fast, "params.fast")
+        if not leaves:
+            return _tree.layout_without_arrays(rule, fast)._replace(slow=[])
         state = rule.init(leaves)
         return rules.LookaheadState(state.count, [], _tree.to_tree(state.inner, treedef))
 

@@ -83,15 +83,25 @@ def _is_namedtuple(x: Any) -> bool:
     return isinstance(x, tuple) and hasattr(x, "_fields")
 
 
-def to_tree(state: Any, treedef) -> Any:
-    """A core state with every per-parameter list made a tree shaped like the params."""
+def to_tree(state: Any, treedef, slot: Any = None) -> Any:
+    """A core state with every per-parameter list made a tree shaped like the params
+    (or, if given, replaced by ``slot``)."""
     if _is_namedtuple(state):
-        return type(state)(*(to_tree(s, treedef) for s in state))
+        return type(state)(*(to_tree(s, treedef, slot) for s in state))
     if isinstance(state, tuple):
-        return tuple(to_tree(s, treedef) for s in state)
+        return tuple(to_tree(s, treedef, slot) for s in state)
     if isinstance(state, list):
-        return treedef.unflatten(state) if state else []
+        if not state:
+            return []
+        return treedef.unflatten(state) if slot is None else slot
     return state
+
+
+def layout_without_arrays(rule: Any, tree: Any) -> Any:
+    """The state ``rule.init`` would give, for a params tree without array leaves
+    (an empty tree, or optax.tree_utils.tree_map_params's placeholder): ``tree``
+    in every per-parameter slot, so that tree_map_params finds the slots."""
+    return to_tree(rule.init([jnp.zeros((), jnp.float32)]), None, slot=tree)
 
 
 def to_core(owner: str, state: Any, template: Any, treedef, path: str = "state") -> Any:
