@@ -518,3 +518,64 @@ def test_adadelta_default_descends_where_optax_default_ascends():
 
     assert final_loss(po.adadelta()) < start
     assert final_loss(optax.adadelta()) > start  # learning_rate=None: no -lr, uphill
+
+
+_NO_X64_SCRIPT = """
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import polyopt.optax as po
+from polyopt import schedules
+
+assert not jax.config.jax_enable_x64
+rng = np.random.default_rng(0)
+params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "b": jnp.zeros(3)}
+x = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
+loss = lambda p: jnp.sum(jnp.tanh(x @ p["w"] + p["b"]) ** 2)
+pairs = {
+    "adam+one_cycle": (po.adam(schedules.one_cycle(30, 0.05, convention="optax")),
+                       optax.adam(optax.cosine_onecycle_schedule(30, 0.05))),
+    "nadam": (po.nadam(0.01, momentum_schedule=False), optax.nadam(0.01)),
+    "radam": (po.radam(0.01, eps_placement="outside"), optax.radam(0.01)),
+    "sgd": (po.sgd(0.05, momentum=0.9, nesterov=True), optax.sgd(0.05, 0.9, nesterov=True)),
+}
+
+def run(opt):
+    @jax.jit
+    def step(p, s):
+        u, s = opt.update(jax.grad(loss)(p), s, p)
+        return optax.apply_updates(p, u), s
+    p, s = params, opt.init(params)
+    for _ in range(30):
+        p, s = step(p, s)
+    return p
+
+def diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / np.max(np.abs(y)))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+result = {}
+for name, (ours, native) in pairs.items():
+    mine, theirs = run(ours), run(native)
+    with jax.enable_x64(True):  # optax again, its scalar math in float64 (params float32)
+        theirs_x64 = run(native)
+    result[name] = {"dtypes": sorted({str(a.dtype) for a in jax.tree.leaves(mine)}),
+                    "diff": diff(mine, theirs), "diff_x64": diff(mine, theirs_x64)}
+"""
+
+
+def test_without_x64():
+    """jax's default mode (float32 everywhere, int32 counts), in a fresh process.
+
+    optax.radam computes rho_t = rho_inf - 2 t b2^t / (1 - b2^t) in float32
+    there, which cancels (rho_inf ~ 2000, rho_5 ~ 5): its params end 2e-4
+    from its own x64 run; polyopt's (float32, cancellation-free) stay at
+    rounding level from optax's x64 run."""
+    result = run_python(_NO_X64_SCRIPT, env={"JAX_ENABLE_X64": "0"})
+    for name, r in result.items():
+        assert r["dtypes"] == ["float32"], name
+        assert r["diff_x64"] <= 1e-5, (name, r)
+        if name != "radam":
+            assert r["diff"] <= 1e-5, (name, r)
+    assert result["radam"]["diff"] > 1e-5  # optax's float32 rho_t, see above

@@ -75,10 +75,11 @@ def _uses_params(values: dict) -> bool:
     return not (isinstance(decay, numbers.Number) and decay == 0)
 
 
-def _args_doc(spec: hyper.Spec) -> str:
+def _args_doc(spec: hyper.Spec, overrides: dict | None = None) -> str:
     lines = []
     for h in spec:
-        lines.append(f"      {h.spelling('optax')}: {h.doc} (default {h.default!r}; "
+        doc = (overrides or {}).get(h.name, h.doc)
+        lines.append(f"      {h.spelling('optax')}: {doc} (default {h.default!r}; "
                      f"{h.allowed_text()}).")
     return "\n".join(lines)
 
@@ -118,7 +119,8 @@ def _transformation(owner: str, rule: Any, uses_params: bool) -> optax.GradientT
     return optax.GradientTransformation(init, update)
 
 
-def _make_factory(name: str, spec: hyper.Spec, build, uses_params=_uses_params, doc: str = ""):
+def _make_factory(name: str, spec: hyper.Spec, build, uses_params=_uses_params, doc: str = "",
+                  arg_docs: dict | None = None):
     signature = _signature(spec)
 
     def factory(*args, **kwargs) -> optax.GradientTransformation:
@@ -133,7 +135,7 @@ def _make_factory(name: str, spec: hyper.Spec, build, uses_params=_uses_params, 
     factory.__doc__ = (
         f"{summary}\n\n    The optax form of :func:`polyopt.rules.{name}` (same math, same "
         f"defaults): returns an\n    ``optax.GradientTransformation`` on any pytree of params."
-        f"{doc}\n\n    Args:\n{_args_doc(spec)}\n"
+        f"{doc}\n\n    Args:\n{_args_doc(spec, arg_docs)}\n"
     )
     return factory
 
@@ -182,7 +184,9 @@ ranger = _make_factory(
         "\n    last axis (JAX/flax layouts: Dense kernels (in, out), Conv (kh, kw, in, out)),"
         "\n    which is torch's axis 0 of (out, in): the same numbers for the same model."
         "\n    sync_period and total_steps are structural integers: with"
-        "\n    optax.inject_hyperparams pass them in static_args.")
+        "\n    optax.inject_hyperparams pass them in static_args.",
+    arg_docs={"gradient_centralization": "subtract the mean of each gradient with ndim > 1 "
+                                         "over all axes but the last"})
 
 
 # --------------------------------------------------------------------------
