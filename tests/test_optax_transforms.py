@@ -213,6 +213,21 @@ def test_chain_with_optax_transforms():
     _assert_close(_run(ours, params)[0], _run(native, params)[0])
 
 
+def test_multi_transform_and_masked_subtrees():
+    params = _params()
+    labels = {"dense": {"kernel": "decay", "bias": "plain"}, "scale": "plain"}
+    mask = {"dense": {"kernel": True, "bias": False}, "scale": False}
+    others = jax.tree.map(lambda m: not m, mask)
+
+    def both(adamw, sgd):
+        return (optax.multi_transform({"decay": adamw(0.05), "plain": sgd(0.01)}, labels),
+                optax.chain(optax.masked(adamw(0.05), mask), optax.masked(sgd(0.01), others)))
+
+    ours = both(lambda lr: po.adamw(lr, weight_decay=1e-4), po.sgd)
+    for mine, native in zip(ours, both(optax.adamw, optax.sgd)):
+        _assert_close(_run(mine, params, steps=4)[0], _run(native, params, steps=4)[0])
+
+
 def test_multi_steps_accumulates_like_optax():
     params = _params()
     ours = optax.MultiSteps(po.sgd(0.1, momentum=0.9), every_k_schedule=3)
