@@ -303,14 +303,20 @@ def _where(condition, new, old):
     return jax.tree.map(lambda n, o: jnp.where(condition, n, o), new, old)
 
 
-def sam(inner: optax.GradientTransformation, rho: Any = hyper.SAM["rho"].default,
-        eps: Any = hyper.SAM["eps"].default, adaptive: bool = hyper.SAM["adaptive"].default,
-        *, sync_period: int = 2, opaque_mode: bool = False
-        ) -> optax.GradientTransformationExtraArgs:
-    values = hyper.SAM.validate({"rho": rho, "eps": eps, "adaptive": adaptive},
-                                framework="optax")
-    sync_period = _SYNC_PERIOD.check(sync_period, "sam", "optax")
-    opaque_mode = _OPAQUE.check(opaque_mode, "sam", "optax")
+_SAM_SIGNATURE = _signature(hyper.SAM, (
+    inspect.Parameter("inner", inspect.Parameter.POSITIONAL_OR_KEYWORD),))
+_SAM_SIGNATURE = _SAM_SIGNATURE.replace(parameters=[
+    *_SAM_SIGNATURE.parameters.values(),
+    *(inspect.Parameter(h.name, inspect.Parameter.KEYWORD_ONLY, default=h.default)
+      for h in (_SYNC_PERIOD, _OPAQUE))])
+
+
+def sam(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
+    arguments = _bind("sam", _SAM_SIGNATURE, args, kwargs)
+    values = _validate("sam", hyper.SAM, arguments)
+    sync_period = _SYNC_PERIOD.check(arguments["sync_period"], "sam", "optax")
+    opaque_mode = _OPAQUE.check(arguments["opaque_mode"], "sam", "optax")
+    inner = arguments["inner"]
     if not (hasattr(inner, "init") and hasattr(inner, "update")):
         raise TypeError(f"sam: inner must be an optax GradientTransformation, got {inner!r:.200}")
     core = rules.sam(rules.Rule(inner.init, inner.update), **values)
@@ -369,6 +375,7 @@ def sam(inner: optax.GradientTransformation, rho: Any = hyper.SAM["rho"].default
     return optax.GradientTransformationExtraArgs(init, update)
 
 
+sam.__signature__ = _SAM_SIGNATURE  # type: ignore[attr-defined]
 sam.__doc__ = f"""Sharpness-aware minimization as ``optax.contrib.sam`` does it.
 
     :func:`polyopt.rules.sam`'s ascent (one global norm, ``rho * g / (||g||
