@@ -279,6 +279,35 @@ def test_inject_hyperparams_keeps_them_runtime(factory, kwargs):
     assert len(traces) == 1  # a new learning rate did not recompile
 
 
+def test_polyopt_plateau_controller_drives_an_injected_learning_rate():
+    """polyopt.schedules.reduce_on_plateau runs on the host once per epoch; its
+    learning rate goes into the injected hyperparameters, without recompiling."""
+    from polyopt import schedules
+
+    params = _params()
+    opt = optax.inject_hyperparams(po.sgd)(learning_rate=0.05, momentum=0.9)
+    plateau = schedules.reduce_on_plateau(factor=0.5, patience=1, min_delta=0.0)
+    control = plateau.init(0.05)
+    traces = []
+
+    @jax.jit
+    def step(params, state, x):
+        traces.append(1)
+        loss, grads = jax.value_and_grad(_loss)(params, x)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    state = opt.init(params)
+    for epoch_loss in [3.0, 2.0, 2.5, 2.6, 1.0]:  # the monitored metric, once per epoch
+        params, state, _ = step(params, state, _batches(1)[0])
+        control = plateau.update(control, epoch_loss)
+        # the injected value's own dtype (a weakly typed array would retrace once)
+        state.hyperparams["learning_rate"] = jnp.asarray(control.learning_rate, jnp.float64)
+    assert control.num_reductions == 2
+    assert float(state.hyperparams["learning_rate"]) == 0.0125
+    assert len(traces) == 1
+
+
 def test_inject_hyperparams_schedule_matches_optax():
     params = _params()
     schedule = optax.exponential_decay(0.1, 3, 0.5)
