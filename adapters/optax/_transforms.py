@@ -1,0 +1,444 @@
+"""The rules as optax GradientTransformations: factories, lookahead, ranger, sam.
+
+Glue only: every number comes from :mod:`polyopt.rules`. A factory checks
+its arguments with the rule's spec (optax spellings), builds the core rule
+and returns ``optax.GradientTransformation(init, update)``; init and update
+flatten the pytrees to the rule's lists and back (:mod:`._tree`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from polyopt import hyper, rules
+from polyopt.optax import _tree
+
+_NO_PARAMS = "call update(updates, state, params) with the current params"
+
+
+# --------------------------------------------------------------------------
+# arguments
+
+
+def _signature(spec: hyper.Spec, leading: tuple = ()) -> inspect.Signature:
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return inspect.Signature(list(leading) + [
+        inspect.Parameter(h.spelling("optax"), kind, default=h.default) for h in spec])
+
+
+def _static_int(owner: str, h: hyper.Hyper, value: Any) -> Any:
+    """An integer hyperparameter given as a 0-d integer array: its Python int.
+
+    optax.inject_hyperparams turns every number into an array; an integer
+    that decides the program's structure cannot stay a traced array.
+    """
+    if not (isinstance(value, (jax.Array, np.ndarray)) and value.shape == ()
+            and jnp.issubdtype(value.dtype, jnp.integer)):
+        return value
+    try:
+        return int(value)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        name = h.spelling("optax")
+        raise TypeError(
+            f"{owner}: {name} must be a Python int, got a traced array: it fixes the "
+            f"structure of the computation. With optax.inject_hyperparams pass "
+            f"static_args=({name!r},)") from None
+
+
+def _validate(owner: str, spec: hyper.Spec, arguments: dict) -> dict:
+    """The spec's canonical names -> checked values, from optax-spelled arguments."""
+    values = {h.name: _static_int(owner, h, arguments[h.spelling("optax")])
+              if h.kind == "int" else arguments[h.spelling("optax")] for h in spec}
+    return spec.validate(values, framework="optax")
+
+
+def _bind(owner: str, signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{owner}: {e}") from None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _uses_params(values: dict) -> bool:
+    """Whether the rule reads the params' values (weight decay that is not the number 0)."""
+    decay = values.get("weight_decay", 0.0)
+    return not (isinstance(decay, numbers.Number) and decay == 0)
+
+
+def _args_doc(spec: hyper.Spec, overrides: dict | None = None) -> str:
+    lines = []
+    for h in spec:
+        doc = (overrides or {}).get(h.name, h.doc)
+        lines.append(f"      {h.spelling('optax')}: {doc} (default {h.default!r}; "
+                     f"{h.allowed_text()}).")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# one rule -> one transformation
+
+
+def _transformation(owner: str, rule: Any, uses_params: bool) -> optax.GradientTransformation:
+    """init/update of ``rule`` on pytrees; the rule is kept on ``init.polyopt_rule``."""
+
+    def init(params):
+        leaves, treedef = _tree.flatten(f"{owner}.init", params, "params")
+        if not leaves:
+            return _tree.layout_without_arrays(rule, params)
+        return _tree.to_tree(rule.init(leaves), treedef)
+
+    def update(updates, state, params=None):
+        where = f"{owner}.update"
+        grads, treedef = _tree.flatten(where, updates, "updates")
+        if not grads:
+            return updates, state
+        if params is None:
+            if uses_params:
+                raise ValueError(f"{where}: params is None, but this rule reads them "
+                                 f"(weight decay): {_NO_PARAMS}")
+            leaves = grads  # read for shapes and dtypes only
+        else:
+            leaves, params_treedef = _tree.flatten(where, params, "params")
+            _tree.check_like(where, grads, treedef, leaves, params_treedef, "updates", "params")
+        template = jax.eval_shape(rule.init, leaves)
+        core_state = _tree.to_core(where, state, template, treedef)
+        new_updates, core_state = rule.update(grads, core_state, leaves)
+        return treedef.unflatten(new_updates), _tree.to_tree(core_state, treedef)
+
+    init.polyopt_rule = rule  # type: ignore[attr-defined]
+    return optax.GradientTransformation(init, update)
+
+
+def _make_factory(name: str, spec: hyper.Spec, build, uses_params=_uses_params, doc: str = "",
+                  arg_docs: dict | None = None):
+    signature = _signature(spec)
+
+    def factory(*args, **kwargs) -> optax.GradientTransformation:
+        values = _validate(name, spec, _bind(name, signature, args, kwargs))
+        return _transformation(name, build(values), uses_params(values))
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__module__ = "polyopt.optax"
+    factory.__signature__ = signature  # type: ignore[attr-defined]
+    core_doc = inspect.getdoc(getattr(rules, name)) or ""
+    summary = core_doc.splitlines()[0] if core_doc else name
+    factory.__doc__ = (
+        f"{summary}\n\n    The optax form of :func:`polyopt.rules.{name}` (same math, same "
+        f"defaults): returns an\n    ``optax.GradientTransformation`` on any pytree of params."
+        f"{doc}\n\n    Args:\n{_args_doc(spec, arg_docs)}\n"
+    )
+    return factory
+
+
+def _rule_factory(name: str):
+    return lambda values: getattr(rules, name)(**values)
+
+
+sgd = _make_factory("sgd", hyper.SGD, _rule_factory("sgd"))
+adagrad = _make_factory("adagrad", hyper.ADAGRAD, _rule_factory("adagrad"))
+rmsprop = _make_factory("rmsprop", hyper.RMSPROP, _rule_factory("rmsprop"))
+adadelta = _make_factory(
+    "adadelta", hyper.ADADELTA, _rule_factory("adadelta"),
+    doc="\n\n    Unlike ``optax.adadelta``, whose default ``learning_rate=None`` moves the"
+        "\n    params uphill, the default learning rate 1.0 descends (the paper's).")
+adam = _make_factory("adam", hyper.ADAM, _rule_factory("adam"))
+adamw = _make_factory(
+    "adamw", hyper.ADAMW, _rule_factory("adamw"),
+    doc="\n\n    Default weight_decay=0.01 (torch's; ``optax.adamw`` uses 1e-4).")
+amsgrad = _make_factory(
+    "amsgrad", hyper.AMSGRAD, _rule_factory("amsgrad"),
+    doc="\n\n    ``optax.amsgrad`` takes the maximum of the bias-corrected v:"
+        "\n    ``amsgrad_form='corrected'``.")
+adamax = _make_factory("adamax", hyper.ADAMAX, _rule_factory("adamax"))
+nadam = _make_factory(
+    "nadam", hyper.NADAM, _rule_factory("nadam"),
+    doc="\n\n    ``optax.nadam`` is ``momentum_schedule=False``.")
+radam = _make_factory(
+    "radam", hyper.RADAM, _rule_factory("radam"),
+    doc="\n\n    ``optax.radam`` is ``eps_placement='outside'``. total_steps is a structural"
+        "\n    integer: with optax.inject_hyperparams pass static_args=('total_steps',).")
+
+
+def _ranger_rule(values: dict):
+    inner = rules.radam(**{k: values[k] for k in hyper.RADAM.names})
+    if values["gradient_centralization"]:
+        inner = rules.chain(rules.centralize(keep_axis=-1), inner)
+    return rules.lookahead(inner, values["sync_period"], values["slow_step_size"],
+                           values["reset_state"])
+
+
+ranger = _make_factory(
+    "ranger", hyper.RANGER, _ranger_rule, uses_params=lambda values: True,
+    doc="\n\n    Works on plain params, as ``polyopt.rules.ranger``: the params are the fast"
+        "\n    weights, the slow ones are ``state.slow``. Gradient centralization keeps the"
+        "\n    last axis (JAX/flax layouts: Dense kernels (in, out), Conv (kh, kw, in, out)),"
+        "\n    which is torch's axis 0 of (out, in): the same numbers for the same model."
+        "\n    sync_period and total_steps are structural integers: with"
+        "\n    optax.inject_hyperparams pass them in static_args.",
+    arg_docs={"gradient_centralization": "subtract the mean of each gradient with ndim > 1 "
+                                         "over all axes but the last"})
+
+
+# --------------------------------------------------------------------------
+# lookahead, in optax's form
+
+
+def _rule_of(owner: str, inner: Any):
+    rule = getattr(getattr(inner, "init", None), "polyopt_rule", None)
+    if rule is None:
+        raise TypeError(
+            f"{owner}: inner must be a transformation made by polyopt.optax (sgd, adam, ...), "
+            f"got {inner!r:.200}; wrap optax's own transformations with optax.lookahead")
+    return rule
+
+
+_LOOKAHEAD_SIGNATURE = _signature(hyper.LOOKAHEAD, (
+    inspect.Parameter("inner", inspect.Parameter.POSITIONAL_OR_KEYWORD),))
+
+
+def lookahead(*args, **kwargs) -> optax.GradientTransformation:
+    arguments = _bind("lookahead", _LOOKAHEAD_SIGNATURE, args, kwargs)
+    values = _validate("lookahead", hyper.LOOKAHEAD, arguments)
+    inner_rule = _rule_of("lookahead", arguments["inner"])
+    rule = rules.lookahead(inner_rule, **values)
+    owner = "lookahead"
+
+    def init(params):
+        fast = params.fast if isinstance(params, optax.LookaheadParams) else params
+        leaves, treedef = _tree.flatten(f"{owner}.init", fast, "params.fast")
+        if not leaves:
+            return _tree.layout_without_arrays(rule, fast)._replace(slow=[])
+        state = rule.init(leaves)
+        return rules.LookaheadState(state.count, [], _tree.to_tree(state.inner, treedef))
+
+    def update(updates, state, params=None):
+        where = f"{owner}.update"
+        if not isinstance(params, optax.LookaheadParams):
+            raise TypeError(
+                f"{where}: params must be optax.LookaheadParams(fast, slow) (start with "
+                f"optax.LookaheadParams.init_synced(params)), got {type(params).__name__}")
+        if not isinstance(state, rules.LookaheadState) or not (
+                isinstance(state.slow, list) and not state.slow):
+            raise TypeError(f"{where}: state must be made by this transformation's init, "
+                            f"got {type(state).__name__}")
+        grads, treedef = _tree.flatten(where, updates, "updates")
+        fast, fast_treedef = _tree.flatten(where, params.fast, "params.fast")
+        slow, slow_treedef = _tree.flatten(where, params.slow, "params.slow")
+        _tree.check_like(where, grads, treedef, fast, fast_treedef, "updates", "params.fast")
+        _tree.check_like(where, slow, slow_treedef, fast, fast_treedef, "params.slow",
+                         "params.fast")
+        template = jax.eval_shape(inner_rule.init, fast)
+        inner_state = _tree.to_core(where, state.inner, template, treedef, "state.inner")
+        fast_updates, new = rule.update(
+            grads, rules.LookaheadState(state.count, slow, inner_state), fast)
+        slow_updates = [s_new - s for s_new, s in zip(new.slow, slow)]  # optax's updates form
+        return (optax.LookaheadParams(fast=treedef.unflatten(fast_updates),
+                                      slow=treedef.unflatten(slow_updates)),
+                rules.LookaheadState(new.count, [], _tree.to_tree(new.inner, treedef)))
+
+    return optax.GradientTransformation(init, update)
+
+
+lookahead.__signature__ = _LOOKAHEAD_SIGNATURE  # type: ignore[attr-defined]
+lookahead.__doc__ = f"""Lookahead in optax's form: params are ``optax.LookaheadParams(fast, slow)``.
+
+    :func:`polyopt.rules.lookahead` with the API of ``optax.lookahead``:
+    gradients are taken at ``params.fast``; ``update`` returns
+    ``LookaheadParams(fast=..., slow=...)`` updates for
+    ``optax.apply_updates``. Every ``sync_period`` steps the slow params move
+    ``slow_step_size`` of the way to the fast ones and the fast ones restart
+    there. The state is ``polyopt.rules.LookaheadState(count, [], inner)``:
+    the slow weights live in ``params.slow``, not in the state.
+
+    Args:
+      inner: the fast optimizer, a transformation made by polyopt.optax.
+{_args_doc(hyper.LOOKAHEAD)}
+
+    Example::
+
+      opt = polyopt.optax.lookahead(polyopt.optax.adam(1e-3), sync_period=5)
+      params = optax.LookaheadParams.init_synced(params)
+      state = opt.init(params)
+      grads = jax.grad(loss)(params.fast)
+      updates, state = opt.update(grads, state, params)
+      params = optax.apply_updates(params, updates)   # evaluate with params.slow
+    """
+
+
+# --------------------------------------------------------------------------
+# SAM
+
+
+class SAMState(NamedTuple):
+    """State of :func:`sam`.
+
+    steps_since_sync: calls since the last outer update (transparent mode).
+    inner_state: the outer optimizer's state.
+    cache: the params at the start of the SAM step (transparent mode), else None.
+    """
+
+    steps_since_sync: Any
+    inner_state: Any
+    cache: Any
+
+
+_SYNC_PERIOD = hyper.Hyper("sync_period", 2, kind="int",
+                           allowed=hyper.Interval(2, math.inf),
+                           doc="calls per SAM step: sync_period - 1 ascent steps, then the update")
+_OPAQUE = hyper.Hyper("opaque_mode", False, kind="bool",
+                      doc="one update call per SAM step, with grad_fn(params, i)")
+
+
+def _where(condition, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(condition, n, o), new, old)
+
+
+_SAM_SIGNATURE = _signature(hyper.SAM, (
+    inspect.Parameter("inner", inspect.Parameter.POSITIONAL_OR_KEYWORD),))
+_SAM_SIGNATURE = _SAM_SIGNATURE.replace(parameters=[
+    *_SAM_SIGNATURE.parameters.values(),
+    *(inspect.Parameter(h.name, inspect.Parameter.KEYWORD_ONLY, default=h.default)
+      for h in (_SYNC_PERIOD, _OPAQUE))])
+
+
+def sam(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
+    arguments = _bind("sam", _SAM_SIGNATURE, args, kwargs)
+    values = _validate("sam", hyper.SAM, arguments)
+    sync_period = _SYNC_PERIOD.check(arguments["sync_period"], "sam", "optax")
+    opaque_mode = _OPAQUE.check(arguments["opaque_mode"], "sam", "optax")
+    inner = arguments["inner"]
+    if not (hasattr(inner, "init") and hasattr(inner, "update")):
+        raise TypeError(f"sam: inner must be an optax GradientTransformation, got {inner!r:.200}")
+    core = rules.sam(rules.Rule(inner.init, inner.update), **values)
+    owner = "sam"
+
+    def leaves_of(where, updates, params):
+        grads, treedef = _tree.flatten(where, updates, "updates")
+        leaves, params_treedef = _tree.flatten(where, params, "params")
+        _tree.check_like(where, grads, treedef, leaves, params_treedef, "updates", "params")
+        return grads, leaves, treedef
+
+    def init(params):
+        cache = None if opaque_mode else jax.tree.map(lambda p: jnp.array(p, copy=True), params)
+        return SAMState(jnp.zeros((), jnp.int32), inner.init(params), cache)
+
+    def check_state(where, state):
+        if not isinstance(state, SAMState):
+            raise TypeError(f"{where}: state must be a SAMState made by this transformation's "
+                            f"init, got {type(state).__name__}")
+
+    def full_step(updates, state, params, grad_fn):
+        """All of one SAM step: sync_period - 1 ascent steps, then the inner update."""
+        where = f"{owner}.update"
+        check_state(where, state)
+        grads, point, treedef = leaves_of(where, updates, params)
+        for i in range(sync_period - 1):
+            point = core.perturb(point, grads)
+            grads, _ = _tree.flatten(where, grad_fn(treedef.unflatten(point), i), "grad_fn(...)")
+        new_updates, inner_state = inner.update(treedef.unflatten(grads), state.inner_state,
+                                                params)
+        return new_updates, state._replace(inner_state=inner_state)
+
+    def update(updates, state, params=None, *, grad_fn=None, **extra_args):
+        where = f"{owner}.update"
+        if params is None:
+            raise ValueError(f"{where}: params is None, but SAM needs them: {_NO_PARAMS}")
+        if opaque_mode:
+            if grad_fn is None:
+                raise ValueError(f"{where}: opaque_mode=True needs grad_fn(params, i) -> grads "
+                                 "(or use polyopt.optax.sam_step)")
+            return full_step(updates, state, params, grad_fn)
+        check_state(where, state)
+        grads, leaves, treedef = leaves_of(where, updates, params)
+        first = state.steps_since_sync == 0
+        last = state.steps_since_sync == sync_period - 1
+        cache = _where(first, params, state.cache)
+        ascent = treedef.unflatten(core.ascent(grads, leaves))
+        inner_updates, inner_state = inner.update(updates, state.inner_state, cache)
+        # the outer step in updates form: from the perturbed params back to cache + u
+        outer = jax.tree.map(lambda c, p, u: (c - p) + u, cache, params, inner_updates)
+        return _where(last, outer, ascent), SAMState(
+            (state.steps_since_sync + 1) % sync_period,
+            _where(last, inner_state, state.inner_state), cache)
+
+    update.sam_full_step = full_step  # type: ignore[attr-defined]
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+sam.__signature__ = _SAM_SIGNATURE  # type: ignore[attr-defined]
+sam.__doc__ = f"""Sharpness-aware minimization as ``optax.contrib.sam`` does it.
+
+    :func:`polyopt.rules.sam`'s ascent (one global norm, ``rho * g / (||g||
+    + eps)``, ASAM with ``adaptive``) around any optax transformation
+    ``inner`` (the outer optimizer). In the default transparent mode each
+    SAM step is ``sync_period`` update calls: ``sync_period - 1`` calls
+    return the ascent (params move to the perturbed point; the gradient of
+    the next call is taken there), the last returns ``cache + u - params``
+    with ``u = inner.update(g, state, cache)``, so the params become
+    ``cache + u``. With ``eps=0`` this is ``optax.contrib.sam(inner,
+    chain(contrib.normalize(), sgd(rho)), sync_period)`` (whose adversarial
+    optimizer is stateless, so ``reset_state`` does not matter).
+    ``opaque_mode=True`` does the whole step in one call with
+    ``update(grads, state, params, grad_fn=grad_fn)``; :func:`sam_step`
+    builds that jitted step from a loss function.
+
+    Args:
+      inner: the outer optimizer, any optax GradientTransformation.
+{_args_doc(hyper.SAM)}
+      sync_period: calls per SAM step, an integer >= 2 (default 2; optax
+        also allows 1, which applies no ascent).
+      opaque_mode: one call per SAM step, with grad_fn (default False).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; state :class:`SAMState`.
+    """
+
+
+def sam_step(loss_fn, optimizer: optax.GradientTransformationExtraArgs, *,
+             has_aux: bool = False, donate: bool = True):
+    """One jitted SAM training step: both gradient evaluations in one compiled call.
+
+    Args:
+      loss_fn: ``loss_fn(params, *batch) -> loss`` (or ``(loss, aux)`` with
+        ``has_aux=True``).
+      optimizer: a transformation made by :func:`sam` (either mode).
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      donate: donate the params and state buffers to the step (default True:
+        the arguments are consumed; use the returned ones).
+
+    Returns:
+      ``step(params, state, *batch) -> (params, state, loss)`` (``loss`` is
+      ``(loss, aux)`` with has_aux), jitted. ``loss`` is taken at the
+      params before the step, as ``jax.value_and_grad`` gives it.
+
+    Example::
+
+      opt = polyopt.optax.sam(polyopt.optax.sgd(0.1, momentum=0.9), rho=0.05)
+      step = polyopt.optax.sam_step(loss_fn, opt)
+      state = opt.init(params)
+      for x, y in batches:
+          params, state, loss = step(params, state, x, y)
+    """
+    full_step = getattr(getattr(optimizer, "update", None), "sam_full_step", None)
+    if full_step is None:
+        raise TypeError(f"sam_step: optimizer must be made by polyopt.optax.sam, "
+                        f"got {optimizer!r:.200}")
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
+
+    def step(params, state, *batch):
+        value, grads = value_and_grad(params, *batch)
+        updates, state = full_step(grads, state, params,
+                                   lambda point, i: value_and_grad(point, *batch)[1])
+        return optax.apply_updates(params, updates), state, value
+
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())

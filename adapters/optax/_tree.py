@@ -1,0 +1,144 @@
+"""Pytrees <-> the rules' lists of arrays, and the state's layout.
+
+The core rules work on lists of arrays; their states are NamedTuples whose
+list fields hold one array per parameter (or are empty). Here params,
+updates and every such list become pytrees shaped like the params, so an
+optax user sees ``state.first_moment`` as a tree like ``params`` (as in
+optax's own ``ScaleByAdamState.mu``), and a state that belongs to other
+params is refused with the path of what differs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Tree = Any
+
+
+def _paths(treedef, what: str) -> list[str]:
+    """``what`` + the key path of every leaf of ``treedef``."""
+    dummy = treedef.unflatten([0] * treedef.num_leaves)
+    return [what + jax.tree_util.keystr(path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(dummy)[0]]
+
+
+def flatten(owner: str, tree: Tree, what: str) -> tuple[list, Any]:
+    """The leaves of ``tree`` as jax arrays of a real floating dtype, and its treedef."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    out = []
+    for i, leaf in enumerate(leaves):
+        try:
+            array = jnp.asarray(leaf)
+        except TypeError:
+            raise TypeError(f"{owner}: {_paths(treedef, what)[i]} must be an array, "
+                            f"got {type(leaf).__name__}") from None
+        if not jnp.issubdtype(array.dtype, jnp.floating):
+            raise TypeError(f"{owner}: {_paths(treedef, what)[i]} must have a real floating "
+                            f"dtype, got {array.dtype}")
+        out.append(array)
+    return out, treedef
+
+
+def describe_difference(treedef, expected, what: str, expected_what: str) -> str:
+    """What differs between two tree structures, by leaf path."""
+    got, want = _paths(treedef, ""), _paths(expected, "")
+    missing = [p for p in want if p not in got]
+    extra = [p for p in got if p not in want]
+    parts = []
+    if missing:
+        parts.append(f"{what} lacks {', '.join(missing[:5])}"
+                     + (" ..." if len(missing) > 5 else ""))
+    if extra:
+        parts.append(f"{what} has {', '.join(extra[:5])} not in {expected_what}"
+                     + (" ..." if len(extra) > 5 else ""))
+    if not parts:  # same paths, other containers (e.g. a tuple for a list)
+        parts.append(f"{what} is {treedef}, {expected_what} is {expected}")
+    return f"{what} has {treedef.num_leaves} leaves, {expected_what} {expected.num_leaves}: " + (
+        "; ".join(parts))
+
+
+def check_like(owner: str, leaves: list, treedef, ref_leaves: list, ref_treedef,
+               what: str, ref_what: str) -> None:
+    """Same structure, shapes and dtypes as the reference tree, or a ValueError naming it."""
+    if treedef != ref_treedef:
+        raise ValueError(f"{owner}: {what} and {ref_what} differ: "
+                         + describe_difference(treedef, ref_treedef, what, ref_what))
+    paths = None
+    for i, (a, r) in enumerate(zip(leaves, ref_leaves)):
+        if a.shape != r.shape or a.dtype != r.dtype:
+            paths = paths or _paths(ref_treedef, "")
+            raise ValueError(
+                f"{owner}: {what}{paths[i]} has shape {a.shape} and dtype {a.dtype}, "
+                f"{ref_what}{paths[i]} has shape {r.shape} and dtype {r.dtype}")
+
+
+# --------------------------------------------------------------------------
+# state layout
+
+
+def _is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def to_tree(state: Any, treedef, slot: Any = None) -> Any:
+    """A core state with every per-parameter list made a tree shaped like the params
+    (or, if given, replaced by ``slot``)."""
+    if _is_namedtuple(state):
+        return type(state)(*(to_tree(s, treedef, slot) for s in state))
+    if isinstance(state, tuple):
+        return tuple(to_tree(s, treedef, slot) for s in state)
+    if isinstance(state, list):
+        if not state:
+            return []
+        return treedef.unflatten(state) if slot is None else slot
+    return state
+
+
+def layout_without_arrays(rule: Any, tree: Any) -> Any:
+    """The state ``rule.init`` would give, for a params tree without array leaves
+    (an empty tree, or optax.tree_utils.tree_map_params's placeholder): ``tree``
+    in every per-parameter slot, so that tree_map_params finds the slots."""
+    return to_tree(rule.init([jnp.zeros((), jnp.float32)]), None, slot=tree)
+
+
+def to_core(owner: str, state: Any, template: Any, treedef, path: str = "state") -> Any:
+    """The core state from ``to_tree``'s layout, checked against ``template``
+    (``jax.eval_shape`` of the rule's init on these params)."""
+
+    def fail(message: str) -> ValueError:
+        return ValueError(f"{owner}: {path} {message}; was the state made by this "
+                          "transformation's init, for these params?")
+
+    if _is_namedtuple(template):
+        if type(state) is not type(template):
+            raise fail(f"is a {type(state).__name__}, expected a {type(template).__name__}")
+        return type(template)(*(to_core(owner, s, t, treedef, f"{path}.{name}")
+                                for s, t, name in zip(state, template, template._fields)))
+    if isinstance(template, tuple):
+        if not isinstance(state, tuple) or len(state) != len(template):
+            raise fail(f"must be a tuple of {len(template)} states, got {type(state).__name__}"
+                       f"{' of length ' + str(len(state)) if isinstance(state, tuple) else ''}")
+        return tuple(to_core(owner, s, t, treedef, f"{path}[{i}]")
+                     for i, (s, t) in enumerate(zip(state, template)))
+    if isinstance(template, list):
+        if not template:
+            if not isinstance(state, (list, tuple)) or len(state):
+                raise fail("must be empty (this option keeps no such slot)")
+            return []
+        leaves, got = jax.tree_util.tree_flatten(state)
+        if got != treedef:
+            raise ValueError(f"{owner}: {path} does not match the params: "
+                             + describe_difference(got, treedef, path, "params"))
+        for leaf, want, where in zip(leaves, template, _paths(treedef, path)):
+            if getattr(leaf, "shape", None) != want.shape or leaf.dtype != want.dtype:
+                raise ValueError(
+                    f"{owner}: {where} has shape {getattr(leaf, 'shape', None)} and dtype "
+                    f"{getattr(leaf, 'dtype', None)}, the params need {want.shape} "
+                    f"and {want.dtype}")
+        return leaves
+    if getattr(state, "shape", None) != template.shape:
+        raise fail(f"has shape {getattr(state, 'shape', None)}, expected {template.shape}")
+    return state
