@@ -547,7 +547,7 @@ def _arguments_doc(cls) -> str:
         lines.append(f"      {arg.name}={arg.default!r}: {docs}")
     lines.append("      compiled=False: run each group's update as one torch.compile graph")
     differs = torch_differences(cls)
-    if differs:
+    if differs and differs[1]:
         lines += ["", f"    torch.optim.{differs[0]} reproduced: pass " + ", ".join(
             f"{k}={v!r}" for k, v in differs[1].items())]
     return "\n".join(lines) + "\n"
