@@ -162,17 +162,25 @@ class _Layout:
 # the step on one list of params (eager, or under torch.compile)
 
 
-def _apply(update, params: list, grads: list, state: Any) -> Any:
-    """One rule update: 16-bit params are computed in float32 and cast back."""
+def _apply(update, params: list, grads: list, state: Any, scalars_in_place: bool = True) -> Any:
+    """One rule update: 16-bit params are computed in float32 and cast back.
+
+    With ``scalars_in_place=False`` (under torch.compile) 0-d params are not
+    changed but their new values returned: ``(new_state, new_scalars)``.
+    Inductor (torch 2.13, CPU) drops in-place changes of 0-d input tensors.
+    """
     work = [p if p.dtype not in _LOW_PRECISION else p.float() for p in params]
     grads = [g if g.dtype == w.dtype else g.to(w.dtype) for g, w in zip(grads, work)]
     updates, new_state = update(grads, state, work)
+    scalars = []
     for p, w, u in zip(params, work, updates):
-        if w is p:
+        if p.ndim == 0 and not scalars_in_place:
+            scalars.append((w + u).to(p.dtype))
+        elif w is p:
             p.add_(u)
         else:
             p.copy_(w + u)
-    return new_state
+    return new_state if scalars_in_place else (new_state, scalars)
 
 
 _compiled_count = itertools.count()
@@ -189,7 +197,7 @@ def _compile(update) -> Any:
     (rule, structure) instead of sharing 8 between all of them."""
 
     def step(params, grads, state):
-        return _apply(update, params, grads, state)
+        return _apply(update, params, grads, state, scalars_in_place=False)
 
     code = step.__code__.replace(co_name=f"polyopt_step_{next(_compiled_count)}")
     fn = types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
@@ -393,7 +401,9 @@ class RuleOptimizer(torch.optim.Optimizer):
             tree = self._tree(layout, states)
             if self.compiled:
                 fn = self._compiled_step(values, ps, states)
-                new = fn(ps, gs, tree)
+                new, scalars = fn(ps, gs, tree)
+                for p, value in zip([p for p in ps if p.ndim == 0], scalars):
+                    p.copy_(value)
             else:
                 new = _apply(type(self).factory(**values).update, ps, gs, tree)
             self._write(layout, states, new)
