@@ -435,3 +435,19 @@ def test_rules_still_accept_torch_arrays_through_the_registered_namespace():
     params = [torch.ones(2, dtype=torch.float64)]
     updates, _ = rule.update([torch.ones(2, dtype=torch.float64)], rule.init(params), params)
     assert np.allclose(updates[0].numpy(), -0.5)
+
+
+def test_pickle_and_deepcopy_keep_the_optimizer_working():
+    import pickle
+
+    params = make_params()
+    opt = pt.Adam(params, lr=0.01, compiled=False)
+    set_grads(params, 0)
+    opt.step()
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone.compiled is False and len(clone.state) == 4
+        clone_params = clone.param_groups[0]["params"]
+        for p, g in zip(clone_params, GRADS[1]):
+            p.grad = torch.tensor(g)
+        clone.step()
+        assert int(clone.state[clone_params[0]]["step"]) == 2

@@ -273,6 +273,9 @@ class RuleOptimizer(torch.optim.Optimizer):
     def _reset_caches(self) -> None:
         self._layouts: dict = {}
 
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "compiled": self.compiled}
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("compiled", False)
