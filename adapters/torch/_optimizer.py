@@ -139,15 +139,16 @@ class _Layout:
     """The shape of a rule's state: which leaves are per-parameter lists, which are
     scalars (counts), and the torch state key of each."""
 
-    def __init__(self, template: Any) -> None:
+    def __init__(self, template: Any, names: dict | None = None) -> None:
         self.template = template
         self.slots: list[tuple[tuple, str]] = []  # (path, key): one tensor per param
         self.scalars: list[tuple[tuple, str, bool]] = []  # (path, key, is_count)
         used = set()
         for path, leaf in _leaves(template):
-            key = TORCH_STATE_NAMES.get(str(path[-1])) if path else None
+            dotted = ".".join(str(p) for p in path)
+            key = (names or {}).get(dotted) or TORCH_STATE_NAMES.get(str(path[-1]))
             if key is None or key in used:
-                key = ".".join(str(p) for p in path)
+                key = dotted
             used.add(key)
             if isinstance(leaf, list):
                 self.slots.append((path, key))
@@ -224,6 +225,8 @@ class RuleOptimizer(torch.optim.Optimizer):
 
     spec: Spec
     factory: Any
+    #: state path (dotted) -> state key, where TORCH_STATE_NAMES is not enough
+    state_names: dict = {}
     _args: list[_Arg] = []
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -326,7 +329,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         layout = self._layouts.get(key)
         if layout is None:
             rule = type(self).factory(**values)
-            layout = _Layout(rule.init([torch.zeros(1)]))
+            layout = _Layout(rule.init([torch.zeros(1)]), type(self).state_names)
             self._layouts[key] = layout
         return layout
 

@@ -102,11 +102,14 @@ class Ranger(RuleOptimizer):
     eps 1e-5, k=6, alpha=0.5).
 
     State: ``step`` (Lookahead's count), ``slow_buffer``, ``exp_avg``,
-    ``exp_avg_sq``, and RAdam's own count (it restarts with ``reset_state``).
+    ``exp_avg_sq``, ``radam_step`` (RAdam's count: it restarts with
+    ``reset_state``) and ``gc_step`` (gradient centralization's).
     """
 
     spec = hyper.RANGER
     factory = staticmethod(rules.ranger)
+    state_names = {"inner.inner.0.count": "gc_step", "inner.inner.1.count": "radam_step",
+                   "inner.count": "radam_step"}
 
 
 OPTIMIZERS = {cls.spec.name: cls for cls in (SGD, Adagrad, RMSprop, Adadelta, Adam, AdamW,
