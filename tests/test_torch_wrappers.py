@@ -280,3 +280,23 @@ def test_sam_errors():
     opt = pt.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
     with pytest.raises(RuntimeError, match="needs a closure"):
         opt.step()
+
+
+def test_wrappers_deepcopy_and_pickle():
+    import pickle
+
+    params = make_params()
+    opt = pt.Lookahead(pt.Adam(params, lr=0.01), k=3)
+    for t in range(4):
+        set_grads(params, t)
+        opt.step()
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert clone.k == 3 and clone.param_groups is clone.base_optimizer.param_groups
+        ps = clone.param_groups[0]["params"]
+        set_grads(ps, 4)
+        clone.step()
+        assert int(clone.state[ps[0]]["step"]) == 5
+        assert int(clone.base_optimizer.state[ps[0]]["step"]) == 5
+    model, _, _ = _problem()
+    sam = copy.deepcopy(pt.SAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1))
+    assert sam.rho == 0.3 and sam.param_groups is sam.base_optimizer.param_groups

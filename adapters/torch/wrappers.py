@@ -42,6 +42,9 @@ class _Wrapper(torch.optim.Optimizer):
         self.param_groups = base_optimizer.param_groups
         self.defaults = base_optimizer.defaults
 
+    def __getstate__(self) -> dict:  # torch's keeps only defaults, state and param_groups
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
+
     def add_param_group(self, param_group: dict) -> None:
         base = self.__dict__.get("base_optimizer")
         if base is not None and any(g is param_group for g in base.param_groups):
