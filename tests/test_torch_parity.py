@@ -240,3 +240,35 @@ def table() -> str:
 
 if __name__ == "__main__":
     print(table())
+
+
+S = T.lr_scheduler
+EVERY_SCHEDULER = {
+    "StepLR": lambda o: S.StepLR(o, step_size=7, gamma=0.5),
+    "MultiStepLR": lambda o: S.MultiStepLR(o, milestones=[10, 30], gamma=0.3),
+    "ConstantLR": lambda o: S.ConstantLR(o, factor=0.5, total_iters=20),
+    "LinearLR": lambda o: S.LinearLR(o, start_factor=0.2, total_iters=30),
+    "ExponentialLR": lambda o: S.ExponentialLR(o, gamma=0.97),
+    "PolynomialLR": lambda o: S.PolynomialLR(o, total_iters=40, power=2.0),
+    "CosineAnnealingLR": lambda o: S.CosineAnnealingLR(o, T_max=25),
+    "CosineAnnealingWarmRestarts": lambda o: S.CosineAnnealingWarmRestarts(o, T_0=10, T_mult=2),
+    "CyclicLR (cycles momentum)": lambda o: S.CyclicLR(o, base_lr=0.01, max_lr=0.1,
+                                                       step_size_up=8),
+    "OneCycleLR linear, three phases": lambda o: S.OneCycleLR(
+        o, max_lr=0.1, total_steps=STEPS + 1, anneal_strategy="linear", three_phase=True),
+    "ChainedScheduler": lambda o: S.ChainedScheduler([S.ExponentialLR(o, gamma=0.99),
+                                                      S.StepLR(o, step_size=9, gamma=0.7)]),
+    "LambdaLR": lambda o: S.LambdaLR(o, lambda t: FACTORS[t]),
+    "MultiplicativeLR": lambda o: S.MultiplicativeLR(o, lambda t: 0.98),
+}
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam"])
+@pytest.mark.parametrize("name", EVERY_SCHEDULER)
+def test_every_lr_scheduler(name, optimizer):
+    """Every torch.optim.lr_scheduler drives polyopt.torch as it drives torch.optim
+    (CyclicLR and OneCycleLR also cycle SGD's momentum and Adam's betas[0])."""
+    kw = {"lr": 0.05, "momentum": 0.9} if optimizer == "SGD" else {"lr": 0.01}
+    case = Case(name, optimizer, kw, scheduler=EVERY_SCHEDULER[name])
+    result = compare(case, "float64")
+    assert result["diff"] <= TOL["float64"] and result["moved"] > 1e-2
