@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 
 import pytest
 import torch
@@ -22,7 +21,17 @@ import torch._dynamo.utils
 import polyopt.torch as pt
 from tests.test_torch_parity import FACTORS, GRADS, PARAMS, max_rel_diff
 
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="polyopt-inductor-"))
+
+@pytest.fixture(scope="module", autouse=True)
+def inductor_cache(tmp_path_factory):
+    """Compiled kernels go to pytest's temporary directory unless a cache is set
+    (nox sets one inside .nox)."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        yield
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
+    yield
+    del os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 STEPS = 40
 # torch's own compile machinery warns about its deprecated torch.jit internals

@@ -149,7 +149,7 @@ def test_bad_arguments_are_refused_at_construction(cls, kwargs, exc, message):
 def test_bad_param_group_is_refused_and_nothing_is_added():
     params = make_params()
     opt = pt.Adam(params[:2])
-    with pytest.raises(ValueError, match=r"param group 1.*betas\[0\]=-0.5|betas\[0\]=-0.5"):
+    with pytest.raises(ValueError, match=r"betas\[0\]=-0.5 \(param group 1\)"):
         opt.add_param_group({"params": params[2:], "betas": (-0.5, 0.9)})
     assert len(opt.param_groups) == 1
     with pytest.raises(ValueError, match="some parameters appear in more than one"):

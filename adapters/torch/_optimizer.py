@@ -309,7 +309,12 @@ class RuleOptimizer(torch.optim.Optimizer):
                 raise TypeError(
                     f"{self.spec.name}: {h.spelling('torch')} must be a number or a 0-d tensor, "
                     f"got a callable; change it with a torch.optim.lr_scheduler")
-        return self.spec.validate(values, framework="torch")
+        try:
+            return self.spec.validate(values, framework="torch")
+        except (TypeError, ValueError) as e:
+            if not where:
+                raise
+            raise type(e)(f"{e} (param group{where})") from None
 
     def _structure(self, values: dict) -> tuple:
         """What the rule's shape of computation depends on: every value except the
