@@ -451,3 +451,15 @@ def test_pickle_and_deepcopy_keep_the_optimizer_working():
             p.grad = torch.tensor(g)
         clone.step()
         assert int(clone.state[clone_params[0]]["step"]) == 2
+
+
+def test_step_hooks_and_repr_are_torchs():
+    params = make_params()
+    opt = pt.Adam(params)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    set_grads(params, 0)
+    opt.step()
+    assert calls == ["pre", "post"]
+    assert "betas: (0.9, 0.999)" in repr(opt)
