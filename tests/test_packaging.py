@@ -93,8 +93,8 @@ def test_import_polyopt_imports_no_framework():
 
 
 def test_no_core_module_imports_a_framework():
-    # polyopt.__path__[0] is polyopt/ itself: in a source checkout the path also
-    # holds adapters/, whose packages import their frameworks by design
+    # polyopt.__path__[0] is the core; the adapters (appended in a source checkout) import
+    # their framework by design
     statement = (
         "import importlib, pkgutil, polyopt\n"
         "        for m in pkgutil.walk_packages(polyopt.__path__[:1], 'polyopt.'):\n"

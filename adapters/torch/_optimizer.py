@@ -1,0 +1,602 @@
+"""RuleOptimizer: a polyopt rule as a ``torch.optim.Optimizer``.
+
+The math is the rule's (``polyopt.rules``); this module only moves tensors:
+it reads a param group's hyperparameters (torch spellings, generated from the
+rule's :class:`polyopt.hyper.Spec`), rebuilds the rule's state NamedTuple from
+``self.state[p]`` (torch's names: ``step``, ``exp_avg``, ...), calls
+``rule.update`` on the list of params that have a gradient, and writes the
+results back (params in place, state entries replaced).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import itertools
+import numbers
+import re
+import types
+from collections import defaultdict
+from typing import Any
+
+import array_api_compat.torch as _xp
+import torch
+
+from polyopt import native, rules
+from polyopt.hyper import Spec
+
+# Torch tensors go straight to array_api_compat's torch namespace: the same
+# namespace array_namespace() returns, found without its introspection (which
+# costs microseconds per call and is slow to trace under torch.compile).
+rules.register_namespace(lambda a: isinstance(a, torch.Tensor), _xp)
+
+#: rule state field -> torch.optim's name for it (so state_dict() reads like torch's)
+TORCH_STATE_NAMES = {
+    "count": "step",
+    "first_moment": "exp_avg",
+    "second_moment": "exp_avg_sq",
+    "max_second_moment": "max_exp_avg_sq",
+    "momentum": "momentum_buffer",
+    "sum_of_squares": "sum",
+    "mean_square": "square_avg",
+    "mean_grad": "grad_avg",
+    "mean_square_grad": "square_avg",
+    "mean_square_delta": "acc_delta",
+    "infinity_norm": "exp_inf",
+    "momentum_product": "mu_product",
+    "slow": "slow_buffer",
+}
+
+_INDEXED = re.compile(r"(\w+)\[(\d+)\]")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math and the state use: float32 for 16-bit params."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def step_dtype() -> torch.dtype:
+    """torch.optim's dtype for ``state['step']`` (float32, float64 under a float64 default)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------
+# torch argument names from the spec
+
+
+class _Arg:
+    """One torch constructor argument: a hyperparameter, or a tuple of them (betas)."""
+
+    def __init__(self, name: str, hypers: list) -> None:
+        self.name = name
+        self.hypers = hypers  # [(index or None, Hyper)]
+
+    @property
+    def default(self) -> Any:
+        if self.hypers[0][0] is None:
+            return self.hypers[0][1].default
+        return tuple(h.default for _, h in sorted(self.hypers, key=lambda ih: ih[0]))
+
+
+def torch_args(spec: Spec) -> list[_Arg]:
+    """The spec's arguments in torch spelling, ``betas[0]``/``betas[1]`` grouped as ``betas``."""
+    args: dict[str, _Arg] = {}
+    for h in spec:
+        spelled = h.spelling("torch")
+        m = _INDEXED.fullmatch(spelled)
+        name, index = (m[1], int(m[2])) if m else (spelled, None)
+        if name in args:
+            if index is None or args[name].hypers[0][0] is None:
+                raise TypeError(f"spec {spec.name}: torch spelling {name!r} is used twice")
+            args[name].hypers.append((index, h))
+        else:
+            args[name] = _Arg(name, [(index, h)])
+    for arg in args.values():
+        if arg.hypers[0][0] is not None:
+            indices = sorted(i for i, _ in arg.hypers)
+            if indices != list(range(len(indices))):
+                raise TypeError(f"spec {spec.name}: {arg.name} has indices {indices}")
+    return list(args.values())
+
+
+def _is_zero(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return False
+    return isinstance(value, numbers.Number) and value == 0
+
+
+# --------------------------------------------------------------------------
+# state trees: a rule's state NamedTuple <-> per-parameter torch entries
+
+
+def _leaves(tree: Any, path: tuple = ()):
+    """(path, leaf) of a state: lists of per-parameter arrays and 0-d arrays."""
+    if isinstance(tree, list):
+        yield path, tree
+    elif isinstance(tree, tuple):
+        names = getattr(tree, "_fields", None) or range(len(tree))
+        for name, child in zip(names, tree):
+            yield from _leaves(child, (*path, name))
+    elif isinstance(tree, torch.Tensor):
+        yield path, tree
+    elif tree is not None:
+        raise TypeError(f"unexpected leaf in a rule state: {tree!r}")
+
+
+def _rebuild(template: Any, values: dict, path: tuple = ()) -> Any:
+    if isinstance(template, list) or isinstance(template, torch.Tensor):
+        return values[path]
+    if isinstance(template, tuple):
+        names = getattr(template, "_fields", None)
+        children = [_rebuild(c, values, (*path, n))
+                    for n, c in zip(names or range(len(template)), template)]
+        return type(template)(*children) if names else tuple(children)
+    return template
+
+
+class _Layout:
+    """The shape of a rule's state: which leaves are per-parameter lists, which are
+    scalars (counts), and the torch state key of each."""
+
+    def __init__(self, template: Any, names: dict | None = None) -> None:
+        self.template = template
+        self.slots: list[tuple[tuple, str]] = []  # (path, key): one tensor per param
+        self.scalars: list[tuple[tuple, str, bool]] = []  # (path, key, is_count)
+        used = set()
+        for path, leaf in _leaves(template):
+            dotted = ".".join(str(p) for p in path)
+            key = (names or {}).get(dotted) or TORCH_STATE_NAMES.get(str(path[-1]))
+            if key is None or key in used:
+                key = dotted
+            used.add(key)
+            if isinstance(leaf, list):
+                self.slots.append((path, key))
+            else:
+                self.scalars.append((path, key, not leaf.is_floating_point()))
+        self.keys = {key for _, key in self.slots} | {key for _, key, _ in self.scalars}
+        # slots a fresh init fills (the others start empty: momentum 0, no amsgrad)
+        self.initial = {key for path, key in self.slots if dict(_leaves(template))[path]}
+
+
+# --------------------------------------------------------------------------
+# the step on one list of params (eager, or under torch.compile)
+
+
+def _apply(update, params: list, grads: list, state: Any, scalars_in_place: bool = True) -> Any:
+    """One rule update: 16-bit params are computed in float32 and cast back.
+
+    With ``scalars_in_place=False`` (under torch.compile) 0-d params are not
+    changed but their new values returned: ``(new_state, new_scalars)``.
+    Inductor (torch 2.13, CPU) drops in-place changes of 0-d input tensors.
+    """
+    work = [p if p.dtype not in _LOW_PRECISION else p.float() for p in params]
+    grads = [g if g.dtype == w.dtype else g.to(w.dtype) for g, w in zip(grads, work)]
+    updates, new_state = update(grads, state, work)
+    scalars = []
+    for p, w, u in zip(params, work, updates):
+        if p.ndim == 0 and not scalars_in_place:
+            scalars.append((w + u).to(p.dtype))
+        elif w is p:
+            p.add_(u)
+        else:
+            p.copy_(w + u)
+    return new_state if scalars_in_place else (new_state, scalars)
+
+
+_compiled_count = itertools.count()
+
+#: (optimizer class, structure) -> (compiled step, its runtime hyperparameter
+#: tensors). Shared by all optimizers of a class: a second optimizer with the
+#: same structure (a resumed run) does not compile again.
+_COMPILED_STEPS: dict = {}
+
+
+def _compile(update) -> Any:
+    """torch.compile of one bucket's step. Each compiled step gets its own code
+    object, so that dynamo's per-code recompile limit counts one entry per
+    (rule, structure) instead of sharing 8 between all of them."""
+
+    def step(params, grads, state):
+        return _apply(update, params, grads, state, scalars_in_place=False)
+
+    code = step.__code__.replace(co_name=f"polyopt_step_{next(_compiled_count)}")
+    fn = types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+# --------------------------------------------------------------------------
+# the optimizer
+
+
+class RuleOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` running a polyopt rule.
+
+    Subclasses set ``spec`` (a :class:`polyopt.hyper.Spec`) and ``factory``
+    (the rule factory in :mod:`polyopt.rules`); the constructor's arguments
+    (torch spellings), their defaults and their checks come from the spec.
+
+    ``compiled=True`` runs each parameter group's update as one
+    ``torch.compile``-d graph (hyperparameters that schedulers change are
+    0-d tensor inputs, so a changing lr never recompiles); the default eager
+    path runs the same rule op by op. Compiling takes seconds to a minute on
+    a CPU, once per group structure and dtype.
+    """
+
+    spec: Spec
+    factory: Any
+    #: state path (dotted) -> state key, where TORCH_STATE_NAMES is not enough
+    state_names: dict = {}
+    _args: list[_Arg] = []
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "spec" not in cls.__dict__:
+            return
+        cls._args = torch_args(cls.spec)
+        names = {a.name for a in cls._args}
+        clash = names & {"params", "compiled"}
+        if clash:
+            raise TypeError(f"{cls.__name__}: spec argument(s) {sorted(clash)} clash")
+        parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+                      inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        for i, arg in enumerate(cls._args):
+            kind = (inspect.Parameter.POSITIONAL_OR_KEYWORD if i == 0 and arg.name == "lr"
+                    else inspect.Parameter.KEYWORD_ONLY)
+            parameters.append(inspect.Parameter(arg.name, kind, default=arg.default))
+        parameters.append(inspect.Parameter("compiled", inspect.Parameter.KEYWORD_ONLY,
+                                            default=False))
+        cls._signature = inspect.Signature(parameters)
+
+        def __init__(self, params, *args, **kwargs):
+            RuleOptimizer.__init__(self, params, *args, **kwargs)
+
+        __init__.__signature__ = cls._signature
+        __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+        cls.__init__ = __init__
+        cls.__doc__ = (cls.__doc__ or "") + _arguments_doc(cls)
+
+    def __init__(self, params, *args: Any, **kwargs: Any) -> None:
+        cls = type(self)
+        owner = f"polyopt.torch.{cls.__name__}"
+        try:
+            bound = cls._signature.bind(self, params, *args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{owner}: {e}") from None
+        bound.apply_defaults()
+        compiled = bound.arguments["compiled"]
+        if not isinstance(compiled, bool):
+            raise TypeError(f"{owner}: compiled must be True or False, got compiled={compiled!r}")
+        defaults = {a.name: bound.arguments[a.name] for a in cls._args}
+        self._values(defaults)  # checks every argument before anything exists
+        self.compiled = compiled
+        self._reset_caches()
+        super().__init__(params, defaults)
+
+    def _reset_caches(self) -> None:
+        self._layouts: dict = {}
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "compiled": self.compiled}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("compiled", False)
+        if "_layouts" not in self.__dict__:
+            self._reset_caches()
+
+    # -- hyperparameters ---------------------------------------------------
+
+    def _values(self, group: dict, where: str = "") -> dict:
+        """The rule's arguments (canonical names) from a group (torch names), checked."""
+        values = {}
+        for arg in self._args:
+            if arg.name not in group:
+                raise ValueError(f"{self.spec.name}: param group{where} has no {arg.name!r}")
+            value = group[arg.name]
+            if arg.hypers[0][0] is None:
+                values[arg.hypers[0][1].name] = value
+                continue
+            if (isinstance(value, (str, bytes)) or not hasattr(value, "__len__")
+                    or len(value) != len(arg.hypers)):
+                raise TypeError(
+                    f"{self.spec.name}: {arg.name} must be a tuple of {len(arg.hypers)} "
+                    f"numbers, got {arg.name}={value!r}")
+            for index, h in arg.hypers:
+                values[h.name] = value[index]
+        for h in self.spec:
+            if h.runtime and callable(values[h.name]) and not hasattr(values[h.name], "shape"):
+                raise TypeError(
+                    f"{self.spec.name}: {h.spelling('torch')} must be a number or a 0-d tensor, "
+                    f"got a callable; change it with a torch.optim.lr_scheduler")
+        try:
+            return self.spec.validate(values, framework="torch")
+        except (TypeError, ValueError) as e:
+            if not where:
+                raise
+            raise type(e)(f"{e} (param group{where})") from None
+
+    def _structure(self, values: dict) -> tuple:
+        """What the rule's shape of computation depends on: every value except the
+        runtime ones, and whether each runtime one (but lr) is zero."""
+        key = []
+        for h in self.spec:
+            v = values[h.name]
+            if h.runtime:
+                if h.name != "learning_rate":
+                    key.append((h.name, _is_zero(v)))
+            else:
+                key.append((h.name, float(v) if isinstance(v, torch.Tensor) else v))
+        return tuple(key)
+
+    def _layout(self, values: dict) -> _Layout:
+        key = self._structure(values)
+        layout = self._layouts.get(key)
+        if layout is None:
+            rule = type(self).factory(**values)
+            layout = _Layout(rule.init([torch.zeros(1)]), type(self).state_names)
+            self._layouts[key] = layout
+        return layout
+
+    # -- param groups --------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        index = len(self.param_groups)
+        params = param_group.get("params")
+        if params is None:
+            raise ValueError(f"{self.spec.name}: param group {index} has no 'params'")
+        if not isinstance(params, (torch.Tensor, set)):
+            param_group["params"] = params = list(params)
+        tensors = [params] if isinstance(params, torch.Tensor) else params
+        for j, p in enumerate(tensors):
+            p = p[1] if isinstance(p, tuple) and len(p) == 2 else p
+            if isinstance(p, torch.Tensor) and not p.is_floating_point():
+                kind = "complex" if p.is_complex() else "non-floating"
+                raise TypeError(
+                    f"{self.spec.name}: param group {index}, params[{j}] has dtype {p.dtype}: "
+                    f"{kind} parameters are not supported (real floating dtypes only)")
+        self._values({**self.defaults, **param_group}, f" {index}")
+        super().add_param_group(param_group)
+
+    # -- step ------------------------------------------------------------------
+
+    def _plan(self, index: int, group: dict):
+        values = self._values(group, f" {index}")
+        params, grads = [], []
+        for j, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(
+                    f"polyopt.torch.{type(self).__name__} does not support sparse gradients "
+                    f"(param group {index}, params[{j}])")
+            if g.shape != p.shape or g.dtype != p.dtype:
+                raise ValueError(
+                    f"{self.spec.name}: param group {index}, params[{j}] has shape "
+                    f"{tuple(p.shape)} and dtype {p.dtype} but its grad has shape "
+                    f"{tuple(g.shape)} and dtype {g.dtype}")
+            params.append(p)
+            grads.append(g)
+        return values, params, grads
+
+    def step(self, closure=None):
+        """Perform one optimization step (``closure`` re-evaluates the loss)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            # every group is checked before any is changed
+            plans = [self._plan(i, g) for i, g in enumerate(self.param_groups)]
+            for values, params, grads in plans:
+                if params:
+                    self._step_group(values, params, grads)
+        return loss
+
+    def _step_group(self, values: dict, params: list, grads: list) -> None:
+        layout = self._layout(values)
+        self._init_missing(values, layout, params)
+        buckets: dict = defaultdict(list)
+        for p, g in zip(params, grads):
+            st = self.state[p]
+            key = (tuple(float(st[k]) for _, k, _ in layout.scalars),
+                   tuple(k in st for _, k in layout.slots))
+            buckets[key].append((p, g))
+        for members in buckets.values():
+            ps = [p for p, _ in members]
+            gs = [g for _, g in members]
+            states = [self.state[p] for p in ps]
+            tree = self._tree(layout, states)
+            if self.compiled:
+                fn = self._compiled_step(values, ps, states)
+                new, scalars = fn(ps, gs, tree)
+                for p, value in zip([p for p in ps if p.ndim == 0], scalars):
+                    p.copy_(value)
+            else:
+                new = _apply(type(self).factory(**values).update, ps, gs, tree)
+            self._write(layout, states, new)
+
+    def _init_missing(self, values: dict, layout: _Layout, params: list) -> None:
+        """Lazy state initialisation, as torch.optim does at a param's first step."""
+        fresh = [p for p in params if not (layout.initial | {k for _, k, _ in layout.scalars})
+                 <= self.state[p].keys()]
+        if not fresh:
+            return
+        rule = type(self).factory(**values)
+        work = [p.detach().to(compute_dtype(p.dtype)) for p in fresh]
+        init = dict(_leaves(rule.init(work)))
+        for i, p in enumerate(fresh):
+            st = self.state[p]
+            for path, key in layout.slots:
+                if key not in st and init[path]:
+                    st[key] = init[path][i]
+            for path, key, is_count in layout.scalars:
+                if key not in st:
+                    value = init[path]
+                    st[key] = value.to(step_dtype() if is_count else value.dtype, copy=True)
+
+    def _tree(self, layout: _Layout, states: list) -> Any:
+        values = {}
+        first = states[0]
+        for path, key in layout.slots:
+            values[path] = [st[key] for st in states] if key in first else []
+        for path, key, is_count in layout.scalars:
+            value = first[key]
+            values[path] = value.to(torch.int32) if is_count else value
+        return _rebuild(layout.template, values)
+
+    def _write(self, layout: _Layout, states: list, new: Any) -> None:
+        leaves = dict(_leaves(new))
+        for path, key in layout.slots:
+            arrays = leaves[path]
+            if len(arrays) == len(states):
+                for st, a in zip(states, arrays):
+                    st[key] = a
+        for path, key, _ in layout.scalars:
+            value = leaves[path]
+            for st in states:
+                st[key].copy_(value)
+
+    def _compiled_step(self, values: dict, params: list, states: list):
+        structure = (self._structure(values),
+                     tuple((tuple(p.shape), p.dtype, p.device) for p in params),
+                     tuple(sorted(states[0].keys())))
+        structure = (type(self), *structure)
+        entry = _COMPILED_STEPS.get(structure)
+        if entry is None:
+            device = params[0].device
+            inputs = {}
+            rule_values = dict(values)
+            for h in self.spec:
+                if h.runtime and not (h.name != "learning_rate" and _is_zero(values[h.name])):
+                    inputs[h.name] = torch.zeros((), dtype=torch.float64, device=device)
+                    rule_values[h.name] = inputs[h.name]
+            rule = type(self).factory(**rule_values)
+            entry = (_compile(rule.update), inputs)
+            _COMPILED_STEPS[structure] = entry
+        fn, inputs = entry
+        for name, tensor in inputs.items():
+            tensor.fill_(values[name])
+        return fn
+
+    # -- state_dict ------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state_dict; everything is checked first, so on error nothing changes."""
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        state, groups = self._checked(state_dict)
+        self.__setstate__({"state": state, "param_groups": groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _checked(self, state_dict: dict):
+        name = f"polyopt.torch.{type(self).__name__}.load_state_dict"
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"{name}: the state_dict has no {key!r} entry")
+        saved_groups = copy.deepcopy(list(state_dict["param_groups"]))
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{name}: the state_dict has {len(saved_groups)} param groups, "
+                f"the optimizer has {len(self.param_groups)}")
+        id_map, groups, layouts = {}, [], {}
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"{name}: param group {i} has {len(saved['params'])} params in the "
+                    f"state_dict and {len(group['params'])} in the optimizer")
+            for k, v in self.defaults.items():
+                saved.setdefault(k, v)
+            try:
+                values = self._values(saved, f" {i}")
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{name}: {e}") from None
+            layout = self._layout(values)
+            for saved_id, p in zip(saved["params"], group["params"]):
+                id_map[saved_id] = p
+                layouts[saved_id] = layout
+            groups.append({**saved, "params": group["params"],
+                           **({"param_names": group["param_names"]}
+                              if "param_names" in group and "param_names" not in saved else {})})
+        state: defaultdict = defaultdict(dict)
+        for saved_id, entries in state_dict["state"].items():
+            if saved_id not in id_map:
+                raise ValueError(
+                    f"{name}: the state_dict has state for param {saved_id!r}, "
+                    f"which is in none of its param groups")
+            p, layout = id_map[saved_id], layouts[saved_id]
+            slot_keys = {k for _, k in layout.slots}
+            unknown = set(entries) - layout.keys
+            if unknown:
+                raise ValueError(
+                    f"{name}: state of param {saved_id} has unknown key(s) {sorted(unknown)}; "
+                    f"{self.spec.name} keeps {sorted(layout.keys)}")
+            converted = {}
+            for key, value in entries.items():
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(
+                        f"{name}: state of param {saved_id}: {key} must be a tensor, "
+                        f"got {type(value).__name__}")
+                want = tuple(p.shape) if key in slot_keys else ()
+                if tuple(value.shape) != want:
+                    raise ValueError(
+                        f"{name}: state of param {saved_id}: {key} has shape "
+                        f"{tuple(value.shape)}, expected {want}")
+                if key in slot_keys:
+                    dtype = compute_dtype(p.dtype)
+                elif any(k == key and c for _, k, c in layout.scalars):
+                    dtype = step_dtype()
+                else:
+                    dtype = value.dtype
+                converted[key] = value.to(dtype=dtype, device=p.device, copy=True)
+            state[p] = converted
+        return state, groups
+
+
+def _arguments_doc(cls) -> str:
+    lines = ["", "", "    Arguments (torch spelling, default; generated from the spec "
+             f"``polyopt.hyper.{cls.spec.name.upper()}``):", ""]
+    for arg in cls._args:
+        docs = "; ".join(f"{h.doc}, {h.allowed_text()}" for _, h in arg.hypers)
+        lines.append(f"      {arg.name}={arg.default!r}: {docs}")
+    lines.append("      compiled=False: run each group's update as one torch.compile graph")
+    differs = torch_differences(cls)
+    if differs and differs[1]:
+        lines += ["", f"    torch.optim.{differs[0]} reproduced: pass " + ", ".join(
+            f"{k}={v!r}" for k, v in differs[1].items())]
+    return "\n".join(lines) + "\n"
+
+
+def torch_differences(cls) -> tuple[str, dict] | None:
+    """(torch.optim name, the torch-spelled arguments whose polyopt default differs)."""
+    key = f"torch.optim.{cls.__name__}"
+    if key not in native.PRESETS or native.PRESETS[key][0] != cls.spec.name:
+        return None
+    return cls.__name__, spelled(cls, native.PRESETS[key][1])
+
+
+def spelled(cls, options: dict) -> dict:
+    """Canonical rule options -> torch constructor arguments of ``cls``."""
+    out: dict = {}
+    for arg in cls._args:
+        if arg.hypers[0][0] is None:
+            h = arg.hypers[0][1]
+            if h.name in options:
+                out[arg.name] = options[h.name]
+        elif any(h.name in options for _, h in arg.hypers):
+            out[arg.name] = tuple(options.get(h.name, h.default)
+                                  for _, h in sorted(arg.hypers, key=lambda ih: ih[0]))
+    unknown = set(options) - {h.name for a in cls._args for _, h in a.hypers}
+    if unknown:
+        raise TypeError(f"{cls.__name__}: no arguments {sorted(unknown)}")
+    return out
+
+
+__all__ = ["RuleOptimizer", "compute_dtype", "step_dtype", "torch_args", "spelled"]
