@@ -95,7 +95,7 @@ def test_import_polyopt_imports_no_framework():
 def test_no_core_module_imports_a_framework():
     statement = (
         "import importlib, pkgutil, polyopt\n"
-        "        for m in pkgutil.walk_packages(polyopt.__path__, 'polyopt.'):\n"
+        "        for m in pkgutil.walk_packages(polyopt.__path__[:1], 'polyopt.'):\n"
         "            importlib.import_module(m.name)"
     )
     assert _imported_frameworks(statement) == set()
