@@ -186,23 +186,26 @@ class RuleOptimizer(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(variables)
-        values = [np.asarray(ops.convert_to_numpy(v)) for v in variables]
-        state = self.make_rule(0.0).init(values)
+        # The layout of the state from zeros; its values lazily, when Keras calls the
+        # initializers (on TensorFlow build() may run inside a tf.function trace:
+        # the values are then computed eagerly, under tf.init_scope).
+        zeros = [np.zeros(tuple(v.shape), dtype=_numpy_dtype(v.dtype)) for v in variables]
         slots: list = []
         globals_: list = []
-        self._template = _describe(state, len(variables), "", slots, globals_, True)
+        self._template = _describe(self.make_rule(0.0).init(zeros), len(variables), "",
+                                   slots, globals_, True)
+        initial = _InitialState(self, variables)
         self._slot_variables = []
-        for name, arrays in slots:
+        for k, (name, _) in enumerate(slots):
             self._slot_variables.append([
-                self.add_variable_from_reference(v, name=name, initializer=_constant(a))
-                for v, a in zip(variables, arrays)
+                self.add_variable_from_reference(v, name=name, initializer=initial.slot(k, i))
+                for i, v in enumerate(variables)
             ])
         self._global_variables = []
-        for name, array in globals_:
-            array = np.asarray(array)
+        for j, (name, array) in enumerate(globals_):
             self._global_variables.append(self.add_variable(
-                shape=array.shape, dtype=str(array.dtype), name=name,
-                initializer=_constant(array)))
+                shape=array.shape, dtype=_numpy_dtype(array.dtype).name, name=name,
+                initializer=initial.global_(j)))
 
     def _rebuild(self, node: Any, indices: list[int], count: Any, globals_: list) -> Any:
         if isinstance(node, _Node):
@@ -362,17 +365,65 @@ def _keras_learning_rate(value: Any) -> Any:
     return value
 
 
-def _constant(array: np.ndarray):
-    def initializer(shape, dtype=None):
-        return ops.convert_to_tensor(np.asarray(array).reshape(shape), dtype=dtype)
+class _InitialState:
+    """``rule.init`` of the variables' values, computed once, eagerly, on first use."""
 
-    return initializer
+    def __init__(self, optimizer: RuleOptimizer, variables: list) -> None:
+        self.optimizer = optimizer
+        self.variables = variables
+        self.slots: list | None = None
+        self.globals: list | None = None
+
+    def _compute(self) -> None:
+        if self.slots is not None:
+            return
+        with _eager():
+            values = [np.asarray(ops.convert_to_numpy(v)) for v in self.variables]
+        state = self.optimizer.make_rule(0.0).init(values)
+        slots: list = []
+        globals_: list = []
+        _describe(state, len(values), "", slots, globals_, True)
+        self.slots = [arrays for _, arrays in slots]
+        self.globals = [array for _, array in globals_]
+
+    def slot(self, k: int, i: int):
+        def initializer(shape, dtype=None):
+            self._compute()
+            return np.asarray(self.slots[k][i]).reshape(shape)
+
+        return initializer
+
+    def global_(self, j: int):
+        def initializer(shape, dtype=None):
+            self._compute()
+            return np.asarray(self.globals[j]).reshape(shape)
+
+        return initializer
+
+
+def _eager():
+    """A context where values can be read eagerly (tf.init_scope on TensorFlow)."""
+    if _BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.init_scope()
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _numpy_dtype(dtype: Any) -> np.dtype:
+    return np.dtype(keras.backend.standardize_dtype(dtype))
 
 
 def _read(variable: Any) -> Any:
     """A variable's current value as a backend tensor."""
     if isinstance(variable, keras.Variable):
         variable = variable.value
+    if _BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.convert_to_tensor(variable)  # keras.ops returns tf.Variables as they are
     return ops.convert_to_tensor(variable)
 
 
