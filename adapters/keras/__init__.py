@@ -39,9 +39,10 @@ from polyopt.keras._optimizers import (  # noqa: E402
     Ranger,
     RMSprop,
 )
+from polyopt.keras._sam import SAMModel  # noqa: E402
 
 __all__ = [
     "BASE_OPTIONS", "PolyoptSchedule", "RuleOptimizer",
     "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "Nadam", "RAdam",
-    "Lookahead", "Ranger",
+    "Lookahead", "Ranger", "SAMModel",
 ]
