@@ -266,7 +266,7 @@ class RuleOptimizer(keras.optimizers.Optimizer):
             state = self._rebuild(self._template, ids, count, globals_)
             updates, new_state = rule.update(gs, state, params)
             for k, p, u in zip(group, params, updates):
-                self.assign(variables[k], p + u)
+                self.assign_add(variables[k], u)
             self._write(self._template, new_state, ids, write_globals=False)
             if new_globals is None:
                 new_globals = new_state
