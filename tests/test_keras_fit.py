@@ -323,3 +323,36 @@ def test_importing_the_adapter_imports_no_other_framework():
                                "PYTHONPATH": os.getcwd()}, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_embedding_gradients_are_dense():
+    """Embedding layers give TensorFlow IndexedSlices gradients; polyopt densifies them
+    (every row's moments decay), as Keras does on JAX and torch. The reference is the
+    native optimizer on the same model written as one_hot(x) @ E (dense gradients).
+    Native keras.optimizers on TensorFlow update only the rows in the IndexedSlices
+    instead, so on that backend native Keras differs from itself on the others."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 20, size=(64, 4))
+    y = rng.normal(size=(64, 1)).astype(np.float32)
+    table = rng.normal(size=(20, 3)).astype(np.float32) * 0.1
+    head = [rng.normal(size=(12, 1)).astype(np.float32) * 0.1, np.zeros(1, np.float32)]
+
+    def train(optimizer, one_hot):
+        if one_hot:
+            first = keras.layers.Dense(3, use_bias=False)
+            inputs = keras.Input((4, 20))
+            data = np.eye(20, dtype=np.float32)[x]
+        else:
+            first = keras.layers.Embedding(20, 3)
+            inputs = keras.Input((4,), dtype="int32")
+            data = x
+        model = keras.Sequential([inputs, first, keras.layers.Flatten(), keras.layers.Dense(1)])
+        model.set_weights([table, *head])
+        model.compile(optimizer=optimizer, loss="mse")
+        model.fit(data, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        return _weights(model)
+
+    ours = train(pk.Adam(**{**ADAM_KERAS, "learning_rate": 0.01}), one_hot=False)
+    dense = train(keras.optimizers.Adam(learning_rate=0.01), one_hot=True)
+    for a, b in zip(ours, dense):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

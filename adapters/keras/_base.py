@@ -265,7 +265,8 @@ class RuleOptimizer(keras.optimizers.Optimizer):
             ids = [indices[k] for k in group]
             state = self._rebuild(self._template, ids, count, globals_)
             updates, new_state = rule.update(gs, state, params)
-            for k, p, u in zip(group, params, updates):
+            for k, u in zip(group, updates):
+                # p + u, written in place: no copy of the variable read as params
                 self.assign_add(variables[k], u)
             self._write(self._template, new_state, ids, write_globals=False)
             if new_globals is None:
@@ -428,6 +429,12 @@ def _read(variable: Any) -> Any:
 
 
 def _as_dtype(gradient: Any, dtype: Any) -> Any:
+    """A dense gradient tensor of ``dtype`` (TensorFlow's IndexedSlices are densified:
+    every row's moments decay, as in keras.optimizers on dense math)."""
+    if _BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        gradient = tf.convert_to_tensor(gradient)
     gradient = ops.convert_to_tensor(gradient)
     return gradient if gradient.dtype == dtype else ops.cast(gradient, dtype)
 
