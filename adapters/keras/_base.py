@@ -3,6 +3,12 @@
 The class holds glue only. Each step it rebuilds the rule's state (a
 NamedTuple) from Keras variables, calls ``rule.update`` on the whole list of
 trainable variables at once, and assigns the new params and state back.
+One call for the whole list (rather than Keras's update_step per variable)
+computes the scalar terms (bias corrections, ...) once per dtype: faster
+eagerly, the same graph under XLA. Under a ``tf.distribute`` strategy Keras
+all-reduces the gradients and updates every replica's copy one variable at a
+time, so there the rule runs per variable (``update_step``), with the same
+numbers.
 
 Where things live:
 

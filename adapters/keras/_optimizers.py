@@ -5,18 +5,28 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-from polyopt import hyper, rules
+from polyopt import hyper, native, rules
 from polyopt.keras._base import BASE_OPTIONS, RuleOptimizer
 
 _register = keras.saving.register_keras_serializable(package="polyopt")
 
 
+def _differences(spec: hyper.Spec, keras_native: str) -> str:
+    """Where polyopt's defaults differ from the native Keras optimizer (from PRESETS)."""
+    _, options = native.PRESETS[keras_native]
+    return ", ".join(f"{spec[k].spelling('keras')}={spec[k].default!r} (Keras: {v!r})"
+                     for k, v in options.items() if spec[k].default != v)
+
+
 def _doc(summary: str, spec: hyper.Spec, keras_native: str | None, notes: str = "") -> str:
     rows = "\n".join(
         f"      {h.spelling('keras')}={h.default!r}: {h.allowed_text()}. {h.doc}" for h in spec)
-    native = (f"\n\n    Defaults are polyopt's (the same in every adapter). "
-              f"``polyopt.native.preset('{keras_native}')`` gives the options that "
-              f"reproduce ``{keras_native}``." if keras_native else "")
+    native = ""
+    if keras_native:
+        native = (f"\n\n    Defaults are polyopt's (the same in every adapter); they differ from "
+                  f"``{keras_native}`` in: {_differences(spec, keras_native) or 'nothing'}. "
+                  f"Pass those values (``polyopt.native.PRESETS['{keras_native}']``) for "
+                  f"Keras's numbers.")
     return (f"{summary}\n\n    Runs ``polyopt.rules.{spec.name}``.{native}{notes}\n\n    Args:\n"
             f"{rows}\n      clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,\n"
             f"      ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps,\n"
