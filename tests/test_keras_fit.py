@@ -359,3 +359,31 @@ def test_embedding_gradients_are_dense():
     dense = train(keras.optimizers.Adam(learning_rate=0.01), one_hot=True)
     for a, b in zip(ours, dense):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_mixed_precision_wraps_in_loss_scale_optimizer():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model, history = _fit(pk.Lookahead(pk.Nadam(learning_rate=0.01)), epochs=3)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert type(model.optimizer).__name__ == "LossScaleOptimizer"
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+if BACKEND == "tensorflow":
+
+    def test_tf_train_checkpoint_restores_the_optimizer_state(tmp_path):
+        import tensorflow as tf
+
+        model, _ = _fit(pk.Lookahead(pk.Nadam()), epochs=1)
+        path = tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(
+            str(tmp_path / "ckpt"))
+        other = _model()
+        other.compile(optimizer=pk.Lookahead(pk.Nadam()), loss="mse")
+        other.optimizer.build(other.trainable_variables)
+        tf.train.Checkpoint(model=other, optimizer=other.optimizer).read(path).assert_consumed()
+        assert len(other.optimizer.variables) == len(model.optimizer.variables) > 10
+        for a, b in zip(other.optimizer.variables, model.optimizer.variables):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
