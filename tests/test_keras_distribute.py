@@ -54,6 +54,38 @@ for name in payload:
 
 NAMES = ["Adam", "Nadam", "Lookahead", "SGD"]
 
+
+@pytest.mark.parametrize("name", NAMES)
+def test_per_variable_path_matches_whole_list(name):
+    """What tf.distribute uses on every replica (update_step once per variable, scalar
+    state written by the last call) gives the numbers of the whole-list update.
+    Runs on every backend (nox selects this module by collecting it on JAX)."""
+    from keras.src.optimizers.base_optimizer import BaseOptimizer
+
+    import polyopt.keras as pk
+
+    makers = {"Adam": lambda: pk.Adam(learning_rate=0.01),
+              "Nadam": lambda: pk.Nadam(learning_rate=0.01),
+              "Lookahead": lambda: pk.Lookahead(pk.RAdam(learning_rate=0.01), sync_period=3),
+              "SGD": lambda: pk.SGD(learning_rate=0.05, momentum=0.9, weight_decay=0.01)}
+    rng = np.random.default_rng(0)
+    shapes = [(3, 2), (2,), (2, 2)]
+    start = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    grads = [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range(8)]
+    results = []
+    for per_variable in (False, True):
+        opt = makers[name]()
+        if per_variable:  # Keras' own loop: update_step(grad, var) for each variable
+            opt._backend_update_step = lambda g, v, lr, opt=opt: \
+                BaseOptimizer._backend_update_step(opt, g, v, lr)
+        variables = [keras.Variable(a) for a in start]
+        for g in grads:
+            opt.apply_gradients(zip([keras.ops.convert_to_tensor(a) for a in g], variables))
+        results.append([keras.ops.convert_to_numpy(v) for v in variables])
+    for a, b, s in zip(*results, start):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+        assert np.max(np.abs(a - s)) > 1e-3
+
 if keras.backend.backend() == "tensorflow":
 
     @pytest.fixture(scope="module")
