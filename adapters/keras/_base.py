@@ -1,0 +1,452 @@
+"""RuleOptimizer: a keras.optimizers.Optimizer that runs a polyopt rule.
+
+The class holds glue only. Each step it rebuilds the rule's state (a
+NamedTuple) from Keras variables, calls ``rule.update`` on the whole list of
+trainable variables at once, and assigns the new params and state back.
+One call for the whole list (rather than Keras's update_step per variable)
+computes the scalar terms (bias corrections, ...) once per dtype: faster
+eagerly, the same graph under XLA. Under a ``tf.distribute`` strategy Keras
+all-reduces the gradients and updates every replica's copy one variable at a
+time, so there the rule runs per variable (``update_step``), with the same
+numbers.
+
+Where things live:
+
+- per-parameter state (moments, momentum buffers, slow weights): one Keras
+  variable per trainable variable and slot, made in ``build()`` from
+  ``rule.init`` (so ``model.save``/``load_model`` and checkpoints keep it);
+- the rule's top-level step count: Keras' own ``optimizer.iterations``
+  (divided by ``gradient_accumulation_steps`` as Keras does), so that a
+  ``LearningRateSchedule`` and the rule see the same step;
+- other scalar state (NAdam's momentum product, the counts of wrapped rules):
+  scalar Keras variables;
+- the learning rate: Keras' own machinery (a variable, a
+  ``LearningRateSchedule``, a callable, or a ``polyopt.schedules`` schedule,
+  wrapped in :class:`PolyoptSchedule`), passed to the rule as a 0-d tensor
+  every step, never baked in as a constant;
+- every other hyperparameter: a Python number, exact in float64 (the rule
+  combines it with the tensors in their dtype; nothing is cast through float32).
+
+Weight decay is the rule's own (``weight_decay`` and ``weight_decay_mode``
+from the spec); Keras' base-class decay is never used (it is always passed
+``weight_decay=None``). ``exclude_from_weight_decay`` still works: excluded
+variables are updated by the same rule built with ``weight_decay=0``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from polyopt import hyper, rules, schedules
+
+_BACKEND = keras.backend.backend()
+
+#: Keras base-class options accepted by every optimizer, with Keras' defaults.
+BASE_OPTIONS: dict[str, Any] = {
+    "clipnorm": None,
+    "clipvalue": None,
+    "global_clipnorm": None,
+    "use_ema": False,
+    "ema_momentum": 0.99,
+    "ema_overwrite_frequency": None,
+    "loss_scale_factor": None,
+    "gradient_accumulation_steps": None,
+    "name": None,
+}
+
+
+@keras.saving.register_keras_serializable(package="polyopt")
+class PolyoptSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """A ``polyopt.schedules`` schedule as a Keras ``LearningRateSchedule``.
+
+    Optimizers wrap a :class:`polyopt.schedules.Schedule` passed as
+    ``learning_rate`` in this class themselves. The step is converted to
+    float64 before the schedule sees it (float32 on JAX without x64).
+    """
+
+    def __init__(self, schedule: schedules.Schedule) -> None:
+        if not isinstance(schedule, schedules.Schedule):
+            raise TypeError(
+                f"PolyoptSchedule: schedule must be a polyopt.schedules.Schedule, got {schedule!r}")
+        self.schedule = schedule
+
+    def __call__(self, step):
+        return self.schedule(ops.cast(step, "float64"))
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.schedule.name, "config": dict(self.schedule.config)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> PolyoptSchedule:
+        return cls(getattr(schedules, config["name"])(**config["config"]))
+
+
+# --------------------------------------------------------------------------
+# the rule's state <-> Keras variables
+
+
+class _Slot:
+    """A list field of per-parameter arrays: slot k of the optimizer."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+class _Global:
+    """A non-list array field (a scalar such as NAdam's momentum product, or a
+    wrapped rule's count): global variable j of the optimizer."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+class _Count:
+    """The top-level step count: optimizer.iterations."""
+
+
+class _Node:
+    def __init__(self, kind: type, children: list) -> None:
+        self.kind = kind  # a NamedTuple class, tuple or list
+        self.children = children
+
+
+def _describe(state: Any, n: int, path: str, slots: list, globals_: list, top: bool) -> Any:
+    """The template of a state tree; fills ``slots`` (name, arrays) and ``globals_``."""
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        children = [
+            _describe(value, n, f"{path}{field}" if field != "inner" else f"{path}inner_",
+                      slots, globals_, top and field == "count")
+            for field, value in zip(state._fields, state)
+        ]
+        return _Node(type(state), children)
+    if isinstance(state, tuple):
+        return _Node(tuple, [_describe(v, n, f"{path}{i}_", slots, globals_, False)
+                             for i, v in enumerate(state)])
+    if isinstance(state, list):
+        if not state:
+            return []
+        if len(state) != n:
+            raise TypeError(f"{path}: a state list must hold one array per parameter")
+        slots.append((path, state))
+        return _Slot(len(slots) - 1)
+    if top:
+        return _Count()
+    globals_.append((path, state))
+    return _Global(len(globals_) - 1)
+
+
+class RuleOptimizer(keras.optimizers.Optimizer):
+    """Base class: a Keras 3 optimizer running the polyopt rule named by ``spec``.
+
+    Subclasses set ``spec`` (a :class:`polyopt.hyper.Spec`) and may override
+    :meth:`make_rule`. The constructor's arguments are generated from the
+    spec (Keras spellings, the core's defaults) plus Keras' base-class
+    options (:data:`BASE_OPTIONS`); every value is checked at construction
+    (``spec.validate(framework="keras")``).
+    """
+
+    spec: hyper.Spec
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "spec" in cls.__dict__ and "__init__" not in cls.__dict__:
+            cls.__init__ = _generated_init(cls.spec)
+
+    # ---- construction
+
+    def _setup(self, values: dict[str, Any], base: dict[str, Any],
+               learning_rate: Any = None) -> None:
+        """Validate ``values`` (canonical names) and initialise the Keras base class.
+
+        ``learning_rate`` is for specs without one (Lookahead: the inner optimizer's).
+        """
+        values = self.spec.validate(values, framework="keras")
+        learning_rate = values.pop("learning_rate", learning_rate)
+        unknown = set(base) - set(BASE_OPTIONS)
+        if unknown:
+            raise TypeError(f"{self.spec.name}: unexpected argument(s) {sorted(unknown)}")
+        base = {**BASE_OPTIONS, **base}
+        super().__init__(learning_rate=_keras_learning_rate(learning_rate), weight_decay=None,
+                         **base)
+        self._hypers = dict(values)
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """The rule's hyperparameters (canonical names) other than the learning rate."""
+        return dict(self._hypers)
+
+    def make_rule(self, learning_rate: Any, **overrides: Any) -> rules.Rule:
+        """The polyopt rule with this optimizer's hyperparameters and ``learning_rate``."""
+        return getattr(rules, self.spec.name)(learning_rate=learning_rate,
+                                              **{**self._hypers, **overrides})
+
+    # ---- state
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        # The layout of the state from zeros; its values lazily, when Keras calls the
+        # initializers (on TensorFlow build() may run inside a tf.function trace:
+        # the values are then computed eagerly, under tf.init_scope).
+        zeros = [np.zeros(tuple(v.shape), dtype=_numpy_dtype(v.dtype)) for v in variables]
+        slots: list = []
+        globals_: list = []
+        self._template = _describe(self.make_rule(0.0).init(zeros), len(variables), "",
+                                   slots, globals_, True)
+        initial = _InitialState(self, variables)
+        self._slot_variables = []
+        for k, (name, _) in enumerate(slots):
+            self._slot_variables.append([
+                self.add_variable_from_reference(v, name=name, initializer=initial.slot(k, i))
+                for i, v in enumerate(variables)
+            ])
+        self._global_variables = []
+        for j, (name, array) in enumerate(globals_):
+            self._global_variables.append(self.add_variable(
+                shape=array.shape, dtype=_numpy_dtype(array.dtype).name, name=name,
+                initializer=initial.global_(j)))
+
+    def _rebuild(self, node: Any, indices: list[int], count: Any, globals_: list) -> Any:
+        if isinstance(node, _Node):
+            values = [self._rebuild(c, indices, count, globals_) for c in node.children]
+            return node.kind(*values) if hasattr(node.kind, "_fields") else node.kind(values)
+        if isinstance(node, _Slot):
+            return [_read(self._slot_variables[node.index][i]) for i in indices]
+        if isinstance(node, _Global):
+            return globals_[node.index]
+        if isinstance(node, _Count):
+            return count
+        return []
+
+    def _write(self, node: Any, new: Any, indices: list[int], write_globals: bool) -> None:
+        if isinstance(node, _Node):
+            for child, value in zip(node.children, new):
+                self._write(child, value, indices, write_globals)
+        elif isinstance(node, _Slot):
+            for i, value in zip(indices, new):
+                self.assign(self._slot_variables[node.index][i], value)
+        elif isinstance(node, _Global) and write_globals:
+            self.assign(self._global_variables[node.index], new)
+
+    # ---- the step
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        if _BACKEND == "tensorflow":
+            import tensorflow as tf
+
+            if tf.distribute.has_strategy():
+                # tf.distribute: Keras all-reduces the gradients and calls
+                # update_step once per variable on every replica's copy.
+                return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        if _BACKEND == "torch":
+            import torch
+
+            with torch.no_grad():
+                return self._update(grads, trainable_variables, learning_rate)
+        return self._update(grads, trainable_variables, learning_rate)
+
+    def update_step(self, gradient, variable, learning_rate):
+        # One variable at a time (tf.distribute). Scalar state is written by
+        # the call for the last variable only: every earlier call reads it first.
+        last = self._get_variable_index(variable) == len(self._trainable_variables) - 1
+        self._update([gradient], [variable], learning_rate, write_globals=last)
+
+    def _update(self, grads, variables, learning_rate, write_globals: bool = True) -> None:
+        indices = [self._get_variable_index(v) for v in variables]
+        count = ops.cast(self.iterations, "int32")
+        lr = _runtime(learning_rate)
+        globals_ = [_read(v) for v in self._global_variables]
+        new_globals = None
+        for group, weight_decay in self._groups(variables):
+            rule = self.make_rule(lr, **weight_decay)
+            params = [_read(variables[k]) for k in group]
+            gs = [_as_dtype(grads[k], params[j].dtype) for j, k in enumerate(group)]
+            ids = [indices[k] for k in group]
+            state = self._rebuild(self._template, ids, count, globals_)
+            updates, new_state = rule.update(gs, state, params)
+            for k, u in zip(group, updates):
+                # p + u, written in place: no copy of the variable read as params
+                self.assign_add(variables[k], u)
+            self._write(self._template, new_state, ids, write_globals=False)
+            if new_globals is None:
+                new_globals = new_state
+        if write_globals and self._global_variables:
+            self._write(self._template, new_globals, [], write_globals=True)
+
+    def _groups(self, variables) -> list[tuple[list[int], dict]]:
+        """Positions of the variables with and without weight decay."""
+        everything = [(list(range(len(variables))), {})]
+        if hyper_is_zero(self._weight_decay()):
+            return everything
+        decayed = [self._use_weight_decay(v) for v in variables]
+        if all(decayed):
+            return everything
+        groups = [([k for k, d in enumerate(decayed) if d], {}),
+                  ([k for k, d in enumerate(decayed) if not d], {"weight_decay": 0.0})]
+        return [g for g in groups if g[0]]
+
+    def _weight_decay(self) -> Any:
+        return self._hypers.get("weight_decay", 0)
+
+    # ---- saving
+
+    def load_own_variables(self, store):
+        saved = len(store.keys())
+        if saved != len(self.variables):
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}': the saved optimizer state holds "
+                f"{saved} variables but this optimizer ({self.spec.name} with "
+                f"{self._describe_hypers()}) has {len(self.variables)}. The state was "
+                "saved by a different optimizer or with other options (e.g. momentum, "
+                "amsgrad, centered); rebuild the optimizer as it was saved, or load "
+                "the model with compile=False."
+            )
+        for i, variable in enumerate(self.variables):
+            value = store[str(i)]
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(
+                    f"{type(self).__name__} '{self.name}': saved optimizer variable {i} "
+                    f"has shape {tuple(value.shape)}, but {variable.path} has shape "
+                    f"{tuple(variable.shape)}")
+        for i, variable in enumerate(self.variables):
+            variable.assign(store[str(i)])
+
+    def _describe_hypers(self) -> str:
+        return ", ".join(f"{self.spec[k].spelling('keras')}={v!r}"
+                         for k, v in self._hypers.items())
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.pop("weight_decay", None)  # the rule's, below
+        for name, value in self._hypers.items():
+            config[self.spec[name].spelling("keras")] = value
+        return config
+
+
+def hyper_is_zero(value: Any) -> bool:
+    return isinstance(value, numbers.Number) and value == 0
+
+
+def _generated_init(spec: hyper.Spec):
+    """An __init__ whose signature is the spec's (Keras spellings) plus BASE_OPTIONS."""
+    keras_to_name = {h.spelling("keras"): h.name for h in spec}
+    parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    parameters += [
+        inspect.Parameter(h.spelling("keras"), inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                          default=h.default)
+        for h in spec
+    ]
+    parameters += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
+                   for k, v in BASE_OPTIONS.items()]
+    signature = inspect.Signature(parameters)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{type(self).__name__}: {e}; allowed arguments: "
+                            f"{list(signature.parameters)[1:]}") from None
+        arguments = dict(bound.arguments)
+        arguments.pop("self")
+        values = {keras_to_name[k]: v for k, v in arguments.items() if k in keras_to_name}
+        base = {k: v for k, v in arguments.items() if k in BASE_OPTIONS}
+        self._setup(values, base)
+
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    return __init__
+
+
+def _keras_learning_rate(value: Any) -> Any:
+    """What Keras' base class takes: a float, a LearningRateSchedule or a callable."""
+    if isinstance(value, schedules.Schedule):
+        return PolyoptSchedule(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
+class _InitialState:
+    """``rule.init`` of the variables' values, computed once, eagerly, on first use."""
+
+    def __init__(self, optimizer: RuleOptimizer, variables: list) -> None:
+        self.optimizer = optimizer
+        self.variables = variables
+        self.slots: list | None = None
+        self.globals: list | None = None
+
+    def _compute(self) -> None:
+        if self.slots is not None:
+            return
+        with _eager():
+            values = [np.asarray(ops.convert_to_numpy(v)) for v in self.variables]
+        state = self.optimizer.make_rule(0.0).init(values)
+        slots: list = []
+        globals_: list = []
+        _describe(state, len(values), "", slots, globals_, True)
+        self.slots = [arrays for _, arrays in slots]
+        self.globals = [array for _, array in globals_]
+
+    def slot(self, k: int, i: int):
+        def initializer(shape, dtype=None):
+            self._compute()
+            return np.asarray(self.slots[k][i]).reshape(shape)
+
+        return initializer
+
+    def global_(self, j: int):
+        def initializer(shape, dtype=None):
+            self._compute()
+            return np.asarray(self.globals[j]).reshape(shape)
+
+        return initializer
+
+
+def _eager():
+    """A context where values can be read eagerly (tf.init_scope on TensorFlow)."""
+    if _BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.init_scope()
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _numpy_dtype(dtype: Any) -> np.dtype:
+    return np.dtype(keras.backend.standardize_dtype(dtype))
+
+
+def _read(variable: Any) -> Any:
+    """A variable's current value as a backend tensor."""
+    if isinstance(variable, keras.Variable):
+        variable = variable.value
+    if _BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.convert_to_tensor(variable)  # keras.ops returns tf.Variables as they are
+    return ops.convert_to_tensor(variable)
+
+
+def _as_dtype(gradient: Any, dtype: Any) -> Any:
+    """A dense gradient tensor of ``dtype`` (TensorFlow's IndexedSlices are densified:
+    every row's moments decay, as in keras.optimizers on dense math)."""
+    if _BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        gradient = tf.convert_to_tensor(gradient)
+    gradient = ops.convert_to_tensor(gradient)
+    return gradient if gradient.dtype == dtype else ops.cast(gradient, dtype)
+
+
+def _runtime(value: Any) -> Any:
+    """The learning rate for the rule: a Python number as is, else a 0-d tensor."""
+    if isinstance(value, numbers.Real):
+        return value
+    return _read(value)
