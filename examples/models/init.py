@@ -2,7 +2,8 @@
 
 Every framework starts from the arrays made here, once, with numpy from a seed
 (:func:`init_params`), and converts them to its own layout; final weights are
-converted back (so checksums compare across frameworks). The neutral layout is
+converted back (polyopt.consistency.weights_checksum/weights_norms of them
+go into the run records). The neutral layout is
 Keras's and JAX's:
 
 - dense kernel ``(in, out)``; conv kernel HWIO ``(kh, kw, in, out)``;
@@ -47,7 +48,6 @@ norm gamma 1 and beta 0, moving mean 0 and variance 1.
 
 from __future__ import annotations
 
-import hashlib
 from typing import NamedTuple
 
 import numpy as np
@@ -157,22 +157,3 @@ def init_state(model: str, dtype=np.float64) -> dict[str, np.ndarray]:
     """Initial batch-norm moving statistics (mean 0, variance 1); empty for mlp and cnn."""
     return {p.name: (np.ones if p.kind == "moving_variance" else np.zeros)(p.shape, dtype)
             for p in state_layout(model)}
-
-
-def checksum(params: dict[str, np.ndarray]) -> str:
-    """sha256 of the parameters' float64 bytes in layout order (neutral layout).
-
-    Equal only for bit-identical weights; compare weights across frameworks
-    with :func:`norms` or the arrays themselves.
-    """
-    digest = hashlib.sha256()
-    for name, value in params.items():
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(value, dtype=np.float64).tobytes())
-    return digest.hexdigest()
-
-
-def norms(params: dict[str, np.ndarray]) -> dict[str, float]:
-    """The L2 norm of every parameter (float64), by name."""
-    return {name: float(np.linalg.norm(np.asarray(value, np.float64).ravel()))
-            for name, value in params.items()}
