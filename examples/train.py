@@ -190,10 +190,16 @@ def _progress(epoch: int, done: int, total: int, loss: float) -> None:
 def train(framework: str, experiment: experiments.Experiment, *, epochs: int | None = None,
           steps: int | None = None, dtype: str = "float32", seed: int = 0,
           data_dir: str | None = None, runs_dir: str | os.PathLike = "runs",
-          quiet: bool = False) -> RunRecord:
-    """Train ``experiment`` in ``framework``; write and return its run record."""
+          test_size: int | None = None, quiet: bool = False) -> RunRecord:
+    """Train ``experiment`` in ``framework``; write and return its run record.
+
+    ``test_size`` evaluates on the first ``test_size`` test images only (quick runs).
+    """
     started = time.perf_counter()
     dataset = data.load(experiment.dataset, data_dir)
+    if test_size is not None:
+        dataset = dataset._replace(test_images=dataset.test_images[:test_size],
+                                   test_labels=dataset.test_labels[:test_size])
     n = len(dataset.train_labels)
     steps_per_epoch = math.ceil(n / experiment.batch_size)
     if epochs is None:
@@ -268,7 +274,7 @@ def train(framework: str, experiment: experiments.Experiment, *, epochs: int | N
     stem = f"{experiment.name}-{dtype}-{framework}"
     np.savez(runs_dir / f"{stem}.npz", **weights)
     config = {**experiment.config(), "epochs": epochs, "steps": total_steps, "seed": seed,
-              "dtype": dtype, "framework": framework,
+              "dtype": dtype, "framework": framework, "test_size": len(dataset.test_labels),
               "restored_best_epoch": stopper.best_epoch + 1 if best_weights else None}
     versions = {**backend.versions, "polyopt": polyopt.__version__, "numpy": np.__version__,
                 "python": platform.python_version()}
@@ -296,15 +302,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", help=f"data directory (default: ${data.DATA_ENV}, then "
                         "the shipped MNIST files and ../shared/data)")
     parser.add_argument("--runs-dir", default="runs", help="where run records go (runs)")
+    parser.add_argument("--test-size", type=int, help="evaluate on the first N test images only")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    for name in ("epochs", "steps"):
+    for name in ("epochs", "steps", "test_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
         train(args.framework, experiments.get(args.experiment), epochs=args.epochs,
               steps=args.steps, dtype=args.dtype, seed=args.seed, data_dir=args.data_dir,
-              runs_dir=args.runs_dir, quiet=args.quiet)
+              runs_dir=args.runs_dir, test_size=args.test_size, quiet=args.quiet)
     except (NotImplementedError, data.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

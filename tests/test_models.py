@@ -10,6 +10,7 @@ is what makes float64 training agree step by step.
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -163,14 +164,16 @@ def _results(tmp: str) -> dict[str, tuple[dict, object]]:
         "keras-jax": lambda p: run_python(
             KERAS_OTHER, p, env={**env, "KERAS_BACKEND": "jax", "JAX_ENABLE_X64": "1"}),
     }
-    results = {}
-    for framework, run in runs.items():
+
+    def run(framework):
         out = tmp_path / f"{framework}.npz"
-        payload = {"inputs": str(inputs), "out": str(out), "models": list(init.MODELS)}
-        counts = run(payload)
+        counts = runs[framework]({"inputs": str(inputs), "out": str(out),
+                                  "models": list(init.MODELS)})
         with np.load(out) as arrays:
-            results[framework] = ({k: arrays[k] for k in arrays.files}, counts)
-    return results
+            return {k: arrays[k] for k in arrays.files}, counts
+
+    with ThreadPoolExecutor(2) as pool:  # two child processes at a time
+        return dict(zip(runs, pool.map(run, runs)))
 
 
 @pytest.fixture(scope="module")

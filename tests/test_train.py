@@ -1,0 +1,132 @@
+"""The training harness (examples.train) end to end in float64: torch and jax, each in
+its own child process, train the same experiments a few steps and their run
+records agree (polyopt.consistency); plus the framework-free pieces."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from examples import experiments, matrix, train
+from polyopt import consistency
+from tests._native import run_python
+
+ROOT = Path(__file__).resolve().parents[1]
+# (experiment, steps, batch size, test images): Lookahead syncs every 6 steps, so 7
+# steps cross a sync; the CNN runs on small batches to keep the test fast
+SMOKE = [("mnist-adam", 20, 128, 300), ("cifar-ranger", 7, 16, 100)]
+
+CHILD = """
+import dataclasses
+from examples import experiments, train
+for name, steps, batch_size, test_size in payload["runs"]:
+    experiment = dataclasses.replace(experiments.get(name), batch_size=batch_size)
+    train.train(payload["framework"], experiment, steps=steps, dtype="float64",
+                runs_dir=payload["runs_dir"], test_size=test_size, quiet=True)
+result = None
+"""
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    runs_dir = tmp_path_factory.mktemp("runs")
+    with ThreadPoolExecutor(2) as pool:  # one child process per framework, side by side
+        list(pool.map(lambda framework: run_python(
+            CHILD, {"framework": framework, "runs": SMOKE, "runs_dir": str(runs_dir)},
+            env={"PYTHONPATH": str(ROOT)}), ("torch", "jax")))
+    return runs_dir
+
+
+def test_float64_torch_and_jax_runs_agree(smoke_runs):
+    records = consistency.read_runs(smoke_runs)
+    assert sorted((r.experiment, r.framework) for r in records) == [
+        ("cifar-ranger", "jax"), ("cifar-ranger", "torch"),
+        ("mnist-adam", "jax"), ("mnist-adam", "torch")]
+    result = consistency.compare(records)
+    assert result.passed, result.table()
+    for row in result.rows:
+        # exact arithmetic in both: far inside the 1e-9 policy
+        assert row.step_loss_diff <= 1e-12 and row.weights_diff <= 1e-12, row
+    for record in records:
+        steps = {name: n for name, n, *_ in SMOKE}[record.experiment]
+        assert len(record.step_loss) == steps and record.config["steps"] == steps
+        assert len(record.epochs) == 1 and record.dtype == "float64"
+        assert record.versions[record.framework] and record.versions["polyopt"]
+        weights = record.load_weights()
+        assert consistency.weights_checksum(weights) == record.weights_checksum
+        assert record.step_loss[0] == pytest.approx(math.log(10), rel=0.1)
+        if record.experiment == "mnist-adam":  # it trains: 20 Adam steps halve the loss
+            assert max(record.step_loss[-3:]) < record.step_loss[0] / 2
+
+
+def test_tf_waits_for_the_keras_adapter(tmp_path, capsys):
+    code = train.main(["--framework", "tf", "--experiment", "mnist-adam", "--steps", "1",
+                       "--runs-dir", str(tmp_path)])
+    assert code == 2
+    assert "polyopt.keras not merged yet" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--framework", "torch", "--experiment", "nope"])
+    with pytest.raises(SystemExit):
+        train.main(["--framework", "torch", "--experiment", "mnist-adam", "--steps", "0"])
+    assert "--steps must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_experiments_registry():
+    assert list(experiments.EXPERIMENTS) == [
+        "mnist-adadelta", "mnist-adam", "cifar-ranger", "cifar-adam", "cifar-onecycle",
+        "cifar-rampup", "resnet20-sam", "resnet20-adam"]
+    assert experiments.get("mnist-adam").batch_size == 128
+    assert experiments.get("cifar-adam").batch_size == 100
+    assert experiments.base_learning_rate(experiments.get("mnist-adadelta")) == 1.0
+    ranger = experiments.build_rule(experiments.get("cifar-ranger"), 1e-3)
+    params = [np.ones(3)]
+    state = ranger.init(params)
+    assert type(state).__name__ == "LookaheadState"
+    sam = experiments.build_rule(experiments.get("resnet20-sam"), 1e-3)
+    assert hasattr(sam, "perturb")
+    with pytest.raises(ValueError, match="unknown experiment 'x'; known: mnist-adadelta"):
+        experiments.get("x")
+
+
+def test_learning_rate_policies():
+    onecycle = experiments.LearningRate(experiments.get("cifar-onecycle"), total_steps=100)
+    lrs = [onecycle.at(step, 0) for step in range(100)]
+    assert lrs[0] == pytest.approx(0.05 / 25) and max(lrs) == pytest.approx(0.05)
+    assert int(np.argmax(lrs)) == 29  # torch OneCycleLR: the peak at pct_start * total - 1
+    rampup = experiments.LearningRate(experiments.get("cifar-rampup"), total_steps=100)
+    # ramp-up 3 epochs, sustain 2, then (max - min) * 0.8^(epoch - 5) + min
+    assert [rampup.at(0, e) for e in (0, 3, 5, 6)] == pytest.approx(
+        [1e-4, 2e-3, 2e-3, 1.9e-3 * 0.8 + 1e-4])
+    plateau = experiments.LearningRate(experiments.get("resnet20-adam"), total_steps=100)
+    for loss in (1.0, 0.9, 0.95, 0.95):
+        plateau.end_epoch(loss)
+        assert plateau.at(0, 0) == 1e-3
+    plateau.end_epoch(0.95)  # third epoch without improvement: patience 3, factor 0.5
+    assert plateau.at(0, 0) == 5e-4
+
+
+def test_early_stopping():
+    stopper = experiments.EarlyStopping(patience=2)
+    outcomes = [stopper.end_epoch(e, loss) for e, loss in enumerate([1.0, 0.8, 0.9, 0.85])]
+    assert outcomes == [(True, False), (True, False), (False, False), (False, True)]
+    assert stopper.best_epoch == 1
+
+
+def test_matrix_runs():
+    quick = matrix.runs(True, list(experiments.EXPERIMENTS))
+    assert len(quick) == len(experiments.EXPERIMENTS) + len(matrix.FLOAT64_EXPERIMENTS)
+    assert ["--experiment", "resnet20-sam", "--dtype", "float32", "--steps", "6",
+            "--test-size", "500"] in quick
+    assert ["--experiment", "cifar-ranger", "--dtype", "float64", "--steps", "100",
+            "--test-size", "500"] in quick
+    full = matrix.runs(False, ["mnist-adam"])
+    assert full == [["--experiment", "mnist-adam", "--dtype", "float32"],
+                    ["--experiment", "mnist-adam", "--dtype", "float64", "--steps", "100"]]
