@@ -161,12 +161,72 @@ class JaxBackend:
         self.state = {n: self.jnp.asarray(weights[n]) for n in self.state}
 
 
-BACKENDS = {"torch": TorchBackend, "jax": JaxBackend}
+class KerasBackend:
+    """Keras 3 on TensorFlow: the model of keras_models, a tf.function train step with a
+    GradientTape and ``optimizer.apply_gradients``; the learning rate is assigned to the
+    optimizer's variable before every step (as a LearningRateScheduler would)."""
+
+    def __init__(self, experiment: experiments.Experiment, dtype: str, seed: int) -> None:
+        import keras
+        import tensorflow as tf
+
+        from examples.models import keras_models as km
+
+        if keras.backend.backend() != "tensorflow":
+            raise RuntimeError(f"--framework tf needs KERAS_BACKEND=tensorflow, got "
+                               f"{keras.backend.backend()!r}")
+        if experiment.optimizer.startswith("sam-"):
+            raise NotImplementedError("SAM in Keras needs polyopt.keras (not merged yet)")
+        self.tf, self.km, self.name = tf, km, experiment.model
+        self.optimizer = make_optimizer("tf", experiment)
+        self.model = km.build(experiment.model, seed, dtype)
+        self.params = km.parameters(self.model, self.name)
+        loss_fn = km.loss_fn(dtype)
+        self.versions = {"tensorflow": tf.__version__, "keras": keras.__version__}
+
+        @tf.function
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                logits = self.model(x, training=True)
+                loss = loss_fn(y, logits)
+            grads = tape.gradient(loss, self.params)
+            self.optimizer.apply_gradients(zip(grads, self.params))
+            correct = tf.reduce_sum(tf.cast(tf.argmax(logits, axis=1) == y, tf.int64))
+            return loss, correct
+
+        @tf.function
+        def evaluate(x, y):
+            logits = self.model(x, training=False)
+            loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+            return loss, tf.reduce_sum(tf.cast(tf.argmax(logits, axis=1) == y, tf.int64))
+
+        self._step, self._evaluate = step, evaluate
+
+    def train_step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> tuple[float, int]:
+        self.optimizer.learning_rate.assign(lr)
+        loss, correct = self._step(images, labels)
+        return float(loss), int(correct)
+
+    def evaluate(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+        loss, correct = self._evaluate(images, labels)
+        return float(loss), int(correct)
+
+    def weights(self) -> dict[str, np.ndarray]:
+        return {**self.km.to_neutral(self.model, self.name),
+                **self.km.to_neutral(self.model, self.name, state=True)}
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        params = {p.name: weights[p.name] for p in init.layout(self.name)}
+        state = {p.name: weights[p.name] for p in init.state_layout(self.name)}
+        self.km.load_neutral(self.model, self.name, params, state or None)
+
+
+BACKENDS = {"torch": TorchBackend, "tf": KerasBackend, "jax": JaxBackend}
 
 
 def make_backend(framework: str, experiment: experiments.Experiment, dtype: str, seed: int):
     if framework == "tf":
-        make_optimizer("tf", experiment)  # raises until polyopt.keras is merged
+        make_optimizer("tf", experiment)  # fails early, before TensorFlow is imported
     if framework not in BACKENDS:
         raise ValueError(f"unknown framework {framework!r}; known: {', '.join(FRAMEWORKS)}")
     return BACKENDS[framework](experiment, dtype, seed)
