@@ -65,7 +65,8 @@ def _torch_optimizer(experiment: Experiment, params: Any) -> Any:
         @torch.no_grad()
         def first_step(self) -> None:
             params = self._params()
-            perturbed = self._rule().perturb(params, [p.grad for p in params])
+            perturbed = self._rule().perturb([p.detach() for p in params],
+                                             [p.grad for p in params])
             self._origin = [p.clone() for p in params]
             for p, q in zip(params, perturbed):
                 p.copy_(q)
@@ -78,10 +79,11 @@ def _torch_optimizer(experiment: Experiment, params: Any) -> Any:
                     p.copy_(origin)
                 self._origin = None
             rule = self._rule()
+            values = [p.detach() for p in params]  # plain tensors: the state needs no grad
             if self.rule_state is None:
-                self.rule_state = rule.init(params)
+                self.rule_state = rule.init(values)
             updates, self.rule_state = rule.update([p.grad for p in params], self.rule_state,
-                                                   params)
+                                                   values)
             for p, u in zip(params, updates):
                 p.add_(u)
 
