@@ -493,11 +493,12 @@ def plot(records: Iterable[RunRecord], out_dir: str | os.PathLike) -> list[Path]
         figure = Figure(figsize=(13, 3.8), layout="constrained")
         FigureCanvasAgg(figure)
         steps, losses, accuracy = figure.subplots(1, 3)
-        for record in sorted(group, key=_framework_order):
+        for i, record in enumerate(sorted(group, key=_framework_order)):
             label = record.framework
+            style = ("-", "--", ":", "-.")[i % 4]  # agreeing curves overlap: keep all visible
             if record.step_loss:
                 steps.plot(np.arange(1, len(record.step_loss) + 1), record.step_loss,
-                           label=label, linewidth=0.8, alpha=0.8)
+                           label=label, linewidth=1.0, linestyle=style)
             if record.epochs:
                 x = np.arange(1, len(record.epochs) + 1)
                 line, = losses.plot(x, [e["train_loss"] for e in record.epochs], marker="o",
