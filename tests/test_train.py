@@ -18,7 +18,7 @@ from tests._native import run_python
 ROOT = Path(__file__).resolve().parents[1]
 # (experiment, steps, batch size, test images): Lookahead syncs every 6 steps, so 7
 # steps cross a sync; the CNN runs on small batches to keep the test fast
-SMOKE = [("mnist-adam", 20, 128, 300), ("cifar-ranger", 7, 16, 100)]
+SMOKE = [("mnist-adam", 12, 128, 200), ("cifar-ranger", 7, 16, 100)]
 
 # Until polyopt.keras is merged, the Keras loop is checked with native Keras SGD, whose
 # plain step p - lr * g is polyopt's sgd exactly (lr a power of 2: Keras keeps its
@@ -33,11 +33,12 @@ runs = [(experiments.get(name), steps, batch_size, test_size)
         for name, steps, batch_size, test_size in payload["runs"]]
 sgd = dataclasses.replace(experiments.get("mnist-adam"), name="mnist-sgd", optimizer="sgd",
                           options={"learning_rate": payload["lr"]})
-runs.append((sgd, 12, 128, 300))
+if framework == "jax":
+    runs.append((sgd, 12, 128, 200))
 if framework == "tf":
     import keras
     train.make_optimizer = lambda *args: keras.optimizers.SGD(learning_rate=payload["lr"])
-    runs = runs[-1:]
+    runs = [(sgd, 12, 128, 200)]
 for experiment, steps, batch_size, test_size in runs:
     experiment = dataclasses.replace(experiment, batch_size=batch_size)
     train.train(framework, experiment, steps=steps, dtype="float64",
@@ -62,7 +63,7 @@ def test_float64_torch_and_jax_runs_agree(smoke_runs):
     assert sorted((r.experiment, r.framework) for r in records) == [
         ("cifar-ranger", "jax"), ("cifar-ranger", "torch"),
         ("mnist-adam", "jax"), ("mnist-adam", "torch"),
-        ("mnist-sgd", "jax"), ("mnist-sgd", "tf"), ("mnist-sgd", "torch")]
+        ("mnist-sgd", "jax"), ("mnist-sgd", "tf")]
     result = consistency.compare(records)
     assert result.passed, result.table()
     for row in result.rows:
@@ -77,8 +78,8 @@ def test_float64_torch_and_jax_runs_agree(smoke_runs):
         weights = record.load_weights()
         assert consistency.weights_checksum(weights) == record.weights_checksum
         assert record.step_loss[0] == pytest.approx(math.log(10), rel=0.1)
-        if record.experiment == "mnist-adam":  # it trains: 20 Adam steps halve the loss
-            assert max(record.step_loss[-3:]) < record.step_loss[0] / 2
+        if record.experiment == "mnist-adam":  # it trains: 12 Adam steps cut the loss by 1/3
+            assert max(record.step_loss[-3:]) < record.step_loss[0] * 2 / 3
 
 
 def test_tf_waits_for_the_keras_adapter(tmp_path, capsys):
