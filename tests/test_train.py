@@ -149,3 +149,58 @@ def test_matrix_runs():
     full = matrix.runs(False, ["mnist-adam"])
     assert full == [["--experiment", "mnist-adam", "--dtype", "float32"],
                     ["--experiment", "mnist-adam", "--dtype", "float64", "--steps", "100"]]
+
+
+class _ScriptedBackend:
+    """Stands in for a framework: scripted test losses, weights = the epochs trained."""
+
+    def __init__(self, test_losses):
+        self.test_losses, self.epoch, self.lrs, self.seen = list(test_losses), 0, [], []
+        self.restored = None
+        self.versions = {"scripted": "0"}
+        self._evaluated = 0
+
+    def train_step(self, images, labels, lr):
+        self.lrs.append(lr)
+        self.seen.append(labels.copy())
+        return 1.0 / (1 + len(self.lrs)), len(labels) // 2
+
+    def evaluate(self, images, labels):
+        loss = self.test_losses[self.epoch]
+        self._evaluated += len(labels)
+        if self._evaluated == 300:  # the whole (shortened) test set: the epoch ends
+            self.epoch, self._evaluated = self.epoch + 1, 0
+        return loss * len(labels), len(labels) // 4
+
+    def weights(self):
+        return {"w": np.array([float(self.epoch)])}
+
+    def set_weights(self, weights):
+        self.restored = weights
+        self.epoch = int(weights["w"][0])
+
+
+def test_loop_early_stopping_plateau_and_shuffling(tmp_path, monkeypatch):
+    test_losses = [1.0, 0.8, 0.9, 0.9, 0.9, 0.95, 0.9, 0.9]
+    backend = _ScriptedBackend(test_losses)
+    monkeypatch.setattr(train, "make_backend", lambda *args: backend)
+    experiment = experiments.Experiment(
+        "scripted", "mlp", "mnist", batch_size=1000, epochs=8, optimizer="adam",
+        options={"learning_rate": 0.1}, plateau={"factor": 0.5, "patience": 2},
+        early_stopping={"patience": 4, "restore_best": True})
+    record = train.train("scripted", experiment, runs_dir=tmp_path, test_size=300, quiet=True)
+    # best test loss at epoch 2; four epochs without improvement: stop after epoch 6
+    assert [e["test_loss"] for e in record.epochs] == pytest.approx(test_losses[:6])
+    assert record.config["restored_best_epoch"] == 2
+    assert backend.restored == {"w": np.array([2.0])}
+    assert record.weights_checksum == consistency.weights_checksum({"w": np.array([2.0])})
+    # plateau (Keras convention, patience 2): halved after epochs 4 and 6 -> from epoch 5 on
+    assert [e["learning_rate"] for e in record.epochs] == [0.1, 0.1, 0.1, 0.1, 0.05, 0.05]
+    assert len(record.step_loss) == 6 * 8  # 8000 images in batches of 1000
+    # numpy-driven shuffling: every epoch is a permutation, and epochs differ
+    epochs = [np.concatenate(backend.seen[i * 8:(i + 1) * 8]) for i in range(6)]
+    mnist = train.data.load_mnist()
+    for labels in epochs:
+        assert np.array_equal(np.bincount(labels), np.bincount(mnist.train_labels))
+    assert not np.array_equal(epochs[0], epochs[1])
+    assert (tmp_path / "scripted-float32-scripted.json").is_file()
