@@ -275,6 +275,17 @@ def train(framework: str, experiment: experiments.Experiment, *, epochs: int | N
     def scaled(images: np.ndarray) -> np.ndarray:
         return images.astype(dtype) / np.asarray(255, dtype)
 
+    def evaluate() -> tuple[float, float]:
+        """(mean test loss, test accuracy) of the model as it is."""
+        total = hits = 0
+        for start in range(0, len(dataset.test_labels), EVAL_BATCH):
+            part = slice(start, start + EVAL_BATCH)
+            batch_loss, batch_hits = backend.evaluate(scaled(dataset.test_images[part]),
+                                                      dataset.test_labels[part])
+            total += batch_loss
+            hits += batch_hits
+        return total / len(dataset.test_labels), hits / len(dataset.test_labels)
+
     step_loss, history, step = [], [], 0
     for epoch in range(epochs):
         order = rng.permutation(n)
@@ -296,17 +307,10 @@ def train(framework: str, experiment: experiments.Experiment, *, epochs: int | N
                 _progress(epoch + 1, start // experiment.batch_size + 1, steps_per_epoch, loss)
         if not seen:
             break
-        test_loss = test_correct = 0
-        for start in range(0, len(dataset.test_labels), EVAL_BATCH):
-            part = slice(start, start + EVAL_BATCH)
-            batch_loss, hits = backend.evaluate(scaled(dataset.test_images[part]),
-                                                dataset.test_labels[part])
-            test_loss += batch_loss
-            test_correct += hits
-        n_test = len(dataset.test_labels)
+        test_loss, test_accuracy = evaluate()
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen,
-                        "train_accuracy": correct / seen, "test_loss": test_loss / n_test,
-                        "test_accuracy": test_correct / n_test, "learning_rate": lr})
+                        "train_accuracy": correct / seen, "test_loss": test_loss,
+                        "test_accuracy": test_accuracy, "learning_rate": lr})
         if not quiet:
             h = history[-1]
             print(f"epoch {epoch + 1}/{epochs}  loss {h['train_loss']:.4f}  "
@@ -325,8 +329,15 @@ def train(framework: str, experiment: experiments.Experiment, *, epochs: int | N
                 break
         if step >= total_steps:
             break
-    if best_weights is not None:
+    final = None
+    if best_weights is not None and stopper.best_epoch + 1 != len(history):
         backend.set_weights(best_weights)
+        test_loss, test_accuracy = evaluate()
+        final = {"epoch": stopper.best_epoch + 1, "test_loss": test_loss,
+                 "test_accuracy": test_accuracy}
+        if not quiet:
+            print(f"restored the weights of epoch {final['epoch']}: test loss "
+                  f"{test_loss:.4f}, test accuracy {100 * test_accuracy:.2f}%")
     weights = backend.weights()
 
     runs_dir = Path(runs_dir)
@@ -334,19 +345,18 @@ def train(framework: str, experiment: experiments.Experiment, *, epochs: int | N
     stem = f"{experiment.name}-{dtype}-{framework}"
     np.savez(runs_dir / f"{stem}.npz", **weights)
     config = {**experiment.config(), "epochs": epochs, "steps": total_steps, "seed": seed,
-              "dtype": dtype, "framework": framework, "test_size": len(dataset.test_labels),
-              "restored_best_epoch": stopper.best_epoch + 1 if best_weights else None}
+              "dtype": dtype, "framework": framework, "test_size": len(dataset.test_labels)}
     versions = {**backend.versions, "polyopt": polyopt.__version__, "numpy": np.__version__,
                 "python": platform.python_version()}
     record = RunRecord(experiment.name, framework, dtype, config, versions, step_loss, history,
                        time.perf_counter() - started, weights_checksum(weights),
-                       weights_norms(weights), f"{stem}.npz")
+                       weights_norms(weights), f"{stem}.npz", final)
     path = record.write(runs_dir / f"{stem}.json")
     if not quiet and history:
-        final = history[-1]
         print(f"{experiment.name} [{framework}, {dtype}]: {step} steps, {len(history)} epochs, "
-              f"final test accuracy {100 * final['test_accuracy']:.2f}% "
-              f"(test loss {final['test_loss']:.4f}), {record.wall_time:.1f} s -> {path}")
+              f"final test accuracy {100 * record.final_value('test_accuracy'):.2f}% "
+              f"(test loss {record.final_value('test_loss'):.4f}), {record.wall_time:.1f} s "
+              f"-> {path}")
     return record
 
 

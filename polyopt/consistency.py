@@ -29,6 +29,10 @@ The record (``schema: "polyopt.run/1"``), one JSON object:
 ``wall_time``           seconds the run took
 ``weights_checksum``    sha256 of the final weights (:func:`weights_checksum`)
 ``weights_norms``       object: parameter name -> L2 norm of its final value
+``final``               optional object ``{"epoch", "test_loss",
+                        "test_accuracy"}``: the evaluation of the model the
+                        run returns when it is not the last epoch's (early
+                        stopping restored an earlier epoch's weights)
 ``weights_file``        optional: an ``.npz`` of the final weights, relative
                         to the record; compared exactly when every record
                         of an experiment has one
@@ -99,6 +103,7 @@ class RunRecord:
     weights_checksum: str = ""
     weights_norms: dict = dataclasses.field(default_factory=dict)
     weights_file: str | None = None
+    final: dict | None = None
     path: Path | None = dataclasses.field(default=None, compare=False)
 
     def to_dict(self) -> dict:
@@ -141,8 +146,11 @@ class RunRecord:
             raise RecordError(f"{path}: not a readable JSON run record ({error})") from error
         return cls.from_dict(data, path)
 
-    def final(self, field: str) -> float:
-        """The value of an epoch field at the last epoch (NaN without epochs)."""
+    def final_value(self, field: str) -> float:
+        """``test_loss`` or ``test_accuracy`` of the model the run returned: ``final``
+        if given, else the last epoch's (NaN without epochs)."""
+        if self.final is not None:
+            return float(self.final[field])
         return float(self.epochs[-1][field]) if self.epochs else math.nan
 
     def load_weights(self) -> dict[str, np.ndarray] | None:
@@ -212,6 +220,16 @@ def validate(data: Any, path: str | os.PathLike | None = None) -> None:
     for name in ("weights_checksum",):
         if not isinstance(data.get(name, ""), str):
             fail(f"field {name!r} must be a string, got {data[name]!r}")
+    final = data.get("final")
+    if final is not None:
+        if not isinstance(final, Mapping):
+            fail(f"field 'final' must be an object or null, got {final!r}")
+        for name in ("epoch", "test_loss", "test_accuracy"):
+            if not _is_number(final.get(name)):
+                fail(f"final.{name} must be a number, got {final.get(name)!r}")
+        if not 0 <= final["test_accuracy"] <= 1 and not math.isnan(final["test_accuracy"]):
+            fail(f"final.test_accuracy must be a fraction in [0, 1], got "
+                 f"{final['test_accuracy']!r}")
     if data.get("weights_file") is not None and not isinstance(data["weights_file"], str):
         fail(f"field 'weights_file' must be a string or null, got {data['weights_file']!r}")
     unknown = set(data) - {f.name for f in dataclasses.fields(RunRecord)} - {"schema"}
@@ -353,7 +371,7 @@ def _config_difference(records: Sequence[RunRecord], ignore: Iterable[str]) -> s
 def _agreement(records: list[RunRecord], policy: Policy) -> Agreement:
     first = records[0]
     row = Agreement(first.experiment, first.dtype, [r.framework for r in records])
-    row.test_accuracy = {r.framework: r.final("test_accuracy") for r in records if r.epochs}
+    row.test_accuracy = {r.framework: r.final_value("test_accuracy") for r in records if r.epochs}
     row.wall_time = {r.framework: r.wall_time for r in records}
     exact = first.dtype in policy.exact_dtypes
 
@@ -368,7 +386,9 @@ def _agreement(records: list[RunRecord], policy: Policy) -> Agreement:
         row.reasons.append(difference)
     lengths = {len(r.step_loss) for r in records}
     epochs = {len(r.epochs) for r in records}
-    if len(lengths) > 1 or len(epochs) > 1:
+    if exact and (len(lengths) > 1 or len(epochs) > 1):
+        # float32 runs may legitimately stop early at different epochs: their
+        # common prefix and final accuracies are compared
         row.reasons.append("runs of different length: " + ", ".join(
             f"{r.framework} {len(r.step_loss)} steps/{len(r.epochs)} epochs" for r in records))
     if min(lengths) == 0:
@@ -393,7 +413,7 @@ def _agreement(records: list[RunRecord], policy: Policy) -> Agreement:
                 if diff.max() > epoch_worst[0] or not epoch_worst[1]:
                     epoch_worst = (float(diff.max()), pair, field)
         if a.epochs and b.epochs:
-            gap = abs(a.final("test_accuracy") - b.final("test_accuracy")) * 100
+            gap = abs(a.final_value("test_accuracy") - b.final_value("test_accuracy")) * 100
             accuracy_worst = max(accuracy_worst, gap if not math.isnan(gap) else math.inf)
     if step_worst[1]:
         row.step_loss_diff = step_worst[0]

@@ -69,6 +69,8 @@ def test_record_round_trip(tmp_path):
     (lambda d: d.update(weights_norms={"w": "big"}),
      r"field 'weights_norms': 'w' must be a number"),
     (lambda d: d.update(extra=1), r"unknown field\(s\) extra"),
+    (lambda d: d.update(final={"epoch": 2, "test_loss": 0.5}),
+     r"final.test_accuracy must be a number, got None"),
 ])
 def test_invalid_records_name_file_and_field(tmp_path, change, message):
     data = _record("jax").to_dict()
@@ -150,6 +152,19 @@ def test_float32_judged_on_epochs_and_accuracy():
     (row,) = cs.compare([torch_run, drifted]).rows
     assert row.reasons == [f"epoch train loss differs by {1 - 1 / 1.2:.3g} relative (> 0.05) "
                            "(torch vs jax)"]
+
+
+def test_float32_early_stopped_runs_compare_prefix_and_returned_model():
+    long_run = _record("torch", dtype="float32", epochs=3)
+    short = _record("jax", dtype="float32", epochs=3)
+    short.epochs, short.step_loss = short.epochs[:2], short.step_loss[:100]
+    short.final = {"epoch": 2, "test_loss": 0.3, "test_accuracy": 0.78}
+    (row,) = cs.compare([long_run, short]).rows
+    assert row.passed, row.reasons
+    assert row.steps == 100 and row.test_accuracy == {"torch": 0.78, "jax": 0.78}
+    short.final["test_accuracy"] = 0.70
+    assert cs.compare([long_run, short]).rows[0].reasons == [
+        "final test accuracy differs by 8.00 points (> 1.5)"]
 
 
 def test_groups_by_experiment_and_dtype_and_refuses_what_cannot_be_compared():

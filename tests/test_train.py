@@ -173,11 +173,11 @@ class _ScriptedBackend:
         return loss * len(labels), len(labels) // 4
 
     def weights(self):
-        return {"w": np.array([float(self.epoch)])}
+        return self.restored or {"w": np.array([float(self.epoch)])}
 
     def set_weights(self, weights):
         self.restored = weights
-        self.epoch = int(weights["w"][0])
+        self.epoch = int(weights["w"][0]) - 1  # evaluate() gives that epoch's test loss
 
 
 def test_loop_early_stopping_plateau_and_shuffling(tmp_path, monkeypatch):
@@ -191,8 +191,9 @@ def test_loop_early_stopping_plateau_and_shuffling(tmp_path, monkeypatch):
     record = train.train("scripted", experiment, runs_dir=tmp_path, test_size=300, quiet=True)
     # best test loss at epoch 2; four epochs without improvement: stop after epoch 6
     assert [e["test_loss"] for e in record.epochs] == pytest.approx(test_losses[:6])
-    assert record.config["restored_best_epoch"] == 2
     assert backend.restored == {"w": np.array([2.0])}
+    assert record.final == {"epoch": 2, "test_loss": 0.8, "test_accuracy": 0.25}
+    assert record.final_value("test_loss") == 0.8
     assert record.weights_checksum == consistency.weights_checksum({"w": np.array([2.0])})
     # plateau (Keras convention, patience 2): halved after epochs 4 and 6 -> from epoch 5 on
     assert [e["learning_rate"] for e in record.epochs] == [0.1, 0.1, 0.1, 0.1, 0.05, 0.05]
