@@ -4,6 +4,8 @@
     nox -s tests -- -k adam -x   # arguments after -- go to every pytest run
     nox -s lab -- --quick        # the optimizer lab: numpy + matplotlib only, no framework
     nox -s lint                  # ruff
+    nox -s torch tf jax compare  # the cross-framework matrix, then the agreement check
+    nox -s torch jax compare -- --quick   # a few dozen steps per run (CI)
 
 Every install goes through constraints.txt, which pins the CPU build of torch
 (a plain `pip install torch` would fetch a multi-GB CUDA build).
@@ -146,3 +148,48 @@ def lint(session: nox.Session) -> None:
     """ruff (configuration in pyproject.toml)."""
     _install(session, "ruff")
     session.run("ruff", "check", *(session.posargs or ["."]), env=_base_env(session))
+
+
+# ---------------------------------------------------------------------------
+# The cross-framework matrix: one session per framework, each in its own
+# environment holding only that framework (torch and tensorflow never meet),
+# writing run records to ./runs; `compare` reads them all. Arguments after --
+# go to examples.matrix (--quick, --experiments a,b, --data-dir DIR).
+
+MATRIX_EXTRAS = {"torch": "torch", "tf": "tf", "jax": "jax"}
+RUNS_DIR = "runs"
+
+
+def _matrix(session: nox.Session, framework: str) -> None:
+    _install(session, "-e", f".[{MATRIX_EXTRAS[framework]}]")
+    env = _base_env(session)
+    if framework == "tf":
+        env["KERAS_BACKEND"] = "tensorflow"
+    session.run("python", "-m", "examples.matrix", "--framework", framework,
+                "--runs-dir", RUNS_DIR, *session.posargs, env=env)
+
+
+@nox.session(name="torch")
+def matrix_torch(session: nox.Session) -> None:
+    """The experiment set in PyTorch (run records in ./runs)."""
+    _matrix(session, "torch")
+
+
+@nox.session(name="tf")
+def matrix_tf(session: nox.Session) -> None:
+    """The experiment set in Keras 3 on TensorFlow (needs polyopt.keras)."""
+    _matrix(session, "tf")
+
+
+@nox.session(name="jax")
+def matrix_jax(session: nox.Session) -> None:
+    """The experiment set in JAX (run records in ./runs)."""
+    _matrix(session, "jax")
+
+
+@nox.session
+def compare(session: nox.Session) -> None:
+    """Agreement table and overlay plots of ./runs; fails when frameworks disagree."""
+    _install(session, "-e", ".[lab]")
+    session.run("python", "-m", "polyopt.consistency", RUNS_DIR,
+                "--markdown", f"{RUNS_DIR}/agreement.md", env=_base_env(session))
