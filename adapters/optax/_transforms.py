@@ -125,7 +125,10 @@ def _make_factory(name: str, spec: hyper.Spec, build, uses_params=_uses_params, 
 
     def factory(*args, **kwargs) -> optax.GradientTransformation:
         values = _validate(name, spec, _bind(name, signature, args, kwargs))
-        return _transformation(name, build(values), uses_params(values))
+        transformation = _transformation(name, build(values), uses_params(values))
+        transformation.init.polyopt_name = name  # type: ignore[attr-defined]
+        transformation.init.polyopt_values = values  # type: ignore[attr-defined]
+        return transformation
 
     factory.__name__ = factory.__qualname__ = name
     factory.__module__ = "polyopt.optax"
