@@ -303,3 +303,93 @@ def test_native_sgd_without_momentum_is_refused_by_momentum_sgd():
     with pytest.raises(ValueError, match="momentum_buffer"):
         opt.import_native_state(native.state_dict())
     assert _same(before, _snapshot(opt))
+
+
+# --------------------------------------------------------------------------
+# checkpoints: truncated or corrupt files
+
+
+def test_truncated_checkpoints_give_clear_errors_and_change_nothing(tmp_path):
+    data = _data()
+    model = _model(data)
+    opt = polyopt.torch.Adam(model.parameters(), lr=0.05)
+    _train(model, opt, data, 2)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    opt.export_state(tmp_path / "opt.npz", names=model)
+    _train(model, opt, data, 1)
+    before = _snapshot(opt)
+    for name in ("opt.pt", "opt.npz"):
+        raw = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut-{name}").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises((RuntimeError, EOFError), match="(?i)zip|archive|central directory"):
+        opt.load_state_dict(torch.load(tmp_path / "cut-opt.pt"))
+    with pytest.raises(StateFileError, match="not a readable polyopt state file"):
+        opt.import_state(tmp_path / "cut-opt.npz", names=model)
+    with pytest.raises(StateFileError, match="no such state file"):
+        opt.import_state(tmp_path / "missing.npz", names=model)
+    corrupt = torch.load(tmp_path / "opt.pt")
+    corrupt["state"][0]["exp_avg"] = torch.zeros(7)
+    with pytest.raises(ValueError, match="exp_avg has shape"):
+        opt.load_state_dict(corrupt)
+    del corrupt["state"][0]["exp_avg"]
+    corrupt["state"][0]["nonsense"] = torch.zeros(())
+    with pytest.raises(ValueError, match="unknown key"):
+        opt.load_state_dict(corrupt)
+    assert _same(before, _snapshot(opt))
+
+
+# --------------------------------------------------------------------------
+# non-finite gradients
+
+
+def _nan_step(model, opt, data):
+    opt.zero_grad()
+    x = torch.tensor(data["x"])
+    (model(x).sum() * torch.tensor(float("nan"))).backward()
+    opt.step()
+
+
+def test_nonfinite_gradients_propagate_by_default_as_in_torch_optim():
+    data = _data()
+    for make in (lambda ps: polyopt.torch.Adam(ps, lr=0.05),
+                 lambda ps: torch.optim.Adam(ps, lr=0.05)):
+        model = _model(data)
+        opt = make(model.parameters())
+        _nan_step(model, opt, data)
+        assert torch.isnan(model.weight).all()
+
+
+def test_skip_nonfinite_skips_counts_and_keeps_the_state_finite():
+    data = _data()
+    model, reference = _model(data), _model(data)
+    opt = polyopt.torch.SkipNonFinite(polyopt.torch.Adam(model.parameters(), lr=0.05),
+                                      max_consecutive_errors=2)
+    ref = polyopt.torch.Adam(reference.parameters(), lr=0.05)
+    _train(model, opt, data, 2)
+    _train(reference, ref, data, 2)
+    before = _snapshot(opt.base_optimizer)
+    for i in range(2):
+        _nan_step(model, opt, data)
+        assert opt.total_notfinite == i + 1 and opt.notfinite_count == i + 1
+        assert not opt.last_finite
+    assert _same(before, _snapshot(opt.base_optimizer))
+    assert torch.equal(model.weight, reference.weight)
+    saved = opt.state_dict()
+    assert int(saved["skip_nonfinite"]["total_notfinite"]) == 2
+    _train(model, opt, data, 1)  # a finite step resets the consecutive count
+    _train(reference, ref, data, 1)
+    assert opt.notfinite_count == 0 and opt.total_notfinite == 2 and opt.last_finite
+    assert torch.equal(model.weight, reference.weight)
+    opt.load_state_dict(saved)
+    assert opt.total_notfinite == 2 and opt.notfinite_count == 2
+    _nan_step(model, opt, data)  # the third in a row: applied, as optax.apply_if_finite
+    assert opt.total_notfinite == 3 and torch.isnan(model.weight).all()
+
+
+def test_skip_nonfinite_refuses_bad_arguments():
+    model = _model(_data())
+    with pytest.raises(ValueError, match="max_consecutive_errors"):
+        polyopt.torch.SkipNonFinite(polyopt.torch.Adam(model.parameters()),
+                                    max_consecutive_errors=-1)
+    with pytest.raises(TypeError, match="base_optimizer"):
+        polyopt.torch.SkipNonFinite(model.parameters())

@@ -8,6 +8,10 @@
   ``"."`` (``{"dense": {"kernel": ...}}`` -> ``"dense.kernel"``, torch's
   ``named_parameters()`` spelling), so a torch module and a JAX pytree with
   the same names and shapes exchange states.
+- :func:`save_checkpoint` / :func:`load_checkpoint`: any pytree (params,
+  optimizer state, both) as plain ``np.savez`` of its leaves plus its
+  treedef's text; loading checks it against a template (``opt.init(params)``)
+  and resumes bitwise.
 - :func:`import_native_state`: the state of a native ``optax.adam`` (its
   ``ScaleByAdamState``, also inside ``optax.chain``) as the state of
   ``polyopt.optax.adam``, to migrate mid-training.
@@ -23,9 +27,11 @@ Example (numpy doctests do not run here; see the README)::
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import IO, Any
 
 import jax
+import numpy as np
 import optax
 
 from polyopt import interop
@@ -33,7 +39,7 @@ from polyopt.interop import StateFileError
 from polyopt.optax import _tree
 
 __all__ = ["export_state", "import_state", "import_native_state", "param_names",
-           "StateFileError"]
+           "save_checkpoint", "load_checkpoint", "StateFileError"]
 
 File = str | os.PathLike | IO[bytes]
 
@@ -133,6 +139,57 @@ def import_native_state(opt: Any, native_state: Any, params: Any) -> Any:
                               first_moment=native.mu, second_moment=native.nu)
     _tree.to_core(owner, state, jax.eval_shape(rule.init, leaves), treedef, "native_state")
     return state
+
+
+_TREEDEF = "__treedef__"
+
+
+def save_checkpoint(file: File, tree: Any) -> None:
+    """Write a pytree's leaves (``np.savez``, no pickle) and its treedef's text to ``file``."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    arrays = {f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    arrays[_TREEDEF] = np.frombuffer(str(treedef).encode(), dtype=np.uint8)
+    np.savez(file, **arrays)
+
+
+def load_checkpoint(file: File, like: Any) -> Any:
+    """The pytree saved by :func:`save_checkpoint`, checked against ``like``.
+
+    ``like`` is a tree of the same structure (e.g. ``opt.init(params)``, or
+    ``(params, opt.init(params))``): the structure, every leaf's shape and
+    dtype must match; the values are the file's (bitwise).
+
+    Raises:
+      StateFileError: unreadable, truncated or corrupt file, or one that does
+        not match ``like`` (naming the leaf). Nothing is returned in part.
+    """
+    label = os.fspath(file) if isinstance(file, (str, os.PathLike)) else "<file object>"
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise StateFileError(f"{label}: not a readable checkpoint ({exc})") from exc
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    saved = arrays.pop(_TREEDEF, None)
+    if saved is None:
+        raise StateFileError(f"{label}: no {_TREEDEF} entry: not a polyopt.optax checkpoint")
+    if saved.tobytes().decode(errors="replace") != str(treedef):
+        raise StateFileError(f"{label}: the checkpoint's tree structure differs from like's: "
+                             f"{saved.tobytes().decode(errors='replace')[:300]} vs "
+                             f"{str(treedef)[:300]}")
+    if len(arrays) != len(leaves):
+        raise StateFileError(f"{label}: {len(arrays)} leaves, like has {len(leaves)}")
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(like)[0]]
+    out = []
+    for i, (leaf, path) in enumerate(zip(leaves, paths)):
+        value = arrays.get(f"leaf_{i}")
+        want = (tuple(np.shape(leaf)), np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype)))
+        if value is None or (value.shape, value.dtype) != want:
+            got = None if value is None else (value.shape, value.dtype)
+            raise StateFileError(f"{label}: leaf {path} is {got} in the checkpoint, like has "
+                                 f"{want}")
+        out.append(jax.numpy.asarray(value))
+    return treedef.unflatten(out)
 
 
 def _runtime_names() -> set[str]:
