@@ -10,7 +10,9 @@ framework), checks them at construction, and returns an
 optax or polyopt schedules as learning rate. ``lookahead`` has optax's
 ``LookaheadParams`` API; ``sam`` is ``optax.contrib.sam``'s protocol around
 any optax transformation, and ``sam_step`` makes the jitted two-gradient
-training step from a loss function.
+training step from a loss function. Non-finite gradients propagate (as in
+optax); ``apply_if_finite(transformation)`` skips and counts such steps.
+``polyopt.optax.interop`` saves and loads framework-neutral state files.
 
 Example::
 
@@ -29,6 +31,7 @@ from polyopt.optax._transforms import (
     adamax,
     adamw,
     amsgrad,
+    apply_if_finite,
     lookahead,
     nadam,
     radam,
@@ -41,5 +44,5 @@ from polyopt.optax._transforms import (
 
 __all__ = [
     "sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
-    "radam", "lookahead", "ranger", "sam", "sam_step", "SAMState",
+    "radam", "lookahead", "ranger", "sam", "sam_step", "SAMState", "apply_if_finite",
 ]

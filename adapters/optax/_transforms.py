@@ -125,7 +125,10 @@ def _make_factory(name: str, spec: hyper.Spec, build, uses_params=_uses_params, 
 
     def factory(*args, **kwargs) -> optax.GradientTransformation:
         values = _validate(name, spec, _bind(name, signature, args, kwargs))
-        return _transformation(name, build(values), uses_params(values))
+        transformation = _transformation(name, build(values), uses_params(values))
+        transformation.init.polyopt_name = name  # type: ignore[attr-defined]
+        transformation.init.polyopt_values = values  # type: ignore[attr-defined]
+        return transformation
 
     factory.__name__ = factory.__qualname__ = name
     factory.__module__ = "polyopt.optax"
@@ -442,3 +445,38 @@ def sam_step(loss_fn, optimizer: optax.GradientTransformationExtraArgs, *,
         return optax.apply_updates(params, updates), state, value
 
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+# --------------------------------------------------------------------------
+# non-finite gradients
+
+
+def apply_if_finite(inner: Any, max_consecutive_errors: float = math.inf
+                    ) -> optax.GradientTransformation:
+    """Skip (and count) steps with a NaN or inf gradient: :func:`polyopt.rules.apply_if_finite`.
+
+    optax's own policy, kept by polyopt.optax's transformations by default:
+    non-finite gradients propagate into the moments and the params.
+    ``apply_if_finite(polyopt.optax.adam(1e-3))`` returns zero updates for
+    such a step and leaves the inner state as it was (it never becomes NaN);
+    the state (``ApplyIfFiniteState``: ``count``, ``notfinite_count``,
+    ``last_finite``, ``total_notfinite``, ``inner``) counts the skips, as
+    ``optax.apply_if_finite``'s does. After more than
+    ``max_consecutive_errors`` non-finite steps in a row they are applied.
+
+    Args:
+      inner: a transformation made by a polyopt.optax factory (adam, sgd, ...).
+      max_consecutive_errors: an integer >= 0, or ``math.inf`` (default: never
+        apply a non-finite step).
+    """
+    owner = "apply_if_finite"
+    values = _validate(owner, hyper.APPLY_IF_FINITE,
+                       {"max_consecutive_errors": max_consecutive_errors})
+    inner_rule = _rule_of(owner, inner)
+    inner_name = getattr(inner.init, "polyopt_name", "rule")
+    inner_values = getattr(inner.init, "polyopt_values", {})
+    transformation = _transformation(owner, rules.apply_if_finite(inner_rule, **values),
+                                     _uses_params(inner_values))
+    transformation.init.polyopt_name = f"apply_if_finite[{inner_name}]"  # type: ignore
+    transformation.init.polyopt_values = {**inner_values, **values}  # type: ignore
+    return transformation

@@ -8,8 +8,11 @@
 Classes: SGD, Adagrad, RMSprop, Adadelta, Adam, AdamW, Adamax, NAdam, RAdam,
 Ranger (one rule each, argument names generated from ``polyopt.hyper``) and
 the wrappers Lookahead(base_optimizer, k, alpha) and SAM(params,
-base_optimizer, rho, adaptive, **base_kwargs), which take any torch
-optimizer. ``preset("torch.optim.RMSprop", params, ...)`` builds the polyopt
+base_optimizer, rho, adaptive, **base_kwargs) and
+SkipNonFinite(base_optimizer, max_consecutive_errors), which take any torch
+optimizer. Non-finite gradients: by default they propagate (NaN params), as
+in torch.optim; SkipNonFinite skips and counts such steps.
+``preset("torch.optim.RMSprop", params, ...)`` builds the polyopt
 optimizer that gives a native optimizer's numbers (``polyopt.native.PRESETS``:
 torch.optim, Keras, optax).
 """
@@ -20,6 +23,7 @@ from typing import Any
 
 from polyopt import native
 from polyopt.torch._optimizer import RuleOptimizer, spelled
+from polyopt.torch.nonfinite import SkipNonFinite
 from polyopt.torch.optimizers import (
     OPTIMIZERS,
     SGD,
@@ -36,7 +40,7 @@ from polyopt.torch.optimizers import (
 from polyopt.torch.wrappers import SAM, Lookahead
 
 __all__ = ["RuleOptimizer", "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax",
-           "NAdam", "RAdam", "Ranger", "Lookahead", "SAM", "preset"]
+           "NAdam", "RAdam", "Ranger", "Lookahead", "SAM", "SkipNonFinite", "preset"]
 
 
 def preset(name: str, params, **kwargs: Any) -> RuleOptimizer:

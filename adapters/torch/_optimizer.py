@@ -482,6 +482,23 @@ class RuleOptimizer(torch.optim.Optimizer):
             tensor.fill_(values[name])
         return fn
 
+    # -- state files and native state (polyopt.torch.interop) --------------------
+
+    def export_state(self, file, names=None) -> None:
+        """Write the state to a framework-neutral file (:mod:`polyopt.torch.interop`)."""
+        from polyopt.torch import interop
+        interop.export_state(self, file, names)
+
+    def import_state(self, file, names=None) -> dict:
+        """Load a framework-neutral state file (:mod:`polyopt.torch.interop`)."""
+        from polyopt.torch import interop
+        return interop.import_state(self, file, names)
+
+    def import_native_state(self, state_dict: dict) -> None:
+        """Load a torch.optim state_dict (:mod:`polyopt.torch.interop`)."""
+        from polyopt.torch import interop
+        interop.import_native_state(self, state_dict)
+
     # -- state_dict ------------------------------------------------------------
 
     def load_state_dict(self, state_dict: dict) -> None:
