@@ -279,13 +279,12 @@ def _scalar_partition(gm: torch.fx.GraphModule):
 
 def _compile_flat(step, example: list):
     """make_fx (fake tensors: nothing runs) of ``step``, its 0-d part split off
-    and run eagerly, the rest one torch.compile graph."""
+    (one small compiled graph), the rest one torch.compile graph."""
     gm = make_fx(step, tracing_mode="fake")(*example)
     split = split_module(gm, None, _scalar_partition(gm))
     for name, child in list(split.named_children()):
-        if name != "submod_0":
-            del split._modules[name]  # the generated code calls self.<name>(...)
-            object.__setattr__(split, name, _compile(child))
+        del split._modules[name]  # the generated code calls self.<name>(...)
+        object.__setattr__(split, name, _compile(child))
     return split
 
 
@@ -300,11 +299,20 @@ class RuleOptimizer(torch.optim.Optimizer):
     (the rule factory in :mod:`polyopt.rules`); the constructor's arguments
     (torch spellings), their defaults and their checks come from the spec.
 
-    ``compiled=True`` runs each parameter group's update as one
-    ``torch.compile``-d graph (hyperparameters that schedulers change are
-    0-d tensor inputs, so a changing lr never recompiles); the default eager
-    path runs the same rule op by op. Compiling takes seconds to a minute on
-    a CPU, once per group structure and dtype.
+    ``compiled=True`` is the fast path. For elementwise rules
+    (:meth:`elementwise`: all but Ranger with gradient centralization) and
+    groups of same-dtype, non-16-bit, non-0-d params it runs the rule ONCE on
+    flat tensors: the params' ``.data`` become views of one flat buffer (as
+    apex's/FSDP's flat parameters), the grads are gathered into one flat
+    buffer whose views become the params' ``.grad``, and each state slot is
+    one flat tensor whose views are ``self.state[p][...]`` (so ``state_dict``
+    keeps torch's per-parameter format). The traced step is split in two
+    torch.compile graphs: the 0-d part (bias corrections, counts) and one
+    elementwise kernel. Other groups run one compiled graph per bucket of
+    params. Hyperparameters that schedulers change are 0-d tensor inputs: a
+    changing lr never recompiles. Compiling takes a few seconds (flat path)
+    to a minute (per-tensor graphs) on a CPU, once per structure. The
+    default eager path runs the same rule op by op, per tensor.
     """
 
     spec: Spec
@@ -375,8 +383,7 @@ class RuleOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("compiled", False)
-        if "_layouts" not in self.__dict__:
-            self._reset_caches()
+        self._reset_caches()  # load_state_dict comes here: new state entries
 
     # -- hyperparameters ---------------------------------------------------
 
@@ -491,6 +498,14 @@ class RuleOptimizer(torch.optim.Optimizer):
 
     def _step_group(self, values: dict, params: list, grads: list) -> None:
         layout = self._layout(values)
+        if self.compiled:
+            # the steady state of the flat path: the same params as the last
+            # step, their state still the views of its flat buffers (so their
+            # counts are equal): no bucketing, no lookups per param
+            entry = self._flats.get(tuple(map(id, params)))
+            if entry is not None and self._intact(entry, layout):
+                self._step_flat(values, layout, params, grads, entry["__states__"], entry)
+                return
         self._init_missing(values, layout, params)
         buckets: dict = defaultdict(list)
         for p, g in zip(params, grads):
@@ -562,6 +577,20 @@ class RuleOptimizer(torch.optim.Optimizer):
                 and all(p.ndim > 0 and p.dtype == first.dtype and p.device == first.device
                         for p in params))
 
+    @staticmethod
+    def _intact(entry: dict, layout: _Layout) -> bool:
+        states = entry.get("__states__")
+        if states is None:
+            return False
+        keys = [k for _, k in layout.slots if k in states[0]] + [k for _, k, _ in layout.scalars]
+        if not layout.initial <= set(keys):
+            return False
+        for key in keys:
+            built = entry.get(key)
+            if built is None or any(st.get(key) is not v for st, v in zip(states, built[1])):
+                return False
+        return True
+
     def _flat_buffers(self, layout: _Layout, params: list, states: list) -> dict:
         """{state key: flat buffer} for a bucket: every per-param state entry
         (slots, and the 0-d counts) becomes a view of one flat tensor per key, so
@@ -580,6 +609,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             if built is None or any(st[key] is not v for st, v in zip(states, built[1])):
                 buffer = torch.cat([st[key].reshape(-1) for st in states])
                 self._set_views(entry, key, buffer, states, [st[key].shape for st in states])
+        entry["__states__"] = states
         return {key: entry[key][0] for key in keys}
 
     def _flat_params(self, params: list, grads: list) -> tuple:
@@ -630,8 +660,13 @@ class RuleOptimizer(torch.optim.Optimizer):
         entry[key] = (buffer, views)
 
     def _step_flat(self, values: dict, layout: _Layout, params: list, grads: list,
-                   states: list) -> None:
-        buffers = self._flat_buffers(layout, params, states)
+                   states: list, intact: dict | None = None) -> None:
+        """One compiled flat step of a bucket; ``intact``: its flat entry, already
+        checked (:meth:`_intact`)."""
+        if intact is None:
+            buffers = self._flat_buffers(layout, params, states)
+        else:
+            buffers = {k: v[0] for k, v in intact.items() if not k.startswith("__")}
         present = tuple(k for _, k in layout.slots if k in states[0])
         structure = ("flat", type(self), self._structure(values), present,
                      tuple((tuple(p.shape), p.dtype, p.device) for p in params))
@@ -773,7 +808,7 @@ def _arguments_doc(cls) -> str:
     for arg in cls._args:
         docs = "; ".join(f"{h.doc}, {h.allowed_text()}" for _, h in arg.hypers)
         lines.append(f"      {arg.name}={arg.default!r}: {docs}")
-    lines.append("      compiled=False: run each group's update as one torch.compile graph")
+    lines.append("      compiled=False: the fast path (flat buffers, torch.compile)")
     differs = torch_differences(cls)
     if differs and differs[1]:
         lines += ["", f"    torch.optim.{differs[0]} reproduced: pass " + ", ".join(
