@@ -134,3 +134,39 @@ def test_flat_path_gives_the_eager_numbers_and_keeps_torch_state(inductor_cache)
     assert all((a == b).all() for a, b in zip(resumed, fast))
     assert graphs() == compiled
     assert after_first is not None and compiled > after_first  # the later buckets compiled
+
+
+def test_flat_path_under_grad_scaler_with_grads_accumulated_in_place(inductor_cache):
+    """float32 Adam, GradScaler, zero_grad(set_to_none=False): backward
+    accumulates into the flat grad buffer's views (no gather after the first
+    step), a step with an inf is skipped, and the run is torch.optim.Adam's."""
+
+    def train(make, inject_inf):
+        params = [torch.tensor(p, dtype=torch.float32, requires_grad=True) for p in PARAMS[:3]]
+        opt = make(params)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+        pointers = set()
+        for t in range(10):
+            opt.zero_grad(set_to_none=False)
+            loss = sum((p * torch.tensor(g, dtype=torch.float32)).sum()
+                       for p, g in zip(params, GRADS[t]))
+            scaler.scale(loss).backward()
+            if t >= 2 and params[0].grad is not None:
+                pointers.add(params[0].grad.data_ptr())
+            if inject_inf and t == 4:
+                params[0].grad[0, 0] = float("inf")
+                before = [p.detach().clone() for p in params]
+            scaler.step(opt)
+            if inject_inf and t == 4:
+                assert all((a == b).all() for a, b in zip(before, params))
+            scaler.update()
+        return params, opt, scaler, pointers
+
+    ours, opt, _, pointers = train(lambda ps: pt.Adam(ps, lr=0.01, compiled=True), False)
+    assert len(pointers) == 1  # the same flat grad buffer at every step
+    theirs, _, _, _ = train(lambda ps: torch.optim.Adam(ps, lr=0.01), False)
+    assert max_rel_diff([p.detach().numpy() for p in ours],
+                        [p.detach().numpy() for p in theirs]) <= 1e-6
+    skipped, opt, scaler, _ = train(lambda ps: pt.Adam(ps, lr=0.01, compiled=True), True)
+    assert scaler.get_scale() == 512.0
+    assert int(opt.state[skipped[0]]["step"]) == 9
