@@ -15,6 +15,7 @@ import inspect
 import itertools
 import math
 import numbers
+import operator
 import re
 import types
 from collections import defaultdict
@@ -587,7 +588,8 @@ class RuleOptimizer(torch.optim.Optimizer):
             return False
         for key in keys:
             built = entry.get(key)
-            if built is None or any(st.get(key) is not v for st, v in zip(states, built[1])):
+            if built is None or not all(map(operator.is_, map(dict.get, states,
+                                                                itertools.repeat(key)), built[1])):
                 return False
         return True
 
@@ -623,16 +625,19 @@ class RuleOptimizer(torch.optim.Optimizer):
         default) cost one ``torch.cat``."""
         entry = self._flats[tuple(map(id, params))]
         built = entry.get("__params__")
-        if built is None or any(p.data_ptr() != v.data_ptr() or p.shape != v.shape
-                                for p, v in zip(params, built[2])):
+        pointers = tuple(map(torch.Tensor.data_ptr, params))
+        if built is None or pointers != built[2]:
             flat_p = torch.cat([p.detach().reshape(-1) for p in params])
             views = self._views(flat_p, params)
             for p, v in zip(params, views):
                 p.data = v
             flat_g = flat_p.new_empty(flat_p.shape)
-            built = entry["__params__"] = (flat_p, flat_g, views, self._views(flat_g, params))
-        flat_p, flat_g, _, grad_views = built
-        if any(g.data_ptr() != v.data_ptr() for g, v in zip(grads, grad_views)):
+            grad_views = self._views(flat_g, params)
+            pointer = torch.Tensor.data_ptr
+            built = entry["__params__"] = (flat_p, flat_g, tuple(map(pointer, views)),
+                                           grad_views, tuple(map(pointer, grad_views)))
+        flat_p, flat_g, _, grad_views, grad_pointers = built
+        if tuple(map(torch.Tensor.data_ptr, grads)) != grad_pointers:
             torch.cat([g.reshape(-1) for g in grads], out=flat_g)
             for p, v in zip(params, grad_views):
                 p.grad = v
