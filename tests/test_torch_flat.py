@@ -170,3 +170,29 @@ def test_flat_path_under_grad_scaler_with_grads_accumulated_in_place(inductor_ca
     skipped, opt, scaler, _ = train(lambda ps: pt.Adam(ps, lr=0.01, compiled=True), True)
     assert scaler.get_scale() == 512.0
     assert int(opt.state[skipped[0]]["step"]) == 9
+
+
+def test_flat_path_starts_momentum_buffers_when_momentum_becomes_non_zero(inductor_cache):
+    """SGD built with momentum 0 keeps no buffer; when a scheduler (here: by
+    hand) makes momentum non-zero the rule starts one, which the flat path
+    receives from the compiled step and keeps as a flat buffer (float32: the
+    eager numbers to 1e-6 relative)."""
+
+    def run(compiled):
+        params = [torch.tensor(p, dtype=torch.float32, requires_grad=True) for p in PARAMS[:3]]
+        opt = pt.SGD(params, lr=0.05, momentum=0.0, compiled=compiled)
+        for t in range(8):
+            if t == 3:
+                opt.param_groups[0]["momentum"] = 0.9
+            for p, g in zip(params, GRADS[t]):
+                p.grad = torch.tensor(g, dtype=torch.float32)
+            opt.step()
+        return params, opt
+
+    eager, _ = run(False)
+    fast, opt = run(True)
+    assert max_rel_diff([p.detach().numpy() for p in fast],
+                        [p.detach().numpy() for p in eager]) <= 1e-6
+    buffers = [opt.state[p]["momentum_buffer"] for p in fast]
+    assert [b.shape for b in buffers] == [p.shape for p in fast]
+    assert len({b.untyped_storage().data_ptr() for b in buffers}) == 1
