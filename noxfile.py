@@ -6,6 +6,8 @@
     nox -s lint                  # ruff
     nox -s torch tf jax compare  # the cross-framework matrix, then the agreement check
     nox -s torch jax compare -- --quick   # a few dozen steps per run (CI)
+    nox -s bench                 # optimizer step benchmarks, one process per framework
+    nox -s bench -- --sets resnet20-wide   # arguments after -- go to every script
 
 Every install goes through constraints.txt, which pins the CPU build of torch
 (a plain `pip install torch` would fetch a multi-GB CUDA build).
@@ -193,3 +195,45 @@ def compare(session: nox.Session) -> None:
     _install(session, "-e", ".[lab]")
     session.run("python", "-m", "polyopt.consistency", RUNS_DIR,
                 "--markdown", f"{RUNS_DIR}/agreement.md", env=_base_env(session))
+
+
+# ---------------------------------------------------------------------------
+# Benchmarks (not tests): one process per framework.
+
+#: framework -> (pyproject extra, script, extra environment). One process each
+#: (torch and tensorflow never share one). Hook for Keras: add
+#: "keras": ("tf", "benchmarks/bench_keras.py", {"KERAS_BACKEND": "tensorflow"})
+#: once that script exists (a missing script is skipped with a message).
+BENCHMARKS = {
+    "torch": ("torch", "benchmarks/bench_torch.py", {}),
+    "jax": ("jax", "benchmarks/bench_jax.py", {}),
+}
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Optimizer step time, polyopt vs native, per framework (POLYOPT_BENCH_FRAMEWORKS,
+    default all): writes benchmarks/results/<framework>.json and results.md."""
+    started = time.monotonic()
+    names = _split(os.environ.get("POLYOPT_BENCH_FRAMEWORKS", ",".join(BENCHMARKS)))
+    unknown = set(names) - set(BENCHMARKS)
+    if unknown:
+        session.error(f"unknown POLYOPT_BENCH_FRAMEWORKS {sorted(unknown)}; known: "
+                      f"{sorted(BENCHMARKS)}")
+    _install(session, "-e", f".[{','.join(sorted({BENCHMARKS[n][0] for n in names}))}]")
+    env = _base_env(session)  # KERAS_BACKEND stays explicit (jax) unless a script sets it
+    results = ROOT / "benchmarks" / "results"
+    written = []
+    for name in names:
+        _, script, extra = BENCHMARKS[name]
+        if not (ROOT / script).exists():
+            session.log(f"{name}: {script} does not exist yet, skipped")
+            continue
+        out = results / f"{name}.json"
+        session.run("python", script, "--out", str(out), *session.posargs,
+                    env={**env, **extra})
+        written.append(str(out))
+    if written:
+        session.run("python", "benchmarks/common.py", "--markdown", str(results / "results.md"),
+                    *written, env=env)
+    session.log(f"bench session done in {time.monotonic() - started:.0f} s")

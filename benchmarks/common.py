@@ -212,17 +212,34 @@ def write(results: list[Result], path: Path) -> None:
     path.write_text(json.dumps(existing, indent=1))
 
 
-def markdown(path: Path) -> str:
-    """The markdown table of every result in ``path``."""
-    results = [Result(**r) for r in json.loads(path.read_text())]
+def markdown(*paths: Path) -> str:
+    """The markdown table of every result in ``paths`` (state memory in MiB
+    where a variant records ``state_bytes``)."""
+    results = [Result(**r) for path in paths for r in json.loads(Path(path).read_text())]
     lines = ["| framework | algorithm | params | variant | ms/step (p25-p75) | first call s "
-             "| vs fastest native | vs bandwidth bound |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| vs fastest native | vs bandwidth bound | state MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for result in results:
+        memory = {t["name"]: t.get("state_bytes") for t in result.timings}
         for row in result.rows():
             lo, hi = row["spread_ms"]
+            mib = memory[row["variant"]]
             lines.append(f"| {row['framework']} | {row['algorithm']} | {row['params']} | "
                          f"{row['variant']} | {row['ms']:.2f} ({lo:.2f}-{hi:.2f}) | "
                          f"{row['first_call_s']:.2f} | {row['vs_native']:.2f}x | "
-                         f"{row['vs_bound']:.2f}x |")
+                         f"{row['vs_bound']:.2f}x | "
+                         f"{'' if mib is None else f'{mib / 2**20:.1f}'} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="markdown table of benchmark JSON files")
+    parser.add_argument("--markdown", type=Path, required=True, help="the .md file to write")
+    parser.add_argument("results", nargs="+", type=Path)
+    args = parser.parse_args()
+    table = markdown(*args.results)
+    machine_line = ", ".join(f"{k} {v}" for k, v in machine().items())
+    args.markdown.write_text(f"Machine: {machine_line}\n\n{table}\n")
+    print(table)

@@ -1,0 +1,138 @@
+"""Time per optimizer step: polyopt.optax against optax, both jitted with donated buffers (issue 8).
+
+    python benchmarks/bench_jax.py [--rounds 5] [--steps 5] [--out benchmarks/results/jax.json]
+
+For Adam, AdamW, SGD with momentum, RAdam and Ranger on the parameter sets of
+benchmarks/common.py (float32, fixed gradients: the update only), each
+optimizer's step is ``jax.jit(update + optax.apply_updates,
+donate_argnums=(params, state))``; the variants run interleaved in one
+process (compilation is the first call, reported apart). optax has no
+Ranger (optax.lookahead takes LookaheadParams and there is no gradient
+centralization): Ranger's reference row is optax.radam, the same RAdam step
+alone. The copy bandwidth is a jitted, donated ``x + 1`` in the same process;
+``vs bound`` is time / (minimum bytes per step / bandwidth). The optimizer
+state's bytes (every array leaf) are recorded too. XLA's CPU threads are
+left at their default (set XLA_FLAGS to pin them). Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import common  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+import polyopt.optax as po  # noqa: E402
+from polyopt import rules  # noqa: E402
+
+#: algorithm -> (polyopt.optax transform, optax transform, polyopt rule for the slot count)
+ALGORITHMS = {
+    "Adam": (lambda: po.adam(1e-3), lambda: optax.adam(1e-3), lambda: rules.adam()),
+    "AdamW": (lambda: po.adamw(1e-3, weight_decay=1e-4),
+              lambda: optax.adamw(1e-3, weight_decay=1e-4), lambda: rules.adamw()),
+    "SGD momentum": (lambda: po.sgd(1e-2, momentum=0.9), lambda: optax.sgd(1e-2, momentum=0.9),
+                     lambda: rules.sgd(momentum=0.9)),
+    "RAdam": (lambda: po.radam(1e-3, eps_placement="outside"), lambda: optax.radam(1e-3),
+              lambda: rules.radam()),
+    "Ranger": (lambda: po.ranger(1e-3), lambda: optax.radam(1e-3), lambda: rules.ranger()),
+}
+
+
+def make_params(shapes, seed=0) -> dict:
+    arrays = common.make_arrays(shapes, seed)
+    return {f"p{i:02d}": jnp.asarray(a * 0.05) for i, a in enumerate(arrays)}
+
+
+def make_step(opt):
+    def step(params, state, grads):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def state_bytes(state) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+
+
+def copy_bandwidth(n: int) -> float:
+    add = jax.jit(lambda x: x + 1.0, donate_argnums=0)
+    box = [jnp.zeros(n, jnp.float32)]
+
+    def copy(calls: int) -> None:
+        for _ in range(calls):
+            box[0] = add(box[0])
+        box[0].block_until_ready()
+
+    return common.bandwidth(copy, 2 * 4 * n)
+
+
+def run(name: str, set_name: str, *, steps: int, rounds: int, bandwidth: float) -> common.Result:
+    shapes = common.PARAM_SETS[set_name]
+    n, count = common.sizes(shapes)
+    ours, theirs, rule = ALGORITHMS[name]
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), make_params(shapes, 1))
+    label_native = "native optax" if name != "Ranger" else "native optax.radam (no Ranger)"
+    variants, boxes = {}, {}
+    for label, make in (("polyopt", ours), (label_native, theirs)):
+        opt = make()
+        params = make_params(shapes)
+        box = boxes[label] = [make_step(opt), params, opt.init(params)]
+
+        def go(k: int, box=box) -> None:
+            step, params, state = box
+            for _ in range(k):
+                params, state = step(params, state, grads)
+            jax.block_until_ready((params, state))
+            box[1], box[2] = params, state
+
+        variants[label] = go
+    timings = common.interleaved(variants, steps=steps, rounds=rounds, warmup=1)
+    summaries = [{**t.summary(), "state_bytes": state_bytes(boxes[label][2])}
+                 for label, t in timings.items()]
+    result = common.Result("jax", name, set_name, n, count,
+                           common.traffic_bytes(n, common.slot_count(rule())), bandwidth,
+                           summaries, {"jax": jax.__version__, "optax": optax.__version__})
+    for row, s in zip(result.rows(), summaries):
+        print(f"{name:13s} {set_name:14s} {row['variant']:32s} {row['ms']:8.2f} ms "
+              f"({row['spread_ms'][0]:.2f}-{row['spread_ms'][1]:.2f})  first "
+              f"{row['first_call_s']:6.2f} s  {row['vs_native']:5.2f}x native  "
+              f"{row['vs_bound']:5.2f}x bound  state {s['state_bytes'] / 2**20:6.1f} MiB",
+              flush=True)
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS),
+                        choices=list(ALGORITHMS))
+    parser.add_argument("--sets", nargs="+", default=list(common.PARAM_SETS),
+                        choices=list(common.PARAM_SETS))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "jax.json")
+    args = parser.parse_args(argv)
+    print(f"jax {jax.__version__}, optax {optax.__version__}, {jax.devices()[0].platform}, "
+          f"{common.machine()}")
+    if args.out.exists():
+        args.out.unlink()
+    for set_name in args.sets:
+        n, _ = common.sizes(common.PARAM_SETS[set_name])
+        bw = copy_bandwidth(n)
+        print(f"{set_name}: copy bandwidth {bw / 1e9:.2f} GB/s", flush=True)
+        results = [run(a, set_name, steps=args.steps, rounds=args.rounds, bandwidth=bw)
+                   for a in args.algorithms]
+        common.write(results, args.out)
+    print(common.markdown(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Time per optimizer step: polyopt.torch against torch.optim (issue 8).
+
+    python benchmarks/bench_torch.py [--quick] [--threads 1] [--out benchmarks/results/torch.json]
+
+For Adam, AdamW, SGD with momentum, RAdam and Ranger on two parameter sets
+(benchmarks/common.py: ResNet-20 x1.5, 2.4M params in 59 tensors; ResNet-18,
+11.7M in 62), float32, fixed random gradients (the update only): polyopt's
+fast path (``compiled=True``: flat state, one compiled elementwise kernel),
+polyopt eager, and torch.optim fused / foreach / for-loop (those that exist:
+RAdam has no fused version; Ranger has no torch.optim version at all, so its
+row's reference is torch.optim.RAdam, which does the same RAdam step without
+Lookahead and gradient centralization). The copy bandwidth is measured with
+torch in the same process; ``vs bound`` is time / (minimum bytes per step /
+bandwidth). The optimizer state memory of each variant (bytes of the
+distinct storages of ``optimizer.state``) is recorded too.
+
+Threads: one intra-op thread by default (``--threads``). On a small shared
+CPU, torch's spinning worker threads under oversubscription make steps up to
+100x slower, and a one-thread run compares the algorithms, not the scheduler.
+Not a test: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="polyopt-bench-"))
+
+import common  # noqa: E402
+import torch  # noqa: E402
+
+import polyopt.torch as pt  # noqa: E402
+from polyopt import native, rules  # noqa: E402
+
+#: algorithm -> (torch.optim class or None, kwargs, polyopt preset or class, native flavours)
+ALGORITHMS = {
+    "Adam": ("Adam", {"lr": 1e-3}, "torch.optim.Adam", ("fused", "foreach", "for-loop")),
+    "AdamW": ("AdamW", {"lr": 1e-3}, "torch.optim.AdamW", ("fused", "foreach", "for-loop")),
+    "SGD momentum": ("SGD", {"lr": 0.01, "momentum": 0.9}, "torch.optim.SGD",
+                     ("fused", "foreach", "for-loop")),
+    "RAdam": ("RAdam", {"lr": 1e-3}, "torch.optim.RAdam", ("foreach", "for-loop")),
+    "Ranger": ("RAdam", {"lr": 1e-3}, "Ranger", ("foreach",)),
+}
+FLAGS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+
+def make_params(shapes, seed=0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = (torch.randn(shape, generator=gen) * 0.05).requires_grad_()
+        p.grad = torch.randn(shape, generator=gen) * 1e-3
+        params.append(p)
+    return params
+
+
+def state_bytes(opt) -> int:
+    """Bytes of the distinct storages that ``opt.state`` references."""
+    seen = {}
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                storage = v.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def builders(name: str, fast: bool) -> dict:
+    native_cls, kwargs, polyopt_name, flavours = ALGORITHMS[name]
+    out = {}
+    for flavour in flavours:
+        label = f"native {flavour}" if name != "Ranger" else f"native RAdam {flavour} (no Ranger)"
+        out[label] = (lambda ps, f=flavour: getattr(torch.optim, native_cls)(
+            ps, **kwargs, **FLAGS[f]))
+    if polyopt_name.startswith("torch.optim."):
+        make = lambda ps, **kw: pt.preset(polyopt_name, ps, **kwargs, **kw)  # noqa: E731
+    else:
+        make = lambda ps, **kw: getattr(pt, polyopt_name)(ps, **kwargs, **kw)  # noqa: E731
+    if fast:
+        out["polyopt fast"] = lambda ps: make(ps, compiled=True)
+    out["polyopt eager"] = make
+    return out
+
+
+def slots(name: str) -> int:
+    _, _, polyopt_name, _ = ALGORITHMS[name]
+    if polyopt_name.startswith("torch.optim."):
+        rule_name, options = native.PRESETS[polyopt_name]
+        extra = {"momentum": 0.9} if name == "SGD momentum" else {}
+        return common.slot_count(getattr(rules, rule_name)(**{**options, **extra}))
+    return common.slot_count(rules.ranger())
+
+
+def copy_bandwidth(n: int) -> float:
+    src, dst = torch.randn(n), torch.empty(n)
+
+    def copy(calls: int) -> None:
+        for _ in range(calls):
+            dst.copy_(src)
+
+    return common.bandwidth(copy, 2 * 4 * n)
+
+
+def run(name: str, set_name: str, *, steps: int, rounds: int, fast: bool,
+        bandwidth: float) -> common.Result:
+    shapes = common.PARAM_SETS[set_name]
+    n, count = common.sizes(shapes)
+    opts, memory = {}, {}
+    # Ranger's gradient centralization is per tensor: no flat path; its
+    # per-tensor compiled step takes a minute to compile, so it is left out
+    for label, make in builders(name, fast and name != "Ranger").items():
+        opts[label] = make(make_params(shapes))
+
+    def runner(opt):
+        def go(k: int) -> None:
+            for _ in range(k):
+                opt.step()
+        return go
+
+    timings = common.interleaved({k: runner(o) for k, o in opts.items()}, steps=steps,
+                                 rounds=rounds, warmup=1)
+    summaries = []
+    for label, timing in timings.items():
+        memory[label] = state_bytes(opts[label])
+        summaries.append({**timing.summary(), "state_bytes": memory[label]})
+    result = common.Result("torch", name, set_name, n, count, common.traffic_bytes(n, slots(name)),
+                           bandwidth, summaries,
+                           {"torch": torch.__version__, "threads": torch.get_num_threads()})
+    for row in result.rows():
+        print(f"{name:13s} {set_name:14s} {row['variant']:16s} {row['ms']:8.2f} ms "
+              f"({row['spread_ms'][0]:.2f}-{row['spread_ms'][1]:.2f})  first "
+              f"{row['first_call_s']:6.2f} s  {row['vs_native']:5.2f}x native  "
+              f"{row['vs_bound']:5.2f}x bound  state {memory[row['variant']] / 2**20:6.1f} MiB",
+              flush=True)
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS),
+                        choices=list(ALGORITHMS))
+    parser.add_argument("--sets", nargs="+", default=list(common.PARAM_SETS),
+                        choices=list(common.PARAM_SETS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--no-fast", action="store_true", help="skip polyopt's compiled path")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "torch.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {common.machine()}")
+    if args.out.exists():
+        args.out.unlink()
+    for set_name in args.sets:
+        n, _ = common.sizes(common.PARAM_SETS[set_name])
+        bw = copy_bandwidth(n)
+        print(f"{set_name}: copy bandwidth {bw / 1e9:.2f} GB/s", flush=True)
+        results = [run(a, set_name, steps=args.steps, rounds=args.rounds, fast=not args.no_fast,
+                       bandwidth=bw) for a in args.algorithms]
+        common.write(results, args.out)
+    print(common.markdown(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""The flat fast path of ``compiled=True`` (elementwise rules run once on the
+concatenation of a bucket's tensors, state kept as one flat tensor per slot).
+
+- Which rules may run flat is explicit (``RuleOptimizer.elementwise``) and
+  checked here on the rule itself: per-tensor and concatenated runs give the
+  same numbers bitwise (eager, no compilation), and Ranger's gradient
+  centralization, which does not, is excluded.
+- One compiled optimizer (float64 Adam with L2 weight decay) gives the eager
+  per-tensor numbers (1e-12 relative: inductor fuses and reorders the same
+  operations, so the paths are not bitwise equal) while its state stays in
+  torch's per-parameter format, params lose their grads for a step, grads
+  are zeroed with set_to_none=False, and a param's data is replaced.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch._dynamo.utils
+
+import polyopt.torch as pt
+from tests.test_torch_parity import GRADS, PARAMS, max_rel_diff
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
+
+CLASSES = {name: cls for name, cls in pt.OPTIMIZERS.items()}
+
+
+def _values(cls, **overrides):
+    opt = cls([torch.zeros(1, requires_grad=True)], **overrides)
+    return opt._values(opt.param_groups[0])
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_elementwise_rules_give_the_per_tensor_numbers_on_the_concatenation(name):
+    cls = CLASSES[name]
+    values = _values(cls)
+    rule = cls.factory(**values)
+    params = [torch.tensor(p) for p in PARAMS]
+    flat = [torch.cat([p.reshape(-1) for p in params])]
+    state, flat_state = rule.init(params), rule.init(flat)
+    for t in range(6):
+        grads = [torch.tensor(g) for g in GRADS[t]]
+        updates, state = rule.update(grads, state, params)
+        params = [p + u for p, u in zip(params, updates)]
+        flat_updates, flat_state = rule.update([torch.cat([g.reshape(-1) for g in grads])],
+                                               flat_state, flat)
+        flat = [flat[0] + flat_updates[0]]
+    same = bool((torch.cat([p.reshape(-1) for p in params]) == flat[0]).all())
+    assert cls.elementwise(values) == same
+    assert same or name == "ranger"
+
+
+def test_ranger_is_elementwise_only_without_gradient_centralization():
+    assert not pt.Ranger.elementwise(_values(pt.Ranger))
+    assert pt.Ranger.elementwise(_values(pt.Ranger, gradient_centralization=False))
+
+
+@pytest.fixture
+def inductor_cache(tmp_path, monkeypatch):
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+
+
+def graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def _run(compiled, steps=range(10), state=None):
+    """float64 Adam with L2 decay under LambdaLR (lr changes every step); param 1
+    has no grad at step 3; grads alternate between fresh tensors and in-place
+    accumulation (zero_grad(set_to_none=False)); at step 6 param 0's data is
+    replaced. Returns (params, optimizer, state saved after step 5, graphs
+    compiled after the first step)."""
+    params = [torch.tensor(p, requires_grad=True) for p in PARAMS[:3]]  # 0-d: no flat path
+    opt = pt.Adam(params, lr=0.01, weight_decay=0.01, compiled=compiled)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + t))
+    if state is not None:
+        with torch.no_grad():
+            for p, saved in zip(params, state["params"]):
+                p.copy_(saved)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+    saved, after_first = None, None
+    for t in steps:
+        for i, (p, g) in enumerate(zip(params, GRADS[t])):
+            if t == 3 and i == 1:
+                p.grad = None
+            elif p.grad is not None and t % 2:
+                p.grad.zero_().add_(torch.tensor(g))
+            else:
+                p.grad = torch.tensor(g)
+        if compiled and t == 6:
+            with torch.no_grad():
+                params[0].data = params[0].data.clone()  # the flat params are re-made
+        opt.step()
+        sched.step()
+        after_first = graphs() if after_first is None else after_first
+        if t == 5:
+            saved = copy.deepcopy({"params": [p.detach() for p in params],
+                                   "opt": opt.state_dict(), "sched": sched.state_dict()})
+    return params, opt, saved, after_first
+
+
+def test_flat_path_gives_the_eager_numbers_and_keeps_torch_state(inductor_cache):
+    eager, eager_opt, _, _ = _run(False)
+    fast, fast_opt, saved, after_first = _run(True)
+    # one compilation per bucket structure: the full group, then (param 1 missed
+    # a step, so its count differs) params 0 and 2, and param 1 alone; never
+    # one for the changing lr
+    compiled = graphs()
+    assert max_rel_diff([p.detach().numpy() for p in fast],
+                        [p.detach().numpy() for p in eager]) <= 1e-12
+    assert max_rel_diff([p.detach().numpy() for p in eager], PARAMS[:3]) > 1e-2
+    state, expected = fast_opt.state_dict(), eager_opt.state_dict()
+    assert state["state"].keys() == expected["state"].keys()
+    for i, p in enumerate(fast):
+        st, ref = state["state"][i], expected["state"][i]
+        assert st.keys() == ref.keys() == {"step", "exp_avg", "exp_avg_sq"}
+        assert st["exp_avg"].shape == p.shape and st["step"].shape == ()
+        assert st["step"].item() == ref["step"].item()
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(st[key], ref[key], rtol=1e-12, atol=0)
+    # the flat path ran: the params, and each slot's state, are views of one buffer
+    assert fast[0].untyped_storage().data_ptr() == fast[2].untyped_storage().data_ptr()
+    storages = {fast_opt.state[p]["exp_avg"].untyped_storage().data_ptr() for p in fast}
+    assert len(storages) == 2  # buckets {0, 2} and {1}
+    # resumed from the state_dict after step 5: bitwise the uninterrupted run,
+    # with the compiled steps reused
+    resumed, _, _, _ = _run(True, range(6, 10), saved)
+    assert all((a == b).all() for a, b in zip(resumed, fast))
+    assert graphs() == compiled
+    assert after_first is not None and compiled > after_first  # the later buckets compiled
+
+
+def test_flat_path_under_grad_scaler_with_grads_accumulated_in_place(inductor_cache):
+    """float32 Adam, GradScaler, zero_grad(set_to_none=False): backward
+    accumulates into the flat grad buffer's views (no gather after the first
+    step), a step with an inf is skipped, and the run is torch.optim.Adam's."""
+
+    def train(make, inject_inf):
+        params = [torch.tensor(p, dtype=torch.float32, requires_grad=True) for p in PARAMS[:3]]
+        opt = make(params)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+        pointers = set()
+        for t in range(10):
+            opt.zero_grad(set_to_none=False)
+            loss = sum((p * torch.tensor(g, dtype=torch.float32)).sum()
+                       for p, g in zip(params, GRADS[t]))
+            scaler.scale(loss).backward()
+            if t >= 2 and params[0].grad is not None:
+                pointers.add(params[0].grad.data_ptr())
+            if inject_inf and t == 4:
+                params[0].grad[0, 0] = float("inf")
+                before = [p.detach().clone() for p in params]
+            scaler.step(opt)
+            if inject_inf and t == 4:
+                assert all((a == b).all() for a, b in zip(before, params))
+            scaler.update()
+        return params, opt, scaler, pointers
+
+    ours, opt, _, pointers = train(lambda ps: pt.Adam(ps, lr=0.01, compiled=True), False)
+    assert len(pointers) == 1  # the same flat grad buffer at every step
+    theirs, _, _, _ = train(lambda ps: torch.optim.Adam(ps, lr=0.01), False)
+    assert max_rel_diff([p.detach().numpy() for p in ours],
+                        [p.detach().numpy() for p in theirs]) <= 1e-6
+    skipped, opt, scaler, _ = train(lambda ps: pt.Adam(ps, lr=0.01, compiled=True), True)
+    assert scaler.get_scale() == 512.0
+    assert int(opt.state[skipped[0]]["step"]) == 9
+
+
+def test_flat_path_starts_momentum_buffers_when_momentum_becomes_non_zero(inductor_cache):
+    """SGD built with momentum 0 keeps no buffer; when a scheduler (here: by
+    hand) makes momentum non-zero the rule starts one, which the flat path
+    receives from the compiled step and keeps as a flat buffer (float32: the
+    eager numbers to 1e-6 relative)."""
+
+    def run(compiled):
+        params = [torch.tensor(p, dtype=torch.float32, requires_grad=True) for p in PARAMS[:3]]
+        opt = pt.SGD(params, lr=0.05, momentum=0.0, compiled=compiled)
+        for t in range(8):
+            if t == 3:
+                opt.param_groups[0]["momentum"] = 0.9
+            for p, g in zip(params, GRADS[t]):
+                p.grad = torch.tensor(g, dtype=torch.float32)
+            opt.step()
+        return params, opt
+
+    eager, _ = run(False)
+    fast, opt = run(True)
+    assert max_rel_diff([p.detach().numpy() for p in fast],
+                        [p.detach().numpy() for p in eager]) <= 1e-6
+    buffers = [opt.state[p]["momentum_buffer"] for p in fast]
+    assert [b.shape for b in buffers] == [p.shape for p in fast]
+    assert len({b.untyped_storage().data_ptr() for b in buffers}) == 1
