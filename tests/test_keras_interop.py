@@ -1,0 +1,317 @@
+"""polyopt.keras state transfer: Keras <-> torch/JAX state files, native keras Adam import.
+
+Runs once per Keras backend. torch and JAX (polyopt.optax) run in child
+processes (tests/_native.py: never torch next to Keras-TensorFlow): each
+trains N steps, exports its state, and trains N more steps uninterrupted;
+Keras imports the file at step N and continues. The continuation must match
+the source's uninterrupted run (float64, <= 1e-10 relative); Keras -> Keras is
+bitwise.
+
+The model is ``mean((x @ weight.T + bias - y) ** 2)`` with variables named
+``weight`` (3, 4) and ``bias`` (3,) in all three frameworks (torch Linear's
+names and layout); Keras' gradients are the analytic ones, in numpy.
+float64 with a learning rate exact in float32 (Keras keeps it in a float32
+variable; see tests/test_keras_parity.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import keras
+import numpy as np
+import pytest
+
+import polyopt.keras as pk
+from polyopt import native
+from polyopt.interop import StateFileError
+from polyopt.keras import interop
+from tests._native import run_python
+
+BACKEND = keras.backend.backend()
+N = 5
+RTOL = 1e-10
+LR = 2.0 ** -5
+
+# name: (torch class, torch kwargs, optax factory, optax kwargs, keras factory)
+CASES = {
+    "adam": ("Adam", {"lr": LR}, "adam", {"learning_rate": LR},
+             lambda: pk.Adam(learning_rate=LR)),
+    "amsgrad": ("Adam", {"lr": LR, "amsgrad": True}, "adam", {"learning_rate": LR, "amsgrad": True},
+                lambda: pk.Adam(learning_rate=LR, amsgrad=True)),
+    "sgd": ("SGD", {"lr": LR, "momentum": 0.9, "nesterov": True}, "sgd",
+            {"learning_rate": LR, "momentum": 0.9, "nesterov": True},
+            lambda: pk.SGD(learning_rate=LR, momentum=0.9, nesterov=True)),
+    "nadam": ("NAdam", {"lr": LR}, "nadam", {"learning_rate": LR},
+              lambda: pk.Nadam(learning_rate=LR)),
+    "rmsprop": ("RMSprop", {"lr": LR, "momentum": 0.5, "centered": True}, "rmsprop",
+                {"learning_rate": LR, "momentum": 0.5, "centered": True},
+                lambda: pk.RMSprop(learning_rate=LR, momentum=0.5, centered=True)),
+    "ranger": ("Ranger", {"lr": LR, "k": 3, "gradient_centralization": False}, "ranger",
+               {"learning_rate": LR, "sync_period": 3, "gradient_centralization": False},
+               lambda: pk.Ranger(learning_rate=LR, sync_period=3, gradient_centralization=False)),
+}
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    return {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=3),
+            "x": rng.normal(size=(8, 4)), "y": rng.normal(size=(8, 3))}
+
+
+def _grads(data, w, b):
+    r = data["x"] @ w.T + b - data["y"]
+    scale = 2.0 / r.size
+    return [scale * r.T @ data["x"], scale * r.sum(axis=0)]
+
+
+def _variables(w, b):
+    return [keras.Variable(np.asarray(w, "float64"), dtype="float64", name="weight"),
+            keras.Variable(np.asarray(b, "float64"), dtype="float64", name="bias")]
+
+
+def _train(opt, variables, data, steps):
+    for _ in range(steps):
+        w, b = (keras.ops.convert_to_numpy(v) for v in variables)
+        opt.apply_gradients(zip(_grads(data, w, b), variables))
+
+
+def _values(variables):
+    return [np.asarray(keras.ops.convert_to_numpy(v)) for v in variables]
+
+
+def _rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+_SOURCE_SCRIPT = """
+import io, base64
+d = {k: np.asarray(v) for k, v in payload["data"].items()}
+result = {}
+if payload["framework"] == "torch":
+    import torch
+    import polyopt.torch
+    x, y = torch.tensor(d["x"]), torch.tensor(d["y"])
+    for name, (cls, kwargs) in payload["cases"].items():
+        model = torch.nn.Linear(4, 3).double()
+        with torch.no_grad():
+            model.weight.copy_(torch.tensor(d["w"]))
+            model.bias.copy_(torch.tensor(d["b"]))
+        opt = getattr(polyopt.torch, cls)(model.parameters(), **kwargs)
+        def train():
+            for _ in range(payload["n"]):
+                opt.zero_grad()
+                ((model(x) - y) ** 2).mean().backward()
+                opt.step()
+        train()
+        buffer = io.BytesIO()
+        opt.export_state(buffer, names=model)
+        mid = [model.weight.detach().numpy().copy(), model.bias.detach().numpy().copy()]
+        train()
+        result[name] = {"file": base64.b64encode(buffer.getvalue()).decode(), "mid": mid,
+                        "end": [model.weight.detach().numpy(), model.bias.detach().numpy()]}
+else:
+    import jax, jax.numpy as jnp, optax
+    jax.config.update("jax_enable_x64", True)
+    import polyopt.optax
+    from polyopt.optax import interop
+
+    def loss(p):
+        return jnp.mean((d["x"] @ p["weight"].T + p["bias"] - d["y"]) ** 2)
+
+    def run(opt, params, state):
+        for _ in range(payload["n"]):
+            u, state = opt.update(jax.grad(loss)(params), state, params)
+            params = optax.apply_updates(params, u)
+        return params, state
+
+    for name, (factory, kwargs) in payload["cases"].items():
+        opt = getattr(polyopt.optax, factory)(**kwargs)
+        p0 = {"weight": jnp.asarray(d["w"]), "bias": jnp.asarray(d["b"])}
+        mid, state = run(opt, p0, opt.init(p0))
+        buffer = io.BytesIO()
+        interop.export_state(buffer, opt, state, mid)
+        end, _ = run(opt, mid, state)
+        result[name] = {"file": base64.b64encode(buffer.getvalue()).decode(),
+                        "mid": [np.asarray(mid["weight"]), np.asarray(mid["bias"])],
+                        "end": [np.asarray(end["weight"]), np.asarray(end["bias"])]}
+"""
+
+
+@pytest.fixture(scope="module", params=["torch", "jax"])
+def source(request):
+    """The source framework's runs (child process): state files at N, params at N and 2N."""
+    index = 0 if request.param == "torch" else 2
+    cases = {k: (c[index], c[index + 1]) for k, c in CASES.items()}
+    payload = {"framework": request.param, "n": N, "cases": cases,
+               "data": {k: v.tolist() for k, v in _data().items()}}
+    return request.param, run_python(_SOURCE_SCRIPT, payload, env={"JAX_ENABLE_X64": "1"})
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_torch_and_jax_to_keras_continue_the_source_run(source, name):
+    framework, out = source
+    data = _data()
+    variables = _variables(*out[name]["mid"])
+    opt = CASES[name][4]()
+    header = opt.import_state(io.BytesIO(base64.b64decode(out[name]["file"])), variables)
+    assert header["framework"] == framework
+    assert int(keras.ops.convert_to_numpy(opt.iterations)) == N
+    _train(opt, variables, data, N)
+    gap = max(_rel(a, e) for a, e in zip(_values(variables), out[name]["end"]))
+    moved = max(_rel(a, m) for a, m in zip(out[name]["end"], out[name]["mid"]))
+    print(f"TRANSFER {framework}->keras-{BACKEND} {name} float64 {gap:.3e}")
+    assert moved > 1e-3
+    assert gap <= RTOL, f"{framework} -> Keras {name}: {gap:.3e}"
+
+
+@pytest.mark.parametrize("make", [
+    lambda: pk.Adam(learning_rate=LR, amsgrad=True),
+    lambda: pk.Lookahead(pk.RAdam(learning_rate=LR), sync_period=3),
+    lambda: pk.Nadam(learning_rate=LR),
+    lambda: pk.AdamW(learning_rate=LR, weight_decay=0.1),
+], ids=["amsgrad", "lookahead", "nadam", "adamw"])
+def test_keras_to_keras_resumes_bitwise(make):
+    data = _data()
+    variables = _variables(data["w"], data["b"])
+    opt = make()
+    _train(opt, variables, data, N)
+    buffer = io.BytesIO()
+    opt.export_state(buffer, variables)
+    mid = _values(variables)
+    _train(opt, variables, data, N)
+    again = _variables(*mid)[::-1]  # another order: matched by name
+    fresh = make()
+    fresh.import_state(io.BytesIO(buffer.getvalue()), again)
+    _train(fresh, again[::-1], data, N)
+    for a, b in zip(_values(variables), _values(again[::-1])):
+        assert np.array_equal(a, b)
+
+
+def test_model_names_are_paths_relative_to_the_model():
+    def model():
+        m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="dense")])
+        m.build((None, 4))
+        return m
+
+    first, second = model(), model()  # sequential, sequential_1: names still agree
+    opt = pk.Adam(learning_rate=LR)
+    opt.build(first.trainable_variables)
+    buffer = io.BytesIO()
+    opt.export_state(buffer, first)
+    fresh = pk.Adam(learning_rate=LR)
+    header = fresh.import_state(io.BytesIO(buffer.getvalue()), second)
+    assert [p["name"] for p in header["params"]] == ["dense.kernel", "dense.bias"]
+    assert fresh.built
+
+
+def _saved(make=lambda: pk.Adam(learning_rate=LR)):
+    data = _data()
+    variables = _variables(data["w"], data["b"])
+    opt = make()
+    _train(opt, variables, data, 2)
+    buffer = io.BytesIO()
+    opt.export_state(buffer, variables)
+    return buffer.getvalue(), data
+
+
+def _snapshot(opt):
+    return [np.array(keras.ops.convert_to_numpy(v)) for v in opt.variables]
+
+
+@pytest.mark.parametrize(("make", "variables", "match"), [
+    (lambda: pk.RAdam(learning_rate=LR), None, "holds a 'adam' state"),
+    (lambda: pk.Adam(learning_rate=LR, amsgrad=True), None, "layouts differ"),
+    (lambda: pk.Adam(learning_rate=LR), lambda d: _variables(d["w"], d["b"])[:1],
+     "missing|only in"),
+    (lambda: pk.Adam(learning_rate=LR),
+     lambda d: _variables(d["w"], d["b"]) + [keras.Variable(np.zeros(2), name="extra")],
+     "missing from the file"),
+    (lambda: pk.Adam(learning_rate=LR), lambda d: _variables(d["w"].T, d["b"]), "other shapes"),
+], ids=["algorithm", "amsgrad", "missing", "extra", "reshaped"])
+def test_mismatched_state_file_is_refused_and_changes_nothing(make, variables, match):
+    blob, data = _saved()
+    target = variables(data) if variables else _variables(data["w"], data["b"])
+    opt = make()
+    opt.apply_gradients(zip([np.full(tuple(v.shape), 0.5) for v in target], target))
+    before = _snapshot(opt)
+    with pytest.raises(StateFileError, match=match):
+        opt.import_state(io.BytesIO(blob), target)
+    assert all(np.array_equal(a, b) for a, b in zip(before, _snapshot(opt)))
+    # an unbuilt optimizer stays unbuilt
+    unbuilt = make()
+    with pytest.raises(StateFileError, match=match):
+        unbuilt.import_state(io.BytesIO(blob), target)
+    assert not unbuilt.built
+
+
+def test_truncated_state_file_is_refused():
+    blob, data = _saved()
+    variables = _variables(data["w"], data["b"])
+    opt = pk.Adam(learning_rate=LR)
+    _train(opt, variables, data, 1)
+    before = _snapshot(opt)
+    with pytest.raises(StateFileError, match="not a readable"):
+        opt.import_state(io.BytesIO(blob[: len(blob) // 2]), variables)
+    assert all(np.array_equal(a, b) for a, b in zip(before, _snapshot(opt)))
+
+
+def test_export_needs_a_built_optimizer():
+    data = _data()
+    with pytest.raises(StateFileError, match="not built"):
+        pk.Adam().export_state(io.BytesIO(), _variables(data["w"], data["b"]))
+
+
+# --------------------------------------------------------------------------
+# native keras.optimizers.Adam
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_native_keras_adam_state_continues_like_keras(dtype):
+    if dtype == "float64":  # exact in float32: see tests/test_keras_parity.py
+        options = {"learning_rate": LR, "beta_1": 0.875, "beta_2": 1 - 2.0 ** -9,
+                   "epsilon": 2.0 ** -20}
+    else:
+        options = {"learning_rate": 0.01}
+    rng = np.random.default_rng(3)
+    shapes = [(5, 4), (4,), (3,)]
+    start = [rng.normal(size=s).astype(dtype) for s in shapes]
+    grads = [[keras.ops.convert_to_tensor(rng.normal(size=s).astype(dtype)) for s in shapes]
+             for _ in range(2 * N)]
+    theirs_vars = [keras.Variable(v, dtype=dtype) for v in start]
+    theirs = keras.optimizers.Adam(**options)
+    for g in grads[:N]:
+        theirs.apply_gradients(zip(g, theirs_vars))
+    ours_vars = [keras.Variable(keras.ops.convert_to_numpy(v), dtype=dtype) for v in theirs_vars]
+    _, preset = native.PRESETS["keras.optimizers.Adam"]
+    ours = pk.Adam(**{**{pk.Adam.spec[k].spelling("keras"): v for k, v in preset.items()},
+                      **options})
+    interop.import_native_state(ours, theirs, ours_vars, native_variables=theirs_vars)
+    assert int(keras.ops.convert_to_numpy(ours.iterations)) == N
+    for g in grads[N:]:
+        theirs.apply_gradients(zip(g, theirs_vars))
+        ours.apply_gradients(zip(g, ours_vars))
+    gap = max(_rel(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+              for a, b in zip(ours_vars, theirs_vars))
+    bound = RTOL if dtype == "float64" else 1e-5
+    print(f"NATIVE keras.optimizers.Adam->polyopt keras-{BACKEND} {dtype} {gap:.3e}")
+    assert gap <= bound
+
+
+def test_native_keras_adam_mismatch_is_refused():
+    variables = [keras.Variable(np.ones(3))]
+    theirs = keras.optimizers.Adam(amsgrad=True)
+    theirs.apply_gradients(zip([keras.ops.ones(3, dtype=variables[0].dtype)], variables))
+    ours = pk.Adam()
+    with pytest.raises(ValueError, match="amsgrad=True"):
+        interop.import_native_state(ours, theirs, variables)
+    assert not ours.built
+    with pytest.raises(ValueError, match="not built"):
+        interop.import_native_state(ours, keras.optimizers.Adam(), variables)
+    with pytest.raises(ValueError, match="Adam or AdamW"):
+        interop.import_native_state(pk.SGD(), theirs, variables)
+    other = [keras.Variable(np.ones(3))]
+    with pytest.raises(ValueError, match="not built with these"):
+        interop.import_native_state(pk.Adam(amsgrad=True), theirs, other)
