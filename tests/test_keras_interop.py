@@ -315,3 +315,88 @@ def test_native_keras_adam_mismatch_is_refused():
     other = [keras.Variable(np.ones(3))]
     with pytest.raises(ValueError, match="not built with these"):
         interop.import_native_state(pk.Adam(amsgrad=True), theirs, other)
+
+
+# --------------------------------------------------------------------------
+# non-finite gradients
+
+
+def _bad_grads(variables):
+    return [keras.ops.convert_to_tensor(np.full(tuple(v.shape), np.nan, "float64"))
+            for v in variables]
+
+
+@pytest.mark.parametrize("make", [lambda: keras.optimizers.Adam(LR), lambda: pk.Adam(LR)],
+                         ids=["keras", "polyopt"])
+def test_nonfinite_gradients_propagate_by_default_as_in_keras(make):
+    data = _data()
+    variables = _variables(data["w"], data["b"])
+    make().apply_gradients(zip(_bad_grads(variables), variables))
+    assert all(np.isnan(v).all() for v in _values(variables))
+
+
+def test_skip_nonfinite_skips_counts_and_applies_after_max_consecutive_errors():
+    data = _data()
+    variables = _variables(data["w"], data["b"])
+    opt = pk.SkipNonFinite(pk.Adam(LR), max_consecutive_errors=2)
+    assert opt.total_notfinite == 0 and opt.last_finite
+    _train(opt, variables, data, 2)
+    before, state = _values(variables), _snapshot(opt)[2:6]  # the moments
+    for i in range(2):
+        opt.apply_gradients(zip(_bad_grads(variables), variables))
+        assert all(np.array_equal(a, b) for a, b in zip(before, _values(variables)))
+        assert all(np.array_equal(a, b) for a, b in zip(state, _snapshot(opt)[2:6]))
+        assert opt.total_notfinite == i + 1 and opt.notfinite_count == i + 1
+        assert not opt.last_finite
+    opt.apply_gradients(zip(_bad_grads(variables), variables))  # third in a row: applied
+    assert opt.total_notfinite == 3
+    assert all(np.isnan(v).all() for v in _values(variables))
+    # the counters travel in state files (the same algorithm name as polyopt.optax's)
+    buffer = io.BytesIO()
+    opt.export_state(buffer, variables)
+    from polyopt.interop import read_header
+    assert read_header(io.BytesIO(buffer.getvalue()))["algorithm"] == "apply_if_finite[adam]"
+    fresh = pk.SkipNonFinite(pk.Adam(LR), max_consecutive_errors=2)
+    fresh.import_state(io.BytesIO(buffer.getvalue()), variables)
+    assert fresh.total_notfinite == 3 and fresh.notfinite_count == 3
+
+
+def _fit_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 4)).astype("float32")
+    y = rng.normal(size=(32, 1)).astype("float32")
+    return x, y
+
+
+def _fit_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, name="dense")])
+    return model
+
+
+def test_skip_nonfinite_in_fit_with_jit_compile_and_saved_with_the_model(tmp_path):
+    x, y = _fit_data()
+    bad = x.copy()
+    bad[8] = np.nan  # batch 1 of 4: its gradients are NaN
+    model = _fit_model()
+    opt = pk.SkipNonFinite(pk.Adam(learning_rate=0.01))
+    model.compile(optimizer=opt, loss="mse", jit_compile=True)
+    model.fit(bad, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    assert opt.total_notfinite == 2 and opt.last_finite
+    assert int(keras.ops.convert_to_numpy(opt.iterations)) == 8
+    assert all(np.isfinite(keras.ops.convert_to_numpy(v)).all() for v in opt.variables)
+    # the same as training on the finite batches only (the inner count skips too)
+    keep = np.r_[0:8, 16:32]
+    reference = _fit_model()
+    reference.compile(optimizer=pk.Adam(learning_rate=0.01), loss="mse", jit_compile=False)
+    reference.fit(x[keep], y[keep], batch_size=8, epochs=2, shuffle=False, verbose=0)
+    for a, b in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # counters are optimizer variables: model.save keeps them
+    path = tmp_path / "skip.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded.optimizer, pk.SkipNonFinite)
+    assert loaded.optimizer.total_notfinite == 2
+    assert loaded.optimizer.get_config()["max_consecutive_errors"] == opt.get_config()[
+        "max_consecutive_errors"]
