@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import io
+import zipfile
 
 import keras
 import numpy as np
@@ -400,3 +401,78 @@ def test_skip_nonfinite_in_fit_with_jit_compile_and_saved_with_the_model(tmp_pat
     assert loaded.optimizer.total_notfinite == 2
     assert loaded.optimizer.get_config()["max_consecutive_errors"] == opt.get_config()[
         "max_consecutive_errors"]
+
+
+# --------------------------------------------------------------------------
+# checkpoints: bitwise resume; truncated or corrupt files are refused
+
+
+def _ckpt_model():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"),
+                              keras.layers.Dense(1)])
+    model.compile(optimizer=pk.Lookahead(pk.Nadam(learning_rate=0.01), sync_period=3),
+                  loss="mse")
+    return model
+
+
+def _everything(model):
+    return [np.array(keras.ops.convert_to_numpy(v))
+            for v in model.variables + model.optimizer.variables]
+
+
+def _flip(data: bytes) -> bytes:
+    """64 bytes in the middle (inside the zipped weights) overwritten: a CRC error."""
+    mid = len(data) // 2
+    return data[:mid] + b"\xff" * 64 + data[mid + 64:]
+
+
+def test_model_save_resumes_bitwise_and_damaged_files_leave_the_run_untouched(tmp_path):
+    x, y = _fit_data()
+    model = _ckpt_model()
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    model.save(tmp_path / "run.keras")
+    model.save_weights(tmp_path / "run.weights.h5")
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    loaded = keras.saving.load_model(tmp_path / "run.keras")
+    loaded.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(_everything(loaded), _everything(model)):
+        np.testing.assert_array_equal(a, b)  # bitwise continuation
+    before = _everything(model)
+    whole = (tmp_path / "run.keras").read_bytes()
+    damaged = {"truncated.keras": whole[: len(whole) // 2],
+               "corrupt.keras": _flip(whole)}
+    h5 = (tmp_path / "run.weights.h5").read_bytes()
+    damaged["truncated.weights.h5"] = h5[: len(h5) - 100]
+    for name, data in damaged.items():
+        (tmp_path / name).write_bytes(data)
+        if name.endswith(".keras"):
+            # Keras says "File not found ... accessible .keras zip file" for a damaged zip
+            with pytest.raises((ValueError, zipfile.BadZipFile)):
+                keras.saving.load_model(tmp_path / name)
+        with pytest.raises((ValueError, OSError, zipfile.BadZipFile),
+                           match="zip|truncated|CRC|open"):
+            model.load_weights(tmp_path / name)
+        for a, b in zip(before, _everything(model)):
+            np.testing.assert_array_equal(a, b)
+
+
+if BACKEND == "tensorflow":
+
+    def test_truncated_tf_train_checkpoint_is_refused_and_changes_nothing(tmp_path):
+        import tensorflow as tf
+
+        x, y = _fit_data()
+        model = _ckpt_model()
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        prefix = tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(
+            str(tmp_path / "ckpt"))
+        data = next(p for p in tmp_path.iterdir() if ".data-" in p.name)
+        data.write_bytes(data.read_bytes()[:100])
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        before = _everything(model)
+        # TensorFlow: "Read less bytes than requested" (an IndexError) or an OpError
+        with pytest.raises((tf.errors.OpError, IndexError)):
+            tf.train.Checkpoint(model=model, optimizer=model.optimizer).read(prefix)
+        for a, b in zip(before, _everything(model)):
+            np.testing.assert_array_equal(a, b)
