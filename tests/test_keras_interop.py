@@ -476,3 +476,26 @@ if BACKEND == "tensorflow":
             tf.train.Checkpoint(model=model, optimizer=model.optimizer).read(prefix)
         for a, b in zip(before, _everything(model)):
             np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------
+# the README's Keras examples (fenced ```python keras: tests/test_readme.py runs
+# the plain ```python blocks in the torch/JAX process, these run here, per backend)
+
+
+def _readme_keras_blocks():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return re.findall(r"```python keras\n(.*?)```", text, re.DOTALL)
+
+
+@pytest.mark.parametrize("block", _readme_keras_blocks(),
+                         ids=lambda b: f"block{_readme_keras_blocks().index(b)}")
+def test_readme_keras_examples_run(block):
+    exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - our own README
+
+
+def test_readme_has_a_keras_example():
+    assert _readme_keras_blocks()
