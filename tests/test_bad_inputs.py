@@ -6,8 +6,9 @@ optimizer's state and hyperparameters are compared before and after).
 
 Rows are tagged by framework: ``core`` (numpy, always run), ``torch`` and
 ``optax`` (gated with ``pytest.mark.needs``: only the frameworks in
-POLYOPT_FRAMEWORKS run). An adapter adds its rows with ``_rows("keras", ...)``
-and ``needs("keras")``; the test function does not change.
+POLYOPT_FRAMEWORKS run). The Keras rows (32, same Row format and check) are
+in tests/test_keras_bad_inputs.py, which runs in the Keras processes, once
+per Keras backend.
 
 Documented behaviour for a learning-rate callable that returns a negative
 value: polyopt.schedules are checked at construction (a negative or NaN

@@ -4,12 +4,17 @@
 >>> model.compile(optimizer=polyopt.keras.Adam(learning_rate=1e-3), loss="mse")  # doctest: +SKIP
 
 Classes: SGD, Adagrad, RMSprop, Adadelta, Adam, AdamW, Adamax, Nadam, RAdam,
-Lookahead, Ranger (subclasses of ``keras.optimizers.Optimizer`` through
+Lookahead, Ranger, SkipNonFinite (subclasses of ``keras.optimizers.Optimizer`` through
 :class:`RuleOptimizer`), :class:`SAMModel` for sharpness-aware training in
 ``model.fit``, and :class:`PolyoptSchedule`. Arguments use Keras' spellings
 (``learning_rate``, ``beta_1``, ``epsilon``, ``rho``, ...) but polyopt's
 defaults, the same in every adapter; ``polyopt.native.PRESETS`` lists the
 options that give ``keras.optimizers``' own numbers.
+
+State files (move a run to torch or JAX and back) and native
+``keras.optimizers.Adam`` import: :mod:`polyopt.keras.interop` and the
+optimizers' ``export_state``/``import_state``. Non-finite gradients propagate
+by default, as in Keras; :class:`SkipNonFinite` skips such steps.
 
 On the TensorFlow backend this module registers an Array API namespace for
 TensorFlow tensors with the core (``polyopt.keras._tf_namespace``).
@@ -40,9 +45,10 @@ from polyopt.keras._optimizers import (  # noqa: E402
     RMSprop,
 )
 from polyopt.keras._sam import SAMModel  # noqa: E402
+from polyopt.keras.nonfinite import SkipNonFinite  # noqa: E402
 
 __all__ = [
     "BASE_OPTIONS", "PolyoptSchedule", "RuleOptimizer",
     "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "Nadam", "RAdam",
-    "Lookahead", "Ranger", "SAMModel",
+    "Lookahead", "Ranger", "SAMModel", "SkipNonFinite",
 ]

@@ -295,6 +295,20 @@ class RuleOptimizer(keras.optimizers.Optimizer):
     def _weight_decay(self) -> Any:
         return self._hypers.get("weight_decay", 0)
 
+    # ---- state files (polyopt.keras.interop)
+
+    def export_state(self, file, variables_or_model, names=None) -> None:
+        """Write the state to a framework-neutral file: see :mod:`polyopt.keras.interop`."""
+        from polyopt.keras import interop
+
+        interop.export_state(self, file, variables_or_model, names)
+
+    def import_state(self, file, variables_or_model, names=None) -> dict:
+        """Load a state file from any adapter: see :mod:`polyopt.keras.interop`."""
+        from polyopt.keras import interop
+
+        return interop.import_state(self, file, variables_or_model, names)
+
     # ---- saving
 
     def load_own_variables(self, store):
