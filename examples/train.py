@@ -150,7 +150,10 @@ class JaxBackend:
         return {**out, **{n: np.asarray(v) for n, v in self.state.items()}}
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        self.params = [self.jnp.asarray(weights[n]) for n in self.names]
+        # a fresh optimizer state: only called before training or at its end
+        self.train_params, self.opt_state = self.optimizer.init(
+            [self.jnp.asarray(weights[n]) for n in self.names])
+        self.params = self.optimizer.weights(self.train_params)
         self.state = {n: self.jnp.asarray(weights[n]) for n in self.state}
 
 
@@ -260,10 +263,12 @@ def _progress(epoch: int, done: int, total: int, loss: float) -> None:
 def train(framework: str, experiment: experiments.Experiment, *, epochs: int | None = None,
           steps: int | None = None, dtype: str = "float32", seed: int = 0,
           data_dir: str | None = None, runs_dir: str | os.PathLike = "runs",
-          test_size: int | None = None, quiet: bool = False) -> RunRecord:
+          test_size: int | None = None, quiet: bool = False, twin: bool = False) -> RunRecord:
     """Train ``experiment`` in ``framework``; write and return its run record.
 
     ``test_size`` evaluates on the first ``test_size`` test images only (quick runs).
+    ``twin``: start from initial weights moved by one ulp (``np.nextafter`` towards
+    +inf), to measure the framework's own float32 spread (polyopt.consistency's policy).
     """
     started = time.perf_counter()
     dataset = data.load(experiment.dataset, data_dir)
@@ -276,6 +281,9 @@ def train(framework: str, experiment: experiments.Experiment, *, epochs: int | N
         epochs = math.ceil(steps / steps_per_epoch) if steps else experiment.epochs
     total_steps = min(epochs * steps_per_epoch, steps or math.inf)
     backend = make_backend(framework, experiment, dtype, seed)
+    if twin:
+        backend.set_weights({name: np.nextafter(value, np.inf).astype(value.dtype)
+                             for name, value in backend.weights().items()})
     learning_rate = experiments.LearningRate(experiment, total_steps)
     stopper = (experiments.EarlyStopping(**experiment.early_stopping)
                if experiment.early_stopping else None)
@@ -352,10 +360,13 @@ def train(framework: str, experiment: experiments.Experiment, *, epochs: int | N
 
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{experiment.name}-{dtype}-{framework}"
+    stem = f"{experiment.name}-{dtype}-{framework}" + ("-twin" if twin else "")
     np.savez(runs_dir / f"{stem}.npz", **weights)
     config = {**experiment.config(), "epochs": epochs, "steps": total_steps, "seed": seed,
               "dtype": dtype, "framework": framework, "test_size": len(dataset.test_labels)}
+    if twin:
+        config["perturbation"] = "initial weights + 1 ulp"
+
     versions = {**backend.versions, "polyopt": polyopt.__version__, "numpy": np.__version__,
                 "python": platform.python_version()}
     record = RunRecord(experiment.name, framework, dtype, config, versions, step_loss, history,
@@ -384,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs-dir", default="runs", help="where run records go (runs)")
     parser.add_argument("--test-size", type=int, help="evaluate on the first N test images only")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--twin", action="store_true",
+                        help="start from the initial weights + 1 ulp (measures the own spread)")
     args = parser.parse_args(argv)
     for name in ("epochs", "steps", "test_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -391,7 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         train(args.framework, experiments.get(args.experiment), epochs=args.epochs,
               steps=args.steps, dtype=args.dtype, seed=args.seed, data_dir=args.data_dir,
-              runs_dir=args.runs_dir, test_size=args.test_size, quiet=args.quiet)
+              runs_dir=args.runs_dir, test_size=args.test_size, quiet=args.quiet,
+              twin=args.twin)
     except (NotImplementedError, data.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

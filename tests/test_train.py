@@ -124,9 +124,16 @@ def test_matrix_runs():
             "--test-size", "500"] in quick
     assert ["--experiment", "cifar-ranger", "--dtype", "float64", "--steps", "100",
             "--test-size", "500"] in quick
-    full = matrix.runs(False, ["mnist-adam"])
+    main = matrix.runs(False, ["mnist-adam", "resnet20-adam"])
+    assert main == [["--experiment", "mnist-adam", "--dtype", "float32", "--epochs", "2"],
+                    ["--experiment", "resnet20-adam", "--dtype", "float32", "--steps", "10"],
+                    ["--experiment", "resnet20-adam", "--dtype", "float32", "--steps", "10",
+                     "--twin"],
+                    ["--experiment", "mnist-adam", "--dtype", "float64", "--steps", "100"]]
+    full = matrix.runs(False, ["mnist-adam"], full=True)
     assert full == [["--experiment", "mnist-adam", "--dtype", "float32"],
                     ["--experiment", "mnist-adam", "--dtype", "float64", "--steps", "100"]]
+    assert matrix.runs(False, ["mnist-adam"], epochs=5)[0][-2:] == ["--epochs", "5"]
 
 
 class _ScriptedBackend:
