@@ -2,7 +2,8 @@
 
     python -m examples.matrix --framework torch            # the main matrix (short runs)
     python -m examples.matrix --framework torch --full     # the posts' epochs (hours on a CPU)
-    python -m examples.matrix --framework jax --quick      # CI: a few dozen steps each
+    python -m examples.matrix --framework jax --quick      # a few dozen steps each
+    python -m examples.matrix --framework jax --ci         # what the test suite runs
 
 Every run is its own process (``python -m examples.train``), so each starts
 clean (jax's float64 switch, one framework per process). Runs:
@@ -68,6 +69,38 @@ def runs(quick: bool, names: Sequence[str], full: bool = False,
     return out
 
 
+#: --ci: model -> (steps, batch size or None for the experiment's) of the float32 runs
+CI_LENGTH = {"mlp": (24, None), "cnn": (12, None), "resnet20": (3, 32)}
+#: --ci: float64 runs (steps); 12 Ranger steps cross two Lookahead synchronisations
+CI_FLOAT64 = {"mnist-adam": 24, "cifar-ranger": 12}
+CI_TEST_SIZE = 200
+
+
+def run_ci(framework: str, runs_dir: str, names: Sequence[str] | None = None,
+           data_dir: str | None = None) -> int:
+    """The CI matrix of ``framework`` in this process (what the default test run checks):
+    every experiment for a few steps in float32, then the float64 runs of
+    :data:`CI_FLOAT64` (last, as they switch jax to x64). Returns the number of runs."""
+    import dataclasses
+
+    from examples import train
+
+    names = list(experiments.EXPERIMENTS) if names is None else list(names)
+    plan = []
+    for name in names:
+        experiment = experiments.get(name)
+        steps, batch_size = CI_LENGTH[experiment.model]
+        if batch_size:
+            experiment = dataclasses.replace(experiment, batch_size=batch_size)
+        plan.append((experiment, steps, "float32"))
+    plan += [(experiments.get(name), steps, "float64")
+             for name, steps in CI_FLOAT64.items() if name in names]
+    for experiment, steps, dtype in plan:
+        train.train(framework, experiment, steps=steps, dtype=dtype, data_dir=data_dir,
+                    runs_dir=runs_dir, test_size=CI_TEST_SIZE, quiet=True)
+    return len(plan)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m examples.matrix", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     length.add_argument("--quick", action="store_true", help="a few dozen steps per run (CI)")
     length.add_argument("--full", action="store_true", help="the posts' epochs (hours)")
     length.add_argument("--epochs", type=int, help="this many epochs per float32 run")
+    length.add_argument("--ci", action="store_true",
+                        help="the CI matrix: fewer steps, small ResNet batches, one process")
     parser.add_argument("--experiments", default=",".join(experiments.EXPERIMENTS),
                         help="comma-separated subset (default: all)")
     parser.add_argument("--runs-dir", default="runs")
@@ -88,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data_dir:
         common += ["--data-dir", args.data_dir]
     started, failed = time.perf_counter(), []
+    if args.ci:
+        done = run_ci(args.framework, args.runs_dir, names, args.data_dir)
+        print(f"{args.framework}: {done} CI runs done in {time.perf_counter() - started:.0f} s")
+        return 0
     planned = runs(args.quick, names, args.full, args.epochs)
     for run in planned:
         command = [sys.executable, "-m", "examples.train", *common, *run]
