@@ -29,7 +29,8 @@ def ci_runs(tmp_path_factory):
     env = {"PYTHONPATH": str(ROOT), "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
     with ThreadPoolExecutor(2) as pool:  # one child process per framework, two at a time
         list(pool.map(lambda framework: run_python(
-            CHILD, {"framework": framework, "runs_dir": str(runs_dir)}, env=env), FRAMEWORKS))
+            CHILD, {"framework": framework, "runs_dir": str(runs_dir)}, env=env, timeout=900),
+            FRAMEWORKS))
     return runs_dir
 
 
