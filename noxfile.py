@@ -5,7 +5,7 @@
     nox -s lab -- --quick        # the optimizer lab: numpy + matplotlib only, no framework
     nox -s lint                  # ruff
     nox -s torch tf jax compare  # the cross-framework matrix, then the agreement check
-    nox -s torch jax compare -- --quick   # a few dozen steps per run (CI)
+    nox -s torch tf jax compare -- --quick   # a few dozen steps per run
     nox -s bench                 # optimizer step benchmarks, one process per framework
     nox -s bench -- --sets resnet20-wide   # arguments after -- go to every script
 
@@ -156,7 +156,7 @@ def lint(session: nox.Session) -> None:
 # The cross-framework matrix: one session per framework, each in its own
 # environment holding only that framework (torch and tensorflow never meet),
 # writing run records to ./runs; `compare` reads them all. Arguments after --
-# go to examples.matrix (--quick, --experiments a,b, --data-dir DIR).
+# go to examples.matrix (--quick, --full, --epochs N, --experiments a,b, --data-dir DIR).
 
 MATRIX_EXTRAS = {"torch": "torch", "tf": "tf", "jax": "jax"}
 RUNS_DIR = "runs"
@@ -179,7 +179,7 @@ def matrix_torch(session: nox.Session) -> None:
 
 @nox.session(name="tf")
 def matrix_tf(session: nox.Session) -> None:
-    """The experiment set in Keras 3 on TensorFlow (needs polyopt.keras)."""
+    """The experiment set in Keras 3 on TensorFlow (run records in ./runs)."""
     _matrix(session, "tf")
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import polyopt
 from examples import data, experiments
 from examples.models import init
-from examples.optimizers import FRAMEWORKS, make_optimizer
+from examples.optimizers import FRAMEWORKS, make_optimizer, sam_perturb
 from polyopt.consistency import RunRecord, weights_checksum, weights_norms
 
 EVAL_BATCH = 1000
@@ -76,7 +76,9 @@ class TorchBackend:
             self._forward_backward(x, y)
             for bn in bns:
                 bn.momentum = 1 - init.BN_MOMENTUM
-        self.optimizer.step()
+            self.optimizer.second_step()
+        else:
+            self.optimizer.step()
         return float(loss.detach()), int((logits.argmax(1) == y).sum())
 
     def evaluate(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
@@ -110,28 +112,18 @@ class JaxBackend:
         self.jax, self.jnp, self.name = jax, jnp, experiment.model
         params, self.state = jm.build(experiment.model, seed, dtype)
         self.names = list(params)
-        self.params = list(params.values())
-        optimizer = make_optimizer("jax", experiment)
-        self.opt_state = optimizer.init(self.params)
+        self.optimizer = make_optimizer("jax", experiment)
+        self.train_params, self.opt_state = self.optimizer.init(list(params.values()))
+        self.params = self.optimizer.weights(self.train_params)
         self.versions = {"jax": jax.__version__}
         names, name = self.names, experiment.model
 
         def loss_of(plist, state, x, y):
             logits, new_state = jm.apply(name, dict(zip(names, plist)), state, x, train=True)
-            return jm.loss_fn(logits, y), (logits, new_state)
-
-        grad_fn = jax.value_and_grad(loss_of, has_aux=True)
-
-        def step(plist, opt_state, state, x, y, lr):
-            (loss, (logits, new_state)), grads = grad_fn(plist, state, x, y)
-            if optimizer.ascent is not None:  # SAM: gradient at the perturbed point
-                ascent = optimizer.ascent(grads, plist, lr)
-                perturbed = [p + e for p, e in zip(plist, ascent)]
-                _, grads = grad_fn(perturbed, state, x, y)  # its BN statistics are dropped
-            updates, opt_state = optimizer.update(grads, opt_state, plist, lr)
-            plist = [p + u for p, u in zip(plist, updates)]
             correct = jnp.sum(jnp.argmax(logits, axis=1) == y)
-            return plist, opt_state, new_state, loss, correct
+            return jm.loss_fn(logits, y), (correct, new_state)
+
+        self._step = self.optimizer.make_step(loss_of)
 
         def evaluate(plist, state, x, y):
             logits, _ = jm.apply(name, dict(zip(names, plist)), state, x, train=False)
@@ -139,13 +131,14 @@ class JaxBackend:
             loss = -jnp.sum(jnp.take_along_axis(log_probs, y[:, None], axis=1))
             return loss, jnp.sum(jnp.argmax(logits, axis=1) == y)
 
-        self._step, self._evaluate = jax.jit(step), jax.jit(evaluate)
+        self._evaluate = jax.jit(evaluate)
         self.dtype = np.dtype(dtype)
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> tuple[float, int]:
         lr_array = self.jnp.asarray(lr, dtype=self.dtype)
-        self.params, self.opt_state, self.state, loss, correct = self._step(
-            self.params, self.opt_state, self.state, images, labels, lr_array)
+        self.train_params, self.opt_state, (loss, (correct, self.state)) = self._step(
+            self.train_params, self.opt_state, lr_array, self.state, images, labels)
+        self.params = self.optimizer.weights(self.train_params)
         return float(loss), int(correct)
 
     def evaluate(self, images: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
@@ -157,14 +150,21 @@ class JaxBackend:
         return {**out, **{n: np.asarray(v) for n, v in self.state.items()}}
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        self.params = [self.jnp.asarray(weights[n]) for n in self.names]
+        # a fresh optimizer state: only called before training or at its end
+        self.train_params, self.opt_state = self.optimizer.init(
+            [self.jnp.asarray(weights[n]) for n in self.names])
+        self.params = self.optimizer.weights(self.train_params)
         self.state = {n: self.jnp.asarray(weights[n]) for n in self.state}
 
 
 class KerasBackend:
     """Keras 3 on TensorFlow: the model of keras_models, a tf.function train step with a
     GradientTape and ``optimizer.apply_gradients``; the learning rate is assigned to the
-    optimizer's variable before every step (as a LearningRateScheduler would)."""
+    optimizer's variable before every step (as a LearningRateScheduler would).
+
+    SAM: the ascent point from the core's ``perturb`` (as ``polyopt.keras.SAMModel``),
+    a second pass there whose BatchNormalization statistics are dropped (as in the
+    torch and JAX loops), then ``apply_gradients`` at the original weights."""
 
     def __init__(self, experiment: experiments.Experiment, dtype: str, seed: int) -> None:
         import keras
@@ -175,21 +175,36 @@ class KerasBackend:
         if keras.backend.backend() != "tensorflow":
             raise RuntimeError(f"--framework tf needs KERAS_BACKEND=tensorflow, got "
                                f"{keras.backend.backend()!r}")
-        if experiment.optimizer.startswith("sam-"):
-            raise NotImplementedError("SAM in Keras needs polyopt.keras (not merged yet)")
+        # the optimizer's learning-rate variable has floatx's dtype
+        keras.config.set_floatx(dtype)
         self.tf, self.km, self.name = tf, km, experiment.model
         self.optimizer = make_optimizer("tf", experiment)
         self.model = km.build(experiment.model, seed, dtype)
         self.params = km.parameters(self.model, self.name)
+        stats = [v for v in self.model.non_trainable_variables]
+        perturb = sam_perturb(experiment) if experiment.optimizer.startswith("sam-") else None
         loss_fn = km.loss_fn(dtype)
         self.versions = {"tensorflow": tf.__version__, "keras": keras.__version__}
 
-        @tf.function
-        def step(x, y):
+        def gradients(x, y):
             with tf.GradientTape() as tape:
                 logits = self.model(x, training=True)
                 loss = loss_fn(y, logits)
-            grads = tape.gradient(loss, self.params)
+            return loss, logits, tape.gradient(loss, self.params)
+
+        @tf.function
+        def step(x, y):
+            loss, logits, grads = gradients(x, y)
+            if perturb is not None:
+                origin = [tf.identity(p) for p in self.params]
+                kept = [tf.identity(v) for v in stats]
+                for p, q in zip(self.params, perturb(origin, grads)):
+                    p.assign(q)
+                _, _, grads = gradients(x, y)
+                for p, q in zip(self.params, origin):
+                    p.assign(q)
+                for v, q in zip(stats, kept):
+                    v.assign(q)
             self.optimizer.apply_gradients(zip(grads, self.params))
             correct = tf.reduce_sum(tf.cast(tf.argmax(logits, axis=1) == y, tf.int64))
             return loss, correct
@@ -225,8 +240,6 @@ BACKENDS = {"torch": TorchBackend, "tf": KerasBackend, "jax": JaxBackend}
 
 
 def make_backend(framework: str, experiment: experiments.Experiment, dtype: str, seed: int):
-    if framework == "tf":
-        make_optimizer("tf", experiment)  # fails early, before TensorFlow is imported
     if framework not in BACKENDS:
         raise ValueError(f"unknown framework {framework!r}; known: {', '.join(FRAMEWORKS)}")
     return BACKENDS[framework](experiment, dtype, seed)
@@ -250,10 +263,12 @@ def _progress(epoch: int, done: int, total: int, loss: float) -> None:
 def train(framework: str, experiment: experiments.Experiment, *, epochs: int | None = None,
           steps: int | None = None, dtype: str = "float32", seed: int = 0,
           data_dir: str | None = None, runs_dir: str | os.PathLike = "runs",
-          test_size: int | None = None, quiet: bool = False) -> RunRecord:
+          test_size: int | None = None, quiet: bool = False, twin: bool = False) -> RunRecord:
     """Train ``experiment`` in ``framework``; write and return its run record.
 
     ``test_size`` evaluates on the first ``test_size`` test images only (quick runs).
+    ``twin``: start from initial weights moved by one ulp (``np.nextafter`` towards
+    +inf), to measure the framework's own float32 spread (polyopt.consistency's policy).
     """
     started = time.perf_counter()
     dataset = data.load(experiment.dataset, data_dir)
@@ -266,6 +281,9 @@ def train(framework: str, experiment: experiments.Experiment, *, epochs: int | N
         epochs = math.ceil(steps / steps_per_epoch) if steps else experiment.epochs
     total_steps = min(epochs * steps_per_epoch, steps or math.inf)
     backend = make_backend(framework, experiment, dtype, seed)
+    if twin:
+        backend.set_weights({name: np.nextafter(value, np.inf).astype(value.dtype)
+                             for name, value in backend.weights().items()})
     learning_rate = experiments.LearningRate(experiment, total_steps)
     stopper = (experiments.EarlyStopping(**experiment.early_stopping)
                if experiment.early_stopping else None)
@@ -342,10 +360,13 @@ def train(framework: str, experiment: experiments.Experiment, *, epochs: int | N
 
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{experiment.name}-{dtype}-{framework}"
+    stem = f"{experiment.name}-{dtype}-{framework}" + ("-twin" if twin else "")
     np.savez(runs_dir / f"{stem}.npz", **weights)
     config = {**experiment.config(), "epochs": epochs, "steps": total_steps, "seed": seed,
               "dtype": dtype, "framework": framework, "test_size": len(dataset.test_labels)}
+    if twin:
+        config["perturbation"] = "initial weights + 1 ulp"
+
     versions = {**backend.versions, "polyopt": polyopt.__version__, "numpy": np.__version__,
                 "python": platform.python_version()}
     record = RunRecord(experiment.name, framework, dtype, config, versions, step_loss, history,
@@ -374,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs-dir", default="runs", help="where run records go (runs)")
     parser.add_argument("--test-size", type=int, help="evaluate on the first N test images only")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--twin", action="store_true",
+                        help="start from the initial weights + 1 ulp (measures the own spread)")
     args = parser.parse_args(argv)
     for name in ("epochs", "steps", "test_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -381,7 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         train(args.framework, experiments.get(args.experiment), epochs=args.epochs,
               steps=args.steps, dtype=args.dtype, seed=args.seed, data_dir=args.data_dir,
-              runs_dir=args.runs_dir, test_size=args.test_size, quiet=args.quiet)
+              runs_dir=args.runs_dir, test_size=args.test_size, quiet=args.quiet,
+              twin=args.twin)
     except (NotImplementedError, data.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

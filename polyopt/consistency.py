@@ -45,7 +45,15 @@ The tolerance policy (``Policy()``, from the project's design):
   (relative to each parameter's norm; the norms when no weights file);
 - float32 (runs drift apart chaotically after some hundred steps): the
   per-epoch mean train and test losses agree to 5 % relative, and the final
-  test accuracies to 1.5 points.
+  test accuracies to 1.5 points, or to ``spread_factor`` (2) times the
+  framework's own float32 spread when that is larger. The spread is measured
+  by *twin* runs: the same framework again from initial weights moved by one
+  ulp (a record whose ``config`` has ``"perturbation"``); it is the largest
+  difference between a framework's run and its twin (accuracy in points,
+  epoch losses relative), over the frameworks that have a twin. A
+  difference between frameworks no larger than what one ulp does inside one
+  framework is float32 chaos, not disagreement. Twins are never compared
+  across frameworks themselves.
 
 Examples:
 
@@ -283,6 +291,7 @@ class Policy:
     exact_weights_rtol: float = 1e-8
     epoch_loss_rtol: float = 0.05
     accuracy_points: float = 1.5
+    spread_factor: float = 2.0
     min_frameworks: int = 2
     config_ignore: tuple[str, ...] = ("framework", "data_dir", "runs_dir")
 
@@ -303,6 +312,8 @@ class Agreement:
     weights_diff: float = math.nan      # max relative difference of the final weights (or norms)
     test_accuracy: dict = dataclasses.field(default_factory=dict)  # framework -> final, fraction
     accuracy_diff: float = math.nan     # max difference of final test accuracy, in points
+    accuracy_spread: float = math.nan   # own float32 spread (twin runs), in points
+    epoch_loss_spread: float = math.nan  # own float32 spread of the epoch losses, relative
     wall_time: dict = dataclasses.field(default_factory=dict)
     reasons: list[str] = dataclasses.field(default_factory=list)
 
@@ -326,12 +337,12 @@ class Comparison:
         """The agreement table (markdown, or aligned plain text)."""
         header = ["experiment", "dtype", "frameworks", "steps", "max step-loss diff",
                   "max epoch-loss diff", "weights diff", "final test accuracy (%)",
-                  "accuracy diff (points)", "verdict"]
+                  "accuracy diff (points)", "own spread (points)", "verdict"]
         lines = [[row.experiment, row.dtype, ", ".join(row.frameworks), str(row.steps),
                   _fmt(row.step_loss_diff), _fmt(row.epoch_loss_diff), _fmt(row.weights_diff),
                   " / ".join(f"{fw} {100 * acc:.2f}" for fw, acc in row.test_accuracy.items())
                   or "-",
-                  _fmt(row.accuracy_diff, ".2f"),
+                  _fmt(row.accuracy_diff, ".2f"), _fmt(row.accuracy_spread, ".2f"),
                   "pass" if row.passed else "FAIL: " + "; ".join(row.reasons)]
                  for row in self.rows]
         if markdown:
@@ -368,7 +379,30 @@ def _config_difference(records: Sequence[RunRecord], ignore: Iterable[str]) -> s
     return None
 
 
-def _agreement(records: list[RunRecord], policy: Policy) -> Agreement:
+def is_twin(record: RunRecord) -> bool:
+    """Whether ``record`` is a twin run (perturbed initial weights; see the policy)."""
+    return bool(record.config.get("perturbation"))
+
+
+def _spread(records: list[RunRecord], twins: list[RunRecord]) -> tuple[float, float]:
+    """(accuracy points, epoch-loss relative): the largest run-vs-twin differences."""
+    accuracy, loss = math.nan, math.nan
+    for twin in twins:
+        for record in records:
+            if record.framework != twin.framework or not (record.epochs and twin.epochs):
+                continue
+            gap = abs(record.final_value("test_accuracy") - twin.final_value("test_accuracy"))
+            accuracy = np.nanmax([accuracy, 100 * gap])
+            n = min(len(record.epochs), len(twin.epochs))
+            for field in ("train_loss", "test_loss"):
+                diff = _relative([e[field] for e in record.epochs[:n]],
+                                 [e[field] for e in twin.epochs[:n]])
+                loss = np.nanmax([loss, float(diff.max())])
+    return float(accuracy), float(loss)
+
+
+def _agreement(records: list[RunRecord], policy: Policy,
+               twins: Sequence[RunRecord] = ()) -> Agreement:
     first = records[0]
     row = Agreement(first.experiment, first.dtype, [r.framework for r in records])
     row.test_accuracy = {r.framework: r.final_value("test_accuracy") for r in records if r.epochs}
@@ -423,6 +457,13 @@ def _agreement(records: list[RunRecord], policy: Policy) -> Agreement:
         row.accuracy_diff = accuracy_worst
     row.weights_diff = _weights_difference(records)
 
+    accuracy_points, epoch_loss_rtol = policy.accuracy_points, policy.epoch_loss_rtol
+    if not exact and twins:
+        row.accuracy_spread, row.epoch_loss_spread = _spread(records, list(twins))
+        if not math.isnan(row.accuracy_spread):
+            accuracy_points = max(accuracy_points, policy.spread_factor * row.accuracy_spread)
+        if not math.isnan(row.epoch_loss_spread):
+            epoch_loss_rtol = max(epoch_loss_rtol, policy.spread_factor * row.epoch_loss_spread)
     if exact:
         if step_worst[1] and not step_worst[0] <= policy.exact_loss_rtol:
             row.reasons.append(f"step loss differs by {step_worst[0]:.3g} relative "
@@ -431,13 +472,13 @@ def _agreement(records: list[RunRecord], policy: Policy) -> Agreement:
         if not math.isnan(row.weights_diff) and not row.weights_diff <= policy.exact_weights_rtol:
             row.reasons.append(f"final weights differ by {row.weights_diff:.3g} relative "
                                f"(> {policy.exact_weights_rtol:g})")
-    elif epoch_worst[1] and not epoch_worst[0] <= policy.epoch_loss_rtol:
+    elif epoch_worst[1] and not epoch_worst[0] <= epoch_loss_rtol:
         row.reasons.append(f"epoch {epoch_worst[2].replace('_', ' ')} differs by "
-                           f"{epoch_worst[0]:.3g} relative (> {policy.epoch_loss_rtol:g}) "
+                           f"{epoch_worst[0]:.3g} relative (> {epoch_loss_rtol:.3g}) "
                            f"({epoch_worst[1]})")
-    if not math.isnan(row.accuracy_diff) and not row.accuracy_diff <= policy.accuracy_points:
+    if not math.isnan(row.accuracy_diff) and not row.accuracy_diff <= accuracy_points:
         row.reasons.append(f"final test accuracy differs by {row.accuracy_diff:.2f} points "
-                           f"(> {policy.accuracy_points:g})")
+                           f"(> {accuracy_points:.3g})")
     return row
 
 
@@ -470,10 +511,12 @@ def _weights_difference(records: list[RunRecord]) -> float:
 def compare(records: Iterable[RunRecord], policy: Policy = DEFAULT_POLICY) -> Comparison:
     """Group ``records`` by (experiment, dtype) and check each group against ``policy``."""
     groups: dict[tuple[str, str], list[RunRecord]] = {}
+    twins: dict[tuple[str, str], list[RunRecord]] = {}
     for record in records:
-        groups.setdefault((record.experiment, record.dtype), []).append(record)
-    rows = [_agreement(sorted(group, key=_framework_order), policy)
-            for _, group in sorted(groups.items())]
+        (twins if is_twin(record) else groups).setdefault(
+            (record.experiment, record.dtype), []).append(record)
+    rows = [_agreement(sorted(group, key=_framework_order), policy, twins.get(key, ()))
+            for key, group in sorted(groups.items())]
     return Comparison(rows, policy)
 
 
@@ -575,7 +618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.markdown:
         Path(args.markdown).write_text(result.table() + "\n")
     if not args.no_plots:
-        for path in plot(records, args.plots or Path(args.runs_dir) / "plots"):
+        main_records = [r for r in records if not is_twin(r)]
+        for path in plot(main_records, args.plots or Path(args.runs_dir) / "plots"):
             print(f"wrote {path}")
     failed = [row for row in result.rows if not row.passed]
     print(f"{len(result.rows) - len(failed)} of {len(result.rows)} experiment(s) agree"

@@ -199,10 +199,36 @@ def test_tables():
     lines = markdown.splitlines()
     assert lines[0].startswith("| experiment | dtype | frameworks | steps |")
     assert lines[2].startswith("| mnist-adam | float64 | torch, jax | 100 | 0.0e+00 |")
-    assert lines[2].endswith("| torch 78.00 / jax 78.00 | 0.00 | pass |")
+    assert lines[2].endswith("| torch 78.00 / jax 78.00 | 0.00 | - | pass |")
     assert "FAIL: 1 framework(s), at least 2 needed to compare" in lines[3]
     text = result.table(markdown=False).splitlines()
     assert text[0].split()[:2] == ["experiment", "dtype"] and "|" not in text[1]
+
+
+def test_float32_tolerance_grows_with_the_measured_own_spread():
+    """Cross-framework accuracy within max(1.5 points, 2 x the twin-run spread)."""
+    torch, jax = (_record("torch", dtype="float32"), _record("jax", dtype="float32",
+                                                        accuracy_shift=0.036))
+    alone = cs.compare([torch, jax]).rows[0]
+    assert not alone.passed and "3.60 points (> 1.5)" in alone.reasons[0]
+    assert math.isnan(alone.accuracy_spread)
+
+    def twin(framework, shift):
+        return _record(framework, dtype="float32", accuracy_shift=shift,
+                       perturbation="initial weights + 1 ulp")
+
+    # torch's own twin lands 2 points away: 3.6 <= 2 x 2 = 4 passes
+    wide = cs.compare([torch, jax, twin("torch", 0.02), twin("jax", 0.035)]).rows[0]
+    assert wide.passed, wide.reasons
+    assert wide.accuracy_spread == pytest.approx(2.0) and wide.frameworks == ["torch", "jax"]
+    assert "| 3.60 | 2.00 | pass |" in cs.compare([torch, jax, twin("torch", 0.02)]).table()
+    # a 1-point spread allows only 2 points: 3.6 fails, naming the widened tolerance
+    narrow = cs.compare([torch, jax, twin("torch", 0.01)]).rows[0]
+    assert not narrow.passed and "(> 2)" in narrow.reasons[0]
+    # float64 rows ignore twins: the exact policy stays exact
+    exact = cs.compare([_record("torch"), _record("jax", loss_noise=1e-3),
+                        _record("torch", perturbation="1 ulp", loss_noise=1e-3)]).rows[0]
+    assert not exact.passed and math.isnan(exact.accuracy_spread)
 
 
 def test_plots(tmp_path):

@@ -1,93 +1,14 @@
-"""The training harness (examples.train) end to end in float64: torch and jax, each in
-its own child process, train the same experiments a few steps and their run
-records agree (polyopt.consistency); plus the framework-free pieces."""
+"""The framework-free pieces of the training harness (examples.train): CLI, experiments,
+learning-rate policies, early stopping, the matrix plan, the loop with a scripted
+backend. The three frameworks end to end: tests/test_matrix.py."""
 
 from __future__ import annotations
-
-import math
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from examples import experiments, matrix, train
 from polyopt import consistency
-from tests._native import run_python
-
-ROOT = Path(__file__).resolve().parents[1]
-# (experiment, steps, batch size, test images): Lookahead syncs every 6 steps, so 7
-# steps cross a sync; the CNN runs on small batches to keep the test fast
-SMOKE = [("mnist-adam", 12, 128, 200), ("cifar-ranger", 7, 16, 100)]
-
-# Until polyopt.keras is merged, the Keras loop is checked with native Keras SGD, whose
-# plain step p - lr * g is polyopt's sgd exactly (lr a power of 2: Keras keeps its
-# learning rate in a float32 variable)
-SGD_LR = 0.0625
-
-CHILD = """
-import dataclasses
-from examples import experiments, train
-framework = payload["framework"]
-runs = [(experiments.get(name), steps, batch_size, test_size)
-        for name, steps, batch_size, test_size in payload["runs"]]
-sgd = dataclasses.replace(experiments.get("mnist-adam"), name="mnist-sgd", optimizer="sgd",
-                          options={"learning_rate": payload["lr"]})
-if framework == "jax":
-    runs.append((sgd, 12, 128, 200))
-if framework == "tf":
-    import keras
-    train.make_optimizer = lambda *args: keras.optimizers.SGD(learning_rate=payload["lr"])
-    runs = [(sgd, 12, 128, 200)]
-for experiment, steps, batch_size, test_size in runs:
-    experiment = dataclasses.replace(experiment, batch_size=batch_size)
-    train.train(framework, experiment, steps=steps, dtype="float64",
-                runs_dir=payload["runs_dir"], test_size=test_size, quiet=True)
-result = None
-"""
-
-
-@pytest.fixture(scope="module")
-def smoke_runs(tmp_path_factory):
-    runs_dir = tmp_path_factory.mktemp("runs")
-    payload = {"runs": SMOKE, "runs_dir": str(runs_dir), "lr": SGD_LR}
-    env = {"PYTHONPATH": str(ROOT), "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    with ThreadPoolExecutor(2) as pool:  # one child process per framework, two at a time
-        list(pool.map(lambda framework: run_python(
-            CHILD, {**payload, "framework": framework}, env=env), ("torch", "jax", "tf")))
-    return runs_dir
-
-
-def test_float64_torch_and_jax_runs_agree(smoke_runs):
-    records = consistency.read_runs(smoke_runs)
-    assert sorted((r.experiment, r.framework) for r in records) == [
-        ("cifar-ranger", "jax"), ("cifar-ranger", "torch"),
-        ("mnist-adam", "jax"), ("mnist-adam", "torch"),
-        ("mnist-sgd", "jax"), ("mnist-sgd", "tf")]
-    result = consistency.compare(records)
-    assert result.passed, result.table()
-    for row in result.rows:
-        # exact arithmetic in both: far inside the 1e-9 policy
-        assert row.step_loss_diff <= 1e-12 and row.weights_diff <= 1e-12, row
-    for record in records:
-        steps = {name: n for name, n, *_ in SMOKE}.get(record.experiment, 12)
-        assert len(record.step_loss) == steps and record.config["steps"] == steps
-        assert len(record.epochs) == 1 and record.dtype == "float64"
-        library = {"tf": "keras"}.get(record.framework, record.framework)
-        assert record.versions[library] and record.versions["polyopt"]
-        weights = record.load_weights()
-        assert consistency.weights_checksum(weights) == record.weights_checksum
-        assert record.step_loss[0] == pytest.approx(math.log(10), rel=0.1)
-        if record.experiment == "mnist-adam":  # it trains: 12 Adam steps cut the loss by 1/3
-            assert max(record.step_loss[-3:]) < record.step_loss[0] * 2 / 3
-
-
-def test_tf_waits_for_the_keras_adapter(tmp_path, capsys):
-    code = train.main(["--framework", "tf", "--experiment", "mnist-adam", "--steps", "1",
-                       "--runs-dir", str(tmp_path)])
-    assert code == 2
-    assert "polyopt.keras not merged yet" in capsys.readouterr().err
-    assert not list(tmp_path.iterdir())
 
 
 def test_cli_rejects_bad_arguments(capsys):
@@ -146,9 +67,16 @@ def test_matrix_runs():
             "--test-size", "500"] in quick
     assert ["--experiment", "cifar-ranger", "--dtype", "float64", "--steps", "100",
             "--test-size", "500"] in quick
-    full = matrix.runs(False, ["mnist-adam"])
+    main = matrix.runs(False, ["mnist-adam", "resnet20-adam"])
+    assert main == [["--experiment", "mnist-adam", "--dtype", "float32", "--epochs", "2"],
+                    ["--experiment", "resnet20-adam", "--dtype", "float32", "--steps", "10"],
+                    ["--experiment", "resnet20-adam", "--dtype", "float32", "--steps", "10",
+                     "--twin"],
+                    ["--experiment", "mnist-adam", "--dtype", "float64", "--steps", "100"]]
+    full = matrix.runs(False, ["mnist-adam"], full=True)
     assert full == [["--experiment", "mnist-adam", "--dtype", "float32"],
                     ["--experiment", "mnist-adam", "--dtype", "float64", "--steps", "100"]]
+    assert matrix.runs(False, ["mnist-adam"], epochs=5)[0][-2:] == ["--epochs", "5"]
 
 
 class _ScriptedBackend:
