@@ -25,8 +25,13 @@ def test_conventions_table_is_generated_from_the_presets():
 
 
 def test_the_two_commands():
-    commands = re.findall(r"^nox -s (\w+)$", README, re.MULTILINE)
-    assert commands[:2] == ["lab", "tests"]
+    """The main job (the cross-framework matrix) first, then the tests, which CI runs."""
+    section = README.split("## The two commands", 1)[1]
+    block = re.search(r"```\n(.*?)```", section, re.DOTALL).group(1)
+    assert block.splitlines() == ["nox -s torch tf jax compare", "nox -s tests"]
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text().splitlines()
+    sessions = [line for line in ci if re.match(r'\s*"\$bootstrap/bin/nox" -s ', line)]
+    assert len(sessions) == 1 and re.search(r'nox" -s tests\b', sessions[0]), sessions
 
 
 def test_every_rule_is_in_the_table():
