@@ -124,6 +124,28 @@ class _Holder:
         self.optimizer = optimizer
 
 
+def _inner_optimizer(wrapper: type, optimizer: Any, learning_rate: Any) -> tuple[Any, Any]:
+    """The inner optimizer of a wrapper (Lookahead, SkipNonFinite), checked, and the
+    learning rate the wrapper runs with (the inner one's unless given)."""
+    owner = wrapper.__name__
+    if isinstance(optimizer, dict):
+        optimizer = keras.saving.deserialize_keras_object(optimizer)
+    if not isinstance(optimizer, RuleOptimizer) or isinstance(optimizer, wrapper):
+        raise TypeError(
+            f"{owner}: optimizer must be a polyopt.keras optimizer (not a {owner}), "
+            f"got optimizer={optimizer!r}")
+    changed = [k for k, v in BASE_OPTIONS.items() if k != "name" and getattr(optimizer, k) != v]
+    if changed:
+        raise ValueError(
+            f"{owner}: set {', '.join(changed)} on the {owner}, not on its inner "
+            f"optimizer (got {', '.join(f'{k}={getattr(optimizer, k)!r}' for k in changed)})")
+    if learning_rate is None:
+        learning_rate = optimizer._learning_rate
+        if isinstance(learning_rate, keras.Variable):
+            learning_rate = float(keras.ops.convert_to_numpy(learning_rate))
+    return optimizer, learning_rate
+
+
 @_register
 class Lookahead(RuleOptimizer):
     """Lookahead around any polyopt.keras optimizer.
@@ -151,22 +173,7 @@ class Lookahead(RuleOptimizer):
 
     def __init__(self, optimizer: Any, sync_period: int = 6, slow_step_size: float = 0.5,
                  reset_state: bool = False, learning_rate: Any = None, **base: Any) -> None:
-        if isinstance(optimizer, dict):
-            optimizer = keras.saving.deserialize_keras_object(optimizer)
-        if not isinstance(optimizer, RuleOptimizer) or isinstance(optimizer, Lookahead):
-            raise TypeError(
-                f"Lookahead: optimizer must be a polyopt.keras optimizer (not a Lookahead), "
-                f"got optimizer={optimizer!r}")
-        changed = [k for k, v in BASE_OPTIONS.items()
-                   if k != "name" and getattr(optimizer, k) != v]
-        if changed:
-            raise ValueError(
-                f"Lookahead: set {', '.join(changed)} on the Lookahead, not on its inner "
-                f"optimizer (got {', '.join(f'{k}={getattr(optimizer, k)!r}' for k in changed)})")
-        if learning_rate is None:
-            learning_rate = optimizer._learning_rate
-            if isinstance(learning_rate, keras.Variable):
-                learning_rate = float(keras.ops.convert_to_numpy(learning_rate))
+        optimizer, learning_rate = _inner_optimizer(Lookahead, optimizer, learning_rate)
         optimizer.spec["learning_rate"].check(learning_rate, "Lookahead", "keras")
         self._setup({"sync_period": sync_period, "slow_step_size": slow_step_size,
                      "reset_state": reset_state}, base, learning_rate=learning_rate)

@@ -19,8 +19,8 @@ from typing import Any
 import keras
 
 from polyopt import hyper, rules
-from polyopt.keras._base import BASE_OPTIONS, RuleOptimizer
-from polyopt.keras._optimizers import _Holder
+from polyopt.keras._base import RuleOptimizer
+from polyopt.keras._optimizers import _Holder, _inner_optimizer
 
 
 @keras.saving.register_keras_serializable(package="polyopt")
@@ -54,23 +54,7 @@ class SkipNonFinite(RuleOptimizer):
 
     def __init__(self, optimizer: Any, max_consecutive_errors: float = math.inf,
                  learning_rate: Any = None, **base: Any) -> None:
-        if isinstance(optimizer, dict):
-            optimizer = keras.saving.deserialize_keras_object(optimizer)
-        if not isinstance(optimizer, RuleOptimizer) or isinstance(optimizer, SkipNonFinite):
-            raise TypeError(
-                f"SkipNonFinite: optimizer must be a polyopt.keras optimizer (not a "
-                f"SkipNonFinite), got optimizer={optimizer!r}")
-        changed = [k for k, v in BASE_OPTIONS.items()
-                   if k != "name" and getattr(optimizer, k) != v]
-        if changed:
-            raise ValueError(
-                f"SkipNonFinite: set {', '.join(changed)} on the SkipNonFinite, not on its "
-                f"inner optimizer (got "
-                f"{', '.join(f'{k}={getattr(optimizer, k)!r}' for k in changed)})")
-        if learning_rate is None:
-            learning_rate = optimizer._learning_rate
-            if isinstance(learning_rate, keras.Variable):
-                learning_rate = float(keras.ops.convert_to_numpy(learning_rate))
+        optimizer, learning_rate = _inner_optimizer(SkipNonFinite, optimizer, learning_rate)
         self._setup({"max_consecutive_errors": max_consecutive_errors}, base,
                     learning_rate=learning_rate)
         self._inner = _Holder(optimizer)
