@@ -449,12 +449,18 @@ _rows("optax", _optax,
 @pytest.mark.parametrize("row", [pytest.param(r, id=f"{r.framework}:{r.id}",
                                               marks=MARKS[r.framework]) for r in ROWS])
 def test_bad_input_is_refused_and_changes_nothing(row: Row):
+    assert_refused_unchanged(row, _snap)
+
+
+def assert_refused_unchanged(row: Row, snap) -> None:
+    """``row``'s action raises its exception, naming the argument, and
+    ``snap`` (a snapshot of everything the action could change) is unchanged."""
     subject = row.setup() if row.setup else None
-    before = _snap(subject)
+    before = snap(subject)
     with pytest.raises(row.exc) as info:
         row.action(subject)
     assert re.search(row.match, str(info.value)), f"message does not name it: {info.value}"
-    assert _same(before, _snap(subject)), "the bad input changed something"
+    assert _same(before, snap(subject)), "the bad input changed something"
 
 
 def test_catalogue_size():
