@@ -55,6 +55,7 @@ if rank == 0:
     with open(out, "w") as f:
         json.dump([p.detach().numpy().tolist() for p in model.parameters()], f)
 if world > 1:
+    dist.barrier()  # no rank tears gloo down while the other still uses it (abort at exit)
     dist.destroy_process_group()
 """
 
