@@ -66,7 +66,9 @@ def inductor_cache(tmp_path, monkeypatch):
 
 
 def graphs() -> int:
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    """Graphs compiled so far in this process (through dynamo or straight to
+    inductor, every compilation goes through AOTAutograd)."""
+    return torch._dynamo.utils.counters["aot_autograd"]["total"]
 
 
 def _run(compiled, steps=range(10), state=None):
@@ -196,3 +198,38 @@ def test_flat_path_starts_momentum_buffers_when_momentum_becomes_non_zero(induct
     buffers = [opt.state[p]["momentum_buffer"] for p in fast]
     assert [b.shape for b in buffers] == [p.shape for p in fast]
     assert len({b.untyped_storage().data_ptr() for b in buffers}) == 1
+
+
+def test_flat_steady_state_still_checks_every_edit_of_a_group(inductor_cache):
+    """The steady state reuses the last step's checks while nothing changed; an
+    edit of any value is checked again before anything moves: a bad lr or
+    betas set between steps raises naming it, and params and state stay as
+    they were; a good edit then steps with the new value."""
+    params = [torch.tensor(p, dtype=torch.float32, requires_grad=True) for p in PARAMS[:3]]
+    opt = pt.Adam(params, lr=0.01, compiled=True)
+    for t in range(4):
+        for p, g in zip(params, GRADS[t]):
+            p.grad = torch.tensor(g, dtype=torch.float32)
+        opt.step()
+    assert 0 in opt._steady  # the last steps took the steady path
+    group = opt.param_groups[0]
+    snapshot = copy.deepcopy(([p.detach() for p in params], opt.state_dict()))
+    for key, bad, message in (("lr", -1.0, "lr must be a number"),
+                              ("lr", True, "lr must be a number"),
+                              ("betas", (0.9, 1.5), "betas"),
+                              ("eps", -1e-8, "eps must be")):
+        good = group[key]
+        group[key] = bad
+        with pytest.raises((TypeError, ValueError), match=message) as info:
+            opt.step()
+        assert "param group 0" in str(info.value)
+        group[key] = good
+        assert all((p == q).all() for p, q in zip(params, snapshot[0]))
+        state = opt.state_dict()["state"]
+        assert all(int(state[i]["step"]) == 4 for i in state)
+        for i in state:
+            assert (state[i]["exp_avg"] == snapshot[1]["state"][i]["exp_avg"]).all()
+    group["lr"] = 0.0  # a valid edit: lr 0 leaves the params where they are
+    opt.step()
+    assert all((p == q).all() for p, q in zip(params, snapshot[0]))
+    assert int(opt.state_dict()["state"][0]["step"]) == 5

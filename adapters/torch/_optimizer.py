@@ -23,6 +23,7 @@ from typing import Any
 
 import array_api_compat.torch as _xp
 import torch
+import torch._inductor
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.split_module import split_module
 
@@ -102,6 +103,27 @@ def torch_args(spec: Spec) -> list[_Arg]:
             if indices != list(range(len(indices))):
                 raise TypeError(f"spec {spec.name}: {arg.name} has indices {indices}")
     return list(args.values())
+
+
+_GRAD = operator.attrgetter("grad")
+_MISSING = object()
+_PLAIN = (float, int, bool, str, type(None))
+
+
+def _value_key(raw: tuple) -> tuple | None:
+    """A key equal for two tuples of group values only when every value is of
+    the same type and equal (so 1, 1.0 and True differ), or None when a value
+    is not a plain number/string or a tuple of them (a tensor may change in
+    place)."""
+    key = []
+    for v in raw:
+        if type(v) in _PLAIN:
+            key.append((type(v), v))
+        elif type(v) in (tuple, list) and all(type(x) in _PLAIN for x in v):
+            key.append((type(v), tuple((type(x), x) for x in v)))
+        else:
+            return None
+    return tuple(key)
 
 
 def _is_zero(value: Any) -> bool:
@@ -197,16 +219,12 @@ _COMPILED_STEPS: dict = {}
 
 
 def _compile(update) -> Any:
-    """torch.compile of one bucket's step (``update``: a rule's update, or a
-    traced flat step, a GraphModule). Each compiled step gets its own code
-    object, so that dynamo's per-code recompile limit counts one entry per
-    (rule, structure) instead of sharing 8 between all of them."""
-    if isinstance(update, torch.fx.GraphModule):
-        def step(*args):
-            return update(*args)
-    else:
-        def step(params, grads, state):
-            return _apply(update, params, grads, state, scalars_in_place=False)
+    """torch.compile of one bucket's per-tensor step (``update``: a rule's
+    update). Each compiled step gets its own code object, so that dynamo's
+    per-code recompile limit counts one entry per (rule, structure) instead of
+    sharing 8 between all of them."""
+    def step(params, grads, state):
+        return _apply(update, params, grads, state, scalars_in_place=False)
 
     code = step.__code__.replace(co_name=f"polyopt_step_{next(_compiled_count)}")
     fn = types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
@@ -280,12 +298,32 @@ def _scalar_partition(gm: torch.fx.GraphModule):
 
 def _compile_flat(step, example: list):
     """make_fx (fake tensors: nothing runs) of ``step``, its 0-d part split off
-    (one small compiled graph), the rest one torch.compile graph."""
+    (one small compiled graph), the rest one compiled elementwise kernel.
+
+    Both parts go to inductor directly (``torch._inductor.compile``), not
+    through dynamo: the graphs are already captured, and the caller keys them
+    by every shape, dtype and device, so dynamo's guards would only add their
+    cost to every step. Each part's example inputs are recorded by running
+    the split graph once on copies of ``example``.
+    """
     gm = make_fx(step, tracing_mode="fake")(*example)
+    # the rule's argument checks read 0-d hyperparameters (``.item()``) without
+    # using the result: dead code, which inductor cannot run on fake tensors
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
     split = split_module(gm, None, _scalar_partition(gm))
-    for name, child in list(split.named_children()):
+    children = dict(split.named_children())
+    recorded: dict = {}
+    for name, child in children.items():
+        def record(*args, name=name, child=child):
+            recorded[name] = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+            return child(*args)
+
         del split._modules[name]  # the generated code calls self.<name>(...)
-        object.__setattr__(split, name, _compile(child))
+        object.__setattr__(split, name, record)
+    split(*[a.clone() for a in example])
+    for name, child in children.items():
+        object.__setattr__(split, name, torch._inductor.compile(child, recorded[name]))
     return split
 
 
@@ -369,6 +407,8 @@ class RuleOptimizer(torch.optim.Optimizer):
     def _reset_caches(self) -> None:
         self._layouts: dict = {}
         self._flats: dict = {}  # bucket's param ids -> {state key: (buffer, views)}
+        self._group_checks: dict = {}  # group index -> (value key, checked values)
+        self._steady: dict = {}  # group index -> (params, their grads) after a flat step
 
     @classmethod
     def elementwise(cls, values: dict) -> bool:
@@ -463,8 +503,46 @@ class RuleOptimizer(torch.optim.Optimizer):
 
     # -- step ------------------------------------------------------------------
 
+    def _group_values(self, index: int, group: dict) -> dict:
+        """``_values`` of a group, checked again only where a value changed: a
+        scheduler changing lr costs one check of lr (the returned dict is shared:
+        read only)."""
+        raw = tuple(group.get(a.name, _MISSING) for a in self._args)
+        key = _value_key(raw)
+        last = self._group_checks.get(index)
+        if key is None or last is None or len(key) != len(last[0]):
+            values = self._values(group, f" {index}")
+        elif key == last[0]:
+            return last[1]
+        else:
+            values = dict(last[1])
+            for arg, now, before in zip(self._args, key, last[0]):
+                if now == before:
+                    continue
+                (position, h), = arg.hypers if len(arg.hypers) == 1 else ((None, None),)
+                if position is not None or h is None or not h.runtime:
+                    values = self._values(group, f" {index}")
+                    break
+                try:
+                    values[h.name] = h.check(group[arg.name], self.spec.name, "torch")
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"{e} (param group {index})") from None
+        if key is not None:
+            self._group_checks[index] = (key, values)
+        return values
+
     def _plan(self, index: int, group: dict):
-        values = self._values(group, f" {index}")
+        values = self._group_values(index, group)
+        steady = self._steady.get(index)
+        if steady is not None:
+            # the params and grads of the last (flat) step, unchanged: each grad
+            # is a view of the flat grad buffer, checked when it was made
+            params, grads = steady
+            now = group["params"]
+            if (len(now) == len(params) and all(map(operator.is_, now, params))
+                    and all(map(operator.is_, map(_GRAD, params), grads))):
+                return values, params, grads
+            del self._steady[index]
         params, grads = [], []
         for j, p in enumerate(group["params"]):
             g = p.grad
@@ -492,10 +570,22 @@ class RuleOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             # every group is checked before any is changed
             plans = [self._plan(i, g) for i, g in enumerate(self.param_groups)]
-            for values, params, grads in plans:
+            for index, (values, params, grads) in enumerate(plans):
                 if params:
                     self._step_group(values, params, grads)
+                    self._note_steady(index, params)
         return loss
+
+    def _note_steady(self, index: int, params: list) -> None:
+        """Remember a group whose every param now has a grad view of one flat
+        buffer (holding the views keeps no memory alive)."""
+        if not self.compiled or index in self._steady:
+            return
+        group = self.param_groups[index]["params"]
+        built = self._flats.get(tuple(map(id, params)), {}).get("__params__")
+        if (built is not None and len(group) == len(params)
+                and all(map(operator.is_, map(_GRAD, params), built[3]))):
+            self._steady[index] = (list(params), list(built[3]))
 
     def _step_group(self, values: dict, params: list, grads: list) -> None:
         layout = self._layout(values)
@@ -634,9 +724,10 @@ class RuleOptimizer(torch.optim.Optimizer):
             flat_g = flat_p.new_empty(flat_p.shape)
             grad_views = self._views(flat_g, params)
             pointer = torch.Tensor.data_ptr
+            shapes = tuple((tuple(p.shape), p.dtype, p.device) for p in params)
             built = entry["__params__"] = (flat_p, flat_g, tuple(map(pointer, views)),
-                                           grad_views, tuple(map(pointer, grad_views)))
-        flat_p, flat_g, _, grad_views, grad_pointers = built
+                                           grad_views, tuple(map(pointer, grad_views)), shapes)
+        flat_p, flat_g, _, grad_views, grad_pointers, _ = built
         if tuple(map(torch.Tensor.data_ptr, grads)) != grad_pointers:
             torch.cat([g.reshape(-1) for g in grads], out=flat_g)
             for p, v in zip(params, grad_views):
@@ -673,15 +764,15 @@ class RuleOptimizer(torch.optim.Optimizer):
         else:
             buffers = {k: v[0] for k, v in intact.items() if not k.startswith("__")}
         present = tuple(k for _, k in layout.slots if k in states[0])
-        structure = ("flat", type(self), self._structure(values), present,
-                     tuple((tuple(p.shape), p.dtype, p.device) for p in params))
-        entry = _COMPILED_STEPS.get(structure)
-        slots = [buffers[k] for k in present]
-        scalars = [buffers[k][0] for _, k, _ in layout.scalars]
         # params and grads are read into flat tensors (one torch.cat each, outside
         # the compiled graph: inductor fuses a cat of many inputs into its loop
         # as a chain of index tests per element, measured 3x slower)
         flat_p, flat_g = self._flat_params(params, grads)
+        shapes = self._flats[tuple(map(id, params))]["__params__"][5]
+        structure = ("flat", type(self), self._structure(values), present, shapes)
+        entry = _COMPILED_STEPS.get(structure)
+        slots = [buffers[k] for k in present]
+        scalars = [buffers[k][0] for _, k, _ in layout.scalars]
         if entry is None:
             names = [h.name for h in self.spec
                      if h.runtime and not (h.name != "learning_rate" and _is_zero(values[h.name]))]
