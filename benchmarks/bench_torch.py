@@ -113,9 +113,7 @@ def run(name: str, set_name: str, *, steps: int, rounds: int, fast: bool,
     shapes = common.PARAM_SETS[set_name]
     n, count = common.sizes(shapes)
     opts, memory = {}, {}
-    # Ranger's gradient centralization is per tensor: no flat path; its
-    # per-tensor compiled step takes a minute to compile, so it is left out
-    for label, make in builders(name, fast and name != "Ranger").items():
+    for label, make in builders(name, fast).items():
         opts[label] = make(make_params(shapes))
 
     def runner(opt):

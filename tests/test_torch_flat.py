@@ -233,3 +233,30 @@ def test_flat_steady_state_still_checks_every_edit_of_a_group(inductor_cache):
     opt.step()
     assert all((p == q).all() for p, q in zip(params, snapshot[0]))
     assert int(opt.state_dict()["state"][0]["step"]) == 5
+
+
+def test_ranger_runs_flat_with_per_tensor_views_for_gradient_centralization(inductor_cache):
+    """Ranger centralizes each gradient around its own mean, so its flat step
+    takes the per-parameter views of the flat buffers instead of their
+    concatenation: float64, 14 steps (two Lookahead syncs), the eager numbers
+    to 1e-12, its state one flat buffer per slot; and centralization did act
+    (without it the run ends elsewhere)."""
+
+    def run(compiled, **options):
+        params = [torch.tensor(p, requires_grad=True) for p in PARAMS[:3]]
+        opt = pt.Ranger(params, lr=0.05, compiled=compiled, **options)
+        for t in range(14):
+            for p, g in zip(params, GRADS[t]):
+                p.grad = torch.tensor(g)
+            opt.step()
+        return [p.detach().numpy() for p in params], opt
+
+    eager, _ = run(False)
+    fast, opt = run(True)
+    assert max_rel_diff(fast, eager) <= 1e-12
+    for key in ("slow_buffer", "exp_avg", "exp_avg_sq"):
+        storages = {opt.state[p][key].untyped_storage().data_ptr()
+                    for p in opt.param_groups[0]["params"]}
+        assert len(storages) == 1
+    plain, _ = run(False, gradient_centralization=False)
+    assert max_rel_diff(plain, eager) > 1e-3

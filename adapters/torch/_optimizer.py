@@ -235,39 +235,45 @@ def _compile(update) -> Any:
 # the flat fast path: one rule call on the concatenation of a bucket's tensors
 
 
-def _flat_step(factory, values: dict, hyper_names: list, layout: _Layout, present: tuple):
-    """The step of one bucket on flat tensors, as a function of flat positional
-    tensors: ``(params, grads, *present slot buffers, *scalars, *hypers)``.
+def _flat_step(factory, values: dict, hyper_names: list, layout: _Layout, present: tuple,
+               count: int = 1):
+    """The step of one bucket on flat state, as a function of positional
+    tensors: ``(*params, *grads, *each present slot, *scalars, *hypers)``,
+    ``count`` tensors each for the params, the grads and every slot.
 
-    The rule runs once on the concatenation of the params and of the grads;
-    the params and the slot buffers are updated in place. Returns ``(*slots
-    the rule created, *new scalars)``; after tracing, ``step.created`` names
-    the created slots. Valid only for elementwise rules
-    (:meth:`RuleOptimizer.elementwise`), whose numbers do not depend on how
-    the tensors are split.
+    ``count`` 1: the rule runs once on the concatenations (flat buffers); valid
+    only for elementwise rules (:meth:`RuleOptimizer.elementwise`), whose
+    numbers do not depend on how the tensors are split. Otherwise the inputs
+    are the per-parameter views of the flat buffers (so per-tensor reductions,
+    gradient centralization, see their own tensor). The params and the slots
+    are updated in place. Returns ``(*slots the rule created, *new scalars)``,
+    each created slot flat; after tracing, ``step.created`` names them.
     """
     slot_paths = [path for path, key in layout.slots if key in present]
 
-    def step(p, g, *args):
-        slots = args[:len(slot_paths)]
-        rest = args[len(slot_paths):]
+    def step(*args):
+        groups = [list(args[i * count:(i + 1) * count]) for i in range(2 + len(slot_paths))]
+        (params, grads), slots = groups[:2], groups[2:]
+        rest = args[len(groups) * count:]
         scalars, hypers = rest[:len(layout.scalars)], rest[len(layout.scalars):]
         rule = factory(**{**values, **dict(zip(hyper_names, hypers))})
         leaves = {path: [] for path, _ in layout.slots}
-        leaves.update({path: [b] for path, b in zip(slot_paths, slots)})
+        leaves.update(zip(slot_paths, slots))
         for (path, _, is_count), value in zip(layout.scalars, scalars):
             leaves[path] = value.to(torch.int32) if is_count else value
-        updates, new = rule.update([g], _rebuild(layout.template, leaves), [p])
-        p.add_(updates[0])
+        updates, new = rule.update(grads, _rebuild(layout.template, leaves), params)
+        for p, u in zip(params, updates):
+            p.add_(u)
         out = dict(_leaves(new))
         created = []
         step.created = []
         for path, key in layout.slots:
-            if len(out[path]) == 1:
+            if len(out[path]) == count:
                 if path in slot_paths:
-                    slots[slot_paths.index(path)].copy_(out[path][0])
+                    for old, value in zip(slots[slot_paths.index(path)], out[path]):
+                        old.copy_(value)
                 else:
-                    created.append(out[path][0])
+                    created.append(torch.cat([a.reshape(-1) for a in out[path]]))
                     step.created.append(key)
         return (*created, *[out[path] for path, _, _ in layout.scalars])
 
@@ -338,19 +344,22 @@ class RuleOptimizer(torch.optim.Optimizer):
     (the rule factory in :mod:`polyopt.rules`); the constructor's arguments
     (torch spellings), their defaults and their checks come from the spec.
 
-    ``compiled=True`` is the fast path. For elementwise rules
-    (:meth:`elementwise`: all but Ranger with gradient centralization) and
-    groups of same-dtype, non-16-bit, non-0-d params it runs the rule ONCE on
-    flat tensors: the params' ``.data`` become views of one flat buffer (as
-    apex's/FSDP's flat parameters), the grads are gathered into one flat
-    buffer whose views become the params' ``.grad``, and each state slot is
-    one flat tensor whose views are ``self.state[p][...]`` (so ``state_dict``
-    keeps torch's per-parameter format). The traced step is split in two
-    torch.compile graphs: the 0-d part (bias corrections, counts) and one
-    elementwise kernel. Other groups run one compiled graph per bucket of
-    params. Hyperparameters that schedulers change are 0-d tensor inputs: a
-    changing lr never recompiles. Compiling takes a few seconds (flat path)
-    to a minute (per-tensor graphs) on a CPU, once per structure. The
+    ``compiled=True`` is the fast path. For groups of same-dtype, non-16-bit,
+    non-0-d params the state is flat: the params' ``.data`` become views of
+    one flat buffer (as apex's/FSDP's flat parameters), the grads are
+    gathered into one flat buffer whose views become the params' ``.grad``,
+    and each state slot is one flat tensor whose views are
+    ``self.state[p][...]`` (so ``state_dict`` keeps torch's per-parameter
+    format). Elementwise rules (:meth:`elementwise`: all but Ranger with
+    gradient centralization) run ONCE on the flat tensors; Ranger's per-tensor
+    means run on their per-parameter views, in the same compiled step. The
+    traced step goes straight to inductor (no dynamo guards per call) as two
+    graphs: the 0-d part (bias corrections, counts) and the elementwise
+    kernel. Other groups (16-bit or 0-d params) run one torch.compile graph
+    per bucket of params. Hyperparameters that schedulers change are 0-d
+    tensor inputs: a changing lr never recompiles. Compiling takes a few
+    seconds (flat path) to a minute (per-bucket graphs) on a CPU, once per
+    structure. The
     default eager path runs the same rule op by op, per tensor.
     """
 
@@ -664,7 +673,7 @@ class RuleOptimizer(torch.optim.Optimizer):
 
     def _flat_eligible(self, values: dict, params: list) -> bool:
         first = params[0]
-        return (self.elementwise(values) and first.dtype not in _LOW_PRECISION
+        return (first.dtype not in _LOW_PRECISION
                 and all(p.ndim > 0 and p.dtype == first.dtype and p.device == first.device
                         for p in params))
 
@@ -726,8 +735,9 @@ class RuleOptimizer(torch.optim.Optimizer):
             pointer = torch.Tensor.data_ptr
             shapes = tuple((tuple(p.shape), p.dtype, p.device) for p in params)
             built = entry["__params__"] = (flat_p, flat_g, tuple(map(pointer, views)),
-                                           grad_views, tuple(map(pointer, grad_views)), shapes)
-        flat_p, flat_g, _, grad_views, grad_pointers, _ = built
+                                           grad_views, tuple(map(pointer, grad_views)), shapes,
+                                           views)
+        flat_p, flat_g, _, grad_views, grad_pointers, _, _ = built
         if tuple(map(torch.Tensor.data_ptr, grads)) != grad_pointers:
             torch.cat([g.reshape(-1) for g in grads], out=flat_g)
             for p, v in zip(params, grad_views):
@@ -768,11 +778,15 @@ class RuleOptimizer(torch.optim.Optimizer):
         # the compiled graph: inductor fuses a cat of many inputs into its loop
         # as a chain of index tests per element, measured 3x slower)
         flat_p, flat_g = self._flat_params(params, grads)
-        shapes = self._flats[tuple(map(id, params))]["__params__"][5]
-        structure = ("flat", type(self), self._structure(values), present, shapes)
+        flats = self._flats[tuple(map(id, params))]
+        built = flats["__params__"]
+        structure = ("flat", type(self), self._structure(values), present, built[5])
         entry = _COMPILED_STEPS.get(structure)
-        slots = [buffers[k] for k in present]
         scalars = [buffers[k][0] for _, k, _ in layout.scalars]
+        if self.elementwise(values):
+            tensors = [flat_p, flat_g, *[buffers[k] for k in present]]
+        else:  # the per-parameter views of the flat buffers
+            tensors = [*built[6], *built[3], *[v for k in present for v in flats[k][1]]]
         if entry is None:
             names = [h.name for h in self.spec
                      if h.runtime and not (h.name != "learning_rate" and _is_zero(values[h.name]))]
@@ -780,21 +794,21 @@ class RuleOptimizer(torch.optim.Optimizer):
                       for _ in names]
             for name, tensor in zip(names, inputs):
                 tensor.fill_(values[name])
-            step = _flat_step(type(self).factory, values, names, layout, present)
-            example = [flat_p, flat_g, *slots, *[s.to(torch.int32) if c else s for s, (_, _, c)
-                                                     in zip(scalars, layout.scalars)], *inputs]
+            step = _flat_step(type(self).factory, values, names, layout, present,
+                              1 if self.elementwise(values) else len(params))
+            example = [*tensors, *[s.to(torch.int32) if c else s for s, (_, _, c)
+                                   in zip(scalars, layout.scalars)], *inputs]
             entry = (_compile_flat(step, example), names, inputs, step.created)
             _COMPILED_STEPS[structure] = entry
         fn, names, inputs, fresh = entry
         for name, tensor in zip(names, inputs):
             tensor.fill_(values[name])
         counts = [s.to(torch.int32) if c else s for s, (_, _, c) in zip(scalars, layout.scalars)]
-        out = fn(flat_p, flat_g, *slots, *counts, *inputs)
+        out = fn(*tensors, *counts, *inputs)
         # slots the rule started (momentum that became non-zero) come back flat
         news = out[:len(fresh)]
-        entry = self._flats[tuple(map(id, params))]
         for key, buffer in zip(fresh, news):
-            self._set_views(entry, key, buffer, states, [p.shape for p in params])
+            self._set_views(flats, key, buffer, states, [p.shape for p in params])
         for (_, key, _), value in zip(layout.scalars, out[len(news):]):
             buffers[key].copy_(value)
 
