@@ -423,9 +423,9 @@ class RuleOptimizer(torch.optim.Optimizer):
     def elementwise(cls, values: dict) -> bool:
         """Whether the rule with these (canonical) values treats every element
         alone: no per-tensor reductions or shapes, so that one call on the
-        concatenation of all tensors gives each tensor's numbers. Classes whose
-        rule is not (Ranger's gradient centralization) override this."""
-        return True
+        concatenation of all tensors gives each tensor's numbers
+        (:func:`polyopt.rules.elementwise`)."""
+        return rules.elementwise(cls.spec.name, values)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "compiled": self.compiled}

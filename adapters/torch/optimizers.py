@@ -111,11 +111,6 @@ class Ranger(RuleOptimizer):
     state_names = {"inner.inner.0.count": "gc_step", "inner.inner.1.count": "radam_step",
                    "inner.count": "radam_step"}
 
-    @classmethod
-    def elementwise(cls, values: dict) -> bool:
-        """Gradient centralization subtracts per-tensor means: not elementwise."""
-        return not values["gradient_centralization"]
-
 
 OPTIMIZERS = {cls.spec.name: cls for cls in (SGD, Adagrad, RMSprop, Adadelta, Adam, AdamW,
                                              Adamax, NAdam, RAdam, Ranger)}

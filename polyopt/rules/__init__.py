@@ -53,8 +53,25 @@ from polyopt.rules.wrappers import (
     sam,
 )
 
+
+def elementwise(name: str, values: dict) -> bool:
+    """Whether the rule factory ``name`` with these (canonical) arguments treats
+    every element alone: no per-tensor reductions, no axes. Its numbers then do
+    not depend on how the arrays are shaped or split, so an adapter may run it
+    on 1-D reshapes or on one concatenation of all arrays (checked for every
+    torch class by tests/test_torch_flat.py). Only Ranger's gradient
+    centralization (per-tensor means over every axis but the first) is not.
+
+    >>> elementwise("adam", {})
+    True
+    >>> elementwise("ranger", {"gradient_centralization": True})
+    False
+    """
+    return not (name == "ranger" and values.get("gradient_centralization", True))
+
+
 __all__ = [
-    "ARRAY_API_SUBSET", "Rule", "SAMRule", "register_namespace",
+    "ARRAY_API_SUBSET", "Rule", "SAMRule", "register_namespace", "elementwise",
     "sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
     "radam", "lookahead", "ranger", "sam",
     "chain", "clip_by_global_norm", "centralize", "add_decayed_weights",
