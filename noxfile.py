@@ -201,12 +201,11 @@ def compare(session: nox.Session) -> None:
 # Benchmarks (not tests): one process per framework.
 
 #: framework -> (pyproject extra, script, extra environment). One process each
-#: (torch and tensorflow never share one). Hook for Keras: add
-#: "keras": ("tf", "benchmarks/bench_keras.py", {"KERAS_BACKEND": "tensorflow"})
-#: once that script exists (a missing script is skipped with a message).
+#: (torch and tensorflow never share one); a missing script is skipped with a message.
 BENCHMARKS = {
     "torch": ("torch", "benchmarks/bench_torch.py", {}),
     "jax": ("jax", "benchmarks/bench_jax.py", {}),
+    "keras": ("tf", "benchmarks/bench_keras.py", {"KERAS_BACKEND": "tensorflow"}),
 }
 
 

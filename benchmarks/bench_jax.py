@@ -17,7 +17,6 @@ left at their default (set XLA_FLAGS to pin them). Not a test.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -77,7 +76,6 @@ def copy_bandwidth(n: int) -> float:
 
 def run(name: str, set_name: str, *, steps: int, rounds: int, bandwidth: float) -> common.Result:
     shapes = common.PARAM_SETS[set_name]
-    n, count = common.sizes(shapes)
     ours, theirs, rule = ALGORITHMS[name]
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), make_params(shapes, 1))
     label_native = "native optax" if name != "Ranger" else "native optax.radam (no Ranger)"
@@ -95,43 +93,20 @@ def run(name: str, set_name: str, *, steps: int, rounds: int, bandwidth: float) 
             box[1], box[2] = params, state
 
         variants[label] = go
-    timings = common.interleaved(variants, steps=steps, rounds=rounds, warmup=1)
-    summaries = [{**t.summary(), "state_bytes": state_bytes(boxes[label][2])}
-                 for label, t in timings.items()]
-    result = common.Result("jax", name, set_name, n, count,
-                           common.traffic_bytes(n, common.slot_count(rule())), bandwidth,
-                           summaries, {"jax": jax.__version__, "optax": optax.__version__})
-    for row, s in zip(result.rows(), summaries):
-        print(f"{name:13s} {set_name:14s} {row['variant']:32s} {row['ms']:8.2f} ms "
-              f"({row['spread_ms'][0]:.2f}-{row['spread_ms'][1]:.2f})  first "
-              f"{row['first_call_s']:6.2f} s  {row['vs_native']:5.2f}x native  "
-              f"{row['vs_bound']:5.2f}x bound  state {s['state_bytes'] / 2**20:6.1f} MiB",
-              flush=True)
-    return result
+    return common.measure("jax", name, set_name, variants,
+                          lambda label: state_bytes(boxes[label][2]),
+                          slots=common.slot_count(rule()), bandwidth=bandwidth,
+                          versions={"jax": jax.__version__, "optax": optax.__version__},
+                          steps=steps, rounds=rounds)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS),
-                        choices=list(ALGORITHMS))
-    parser.add_argument("--sets", nargs="+", default=list(common.PARAM_SETS),
-                        choices=list(common.PARAM_SETS))
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "jax.json")
+    parser = common.parser(__doc__, ALGORITHMS, ROOT / "benchmarks" / "results" / "jax.json")
     args = parser.parse_args(argv)
-    print(f"jax {jax.__version__}, optax {optax.__version__}, {jax.devices()[0].platform}, "
-          f"{common.machine()}")
-    if args.out.exists():
-        args.out.unlink()
-    for set_name in args.sets:
-        n, _ = common.sizes(common.PARAM_SETS[set_name])
-        bw = copy_bandwidth(n)
-        print(f"{set_name}: copy bandwidth {bw / 1e9:.2f} GB/s", flush=True)
-        results = [run(a, set_name, steps=args.steps, rounds=args.rounds, bandwidth=bw)
-                   for a in args.algorithms]
-        common.write(results, args.out)
-    print(common.markdown(args.out))
+    header = (f"jax {jax.__version__}, optax {optax.__version__}, {jax.devices()[0].platform}, "
+              f"{common.machine()}")
+    common.run_all(args, header, copy_bandwidth, lambda a, s, bw: run(
+        a, s, steps=args.steps, rounds=args.rounds, bandwidth=bw))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Not a test: nothing is asserted.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -111,8 +110,7 @@ def copy_bandwidth(n: int) -> float:
 def run(name: str, set_name: str, *, steps: int, rounds: int, fast: bool,
         bandwidth: float) -> common.Result:
     shapes = common.PARAM_SETS[set_name]
-    n, count = common.sizes(shapes)
-    opts, memory = {}, {}
+    opts = {}
     for label, make in builders(name, fast).items():
         opts[label] = make(make_params(shapes))
 
@@ -122,49 +120,23 @@ def run(name: str, set_name: str, *, steps: int, rounds: int, fast: bool,
                 opt.step()
         return go
 
-    timings = common.interleaved({k: runner(o) for k, o in opts.items()}, steps=steps,
-                                 rounds=rounds, warmup=1)
-    summaries = []
-    for label, timing in timings.items():
-        memory[label] = state_bytes(opts[label])
-        summaries.append({**timing.summary(), "state_bytes": memory[label]})
-    result = common.Result("torch", name, set_name, n, count, common.traffic_bytes(n, slots(name)),
-                           bandwidth, summaries,
-                           {"torch": torch.__version__, "threads": torch.get_num_threads()})
-    for row in result.rows():
-        print(f"{name:13s} {set_name:14s} {row['variant']:16s} {row['ms']:8.2f} ms "
-              f"({row['spread_ms'][0]:.2f}-{row['spread_ms'][1]:.2f})  first "
-              f"{row['first_call_s']:6.2f} s  {row['vs_native']:5.2f}x native  "
-              f"{row['vs_bound']:5.2f}x bound  state {memory[row['variant']] / 2**20:6.1f} MiB",
-              flush=True)
-    return result
+    return common.measure("torch", name, set_name, {k: runner(o) for k, o in opts.items()},
+                          lambda label: state_bytes(opts[label]), slots=slots(name),
+                          bandwidth=bandwidth, versions={"torch": torch.__version__,
+                                                         "threads": torch.get_num_threads()},
+                          steps=steps, rounds=rounds)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS),
-                        choices=list(ALGORITHMS))
-    parser.add_argument("--sets", nargs="+", default=list(common.PARAM_SETS),
-                        choices=list(common.PARAM_SETS))
+    parser = common.parser(__doc__, ALGORITHMS, ROOT / "benchmarks" / "results" / "torch.json")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--no-fast", action="store_true", help="skip polyopt's compiled path")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "torch.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {common.machine()}")
-    if args.out.exists():
-        args.out.unlink()
-    for set_name in args.sets:
-        n, _ = common.sizes(common.PARAM_SETS[set_name])
-        bw = copy_bandwidth(n)
-        print(f"{set_name}: copy bandwidth {bw / 1e9:.2f} GB/s", flush=True)
-        results = [run(a, set_name, steps=args.steps, rounds=args.rounds, fast=not args.no_fast,
-                       bandwidth=bw) for a in args.algorithms]
-        common.write(results, args.out)
-    print(common.markdown(args.out))
+    header = f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {common.machine()}"
+    common.run_all(args, header, copy_bandwidth, lambda a, s, bw: run(
+        a, s, steps=args.steps, rounds=args.rounds, fast=not args.no_fast, bandwidth=bw))
 
 
 if __name__ == "__main__":

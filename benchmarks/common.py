@@ -12,6 +12,7 @@ native variant measured in the same run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -232,9 +233,65 @@ def markdown(*paths: Path) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    import argparse
+def print_rows(result: Result) -> None:
+    """One line per variant of ``result`` (whose timings hold ``state_bytes``)."""
+    rows = result.rows()
+    width = max(len(row["variant"]) for row in rows)
+    for row, timing in zip(rows, result.timings):
+        print(f"{result.algorithm:13s} {result.param_set:14s} {row['variant']:{width}s} "
+              f"{row['ms']:8.2f} ms ({row['spread_ms'][0]:.2f}-{row['spread_ms'][1]:.2f})  "
+              f"first {row['first_call_s']:6.2f} s  {row['vs_native']:5.2f}x native  "
+              f"{row['vs_bound']:5.2f}x bound  state {timing['state_bytes'] / 2**20:6.1f} MiB",
+              flush=True)
 
+
+def measure(framework: str, algorithm: str, set_name: str,
+            variants: dict[str, Callable[[int], None]], state_bytes: Callable[[str], int], *,
+            slots: int, bandwidth: float, versions: dict, steps: int, rounds: int) -> Result:
+    """Time ``variants`` (see :func:`interleaved`, one warm-up round), then record each
+    one's ``state_bytes(name)`` (after the runs) and print the rows."""
+    n, count = sizes(PARAM_SETS[set_name])
+    timings = interleaved(variants, steps=steps, rounds=rounds, warmup=1)
+    summaries = [{**t.summary(), "state_bytes": state_bytes(name)} for name, t in timings.items()]
+    result = Result(framework, algorithm, set_name, n, count, traffic_bytes(n, slots), bandwidth,
+                    summaries, versions)
+    print_rows(result)
+    return result
+
+
+# --------------------------------------------------------------------------
+# the scripts' command line
+
+
+def parser(doc: str, algorithms: dict, out: Path) -> argparse.ArgumentParser:
+    """The options every benchmark script takes (a script adds its own)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--algorithms", nargs="+", default=list(algorithms),
+                        choices=list(algorithms))
+    parser.add_argument("--sets", nargs="+", default=list(PARAM_SETS), choices=list(PARAM_SETS))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=out)
+    return parser
+
+
+def run_all(args: argparse.Namespace, header: str, copy_bandwidth: Callable[[int], float],
+            run: Callable[[str, str, float], Result]) -> None:
+    """Every algorithm of ``args`` on every set: ``run(algorithm, set, bandwidth)``, the
+    bandwidth measured per set with ``copy_bandwidth(n_params)``; results to ``args.out``
+    (replaced), then the markdown table."""
+    print(header, flush=True)
+    if args.out.exists():
+        args.out.unlink()
+    for set_name in args.sets:
+        n, _ = sizes(PARAM_SETS[set_name])
+        bw = copy_bandwidth(n)
+        print(f"{set_name}: copy bandwidth {bw / 1e9:.2f} GB/s", flush=True)
+        write([run(a, set_name, bw) for a in args.algorithms], args.out)
+    print(markdown(args.out))
+
+
+if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="markdown table of benchmark JSON files")
     parser.add_argument("--markdown", type=Path, required=True, help="the .md file to write")
     parser.add_argument("results", nargs="+", type=Path)
