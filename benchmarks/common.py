@@ -233,6 +233,27 @@ def markdown(*paths: Path) -> str:
     return "\n".join(lines)
 
 
+def summary(*paths: Path) -> str:
+    """The ratios only: one row per polyopt variant of every result in ``paths``,
+    against the fastest native variant of the same run."""
+    lines = ["| framework | algorithm | params | polyopt variant | ms/step | fastest native "
+             "| ms/step | ratio |", "|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        for r in json.loads(Path(path).read_text()):
+            rows = Result(**r).rows()
+            natives = [row for row in rows if row["variant"].startswith("native")]
+            if not natives:
+                continue
+            best = min(natives, key=lambda row: row["ms"])
+            for row in rows:
+                if row["variant"].startswith("native"):
+                    continue
+                lines.append(f"| {row['framework']} | {row['algorithm']} | {row['params']} | "
+                             f"{row['variant']} | {row['ms']:.2f} | {best['variant']} | "
+                             f"{best['ms']:.2f} | {row['vs_native']:.2f}x |")
+    return "\n".join(lines)
+
+
 def print_rows(result: Result) -> None:
     """One line per variant of ``result`` (whose timings hold ``state_bytes``)."""
     rows = result.rows()
@@ -296,7 +317,8 @@ if __name__ == "__main__":
     parser.add_argument("--markdown", type=Path, required=True, help="the .md file to write")
     parser.add_argument("results", nargs="+", type=Path)
     args = parser.parse_args()
-    table = markdown(*args.results)
+    ratios, table = summary(*args.results), markdown(*args.results)
     machine_line = ", ".join(f"{k} {v}" for k, v in machine().items())
-    args.markdown.write_text(f"Machine: {machine_line}\n\n{table}\n")
-    print(table)
+    args.markdown.write_text(f"Machine: {machine_line}\n\n## Ratios\n\n{ratios}\n\n"
+                             f"## Every variant\n\n{table}\n")
+    print(ratios)
