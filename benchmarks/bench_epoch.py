@@ -1,6 +1,6 @@
 """Epoch time of the CIFAR CNN: polyopt against the native optimizer (issue 8).
 
-    python benchmarks/bench_epoch.py --framework torch|tf|jax [--rounds 8] [--batches 4]
+    python benchmarks/bench_epoch.py --framework torch|tf|jax [--rounds 20] [--batches 2]
         [--algorithms Adam Ranger] [--out benchmarks/results/epoch-<framework>.json]
 
 Trains the matrix's CIFAR CNN (examples/models: conv 32, conv 64, dense 10;
@@ -343,8 +343,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--framework", required=True, choices=list(FRAMEWORKS))
     parser.add_argument("--algorithms", nargs="+", default=["Adam"], choices=ALGORITHMS)
-    parser.add_argument("--rounds", type=int, default=8, help="timed blocks per variant")
-    parser.add_argument("--batches", type=int, default=4, help="batches per block")
+    parser.add_argument("--rounds", type=int, default=20, help="timed blocks per variant")
+    parser.add_argument("--batches", type=int, default=2, help="batches per block")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=None)
