@@ -206,6 +206,12 @@ BENCHMARKS = {
     "torch": ("torch", "benchmarks/bench_torch.py", {}),
     "jax": ("jax", "benchmarks/bench_jax.py", {}),
     "keras": ("tf", "benchmarks/bench_keras.py", {"KERAS_BACKEND": "tensorflow"}),
+    # epoch time of the CIFAR CNN, one process per framework (arguments after
+    # the environment go to the script; the data: ../shared/data)
+    "epoch-torch": ("torch", "benchmarks/bench_epoch.py", {}, "--framework", "torch"),
+    "epoch-tf": ("tf", "benchmarks/bench_epoch.py", {"KERAS_BACKEND": "tensorflow"},
+                 "--framework", "tf"),
+    "epoch-jax": ("jax", "benchmarks/bench_epoch.py", {}, "--framework", "jax"),
 }
 
 
@@ -224,12 +230,12 @@ def bench(session: nox.Session) -> None:
     results = ROOT / "benchmarks" / "results"
     written = []
     for name in names:
-        _, script, extra = BENCHMARKS[name]
+        _, script, extra, *args = BENCHMARKS[name]
         if not (ROOT / script).exists():
             session.log(f"{name}: {script} does not exist yet, skipped")
             continue
         out = results / f"{name}.json"
-        session.run("python", script, "--out", str(out), *session.posargs,
+        session.run("python", script, *args, "--out", str(out), *session.posargs,
                     env={**env, **extra})
         written.append(str(out))
     if written:

@@ -189,6 +189,9 @@ class Result:
     bandwidth_bytes_per_s: float
     timings: list[dict]
     versions: dict = field(default_factory=dict)
+    #: what a timing is per: "step" (one optimizer update) or "epoch" (a training
+    #: epoch, bench_epoch.py: no bandwidth bound, ``bandwidth_bytes_per_s`` NaN)
+    per: str = "step"
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per variant: median ms, spread, ratio to the fastest native
@@ -214,23 +217,46 @@ def write(results: list[Result], path: Path) -> None:
 
 
 def markdown(*paths: Path) -> str:
-    """The markdown table of every result in ``paths`` (state memory in MiB
-    where a variant records ``state_bytes``)."""
+    """The markdown table of every optimizer-step result in ``paths`` (state
+    memory in MiB where a variant records ``state_bytes``), then one of every
+    epoch result (bench_epoch.py: ratio of epoch times paired by round; the
+    optimizer's time per batch and the epoch ratio it implies)."""
     results = [Result(**r) for path in paths for r in json.loads(Path(path).read_text())]
-    lines = ["| framework | algorithm | params | variant | ms/step (p25-p75) | first call s "
-             "| vs fastest native | vs bandwidth bound | state MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for result in results:
-        memory = {t["name"]: t.get("state_bytes") for t in result.timings}
-        for row in result.rows():
-            lo, hi = row["spread_ms"]
-            mib = memory[row["variant"]]
-            lines.append(f"| {row['framework']} | {row['algorithm']} | {row['params']} | "
-                         f"{row['variant']} | {row['ms']:.2f} ({lo:.2f}-{hi:.2f}) | "
-                         f"{row['first_call_s']:.2f} | {row['vs_native']:.2f}x | "
-                         f"{row['vs_bound']:.2f}x | "
-                         f"{'' if mib is None else f'{mib / 2**20:.1f}'} |")
-    return "\n".join(lines)
+    tables = []
+    steps = [r for r in results if r.per == "step"]
+    if steps:
+        lines = ["| framework | algorithm | params | variant | ms/step (p25-p75) | first call s "
+                 "| vs fastest native | vs bandwidth bound | state MiB |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for result in steps:
+            memory = {t["name"]: t.get("state_bytes") for t in result.timings}
+            for row in result.rows():
+                lo, hi = row["spread_ms"]
+                mib = memory[row["variant"]]
+                lines.append(f"| {row['framework']} | {row['algorithm']} | {row['params']} | "
+                             f"{row['variant']} | {row['ms']:.2f} ({lo:.2f}-{hi:.2f}) | "
+                             f"{row['first_call_s']:.2f} | {row['vs_native']:.2f}x | "
+                             f"{row['vs_bound']:.2f}x | "
+                             f"{'' if mib is None else f'{mib / 2**20:.1f}'} |")
+        tables.append("\n".join(lines))
+    epochs = [r for r in results if r.per == "epoch"]
+    if epochs:
+        lines = ["| framework | algorithm | data | variant | s/epoch (p25-p75) | first batch s "
+                 "| vs fastest native (paired) | optimizer ms/batch | vs native from "
+                 "optimizer ms |", "|---|---|---|---|---|---|---|---|---|"]
+        for result in epochs:
+            extra = {t["name"]: t for t in result.timings}
+            for row in result.rows():
+                lo, hi = row["spread_ms"]
+                t = extra[row["variant"]]
+                lines.append(f"| {row['framework']} | {row['algorithm']} (CIFAR CNN epoch) | "
+                             f"{row['params']} | {row['variant']} | {row['ms'] / 1e3:.2f} "
+                             f"({lo / 1e3:.2f}-{hi / 1e3:.2f}) | {row['first_call_s']:.2f} | "
+                             f"{t.get('paired_vs_native', row['vs_native']):.3f}x | "
+                             f"{t['optimizer_ms_per_batch']:.2f} | "
+                             f"{t['estimate_vs_native']:.3f}x |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def summary(*paths: Path) -> str:

@@ -1,0 +1,48 @@
+"""benchmarks/common.py's result files and tables (numpy only; no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import common  # noqa: E402
+
+
+def _timing(name, median, **extra):
+    return {"name": name, "first_call_s": 0.5, "median_s": median, "p25_s": median * 0.9,
+            "p75_s": median * 1.1, "rounds": 5, **extra}
+
+
+def test_epoch_results_get_their_own_table(tmp_path):
+    step = common.Result("torch", "Adam", "resnet18", 10, 2, 2_000_000, 1e9,
+                         [_timing("native fused", 1e-3, state_bytes=2**20),
+                          _timing("polyopt fast", 2e-3, state_bytes=2**20)])
+    epoch = common.Result("jax", "Adam", "cifar-cnn 78x128", 42442, 6, 0, math.nan,
+                          [_timing("native optax", 10.0, paired_vs_native=1.0,
+                                   optimizer_ms_per_batch=0.2, estimate_vs_native=1.0),
+                           _timing("polyopt", 11.0, paired_vs_native=1.05,
+                                   optimizer_ms_per_batch=0.3, estimate_vs_native=1.001)],
+                          per="epoch")
+    common.write([step, epoch], tmp_path / "r.json")
+    step_table, epoch_table = common.markdown(tmp_path / "r.json").split("\n\n")
+    assert "ms/step" in step_table and "| polyopt fast | 2.00 (1.80-2.20) |" in step_table
+    assert "| 2.00x | 1.00x | 1.0 |" in step_table  # vs native, vs bound (2 ms), MiB
+    assert "cifar" not in step_table and "resnet18" not in epoch_table
+    assert epoch_table.startswith("| framework | algorithm | data | variant | s/epoch")
+    assert ("| jax | Adam (CIFAR CNN epoch) | cifar-cnn 78x128 | polyopt | 11.00 (9.90-12.10) "
+            "| 0.50 | 1.050x | 0.30 | 1.001x |") in epoch_table
+
+
+def test_step_files_without_per_still_load(tmp_path):
+    """Result files written before ``per`` existed are optimizer-step results."""
+    result = asdict(common.Result("jax", "SGD", "resnet18", 10, 2, 80, 1e9,
+                                  [_timing("native optax", 1e-3)]))
+    del result["per"]
+    (tmp_path / "old.json").write_text(json.dumps([result]))
+    table = common.markdown(tmp_path / "old.json")
+    assert "\n\n" not in table and "| jax | SGD | resnet18 | native optax | 1.00" in table
