@@ -260,12 +260,15 @@ def markdown(*paths: Path) -> str:
 
 
 def summary(*paths: Path) -> str:
-    """The ratios only: one row per polyopt variant of every result in ``paths``,
-    against the fastest native variant of the same run."""
+    """The ratios only: one row per polyopt variant of every optimizer-step result
+    in ``paths``, against the fastest native variant of the same run (the epoch
+    results have their own table in :func:`markdown`)."""
     lines = ["| framework | algorithm | params | polyopt variant | ms/step | fastest native "
              "| ms/step | ratio |", "|---|---|---|---|---|---|---|---|"]
     for path in paths:
         for r in json.loads(Path(path).read_text()):
+            if r.get("per", "step") != "step":
+                continue
             rows = Result(**r).rows()
             natives = [row for row in rows if row["variant"].startswith("native")]
             if not natives:
