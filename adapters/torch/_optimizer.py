@@ -418,6 +418,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         self._flats: dict = {}  # bucket's param ids -> {state key: (buffer, views)}
         self._group_checks: dict = {}  # group index -> (value key, checked values)
         self._steady: dict = {}  # group index -> (params, their grads) after a flat step
+        self._rules: dict = {}  # id(values) -> (values, rule)
 
     @classmethod
     def elementwise(cls, values: dict) -> bool:
@@ -627,8 +628,18 @@ class RuleOptimizer(torch.optim.Optimizer):
                 for p, value in zip([p for p in ps if p.ndim == 0], scalars):
                     p.copy_(value)
             else:
-                new = _apply(type(self).factory(**values).update, ps, gs, tree)
+                new = _apply(self._rule(values).update, ps, gs, tree)
             self._write(layout, states, new)
+
+    def _rule(self, values: dict):
+        """The rule of these values; the same values dict (``_group_values``
+        returns it again while a group is unchanged) reuses its rule."""
+        last = self._rules.get(id(values))
+        if last is None or last[0] is not values:
+            if len(self._rules) >= 2 * len(self.param_groups):
+                self._rules.clear()
+            last = self._rules[id(values)] = (values, type(self).factory(**values))
+        return last[1]
 
     def _init_missing(self, values: dict, layout: _Layout, params: list) -> None:
         """Lazy state initialisation, as torch.optim does at a param's first step."""
