@@ -130,6 +130,7 @@ def run(name: str, set_name: str, *, steps: int, rounds: int, bandwidth: float) 
 
 def main(argv=None) -> None:
     parser = common.parser(__doc__, ALGORITHMS, ROOT / "benchmarks" / "results" / "keras.json")
+    parser.set_defaults(rounds=9)  # more rounds: steps of 2-10 ms move with load
     args = parser.parse_args(argv)
     header = (f"keras {keras.__version__} ({keras.backend.backend()}), tensorflow "
               f"{tf.__version__}, {common.machine()}")

@@ -131,6 +131,7 @@ def main(argv=None) -> None:
     parser = common.parser(__doc__, ALGORITHMS, ROOT / "benchmarks" / "results" / "torch.json")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-fast", action="store_true", help="skip polyopt's compiled path")
+    parser.set_defaults(rounds=11)  # more rounds: steps of 2-10 ms move with load
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
