@@ -260,11 +260,13 @@ def markdown(*paths: Path) -> str:
 
 
 def summary(*paths: Path) -> str:
-    """The ratios only: one row per polyopt variant of every optimizer-step result
-    in ``paths``, against the fastest native variant of the same run (the epoch
-    results have their own table in :func:`markdown`)."""
-    lines = ["| framework | algorithm | params | polyopt variant | ms/step | fastest native "
-             "| ms/step | ratio |", "|---|---|---|---|---|---|---|---|"]
+    """The ratios only, of every optimizer-step result in ``paths``: one row per
+    algorithm and parameter set, one column per framework's polyopt variant,
+    each cell that variant's time over the fastest native variant of the
+    same run, with both times (the epoch results have their own table in
+    :func:`markdown`)."""
+    cells: dict = {}
+    columns: list = []
     for path in paths:
         for r in json.loads(Path(path).read_text()):
             if r.get("per", "step") != "step":
@@ -277,9 +279,19 @@ def summary(*paths: Path) -> str:
             for row in rows:
                 if row["variant"].startswith("native"):
                     continue
-                lines.append(f"| {row['framework']} | {row['algorithm']} | {row['params']} | "
-                             f"{row['variant']} | {row['ms']:.2f} | {best['variant']} | "
-                             f"{best['ms']:.2f} | {row['vs_native']:.2f}x |")
+                column = f"{row['framework']} {row['variant'].removeprefix('polyopt').strip()}"
+                column = column.strip()
+                if column not in columns:
+                    columns.append(column)
+                cells[(row["algorithm"], row["params"], column)] = (
+                    f"{row['vs_native']:.2f}x ({row['ms']:.1f} / {best['ms']:.1f})")
+    keys = list(dict.fromkeys((a, p) for a, p, _ in cells))
+    keys.sort(key=lambda k: k[1], reverse=True)
+    lines = ["| algorithm | params | " + " | ".join(columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for algorithm, params in keys:
+        lines.append(f"| {algorithm} | {params} | " + " | ".join(
+            cells.get((algorithm, params, c), "") for c in columns) + " |")
     return "\n".join(lines)
 
 
