@@ -419,6 +419,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         self._group_checks: dict = {}  # group index -> (value key, checked values)
         self._steady: dict = {}  # group index -> (params, their grads) after a flat step
         self._rules: dict = {}  # id(values) -> (values, rule)
+        self._structures: dict = {}  # id(values) -> (values, structure)
 
     @classmethod
     def elementwise(cls, values: dict) -> bool:
@@ -469,7 +470,19 @@ class RuleOptimizer(torch.optim.Optimizer):
 
     def _structure(self, values: dict) -> tuple:
         """What the rule's shape of computation depends on: every value except the
-        runtime ones, and whether each runtime one (but lr) is zero."""
+        runtime ones, and whether each runtime one (but lr) is zero (kept with
+        the values dict, which ``_group_values`` returns again while a group
+        is unchanged)."""
+        last = self._structures.get(id(values))
+        if last is not None and last[0] is values:
+            return last[1]
+        key = self._structure_of(values)
+        if len(self._structures) >= 2 * len(self.param_groups):
+            self._structures.clear()
+        self._structures[id(values)] = (values, key)
+        return key
+
+    def _structure_of(self, values: dict) -> tuple:
         key = []
         for h in self.spec:
             v = values[h.name]
@@ -724,7 +737,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         entry["__states__"] = states
         return {key: entry[key][0] for key in keys}
 
-    def _flat_params(self, params: list, grads: list) -> tuple:
+    def _flat_params(self, entry: dict, params: list, grads: list) -> tuple:
         """The bucket's params and grads as two flat tensors, without copies in
         the steady state: the params' ``.data`` are views of one flat buffer
         (as apex's and FSDP's flat parameters; re-made if something replaced a
@@ -732,8 +745,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         whose views then become the ``.grad`` of each param, so that autograd
         accumulates straight into it while grads are zeroed with
         ``zero_grad(set_to_none=False)``; fresh grads (set_to_none=True, the
-        default) cost one ``torch.cat``."""
-        entry = self._flats[tuple(map(id, params))]
+        default) cost one ``torch.cat``. ``entry``: the bucket's flat entry."""
         built = entry.get("__params__")
         pointers = tuple(map(torch.Tensor.data_ptr, params))
         if built is None or pointers != built[2]:
@@ -788,8 +800,8 @@ class RuleOptimizer(torch.optim.Optimizer):
         # params and grads are read into flat tensors (one torch.cat each, outside
         # the compiled graph: inductor fuses a cat of many inputs into its loop
         # as a chain of index tests per element, measured 3x slower)
-        flat_p, flat_g = self._flat_params(params, grads)
-        flats = self._flats[tuple(map(id, params))]
+        flats = intact if intact is not None else self._flats[tuple(map(id, params))]
+        flat_p, flat_g = self._flat_params(flats, params, grads)
         built = flats["__params__"]
         structure = ("flat", type(self), self._structure(values), present, built[5])
         entry = _COMPILED_STEPS.get(structure)
@@ -807,15 +819,17 @@ class RuleOptimizer(torch.optim.Optimizer):
                 tensor.fill_(values[name])
             step = _flat_step(type(self).factory, values, names, layout, present,
                               1 if self.elementwise(values) else len(params))
-            example = [*tensors, *[s.to(torch.int32) if c else s for s, (_, _, c)
-                                   in zip(scalars, layout.scalars)], *inputs]
-            entry = (_compile_flat(step, example), names, inputs, step.created)
+            # the counts go in as stored (float, torch's "step"); the graph casts them
+            entry = (_compile_flat(step, [*tensors, *scalars, *inputs]), names, inputs,
+                     step.created, [None] * len(names))
             _COMPILED_STEPS[structure] = entry
-        fn, names, inputs, fresh = entry
-        for name, tensor in zip(names, inputs):
-            tensor.fill_(values[name])
-        counts = [s.to(torch.int32) if c else s for s, (_, _, c) in zip(scalars, layout.scalars)]
-        out = fn(*tensors, *counts, *inputs)
+        fn, names, inputs, fresh, filled = entry
+        for i, name in enumerate(names):
+            value = values[name]
+            if type(value) is not float or filled[i] != value:  # a float seen last: set
+                inputs[i].fill_(value)
+                filled[i] = value if type(value) is float else None
+        out = fn(*tensors, *scalars, *inputs)
         # slots the rule started (momentum that became non-zero) come back flat
         news = out[:len(fresh)]
         for key, buffer in zip(fresh, news):
