@@ -19,7 +19,7 @@ import operator
 import re
 import types
 from collections import defaultdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import array_api_compat.torch as _xp
 import torch
@@ -108,6 +108,19 @@ def torch_args(spec: Spec) -> list[_Arg]:
 _GRAD = operator.attrgetter("grad")
 _MISSING = object()
 _PLAIN = (float, int, bool, str, type(None))
+
+
+class _FlatParams(NamedTuple):
+    """A bucket's params and grads as views of two flat buffers (``__params__``
+    of its flat entry)."""
+
+    flat_p: torch.Tensor
+    flat_g: torch.Tensor
+    pointers: tuple  # data pointers of the param views
+    grad_views: list
+    grad_pointers: tuple
+    shapes: tuple  # (shape, dtype, device) of each param
+    views: list  # the params' .data
 
 
 def _value_key(raw: tuple) -> tuple | None:
@@ -418,8 +431,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         self._flats: dict = {}  # bucket's param ids -> {state key: (buffer, views)}
         self._group_checks: dict = {}  # group index -> (value key, checked values)
         self._steady: dict = {}  # group index -> (params, their grads) after a flat step
-        self._rules: dict = {}  # id(values) -> (values, rule)
-        self._structures: dict = {}  # id(values) -> (values, structure)
+        self._derived: dict = {}  # id(values) -> (values, {"structure"/"rule": ...})
 
     @classmethod
     def elementwise(cls, values: dict) -> bool:
@@ -473,14 +485,19 @@ class RuleOptimizer(torch.optim.Optimizer):
         runtime ones, and whether each runtime one (but lr) is zero (kept with
         the values dict, which ``_group_values`` returns again while a group
         is unchanged)."""
-        last = self._structures.get(id(values))
-        if last is not None and last[0] is values:
-            return last[1]
-        key = self._structure_of(values)
-        if len(self._structures) >= 2 * len(self.param_groups):
-            self._structures.clear()
-        self._structures[id(values)] = (values, key)
-        return key
+        return self._derive(values, "structure", self._structure_of)
+
+    def _derive(self, values: dict, what: str, make) -> Any:
+        """``make(values)``, kept with the values dict: ``_group_values`` returns
+        the same dict again while a group is unchanged."""
+        last = self._derived.get(id(values))
+        if last is None or last[0] is not values:
+            if len(self._derived) >= 2 * len(self.param_groups):
+                self._derived.clear()
+            last = self._derived[id(values)] = (values, {})
+        if what not in last[1]:
+            last[1][what] = make(values)
+        return last[1][what]
 
     def _structure_of(self, values: dict) -> tuple:
         key = []
@@ -607,8 +624,8 @@ class RuleOptimizer(torch.optim.Optimizer):
         group = self.param_groups[index]["params"]
         built = self._flats.get(tuple(map(id, params)), {}).get("__params__")
         if (built is not None and len(group) == len(params)
-                and all(map(operator.is_, map(_GRAD, params), built[3]))):
-            self._steady[index] = (list(params), list(built[3]))
+                and all(map(operator.is_, map(_GRAD, params), built.grad_views))):
+            self._steady[index] = (list(params), list(built.grad_views))
 
     def _step_group(self, values: dict, params: list, grads: list) -> None:
         layout = self._layout(values)
@@ -631,7 +648,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             ps = [p for p, _ in members]
             gs = [g for _, g in members]
             states = [self.state[p] for p in ps]
-            if self.compiled and self._flat_eligible(values, ps):
+            if self.compiled and self._flat_eligible(ps):
                 self._step_flat(values, layout, ps, gs, states)
                 continue
             tree = self._tree(layout, states)
@@ -645,14 +662,8 @@ class RuleOptimizer(torch.optim.Optimizer):
             self._write(layout, states, new)
 
     def _rule(self, values: dict):
-        """The rule of these values; the same values dict (``_group_values``
-        returns it again while a group is unchanged) reuses its rule."""
-        last = self._rules.get(id(values))
-        if last is None or last[0] is not values:
-            if len(self._rules) >= 2 * len(self.param_groups):
-                self._rules.clear()
-            last = self._rules[id(values)] = (values, type(self).factory(**values))
-        return last[1]
+        """The rule of these values (kept with them, :meth:`_derive`)."""
+        return self._derive(values, "rule", lambda v: type(self).factory(**v))
 
     def _init_missing(self, values: dict, layout: _Layout, params: list) -> None:
         """Lazy state initialisation, as torch.optim does at a param's first step."""
@@ -695,7 +706,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             for st in states:
                 st[key].copy_(value)
 
-    def _flat_eligible(self, values: dict, params: list) -> bool:
+    def _flat_eligible(self, params: list) -> bool:
         first = params[0]
         return (first.dtype not in _LOW_PRECISION
                 and all(p.ndim > 0 and p.dtype == first.dtype and p.device == first.device
@@ -748,7 +759,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         default) cost one ``torch.cat``. ``entry``: the bucket's flat entry."""
         built = entry.get("__params__")
         pointers = tuple(map(torch.Tensor.data_ptr, params))
-        if built is None or pointers != built[2]:
+        if built is None or pointers != built.pointers:
             flat_p = torch.cat([p.detach().reshape(-1) for p in params])
             views = self._views(flat_p, params)
             for p, v in zip(params, views):
@@ -757,15 +768,14 @@ class RuleOptimizer(torch.optim.Optimizer):
             grad_views = self._views(flat_g, params)
             pointer = torch.Tensor.data_ptr
             shapes = tuple((tuple(p.shape), p.dtype, p.device) for p in params)
-            built = entry["__params__"] = (flat_p, flat_g, tuple(map(pointer, views)),
-                                           grad_views, tuple(map(pointer, grad_views)), shapes,
-                                           views)
-        flat_p, flat_g, _, grad_views, grad_pointers, _, _ = built
-        if tuple(map(torch.Tensor.data_ptr, grads)) != grad_pointers:
-            torch.cat([g.reshape(-1) for g in grads], out=flat_g)
-            for p, v in zip(params, grad_views):
+            built = entry["__params__"] = _FlatParams(
+                flat_p, flat_g, tuple(map(pointer, views)), grad_views,
+                tuple(map(pointer, grad_views)), shapes, views)
+        if tuple(map(torch.Tensor.data_ptr, grads)) != built.grad_pointers:
+            torch.cat([g.reshape(-1) for g in grads], out=built.flat_g)
+            for p, v in zip(params, built.grad_views):
                 p.grad = v
-        return flat_p, flat_g
+        return built.flat_p, built.flat_g
 
     @staticmethod
     def _views(buffer: torch.Tensor, params: list) -> list:
@@ -803,13 +813,14 @@ class RuleOptimizer(torch.optim.Optimizer):
         flats = intact if intact is not None else self._flats[tuple(map(id, params))]
         flat_p, flat_g = self._flat_params(flats, params, grads)
         built = flats["__params__"]
-        structure = ("flat", type(self), self._structure(values), present, built[5])
+        structure = ("flat", type(self), self._structure(values), present, built.shapes)
         entry = _COMPILED_STEPS.get(structure)
         scalars = [buffers[k][0] for _, k, _ in layout.scalars]
         if self.elementwise(values):
             tensors = [flat_p, flat_g, *[buffers[k] for k in present]]
         else:  # the per-parameter views of the flat buffers
-            tensors = [*built[6], *built[3], *[v for k in present for v in flats[k][1]]]
+            tensors = [*built.views, *built.grad_views,
+                       *[v for k in present for v in flats[k][1]]]
         if entry is None:
             names = [h.name for h in self.spec
                      if h.runtime and not (h.name != "learning_rate" and _is_zero(values[h.name]))]
