@@ -109,6 +109,7 @@ class Hyper:
     optax: str | None = None
     runtime: bool = False
     schedule: bool = False
+    optional: bool = False  # None is allowed too (e.g. state_dtype: the params' dtype)
 
     def spelling(self, framework: str | None) -> str:
         """This argument's name in ``framework`` (None: the canonical name)."""
@@ -118,6 +119,8 @@ class Hyper:
         return own if own is not None else self.name
 
     def allowed_text(self) -> str:
+        if self.optional:
+            return replace(self, optional=False).allowed_text() + " or None"
         if self.kind == "bool":
             return "True or False"
         if self.kind == "choice":
@@ -134,12 +137,14 @@ class Hyper:
         def fail(exc: type[Exception]) -> Exception:
             return exc(f"{owner}: {name} must be {self.allowed_text()}, got {name}={value!r}")
 
+        if self.optional and value is None:
+            return None
         if self.kind == "bool":
             if not _is_bool(value):
                 raise fail(TypeError)
             return bool(value)
         if self.kind == "choice":
-            if not isinstance(value, str):
+            if not isinstance(value, str) or (self.optional and value == "None"):
                 raise fail(TypeError)
             if value not in self.allowed:
                 raise fail(ValueError)
@@ -334,6 +339,19 @@ def weight_decay(default: float = 0.0, mode: str = "l2") -> tuple[Hyper, Hyper]:
     )
 
 
+#: names a state_dtype may take (None: each param's own dtype)
+STATE_DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+def state_dtype() -> Hyper:
+    return Hyper(
+        "state_dtype", None, kind="choice", allowed=STATE_DTYPES, optional=True,
+        optax="mu_dtype",
+        doc="dtype the moments are stored in (None: the param's); the math runs in the "
+        "param's dtype. optax's mu_dtype applies to mu only, polyopt's to every moment",
+    )
+
+
 def momentum(default: float = 0.0) -> Hyper:
     return Hyper("momentum", default, allowed=UNIT, runtime=True, doc="momentum factor")
 
@@ -357,6 +375,7 @@ SGD = Spec("sgd", (
     Hyper("nesterov", False, kind="bool", doc="Nesterov momentum"),
     *weight_decay(0.0, "l2"),
     momentum_form("buffer"),
+    state_dtype(),
 ))
 
 ADAGRAD = Spec("adagrad", (
@@ -370,6 +389,7 @@ ADAGRAD = Spec("adagrad", (
     ),
     Hyper("lr_decay", 0.0, allowed=NONNEG, doc="lr / (1 + count * lr_decay) (torch)"),
     *weight_decay(0.0, "l2"),
+    state_dtype(),
 ))
 
 RMSPROP = Spec("rmsprop", (
@@ -388,6 +408,7 @@ RMSPROP = Spec("rmsprop", (
     momentum_form("velocity"),
     Hyper("bias_correction", False, kind="bool", doc="bias-correct the mean square (optax)"),
     *weight_decay(0.0, "l2"),
+    state_dtype(),
 ))
 
 ADADELTA = Spec("adadelta", (
@@ -395,6 +416,7 @@ ADADELTA = Spec("adadelta", (
     Hyper("rho", 0.95, allowed=UNIT_OPEN, doc="decay of the squared gradients and updates"),
     eps(1e-6),
     *weight_decay(0.0, "l2"),
+    state_dtype(),
 ))
 
 _MOMENTS = (learning_rate(0.001), b1(0.9), b2(0.999), eps(1e-8), eps_root())
@@ -419,9 +441,10 @@ _FIRST_MOMENT_BIAS_CORRECTION = Hyper(
     doc="divide m by 1 - b1^t; False: the AMSGrad paper (optax amsgrad bias_correction_mu=False)",
 )
 
-ADAM = Spec("adam", _ADAM_CORE + weight_decay(0.0, "l2") + (_FIRST_MOMENT_BIAS_CORRECTION,))
+ADAM = Spec("adam", _ADAM_CORE + weight_decay(0.0, "l2")
+            + (_FIRST_MOMENT_BIAS_CORRECTION, state_dtype()))
 ADAMW = Spec("adamw", _ADAM_CORE + weight_decay(0.01, "decoupled")
-             + (_FIRST_MOMENT_BIAS_CORRECTION,))
+             + (_FIRST_MOMENT_BIAS_CORRECTION, state_dtype()))
 AMSGRAD = ADAM.with_defaults("amsgrad", amsgrad=True)
 
 ADAMAX = Spec("adamax", (
@@ -434,6 +457,7 @@ ADAMAX = Spec("adamax", (
         doc="'inside': u = max(b2*u, |g| + eps) (torch, optax); 'outside': m / (u + eps) (Keras)",
     ),
     *weight_decay(0.0, "l2"),
+    state_dtype(),
 ))
 
 NADAM = Spec("nadam", (
@@ -448,6 +472,7 @@ NADAM = Spec("nadam", (
           doc="True: Dozat's warming momentum schedule (torch, Keras); "
           "False: Adam with constant Nesterov momentum b1 (optax nadam)"),
     *weight_decay(0.0, "l2"),
+    state_dtype(),
 ))
 
 _RADAM_CORE = _MOMENTS + (
@@ -471,7 +496,7 @@ _RADAM_CORE = _MOMENTS + (
     Hyper("min_lr", 0.0, allowed=NONNEG, doc="tfa: learning rate reached at total_steps"),
 )
 
-RADAM = Spec("radam", _RADAM_CORE + weight_decay(0.0, "l2"))
+RADAM = Spec("radam", _RADAM_CORE + weight_decay(0.0, "l2") + (state_dtype(),))
 
 LOOKAHEAD = Spec("lookahead", (
     Hyper("sync_period", 6, kind="int", allowed=Interval(1, math.inf), torch="k",
@@ -504,8 +529,9 @@ CLIP_BY_GLOBAL_NORM = Spec("clip_by_global_norm", (
 ))
 
 CENTRALIZE = Spec("centralize", (
-    Hyper("keep_axis", 0, kind="int", allowed=Interval(-64, 64),
-          doc="the output axis, not averaged over (0 in torch layouts, -1 in Keras layouts)"),
+    Hyper("keep_axis", None, kind="int", allowed=Interval(-64, 64), optional=True,
+          doc="the output axis, not averaged over; None: each param's layout (the adapter's "
+          "default or the user's), else a fixed axis (0 in torch layouts, -1 in Keras layouts)"),
     Hyper("min_ndim", 2, kind="int", allowed=Interval(1, math.inf),
           doc="centralize only gradients with at least this many axes"),
 ))

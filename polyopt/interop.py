@@ -47,6 +47,7 @@ from typing import IO, Any, NamedTuple
 import numpy as np
 
 from polyopt import _namespace
+from polyopt.rules import _state
 
 __all__ = ["FORMAT", "LoadedState", "StateFileError", "load_state", "read_header", "save_state"]
 
@@ -68,43 +69,40 @@ class LoadedState(NamedTuple):
 # flattening a state
 
 
-def _is_array(x: Any) -> bool:
-    return hasattr(x, "shape") and hasattr(x, "dtype")
-
-
 def _flatten(tree: Any, path: tuple, out: dict, n_params: int) -> None:
-    """Paths -> leaves. A ``list`` is per-parameter (its items are named later);
-    NamedTuples and tuples are structure."""
-    if isinstance(tree, list):
-        if tree and len(tree) != n_params:
-            raise StateFileError(f"state field {'/'.join(path)} holds {len(tree)} arrays "
-                                 f"for {n_params} params")
-        for i, leaf in enumerate(tree):
-            if not _is_array(leaf):
-                raise StateFileError(f"state field {'/'.join(path)}[{i}] is not an array: "
-                                     f"{type(leaf).__name__}")
-            out[path + (_PARAM, i)] = leaf
-        if not tree:
-            out[path + (_PARAM,)] = None  # an empty slot: part of the layout, no entry
-    elif isinstance(tree, tuple):
-        fields = getattr(tree, "_fields", None) or [str(i) for i in range(len(tree))]
-        for name, item in zip(fields, tree):
-            _flatten(item, path + (name,), out, n_params)
-    elif _is_array(tree):
-        out[path] = tree
-    else:
-        raise StateFileError(f"state field {'/'.join(path) or '<root>'} is not an array, list "
-                             f"or tuple: {type(tree).__name__}")
+    """Paths -> leaves, from the core walker (:mod:`polyopt.rules._state`): a slot's
+    arrays are keyed ``path + (_PARAM, i)`` (named later), an empty slot
+    ``path + (_PARAM,)`` with no array."""
+    try:
+        leaves = _state.entries(tree, n_params, owner="state file")
+    except _state.StateError as exc:
+        raise StateFileError(str(exc)) from None
+    for entry in leaves:
+        where = path + tuple(str(p) for p in entry.path)
+        if entry.kind == "slot":
+            for i, leaf in enumerate(entry.value):
+                if not _state.is_array(leaf):
+                    raise StateFileError(f"state field {'/'.join(where)}[{i}] is not an "
+                                         f"array: {type(leaf).__name__}")
+                out[where + (_PARAM, i)] = leaf
+        elif entry.kind == "empty":
+            out[where + (_PARAM,)] = None  # an empty slot: part of the layout, no entry
+        else:
+            out[where] = entry.value
 
 
 def _rebuild(template: Any, path: tuple, take) -> Any:
-    if isinstance(template, list):
-        return [take(path + (_PARAM, i), leaf) for i, leaf in enumerate(template)]
-    if isinstance(template, tuple):
-        fields = getattr(template, "_fields", None) or [str(i) for i in range(len(template))]
-        items = [_rebuild(item, path + (name,), take) for name, item in zip(fields, template)]
-        return type(template)(*items) if hasattr(template, "_fields") else tuple(items)
-    return take(path, template)
+    """``template`` with every array replaced by ``take(path, template's array)``."""
+    leaves = []
+    for entry in _state.entries(template):
+        where = path + tuple(str(p) for p in entry.path)
+        if entry.kind == "slot":
+            leaves.append([take(where + (_PARAM, i), leaf) for i, leaf in enumerate(entry.value)])
+        elif entry.kind == "empty":
+            leaves.append([])
+        else:
+            leaves.append(take(where, entry.value))
+    return _state.rebuild(template, leaves)
 
 
 def _layout(flat: dict) -> list[str]:
@@ -138,7 +136,7 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if _is_array(value) and getattr(value, "ndim", None) == 0:
+    if _state.is_array(value) and getattr(value, "ndim", None) == 0:
         return _to_numpy(value).item()
     config = getattr(value, "config", None)  # polyopt.schedules.Schedule
     if isinstance(config, dict) and hasattr(value, "name"):
@@ -198,9 +196,7 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in x.shape)
 
 
-def _dtype_name(x: Any) -> str:
-    """'float32' for numpy, jax, TensorFlow (``.name``) and torch (``torch.float32``)."""
-    return getattr(x.dtype, "name", None) or str(x.dtype).rsplit(".", 1)[-1]
+_dtype_name = _state.dtype_name
 
 
 def _check_names(names: list[str] | None, n: int) -> list[str]:

@@ -44,6 +44,7 @@ import numpy as np
 from keras import ops
 
 from polyopt import hyper, rules, schedules
+from polyopt.rules import _state
 
 _BACKEND = keras.backend.backend()
 
@@ -88,57 +89,30 @@ class PolyoptSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 
 # --------------------------------------------------------------------------
-# the rule's state <-> Keras variables
+# the rule's state <-> Keras variables, along the core walker's entries
 
 
-class _Slot:
-    """A list field of per-parameter arrays: slot k of the optimizer."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-
-class _Global:
-    """A non-list array field (a scalar such as NAdam's momentum product, or a
-    wrapped rule's count): global variable j of the optimizer."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-
-class _Count:
-    """The top-level step count: optimizer.iterations."""
-
-
-class _Node:
-    def __init__(self, kind: type, children: list) -> None:
-        self.kind = kind  # a NamedTuple class, tuple or list
-        self.children = children
+def _storage(entries: list) -> list:
+    """Where each entry of a state lives: ("slot", k) slot variables k,
+    ("empty",), ("count",) optimizer.iterations, ("global", j) global variable j,
+    ("none",)."""
+    out, slots, globals_ = [], 0, 0
+    for entry in entries:
+        if entry.kind == "slot":
+            out.append(("slot", slots))
+            slots += 1
+        elif entry.kind == "array" and entry.path == ("count",):
+            out.append(("count",))
+        elif entry.kind == "array":
+            out.append(("global", globals_))
+            globals_ += 1
+        else:
+            out.append((entry.kind,))
+    return out
 
 
-def _describe(state: Any, n: int, path: str, slots: list, globals_: list, top: bool) -> Any:
-    """The template of a state tree; fills ``slots`` (name, arrays) and ``globals_``."""
-    if isinstance(state, tuple) and hasattr(state, "_fields"):
-        children = [
-            _describe(value, n, f"{path}{field}" if field != "inner" else f"{path}inner_",
-                      slots, globals_, top and field == "count")
-            for field, value in zip(state._fields, state)
-        ]
-        return _Node(type(state), children)
-    if isinstance(state, tuple):
-        return _Node(tuple, [_describe(v, n, f"{path}{i}_", slots, globals_, False)
-                             for i, v in enumerate(state)])
-    if isinstance(state, list):
-        if not state:
-            return []
-        if len(state) != n:
-            raise TypeError(f"{path}: a state list must hold one array per parameter")
-        slots.append((path, state))
-        return _Slot(len(slots) - 1)
-    if top:
-        return _Count()
-    globals_.append((path, state))
-    return _Global(len(globals_) - 1)
+def _variable_name(path: tuple) -> str:
+    return "_".join(str(p) for p in path)
 
 
 class RuleOptimizer(keras.optimizers.Optimizer):
@@ -161,7 +135,7 @@ class RuleOptimizer(keras.optimizers.Optimizer):
     # ---- construction
 
     def _setup(self, values: dict[str, Any], base: dict[str, Any],
-               learning_rate: Any = None) -> None:
+               learning_rate: Any = None, layouts: Any = None) -> None:
         """Validate ``values`` (canonical names) and initialise the Keras base class.
 
         ``learning_rate`` is for specs without one (Lookahead: the inner optimizer's).
@@ -171,10 +145,14 @@ class RuleOptimizer(keras.optimizers.Optimizer):
         unknown = set(base) - set(BASE_OPTIONS)
         if unknown:
             raise TypeError(f"{self.spec.name}: unexpected argument(s) {sorted(unknown)}")
+        if not (layouts is None or callable(layouts) or isinstance(layouts, dict)):
+            raise TypeError(f"{self.spec.name}: layouts must be None, a dict {{variable path: "
+                            f"Layout}} or a callable variable -> Layout, got layouts={layouts!r}")
         base = {**BASE_OPTIONS, **base}
         super().__init__(learning_rate=_keras_learning_rate(learning_rate), weight_decay=None,
                          **base)
         self._hypers = dict(values)
+        self._layout_overrides = layouts
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
@@ -196,44 +174,78 @@ class RuleOptimizer(keras.optimizers.Optimizer):
         # initializers (on TensorFlow build() may run inside a tf.function trace:
         # the values are then computed eagerly, under tf.init_scope).
         zeros = [np.zeros(tuple(v.shape), dtype=_numpy_dtype(v.dtype)) for v in variables]
-        slots: list = []
-        globals_: list = []
-        self._template = _describe(self.make_rule(0.0).init(zeros), len(variables), "",
-                                   slots, globals_, True)
+        rule = self.make_rule(0.0)
+        self._template = rules.init_of(rule, zeros, self._param_layouts(rule, variables))
+        entries = _state.entries(self._template, len(variables))
+        self._where = _storage(entries)
         initial = _InitialState(self, variables)
         self._slot_variables = []
-        for k, (name, _) in enumerate(slots):
-            self._slot_variables.append([
-                self.add_variable_from_reference(v, name=name, initializer=initial.slot(k, i))
-                for i, v in enumerate(variables)
-            ])
         self._global_variables = []
-        for j, (name, array) in enumerate(globals_):
-            self._global_variables.append(self.add_variable(
-                shape=array.shape, dtype=_numpy_dtype(array.dtype).name, name=name,
-                initializer=initial.global_(j)))
+        # every slot's variables first, then the global ones (the order saved models keep)
+        for entry, (kind, *index) in zip(entries, self._where):
+            name = _variable_name(entry.path)
+            if kind == "slot":
+                k = index[0]
+                self._slot_variables.append([
+                    self.add_variable(shape=tuple(a.shape), dtype=_numpy_dtype(a.dtype).name,
+                                      name=f"{_variable_name((v.path,))}_{name}".replace(
+                                          "/", "_"), initializer=initial.slot(k, i))
+                    if tuple(a.shape) != tuple(v.shape) or _numpy_dtype(a.dtype) != (
+                        _numpy_dtype(v.dtype))
+                    else self.add_variable_from_reference(v, name=name,
+                                                          initializer=initial.slot(k, i))
+                    for i, (v, a) in enumerate(zip(variables, entry.value))
+                ])
+        for entry, (kind, *index) in zip(entries, self._where):
+            if kind == "global":
+                array, name = entry.value, _variable_name(entry.path)
+                self._global_variables.append(self.add_variable(
+                    shape=array.shape, dtype=_numpy_dtype(array.dtype).name, name=name,
+                    initializer=initial.global_(index[0])))
 
-    def _rebuild(self, node: Any, indices: list[int], count: Any, globals_: list) -> Any:
-        if isinstance(node, _Node):
-            values = [self._rebuild(c, indices, count, globals_) for c in node.children]
-            return node.kind(*values) if hasattr(node.kind, "_fields") else node.kind(values)
-        if isinstance(node, _Slot):
-            return [_read(self._slot_variables[node.index][i]) for i in indices]
-        if isinstance(node, _Global):
-            return globals_[node.index]
-        if isinstance(node, _Count):
-            return count
-        return []
+    def _param_layouts(self, rule: Any, variables: list) -> list | None:
+        """Each variable's Layout for a rule that uses layouts (else None): the
+        ``layouts`` given at construction (a dict {variable path: Layout}, or a
+        callable ``variable -> Layout or None``), else Keras's (the last axis
+        is the output: Dense (in, out), Conv (kh, kw, in, out))."""
+        if not rule.uses_layout:
+            return None
+        given = self._layout_overrides
+        if callable(given):
+            given = [given(v) for v in variables]
+        elif given is not None:
+            paths = {v.path for v in variables}
+            unknown = sorted(set(given) - paths)
+            if unknown:
+                raise ValueError(f"{self.spec.name}: layouts names {unknown[:5]}, which are not "
+                                 f"variables of this optimizer")
+            given = [given.get(v.path) for v in variables]
+        return _state.layouts_for(self.spec.name, variables, given, _state.out_last,
+                                  names=[f"variable {v.path!r}" for v in variables])
 
-    def _write(self, node: Any, new: Any, indices: list[int], write_globals: bool) -> None:
-        if isinstance(node, _Node):
-            for child, value in zip(node.children, new):
-                self._write(child, value, indices, write_globals)
-        elif isinstance(node, _Slot):
-            for i, value in zip(indices, new):
-                self.assign(self._slot_variables[node.index][i], value)
-        elif isinstance(node, _Global) and write_globals:
-            self.assign(self._global_variables[node.index], new)
+    def _rebuild(self, template: Any, indices: list[int], count: Any, globals_: list) -> Any:
+        """The rule's state for the variables at ``indices`` (``template``: the state
+        made in build(), whose structure the core walker gives)."""
+        leaves = []
+        for kind, *index in self._where:
+            if kind == "slot":
+                leaves.append([_read(self._slot_variables[index[0]][i]) for i in indices])
+            elif kind == "global":
+                leaves.append(globals_[index[0]])
+            elif kind == "count":
+                leaves.append(count)
+            else:
+                leaves.append([] if kind == "empty" else None)
+        return _state.rebuild(template, leaves)
+
+    def _write(self, new: Any, indices: list[int], write_globals: bool,
+               write_slots: bool = True) -> None:
+        for (kind, *index), entry in zip(self._where, _state.entries(new)):
+            if kind == "slot" and write_slots:
+                for i, value in zip(indices, entry.value):
+                    self.assign(self._slot_variables[index[0]][i], value)
+            elif kind == "global" and write_globals:
+                self.assign(self._global_variables[index[0]], entry.value)
 
     # ---- the step
 
@@ -270,15 +282,16 @@ class RuleOptimizer(keras.optimizers.Optimizer):
             gs = [_as_dtype(grads[k], params[j].dtype) for j, k in enumerate(group)]
             ids = [indices[k] for k in group]
             state = self._rebuild(self._template, ids, count, globals_)
-            updates, new_state = rule.update(gs, state, params)
+            layouts = self._param_layouts(rule, [variables[k] for k in group])
+            updates, new_state = rules.update_of(rule, gs, state, params, layouts)
             for k, u in zip(group, updates):
                 # p + u, written in place: no copy of the variable read as params
                 self.assign_add(variables[k], u)
-            self._write(self._template, new_state, ids, write_globals=False)
+            self._write(new_state, ids, write_globals=False)
             if new_globals is None:
                 new_globals = new_state
         if write_globals and self._global_variables:
-            self._write(self._template, new_globals, [], write_globals=True)
+            self._write(new_globals, [], write_globals=True, write_slots=False)
 
     def _groups(self, variables) -> list[tuple[list[int], dict]]:
         """Positions of the variables with and without weight decay."""
@@ -341,6 +354,9 @@ class RuleOptimizer(keras.optimizers.Optimizer):
         config.pop("weight_decay", None)  # the rule's, below
         for name, value in self._hypers.items():
             config[self.spec[name].spelling("keras")] = value
+        if isinstance(self._layout_overrides, dict):
+            config["layouts"] = {path: [list(layout[0]), list(layout[1])]
+                                 for path, layout in self._layout_overrides.items()}
         return config
 
 
@@ -359,6 +375,7 @@ def _generated_init(spec: hyper.Spec):
     ]
     parameters += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
                    for k, v in BASE_OPTIONS.items()]
+    parameters.append(inspect.Parameter("layouts", inspect.Parameter.KEYWORD_ONLY, default=None))
     signature = inspect.Signature(parameters)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -371,7 +388,7 @@ def _generated_init(spec: hyper.Spec):
         arguments.pop("self")
         values = {keras_to_name[k]: v for k, v in arguments.items() if k in keras_to_name}
         base = {k: v for k, v in arguments.items() if k in BASE_OPTIONS}
-        self._setup(values, base)
+        self._setup(values, base, layouts=arguments.get("layouts"))
 
     __init__.__signature__ = signature  # type: ignore[attr-defined]
     return __init__
@@ -400,12 +417,12 @@ class _InitialState:
             return
         with _eager():
             values = [np.asarray(ops.convert_to_numpy(v)) for v in self.variables]
-        state = self.optimizer.make_rule(0.0).init(values)
-        slots: list = []
-        globals_: list = []
-        _describe(state, len(values), "", slots, globals_, True)
-        self.slots = [arrays for _, arrays in slots]
-        self.globals = [array for _, array in globals_]
+        rule = self.optimizer.make_rule(0.0)
+        state = rules.init_of(rule, values, self.optimizer._param_layouts(rule, self.variables))
+        entries = _state.entries(state, len(values))
+        self.slots = [e.value for e in entries if e.kind == "slot"]
+        self.globals = [e.value for e, (kind, *_) in zip(entries, self.optimizer._where)
+                        if kind == "global"]
 
     def slot(self, k: int, i: int):
         def initializer(shape, dtype=None):

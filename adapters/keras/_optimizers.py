@@ -97,22 +97,14 @@ RAdam.__doc__ = _doc(
 class Ranger(RuleOptimizer):
     spec = hyper.RANGER
 
-    def make_rule(self, learning_rate: Any, **overrides: Any) -> rules.Rule:
-        values = {**self._hypers, **overrides}
-        gradient_centralization = values.pop("gradient_centralization")
-        outer = {name: values.pop(name) for name in hyper.LOOKAHEAD.names}
-        inner = rules.radam(learning_rate=learning_rate, **values)
-        if gradient_centralization:
-            # Keras layouts: (in, out) and (kh, kw, in, out) keep the last axis
-            inner = rules.chain(rules.centralize(keep_axis=-1), inner)
-        return rules.lookahead(inner, **outer)
-
 
 Ranger.__doc__ = _doc(
     "Ranger (Lookahead over RAdam with gradient centralization) as a Keras 3 optimizer.",
     Ranger.spec, None,
-    "\n\n    Gradient centralization keeps the last axis (Keras kernel layouts: "
-    "``centralize(keep_axis=-1)``), where ``polyopt.rules.ranger`` keeps axis 0 (torch).")
+    "\n\n    Gradient centralization averages over each kernel's reduction axes from its "
+    "layout: Keras's by default (the last axis, ``out``, of (in, out) and (kh, kw, in, out) "
+    "is kept), or ``layouts={variable.path: polyopt.rules.Layout(...)}``; the same layer "
+    "gets the same numbers as in torch, whose layout keeps axis 0.")
 
 
 class _Holder:

@@ -37,6 +37,7 @@ import numpy as np
 from polyopt import interop
 from polyopt.interop import StateFileError
 from polyopt.keras._base import _numpy_dtype
+from polyopt.rules import _state
 
 __all__ = ["export_state", "import_state", "import_native_state", "algorithm",
            "variable_names", "StateFileError"]
@@ -143,13 +144,8 @@ def export_state(opt: Any, file: File, variables_or_model: Any, names: Any = Non
                        framework=f"keras-{keras.backend.backend()}")
 
 
-def _numpy(tree: Any) -> Any:
-    if isinstance(tree, list):
-        return [_numpy(x) for x in tree]
-    if isinstance(tree, tuple):
-        items = [_numpy(x) for x in tree]
-        return type(tree)(*items) if hasattr(tree, "_fields") else tuple(items)
-    return np.asarray(keras.ops.convert_to_numpy(tree))
+def _numpy(state: Any) -> Any:
+    return _state.map_arrays(lambda a: np.asarray(keras.ops.convert_to_numpy(a)), state)
 
 
 def import_state(opt: Any, file: File, variables_or_model: Any, names: Any = None) -> dict:
@@ -178,7 +174,7 @@ def import_state(opt: Any, file: File, variables_or_model: Any, names: Any = Non
 def _assign(opt: Any, state: Any, indices: list[int]) -> None:
     """Assign a state (lists in the order of ``indices``) to the optimizer's variables."""
     opt.iterations.assign(int(np.asarray(state.count)))
-    opt._write(opt._template, state, indices, write_globals=True)
+    opt._write(state, indices, write_globals=True)
 
 
 # --------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any
 import keras
 
 from polyopt import hyper, rules
+from polyopt.rules import _state
 from polyopt.keras._base import RuleOptimizer
 from polyopt.keras._optimizers import _Holder, _inner_optimizer
 
@@ -69,20 +70,10 @@ class SkipNonFinite(RuleOptimizer):
     def _counter(self, name: str) -> Any:
         if not self.built:
             return 0
-        for (path, _), variable in zip(self._global_names(), self._global_variables):
-            if path == name:
-                return keras.ops.convert_to_numpy(variable)
+        for entry, (kind, *index) in zip(_state.entries(self._template), self._where):
+            if kind == "global" and entry.path == (name,):
+                return keras.ops.convert_to_numpy(self._global_variables[index[0]])
         raise AttributeError(name)
-
-    def _global_names(self) -> list:
-        import numpy as np
-
-        from polyopt.keras._base import _describe
-
-        slots: list = []
-        globals_: list = []
-        _describe(self.make_rule(0.0).init([np.zeros(1)]), 1, "", slots, globals_, True)
-        return globals_
 
     @property
     def total_notfinite(self) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from polyopt import hyper, rules
+from polyopt.rules import _state
 from polyopt.optax import _tree
 
 _NO_PARAMS = "call update(updates, state, params) with the current params"
@@ -57,7 +58,40 @@ def _validate(owner: str, spec: hyper.Spec, arguments: dict) -> dict:
     """The spec's canonical names -> checked values, from optax-spelled arguments."""
     values = {h.name: _static_int(owner, h, arguments[h.spelling("optax")])
               if h.kind == "int" else arguments[h.spelling("optax")] for h in spec}
+    if "state_dtype" in values:
+        values["state_dtype"] = _dtype_name(values["state_dtype"])
     return spec.validate(values, framework="optax")
+
+
+def _dtype_name(value: Any) -> Any:
+    """A dtype given the JAX way (``jnp.bfloat16``, ``np.dtype('float32')``) as its name;
+    anything else is left for the spec's check to refuse."""
+    if value is None or isinstance(value, str):
+        return value
+    try:
+        return np.dtype(value).name
+    except TypeError:
+        return value
+
+
+def _layouts(owner: str, rule: Any, given: Any, leaves: list, treedef) -> list | None:
+    """Each leaf's Layout for a rule that uses layouts (else None): ``given`` is
+    None (Flax's: the last axis is the output), one :class:`polyopt.rules.Layout`
+    for every leaf of 2 or more axes, a callable ``shape -> Layout``, or a
+    pytree like the params with a Layout or None per leaf."""
+    if not rule.uses_layout:
+        return None
+    if isinstance(given, rules.Layout):
+        given = [given if leaf.ndim >= 2 else None for leaf in leaves]
+    elif given is not None and not callable(given):
+        flat, got = jax.tree_util.tree_flatten(
+            given, is_leaf=lambda x: x is None or isinstance(x, rules.Layout))
+        if got != treedef:
+            raise ValueError(f"{owner}: layouts must be a tree like the params: "
+                             + _tree.describe_difference(got, treedef, "layouts", "params"))
+        given = flat
+    names = _tree._paths(treedef, "params")
+    return _state.layouts_for(owner, leaves, given, _state.out_last, names=names)
 
 
 def _bind(owner: str, signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
@@ -88,14 +122,19 @@ def _args_doc(spec: hyper.Spec, overrides: dict | None = None) -> str:
 # one rule -> one transformation
 
 
-def _transformation(owner: str, rule: Any, uses_params: bool) -> optax.GradientTransformation:
+def _transformation(owner: str, rule: Any, uses_params: bool,
+                    layouts: Any = None) -> optax.GradientTransformation:
     """init/update of ``rule`` on pytrees; the rule is kept on ``init.polyopt_rule``."""
+    if layouts is not None and not rule.uses_layout:
+        raise ValueError(f"{owner}: layouts were given, but this rule does not use layouts "
+                         f"(it treats every element alone)")
 
     def init(params):
         leaves, treedef = _tree.flatten(f"{owner}.init", params, "params")
         if not leaves:
             return _tree.layout_without_arrays(rule, params)
-        return _tree.to_tree(rule.init(leaves), treedef)
+        found = _layouts(f"{owner}.init", rule, layouts, leaves, treedef)
+        return _tree.to_tree(rules.init_of(rule, leaves, found), treedef)
 
     def update(updates, state, params=None):
         where = f"{owner}.update"
@@ -110,22 +149,29 @@ def _transformation(owner: str, rule: Any, uses_params: bool) -> optax.GradientT
         else:
             leaves, params_treedef = _tree.flatten(where, params, "params")
             _tree.check_like(where, grads, treedef, leaves, params_treedef, "updates", "params")
-        template = jax.eval_shape(rule.init, leaves)
+        found = _layouts(where, rule, layouts, leaves, treedef)
+        template = jax.eval_shape(lambda x: rules.init_of(rule, x, found), leaves)
         core_state = _tree.to_core(where, state, template, treedef)
-        new_updates, core_state = rule.update(grads, core_state, leaves)
+        new_updates, core_state = rules.update_of(rule, grads, core_state, leaves, found)
         return treedef.unflatten(new_updates), _tree.to_tree(core_state, treedef)
 
     init.polyopt_rule = rule  # type: ignore[attr-defined]
     return optax.GradientTransformation(init, update)
 
 
+_LAYOUTS = inspect.Parameter("layouts", inspect.Parameter.KEYWORD_ONLY, default=None)
+
+
 def _make_factory(name: str, spec: hyper.Spec, build, uses_params=_uses_params, doc: str = "",
                   arg_docs: dict | None = None):
     signature = _signature(spec)
+    signature = signature.replace(parameters=[*signature.parameters.values(), _LAYOUTS])
 
     def factory(*args, **kwargs) -> optax.GradientTransformation:
-        values = _validate(name, spec, _bind(name, signature, args, kwargs))
-        transformation = _transformation(name, build(values), uses_params(values))
+        arguments = _bind(name, signature, args, kwargs)
+        layouts = arguments.pop("layouts")
+        values = _validate(name, spec, arguments)
+        transformation = _transformation(name, build(values), uses_params(values), layouts)
         transformation.init.polyopt_name = name  # type: ignore[attr-defined]
         transformation.init.polyopt_values = values  # type: ignore[attr-defined]
         return transformation
@@ -139,6 +185,10 @@ def _make_factory(name: str, spec: hyper.Spec, build, uses_params=_uses_params, 
         f"{summary}\n\n    The optax form of :func:`polyopt.rules.{name}` (same math, same "
         f"defaults): returns an\n    ``optax.GradientTransformation`` on any pytree of params."
         f"{doc}\n\n    Args:\n{_args_doc(spec, arg_docs)}\n"
+        f"      layouts: for rules with per-tensor math (``uses_layout``): None (Flax's "
+        f"layouts,\n        the last axis is the output), a polyopt.rules.Layout for every "
+        f"leaf of 2 or\n        more axes, a callable shape -> Layout, or a pytree like "
+        f"the params.\n"
     )
     return factory
 
@@ -175,7 +225,7 @@ radam = _make_factory(
 def _ranger_rule(values: dict):
     inner = rules.radam(**{k: values[k] for k in hyper.RADAM.names})
     if values["gradient_centralization"]:
-        inner = rules.chain(rules.centralize(keep_axis=-1), inner)
+        inner = rules.chain(rules.centralize(), inner)  # over the layouts' reduction axes
     return rules.lookahead(inner, values["sync_period"], values["slow_step_size"],
                            values["reset_state"])
 
@@ -221,7 +271,7 @@ def lookahead(*args, **kwargs) -> optax.GradientTransformation:
         leaves, treedef = _tree.flatten(f"{owner}.init", fast, "params.fast")
         if not leaves:
             return _tree.layout_without_arrays(rule, fast)._replace(slow=[])
-        state = rule.init(leaves)
+        state = rules.init_of(rule, leaves, _layouts(owner, rule, None, leaves, treedef))
         return rules.LookaheadState(state.count, [], _tree.to_tree(state.inner, treedef))
 
     def update(updates, state, params=None):
@@ -240,10 +290,11 @@ def lookahead(*args, **kwargs) -> optax.GradientTransformation:
         _tree.check_like(where, grads, treedef, fast, fast_treedef, "updates", "params.fast")
         _tree.check_like(where, slow, slow_treedef, fast, fast_treedef, "params.slow",
                          "params.fast")
-        template = jax.eval_shape(inner_rule.init, fast)
+        found = _layouts(where, rule, None, fast, treedef)
+        template = jax.eval_shape(lambda x: rules.init_of(inner_rule, x, found), fast)
         inner_state = _tree.to_core(where, state.inner, template, treedef, "state.inner")
-        fast_updates, new = rule.update(
-            grads, rules.LookaheadState(state.count, slow, inner_state), fast)
+        fast_updates, new = rules.update_of(
+            rule, grads, rules.LookaheadState(state.count, slow, inner_state), fast, found)
         slow_updates = [s_new - s for s_new, s in zip(new.slow, slow)]  # optax's updates form
         return (optax.LookaheadParams(fast=treedef.unflatten(fast_updates),
                                       slow=treedef.unflatten(slow_updates)),

@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from polyopt.rules import _state
+
 Tree = Any
 
 
@@ -76,25 +78,19 @@ def check_like(owner: str, leaves: list, treedef, ref_leaves: list, ref_treedef,
 
 
 # --------------------------------------------------------------------------
-# state layout
-
-
-def _is_namedtuple(x: Any) -> bool:
-    return isinstance(x, tuple) and hasattr(x, "_fields")
+# state layout: the core walker (polyopt.rules._state) with pytrees in the slots
 
 
 def to_tree(state: Any, treedef, slot: Any = None) -> Any:
     """A core state with every per-parameter list made a tree shaped like the params
     (or, if given, replaced by ``slot``)."""
-    if _is_namedtuple(state):
-        return type(state)(*(to_tree(s, treedef, slot) for s in state))
-    if isinstance(state, tuple):
-        return tuple(to_tree(s, treedef, slot) for s in state)
-    if isinstance(state, list):
-        if not state:
-            return []
-        return treedef.unflatten(state) if slot is None else slot
-    return state
+    leaves = []
+    for entry in _state.entries(state):
+        if entry.kind == "slot":
+            leaves.append(treedef.unflatten(entry.value) if slot is None else slot)
+        else:
+            leaves.append(entry.value)
+    return _state.rebuild(state, leaves)
 
 
 def layout_without_arrays(rule: Any, tree: Any) -> Any:
@@ -106,39 +102,30 @@ def layout_without_arrays(rule: Any, tree: Any) -> Any:
 
 def to_core(owner: str, state: Any, template: Any, treedef, path: str = "state") -> Any:
     """The core state from ``to_tree``'s layout, checked against ``template``
-    (``jax.eval_shape`` of the rule's init on these params)."""
-
-    def fail(message: str) -> ValueError:
-        return ValueError(f"{owner}: {path} {message}; was the state made by this "
-                          "transformation's init, for these params?")
-
-    if _is_namedtuple(template):
-        if type(state) is not type(template):
-            raise fail(f"is a {type(state).__name__}, expected a {type(template).__name__}")
-        return type(template)(*(to_core(owner, s, t, treedef, f"{path}.{name}")
-                                for s, t, name in zip(state, template, template._fields)))
-    if isinstance(template, tuple):
-        if not isinstance(state, tuple) or len(state) != len(template):
-            raise fail(f"must be a tuple of {len(template)} states, got {type(state).__name__}"
-                       f"{' of length ' + str(len(state)) if isinstance(state, tuple) else ''}")
-        return tuple(to_core(owner, s, t, treedef, f"{path}[{i}]")
-                     for i, (s, t) in enumerate(zip(state, template)))
-    if isinstance(template, list):
-        if not template:
-            if not isinstance(state, (list, tuple)) or len(state):
-                raise fail("must be empty (this option keeps no such slot)")
-            return []
-        leaves, got = jax.tree_util.tree_flatten(state)
-        if got != treedef:
-            raise ValueError(f"{owner}: {path} does not match the params: "
-                             + describe_difference(got, treedef, path, "params"))
-        for leaf, want, where in zip(leaves, template, _paths(treedef, path)):
-            if getattr(leaf, "shape", None) != want.shape or leaf.dtype != want.dtype:
-                raise ValueError(
-                    f"{owner}: {where} has shape {getattr(leaf, 'shape', None)} and dtype "
-                    f"{getattr(leaf, 'dtype', None)}, the params need {want.shape} "
-                    f"and {want.dtype}")
-        return leaves
-    if getattr(state, "shape", None) != template.shape:
-        raise fail(f"has shape {getattr(state, 'shape', None)}, expected {template.shape}")
-    return state
+    (``jax.eval_shape`` of the rule's init on these params) by the core walker."""
+    leaves = []
+    for entry, value in _state.pair(owner, state, template, root=path):
+        where = _state.path_text(entry.path, path)
+        if entry.kind == "empty":
+            leaves.append([])
+        elif entry.kind == "slot":
+            arrays, got = jax.tree_util.tree_flatten(value)
+            if got != treedef:
+                raise ValueError(f"{owner}: {where} does not match the params: "
+                                 + describe_difference(got, treedef, where, "params"))
+            for leaf, want, leaf_path in zip(arrays, entry.value, _paths(treedef, where)):
+                if getattr(leaf, "shape", None) != want.shape or leaf.dtype != want.dtype:
+                    raise ValueError(
+                        f"{owner}: {leaf_path} has shape {getattr(leaf, 'shape', None)} and "
+                        f"dtype {getattr(leaf, 'dtype', None)}, the params need {want.shape} "
+                        f"and {want.dtype}")
+            leaves.append(arrays)
+        elif entry.kind == "array":
+            if value.shape != entry.value.shape:
+                raise ValueError(f"{owner}: {where} has shape {value.shape}, expected "
+                                 f"{entry.value.shape}; was the state made by this "
+                                 f"transformation's init, for these params?")
+            leaves.append(value)
+        else:
+            leaves.append(value)
+    return _state.rebuild(template, leaves)

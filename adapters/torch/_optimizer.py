@@ -11,6 +11,7 @@ results back (params in place, state entries replaced).
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import itertools
 import math
@@ -28,6 +29,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.split_module import split_module
 
 from polyopt import native, rules
+from polyopt.rules import _state
 from polyopt.hyper import Spec
 
 # Torch tensors go straight to array_api_compat's torch namespace: the same
@@ -146,56 +148,38 @@ def _is_zero(value: Any) -> bool:
 
 
 # --------------------------------------------------------------------------
-# state trees: a rule's state NamedTuple <-> per-parameter torch entries
-
-
-def _leaves(tree: Any, path: tuple = ()):
-    """(path, leaf) of a state: lists of per-parameter arrays and 0-d arrays."""
-    if isinstance(tree, list):
-        yield path, tree
-    elif isinstance(tree, tuple):
-        names = getattr(tree, "_fields", None) or range(len(tree))
-        for name, child in zip(names, tree):
-            yield from _leaves(child, (*path, name))
-    elif isinstance(tree, torch.Tensor):
-        yield path, tree
-    elif tree is not None:
-        raise TypeError(f"unexpected leaf in a rule state: {tree!r}")
-
-
-def _rebuild(template: Any, values: dict, path: tuple = ()) -> Any:
-    if isinstance(template, list) or isinstance(template, torch.Tensor):
-        return values[path]
-    if isinstance(template, tuple):
-        names = getattr(template, "_fields", None)
-        children = [_rebuild(c, values, (*path, n))
-                    for n, c in zip(names or range(len(template)), template)]
-        return type(template)(*children) if names else tuple(children)
-    return template
+# a rule's state NamedTuple <-> per-parameter torch entries (the core walker's paths)
 
 
 class _Layout:
-    """The shape of a rule's state: which leaves are per-parameter lists, which are
-    scalars (counts), and the torch state key of each."""
+    """The shape of a rule's state (from the core walker, :mod:`polyopt.rules._state`):
+    which leaves are per-parameter lists, which are scalars (counts), and the
+    torch state key of each."""
 
     def __init__(self, template: Any, names: dict | None = None) -> None:
         self.template = template
         self.slots: list[tuple[tuple, str]] = []  # (path, key): one tensor per param
         self.scalars: list[tuple[tuple, str, bool]] = []  # (path, key, is_count)
         used = set()
-        for path, leaf in _leaves(template):
+        initial = set()
+        for entry in _state.entries(template):
+            path = entry.path
             dotted = ".".join(str(p) for p in path)
             key = (names or {}).get(dotted) or TORCH_STATE_NAMES.get(str(path[-1]))
             if key is None or key in used:
                 key = dotted
             used.add(key)
-            if isinstance(leaf, list):
-                self.slots.append((path, key))
+            if entry.kind == "none":
+                continue
+            if entry.kind == "array":
+                self.scalars.append((path, key, not entry.value.is_floating_point()))
             else:
-                self.scalars.append((path, key, not leaf.is_floating_point()))
+                self.slots.append((path, key))
+                if entry.kind == "slot":
+                    initial.add(key)
         self.keys = {key for _, key in self.slots} | {key for _, key, _ in self.scalars}
         # slots a fresh init fills (the others start empty: momentum 0, no amsgrad)
-        self.initial = {key for path, key in self.slots if dict(_leaves(template))[path]}
+        self.initial = initial
 
 
 # --------------------------------------------------------------------------
@@ -249,13 +233,13 @@ def _compile(update) -> Any:
 
 
 def _flat_step(factory, values: dict, hyper_names: list, layout: _Layout, present: tuple,
-               count: int = 1):
+               count: int = 1, layouts: tuple | None = None):
     """The step of one bucket on flat state, as a function of positional
     tensors: ``(*params, *grads, *each present slot, *scalars, *hypers)``,
     ``count`` tensors each for the params, the grads and every slot.
 
     ``count`` 1: the rule runs once on the concatenations (flat buffers); valid
-    only for elementwise rules (:meth:`RuleOptimizer.elementwise`), whose
+    only for elementwise rules (the rule's ``elementwise``), whose
     numbers do not depend on how the tensors are split. Otherwise the inputs
     are the per-parameter views of the flat buffers (so per-tensor reductions,
     gradient centralization, see their own tensor). The params and the slots
@@ -274,10 +258,11 @@ def _flat_step(factory, values: dict, hyper_names: list, layout: _Layout, presen
         leaves.update(zip(slot_paths, slots))
         for (path, _, is_count), value in zip(layout.scalars, scalars):
             leaves[path] = value.to(torch.int32) if is_count else value
-        updates, new = rule.update(grads, _rebuild(layout.template, leaves), params)
+        updates, new = rules.update_of(rule, grads, _state.rebuild_from(layout.template, leaves),
+                                       params, None if layouts is None else list(layouts))
         for p, u in zip(params, updates):
             p.add_(u)
-        out = dict(_leaves(new))
+        out = _state.by_path(new)
         created = []
         step.created = []
         for path, key in layout.slots:
@@ -437,9 +422,23 @@ class RuleOptimizer(torch.optim.Optimizer):
     def elementwise(cls, values: dict) -> bool:
         """Whether the rule with these (canonical) values treats every element
         alone: no per-tensor reductions or shapes, so that one call on the
-        concatenation of all tensors gives each tensor's numbers
-        (:func:`polyopt.rules.elementwise`)."""
-        return rules.elementwise(cls.spec.name, values)
+        concatenation of all tensors gives each tensor's numbers (the
+        capability the rule declares, ``Rule.elementwise``)."""
+        return cls.factory(**values).elementwise
+
+    def _param_layouts(self, values: dict, group: dict, params: list) -> tuple | None:
+        """The layout of each param for a rule that uses layouts (None otherwise):
+        the group's ``"layout"`` (a :class:`polyopt.rules.Layout` for every
+        tensor of 2 or more axes, or a callable ``shape -> Layout``), else
+        torch's (output axis 0: Linear (out, in), Conv (out, in, kh, kw))."""
+        if not self._rule(values).uses_layout:
+            return None
+        given = group.get("layout")
+        if isinstance(given, rules.Layout):
+            given = [given if p.ndim >= 2 else None for p in params]
+        return tuple(_state.layouts_for(
+            f"polyopt.torch.{type(self).__name__}", params, given, _state.out_first,
+            names=[f"param of shape {tuple(p.shape)}" for p in params]))
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "compiled": self.compiled}
@@ -468,6 +467,8 @@ class RuleOptimizer(torch.optim.Optimizer):
                     f"numbers, got {arg.name}={value!r}")
             for index, h in arg.hypers:
                 values[h.name] = value[index]
+        if isinstance(values.get("state_dtype"), torch.dtype):  # torch.bfloat16 -> "bfloat16"
+            values["state_dtype"] = str(values["state_dtype"]).rsplit(".", 1)[-1]
         for h in self.spec:
             if h.runtime and callable(values[h.name]) and not hasattr(values[h.name], "shape"):
                 raise TypeError(
@@ -610,9 +611,11 @@ class RuleOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             # every group is checked before any is changed
             plans = [self._plan(i, g) for i, g in enumerate(self.param_groups)]
+            layouts = [self._param_layouts(values, group, params) if params else None
+                       for (values, params, _), group in zip(plans, self.param_groups)]
             for index, (values, params, grads) in enumerate(plans):
                 if params:
-                    self._step_group(values, params, grads)
+                    self._step_group(values, params, grads, layouts[index])
                     self._note_steady(index, params)
         return loss
 
@@ -627,7 +630,8 @@ class RuleOptimizer(torch.optim.Optimizer):
                 and all(map(operator.is_, map(_GRAD, params), built.grad_views))):
             self._steady[index] = (list(params), list(built.grad_views))
 
-    def _step_group(self, values: dict, params: list, grads: list) -> None:
+    def _step_group(self, values: dict, params: list, grads: list,
+                    layouts: tuple | None = None) -> None:
         layout = self._layout(values)
         if self.compiled:
             # the steady state of the flat path: the same params as the last
@@ -635,9 +639,11 @@ class RuleOptimizer(torch.optim.Optimizer):
             # counts are equal): no bucketing, no lookups per param
             entry = self._flats.get(tuple(map(id, params)))
             if entry is not None and self._intact(entry, layout):
-                self._step_flat(values, layout, params, grads, entry["__states__"], entry)
+                self._step_flat(values, layout, params, grads, entry["__states__"], entry,
+                                layouts)
                 return
-        self._init_missing(values, layout, params)
+        where = {id(p): i for i, p in enumerate(params)}
+        self._init_missing(values, layout, params, layouts)
         buckets: dict = defaultdict(list)
         for p, g in zip(params, grads):
             st = self.state[p]
@@ -648,32 +654,40 @@ class RuleOptimizer(torch.optim.Optimizer):
             ps = [p for p, _ in members]
             gs = [g for _, g in members]
             states = [self.state[p] for p in ps]
+            own = None if layouts is None else tuple(layouts[where[id(p)]] for p in ps)
             if self.compiled and self._flat_eligible(ps):
-                self._step_flat(values, layout, ps, gs, states)
+                self._step_flat(values, layout, ps, gs, states, layouts=own)
                 continue
             tree = self._tree(layout, states)
             if self.compiled:
-                fn = self._compiled_step(values, ps, states)
+                fn = self._compiled_step(values, ps, states, own)
                 new, scalars = fn(ps, gs, tree)
                 for p, value in zip([p for p in ps if p.ndim == 0], scalars):
                     p.copy_(value)
             else:
-                new = _apply(self._rule(values).update, ps, gs, tree)
+                update = self._rule(values).update
+                if own is not None:
+                    update = functools.partial(update, layouts=list(own))
+                new = _apply(update, ps, gs, tree)
             self._write(layout, states, new)
 
     def _rule(self, values: dict):
         """The rule of these values (kept with them, :meth:`_derive`)."""
         return self._derive(values, "rule", lambda v: type(self).factory(**v))
 
-    def _init_missing(self, values: dict, layout: _Layout, params: list) -> None:
+    def _init_missing(self, values: dict, layout: _Layout, params: list,
+                      layouts: tuple | None = None) -> None:
         """Lazy state initialisation, as torch.optim does at a param's first step."""
-        fresh = [p for p in params if not (layout.initial | {k for _, k, _ in layout.scalars})
+        fresh = [i for i, p in enumerate(params)
+                 if not (layout.initial | {k for _, k, _ in layout.scalars})
                  <= self.state[p].keys()]
         if not fresh:
             return
         rule = type(self).factory(**values)
-        work = [p.detach().to(compute_dtype(p.dtype)) for p in fresh]
-        init = dict(_leaves(rule.init(work)))
+        work = [params[i].detach().to(compute_dtype(params[i].dtype)) for i in fresh]
+        init = _state.by_path(rules.init_of(
+            rule, work, None if layouts is None else [layouts[i] for i in fresh]))
+        fresh = [params[i] for i in fresh]
         for i, p in enumerate(fresh):
             st = self.state[p]
             for path, key in layout.slots:
@@ -692,10 +706,10 @@ class RuleOptimizer(torch.optim.Optimizer):
         for path, key, is_count in layout.scalars:
             value = first[key]
             values[path] = value.to(torch.int32) if is_count else value
-        return _rebuild(layout.template, values)
+        return _state.rebuild_from(layout.template, values)
 
     def _write(self, layout: _Layout, states: list, new: Any) -> None:
-        leaves = dict(_leaves(new))
+        leaves = _state.by_path(new)
         for path, key in layout.slots:
             arrays = leaves[path]
             if len(arrays) == len(states):
@@ -799,7 +813,8 @@ class RuleOptimizer(torch.optim.Optimizer):
         entry[key] = (buffer, views)
 
     def _step_flat(self, values: dict, layout: _Layout, params: list, grads: list,
-                   states: list, intact: dict | None = None) -> None:
+                   states: list, intact: dict | None = None,
+                   layouts: tuple | None = None) -> None:
         """One compiled flat step of a bucket; ``intact``: its flat entry, already
         checked (:meth:`_intact`)."""
         if intact is None:
@@ -813,10 +828,12 @@ class RuleOptimizer(torch.optim.Optimizer):
         flats = intact if intact is not None else self._flats[tuple(map(id, params))]
         flat_p, flat_g = self._flat_params(flats, params, grads)
         built = flats["__params__"]
-        structure = ("flat", type(self), self._structure(values), present, built.shapes)
+        structure = ("flat", type(self), self._structure(values), present, built.shapes,
+                     layouts)
         entry = _COMPILED_STEPS.get(structure)
         scalars = [buffers[k][0] for _, k, _ in layout.scalars]
-        if self.elementwise(values):
+        elementwise = self._rule(values).elementwise
+        if elementwise:
             tensors = [flat_p, flat_g, *[buffers[k] for k in present]]
         else:  # the per-parameter views of the flat buffers
             tensors = [*built.views, *built.grad_views,
@@ -829,7 +846,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             for name, tensor in zip(names, inputs):
                 tensor.fill_(values[name])
             step = _flat_step(type(self).factory, values, names, layout, present,
-                              1 if self.elementwise(values) else len(params))
+                              1 if elementwise else len(params), layouts)
             # the counts go in as stored (float, torch's "step"); the graph casts them
             entry = (_compile_flat(step, [*tensors, *scalars, *inputs]), names, inputs,
                      step.created, [None] * len(names))
@@ -848,10 +865,11 @@ class RuleOptimizer(torch.optim.Optimizer):
         for (_, key, _), value in zip(layout.scalars, out[len(news):]):
             buffers[key].copy_(value)
 
-    def _compiled_step(self, values: dict, params: list, states: list):
+    def _compiled_step(self, values: dict, params: list, states: list,
+                       layouts: tuple | None = None):
         structure = (self._structure(values),
                      tuple((tuple(p.shape), p.dtype, p.device) for p in params),
-                     tuple(sorted(states[0].keys())))
+                     tuple(sorted(states[0].keys())), layouts)
         structure = (type(self), *structure)
         entry = _COMPILED_STEPS.get(structure)
         if entry is None:
@@ -863,7 +881,10 @@ class RuleOptimizer(torch.optim.Optimizer):
                     inputs[h.name] = torch.zeros((), dtype=torch.float64, device=device)
                     rule_values[h.name] = inputs[h.name]
             rule = type(self).factory(**rule_values)
-            entry = (_compile(rule.update), inputs)
+            update = rule.update
+            if layouts is not None:
+                update = functools.partial(update, layouts=list(layouts))
+            entry = (_compile(update), inputs)
             _COMPILED_STEPS[structure] = entry
         fn, inputs = entry
         for name, tensor in inputs.items():
@@ -911,7 +932,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"{name}: the state_dict has {len(saved_groups)} param groups, "
                 f"the optimizer has {len(self.param_groups)}")
-        id_map, groups, layouts = {}, [], {}
+        id_map, groups, layouts, group_values = {}, [], {}, {}
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
@@ -927,6 +948,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             for saved_id, p in zip(saved["params"], group["params"]):
                 id_map[saved_id] = p
                 layouts[saved_id] = layout
+                group_values[saved_id] = values
             groups.append({**saved, "params": group["params"],
                            **({"param_names": group["param_names"]}
                               if "param_names" in group and "param_names" not in saved else {})})
@@ -955,7 +977,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                         f"{name}: state of param {saved_id}: {key} has shape "
                         f"{tuple(value.shape)}, expected {want}")
                 if key in slot_keys:
-                    dtype = compute_dtype(p.dtype)
+                    dtype = _slot_dtype(group_values[saved_id], p)
                 elif any(k == key and c for _, k, c in layout.scalars):
                     dtype = step_dtype()
                 else:
@@ -963,6 +985,13 @@ class RuleOptimizer(torch.optim.Optimizer):
                 converted[key] = value.to(dtype=dtype, device=p.device, copy=True)
             state[p] = converted
         return state, groups
+
+
+def _slot_dtype(values: dict, p: torch.Tensor) -> torch.dtype:
+    """The dtype a param's moments are kept in: the group's state_dtype, else the
+    dtype its math runs in."""
+    name = values.get("state_dtype")
+    return getattr(torch, name) if name is not None else compute_dtype(p.dtype)
 
 
 def _arguments_doc(cls) -> str:

@@ -25,7 +25,8 @@ import torch
 
 from polyopt import interop
 from polyopt.interop import StateFileError
-from polyopt.torch._optimizer import _Layout, _leaves, _rebuild, compute_dtype
+from polyopt.rules import _state
+from polyopt.torch._optimizer import _Layout, compute_dtype
 
 __all__ = ["export_state", "import_state", "import_native_state", "StateFileError"]
 
@@ -104,7 +105,7 @@ def export_state(opt, file: File, names=None) -> None:
                                      f"({sorted(values_of)[:5]}); a state file holds one")
             value = saved[0][key]
             leaves[path] = value.to(torch.int32) if is_count else value
-        state = _rebuild(layout.template, leaves)
+        state = _state.rebuild_from(layout.template, leaves)
     options, hyperparameters = _split(opt, values)
     if len(groups) > 1:
         hyperparameters["param_groups"] = [_split(opt, v)[1] for v in groups]
@@ -128,7 +129,7 @@ def import_state(opt, file: File, names=None) -> dict:
     template = rule.init([torch.zeros(p.shape, dtype=compute_dtype(p.dtype)) for p in params])
     loaded = interop.load_state(file, template, algorithm=opt.spec.name, params=params,
                                 names=names)
-    leaves = dict(_leaves(loaded.state))
+    leaves = _state.by_path(loaded.state)
     state: dict = {}
     for i in range(len(params)):
         entries = {}

@@ -5,6 +5,13 @@ Every rule is a factory returning a :class:`Rule` (or :class:`SAMRule`):
 params)`` on lists of arrays of one namespace; ``params + updates`` is the
 new point. Rules are pure: nothing is changed in place.
 
+A rule declares what adapters may know about it as attributes of its
+:class:`Rule` (never by its name): its state ``slots`` (:class:`Slot`:
+shape as a function of the param's shape and :class:`Layout`, dtype
+policy), ``elementwise``, ``uses_layout``, ``needs_closure`` and
+``eval_params``. :mod:`polyopt.rules._state` is the one walker that builds,
+checks, flattens and restores states from that description.
+
 The Array API subset the core calls is ``polyopt.rules.ARRAY_API_SUBSET``
 (plus operators and the attributes shape, ndim, dtype, device); a test
 keeps it exact. A namespace that provides it runs every rule and schedule:
@@ -13,7 +20,8 @@ array_api_compat does not know (TensorFlow's, in the Keras adapter).
 """
 
 from polyopt._namespace import register_namespace
-from polyopt.rules._base import ARRAY_API_SUBSET, Rule
+from polyopt.rules._base import ARRAY_API_SUBSET, Rule, init_of, update_of
+from polyopt.rules._state import Layout, Slot, StateError
 from polyopt.rules.adam_family import (
     AdamaxState,
     AdamState,
@@ -54,24 +62,9 @@ from polyopt.rules.wrappers import (
 )
 
 
-def elementwise(name: str, values: dict) -> bool:
-    """Whether the rule factory ``name`` with these (canonical) arguments treats
-    every element alone: no per-tensor reductions, no axes. Its numbers then do
-    not depend on how the arrays are shaped or split, so an adapter may run it
-    on 1-D reshapes or on one concatenation of all arrays (checked for every
-    torch class by tests/test_torch_flat.py). Only Ranger's gradient
-    centralization (per-tensor means over every axis but the first) is not.
-
-    >>> elementwise("adam", {})
-    True
-    >>> elementwise("ranger", {"gradient_centralization": True})
-    False
-    """
-    return not (name == "ranger" and values.get("gradient_centralization", True))
-
-
 __all__ = [
-    "ARRAY_API_SUBSET", "Rule", "SAMRule", "register_namespace", "elementwise",
+    "ARRAY_API_SUBSET", "Rule", "SAMRule", "Slot", "Layout", "StateError", "register_namespace",
+    "init_of", "update_of",
     "sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
     "radam", "lookahead", "ranger", "sam",
     "chain", "clip_by_global_norm", "centralize", "add_decayed_weights",

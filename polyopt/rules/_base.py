@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from polyopt._namespace import namespace
+from polyopt.rules import _state
 
 Array = Any
 Params = Sequence[Array]
@@ -29,15 +30,48 @@ ARRAY_API_SUBSET = frozenset({
 
 
 class Rule(NamedTuple):
-    """An update rule: two pure functions.
+    """An update rule: two pure functions, and what adapters may know about it.
 
     ``init(params) -> state`` and ``update(grads, state, params) -> (updates, state)``,
     where params, grads and updates are lists of arrays of one namespace and
     ``new_params = [p + u for p, u in zip(params, updates)]``.
+
+    The other fields are declared capabilities; adapters read them and never
+    a rule's name:
+
+    - ``slots``: the :class:`polyopt.rules._state.Slot` of each per-parameter
+      state list, in the state's order (wrappers: their own slots only);
+    - ``elementwise``: every element is treated alone, so the rule may run on
+      reshaped, concatenated or sharded arrays;
+    - ``uses_layout``: per-tensor math over a :class:`~polyopt.rules._state.Layout`;
+      ``init`` and ``update`` then take ``layouts=`` (one Layout or None per
+      param; default: the core's, output axis first);
+    - ``needs_closure``: each step needs the loss re-evaluated (SAM);
+    - ``eval_params``: None, or ``eval_params(params, state) -> params`` for a
+      rule whose point to evaluate differs from the point it steps (Schedule-Free).
     """
 
     init: Callable[[Params], Any]
     update: Callable[[Params, Any, Params], tuple[list[Array], Any]]
+    slots: tuple = ()
+    elementwise: bool = True
+    uses_layout: bool = False
+    needs_closure: bool = False
+    eval_params: Callable | None = None
+
+
+def init_of(rule: Any, params: Params, layouts: Any = None) -> Any:
+    """``rule.init``, given the layouts if the rule uses them."""
+    if layouts is not None and getattr(rule, "uses_layout", False):
+        return rule.init(params, layouts=layouts)
+    return rule.init(params)
+
+
+def update_of(rule: Any, grads: Params, state: Any, params: Params, layouts: Any = None):
+    """``rule.update``, given the layouts if the rule uses them."""
+    if layouts is not None and getattr(rule, "uses_layout", False):
+        return rule.update(grads, state, params, layouts=layouts)
+    return rule.update(grads, state, params)
 
 
 def zeros_count(xp, like: Array | None = None) -> Array:
@@ -50,14 +84,6 @@ def _device(x: Array):
         return x.device
     except AttributeError:  # pragma: no cover - every Array API array has one
         return None
-
-
-def zeros_like_all(xp, params: Params) -> list[Array]:
-    return [xp.zeros_like(p) for p in params]
-
-
-def full_like_all(xp, params: Params, value: float) -> list[Array]:
-    return [xp.full_like(p, value) for p in params]
 
 
 def check_params(owner: str, params: Params) -> list[Array]:
@@ -214,36 +240,73 @@ def apply_decoupled(xp, updates: list[Array], params: list[Array], weight_decay:
     return out
 
 
-def stateful_rule(name: str, state_type: type, init_fields: Callable, step: Callable, *,
-                  learning_rate: Any, weight_decay: Any, weight_decay_mode: str) -> Rule:
-    """A Rule from its per-step math; the checks and weight decay are done here, once.
+def stateful_rule(name: str, state_type: type, slots: tuple, step: Callable, *,
+                  learning_rate: Any, weight_decay: Any, weight_decay_mode: str,
+                  state_dtype: Any = None, scalars: Callable | None = None) -> Rule:
+    """A Rule from its slots and its per-step math; the checks, the state's dtypes
+    and weight decay are done here, once.
 
-    ``state_type`` is a NamedTuple ``(count, *fields)``; every field that is
-    a list holds one array per parameter (or is empty) and is checked against
-    the params at update. ``init_fields(xp, params)`` returns the fields;
-    ``step(xp, grads, params, state, lr)`` returns ``(updates, fields,
-    decay_lr)``, where grads already carry L2 decay ('l2' mode), ``lr`` is
+    ``state_type`` is a NamedTuple ``(count, *slots, *scalars)``: one list
+    field per :class:`~polyopt.rules._state.Slot` of ``slots`` (built by the
+    core walker; an empty list for a slot whose shape is NONE), then the
+    0-d arrays ``scalars(xp, params)`` returns. ``step(xp, grads, params,
+    state, lr)`` returns ``(updates, fields, decay_lr)``, where grads already
+    carry L2 decay ('l2' mode), the slots of ``state`` are in the grads'
+    dtypes (``state_dtype`` storage is converted here, both ways), ``lr`` is
     the learning rate at this step, and ``decay_lr`` (a value or one per
-    parameter) multiplies decoupled decay, which is applied to the updates
-    afterwards.
+    parameter) multiplies decoupled decay, applied to the updates afterwards.
     """
+    n_slots = len(slots)
 
     def init(params):
         params = check_params(name, params)
         xp = namespace(*params)
-        return state_type(zeros_count(xp, params[0]), *init_fields(xp, params))
+        extra = scalars(xp, params) if scalars is not None else ()
+        return state_type(zeros_count(xp, params[0]),
+                          *_state.build(name, slots, params, state_dtype=state_dtype), *extra)
 
     def update(grads, state, params):
         check_state(name, state, state_type)
-        slots = [field for field in state[1:] if isinstance(field, list)]
-        xp, grads, params = check_update(name, grads, state, params, slots)
+        fields = list(state[1:1 + n_slots])
+        xp, grads, params = check_update(name, grads, state, params)
+        _check_slots(name, slots, fields, params)
+        stored = fields
+        fields = [_state.to_compute(xp, f, grads) for f in fields]
         lr = evaluate(learning_rate, state.count)
         grads = add_l2(xp, grads, params, weight_decay, weight_decay_mode)
-        updates, fields, decay_lr = step(xp, grads, params, state, lr)
+        updates, new, decay_lr = step(xp, grads, params,
+                                      state_type(state.count, *fields, *state[1 + n_slots:]), lr)
+        new = list(new)
+        for k, (slot, old) in enumerate(zip(slots, stored)):
+            if old or (state_dtype is not None and slot.dtype == "state"):
+                like = old if old else [
+                    xp.zeros((), dtype=_state.storage_dtype(xp, slot, p, state_dtype))
+                    for p in params]
+                new[k] = _state.to_storage(xp, new[k], like)
         updates = apply_decoupled(xp, updates, params, weight_decay, decay_lr, weight_decay_mode)
-        return updates, state_type(increment(state.count), *fields)
+        return updates, state_type(increment(state.count), *new)
 
-    return Rule(init, update)
+    return Rule(init, update, slots=tuple(slots))
+
+
+def _check_slots(owner: str, slots: tuple, fields: list, params: list) -> None:
+    """Each non-empty slot holds one array per param, of the shape its Slot gives."""
+    where = f"{owner}.update"
+    for slot, field in zip(slots, fields):
+        if not field:
+            continue
+        if len(field) != len(params):
+            raise ValueError(
+                f"{where}: state holds {len(field)} arrays per slot for "
+                f"{len(params)} params; was it made by init() for other params?")
+        for i, (s, p) in enumerate(zip(field, params)):
+            want = _state.slot_shape(slot, p.shape, None)
+            if want is None:  # a switched-off slot started later (momentum set at run time)
+                want = tuple(p.shape)
+            if tuple(s.shape) != want:
+                raise ValueError(
+                    f"{where}: state for params[{i}] has shape {tuple(s.shape)}, "
+                    f"params[{i}] has shape {tuple(p.shape)}")
 
 
 def momentum_buffers(xp, buffers: list[Array], grads: list[Array], use_momentum: bool,

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 from polyopt import hyper
 from polyopt.rules import _base
 from polyopt.rules._base import Rule
+from polyopt.rules._state import NONE, PARAM, Slot
 
 
 class AdamState(NamedTuple):
@@ -62,19 +63,14 @@ def _radam_rho(xp, b2, rho_inf, t):
     return (rho_inf - 2 / log_b2) + (2 / log_b2) * xp.where(y < 0.25, series, direct)
 
 
-def _moment_fields(amsgrad: bool):
-    """init_fields of a rule with state (count, m, v, max of v if amsgrad else [])."""
-
-    def init_fields(xp, params):
-        return (_base.zeros_like_all(xp, params), _base.zeros_like_all(xp, params),
-                _base.zeros_like_all(xp, params) if amsgrad else [])
-
-    return init_fields
+def _moment_slots(amsgrad: bool) -> tuple:
+    """The slots of a rule with state (count, m, v, max of v if amsgrad else [])."""
+    return (Slot("first_moment"), Slot("second_moment"),
+            Slot("max_second_moment", PARAM if amsgrad else NONE))
 
 
 def _adam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad, amsgrad_form,
-          weight_decay, weight_decay_mode, first_moment_bias_correction) -> Rule:
-    init_fields = _moment_fields(amsgrad)
+          weight_decay, weight_decay_mode, first_moment_bias_correction, state_dtype) -> Rule:
 
     def step(xp, grads, params, state, lr_value):
         @_base.per_dtype
@@ -111,8 +107,9 @@ def _adam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad, am
                 updates.append(-lr * ((m / bc1) / (xp.sqrt(v_hat + eps_root) + eps)))
         return updates, (ms, vs, maxes), lr_value
 
-    return _base.stateful_rule(name, AdamState, init_fields, step, learning_rate=learning_rate,
-                               weight_decay=weight_decay, weight_decay_mode=weight_decay_mode)
+    return _base.stateful_rule(name, AdamState, _moment_slots(amsgrad), step,
+                               learning_rate=learning_rate, weight_decay=weight_decay,
+                               weight_decay_mode=weight_decay_mode, state_dtype=state_dtype)
 
 
 _ADAM_DOC = r"""
@@ -155,9 +152,10 @@ _ADAM_DOC = r"""
 
 @hyper.ADAM.factory
 def adam(learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad, amsgrad_form,
-         weight_decay, weight_decay_mode, first_moment_bias_correction) -> Rule:
+         weight_decay, weight_decay_mode, first_moment_bias_correction, state_dtype) -> Rule:
     return _adam("adam", learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad,
-                 amsgrad_form, weight_decay, weight_decay_mode, first_moment_bias_correction)
+                 amsgrad_form, weight_decay, weight_decay_mode, first_moment_bias_correction,
+                 state_dtype)
 
 
 adam.__doc__ = "Adam (Kingma and Ba, 2015)." + _ADAM_DOC + r"""
@@ -176,9 +174,10 @@ adam.__doc__ = "Adam (Kingma and Ba, 2015)." + _ADAM_DOC + r"""
 
 @hyper.ADAMW.factory
 def adamw(learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad, amsgrad_form,
-          weight_decay, weight_decay_mode, first_moment_bias_correction) -> Rule:
+          weight_decay, weight_decay_mode, first_moment_bias_correction, state_dtype) -> Rule:
     return _adam("adamw", learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad,
-                 amsgrad_form, weight_decay, weight_decay_mode, first_moment_bias_correction)
+                 amsgrad_form, weight_decay, weight_decay_mode, first_moment_bias_correction,
+                 state_dtype)
 
 
 adamw.__doc__ = ("AdamW (Loshchilov and Hutter, 2019): Adam with decoupled weight decay "
@@ -188,10 +187,11 @@ adamw.__doc__ = ("AdamW (Loshchilov and Hutter, 2019): Adam with decoupled weigh
 
 @hyper.AMSGRAD.factory
 def amsgrad(learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad, amsgrad_form,
-            weight_decay, weight_decay_mode, first_moment_bias_correction) -> Rule:
+            weight_decay, weight_decay_mode, first_moment_bias_correction, state_dtype) -> Rule:
     """AMSGrad (Reddi et al., 2018): :func:`adam` with ``amsgrad=True`` by default."""
     return _adam("amsgrad", learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad,
-                 amsgrad_form, weight_decay, weight_decay_mode, first_moment_bias_correction)
+                 amsgrad_form, weight_decay, weight_decay_mode, first_moment_bias_correction,
+                 state_dtype)
 
 
 class AdamaxState(NamedTuple):
@@ -201,7 +201,8 @@ class AdamaxState(NamedTuple):
 
 
 @hyper.ADAMAX.factory
-def adamax(learning_rate, b1, b2, eps, eps_placement, weight_decay, weight_decay_mode) -> Rule:
+def adamax(learning_rate, b1, b2, eps, eps_placement, weight_decay, weight_decay_mode,
+           state_dtype) -> Rule:
     r"""Adamax (Kingma and Ba, 2015): Adam with the infinity norm.
 
     .. math::
@@ -229,9 +230,6 @@ def adamax(learning_rate, b1, b2, eps, eps_placement, weight_decay, weight_decay
       0.1
     """
 
-    def init_fields(xp, params):
-        return _base.zeros_like_all(xp, params), _base.zeros_like_all(xp, params)
-
     def update_step(xp, grads, params, state, lr_value):
         @_base.per_dtype
         def step_size(like):
@@ -253,7 +251,9 @@ def adamax(learning_rate, b1, b2, eps, eps_placement, weight_decay, weight_decay
             us.append(u)
         return updates, (ms, us), lr_value
 
-    return _base.stateful_rule("adamax", AdamaxState, init_fields, update_step,
+    return _base.stateful_rule("adamax", AdamaxState,
+                               (Slot("first_moment"), Slot("infinity_norm")), update_step,
+                               state_dtype=state_dtype,
                                learning_rate=learning_rate, weight_decay=weight_decay,
                                weight_decay_mode=weight_decay_mode)
 
@@ -267,7 +267,7 @@ class NAdamState(NamedTuple):
 
 @hyper.NADAM.factory
 def nadam(learning_rate, b1, b2, eps, eps_root, momentum_decay, momentum_schedule,
-          weight_decay, weight_decay_mode) -> Rule:
+          weight_decay, weight_decay_mode, state_dtype) -> Rule:
     r"""NAdam (Dozat, 2016): Adam with Nesterov momentum.
 
     .. math::
@@ -305,10 +305,9 @@ def nadam(learning_rate, b1, b2, eps, eps_root, momentum_decay, momentum_schedul
       -0.147368
     """
 
-    def init_fields(xp, params):
+    def momentum_product(xp, params):
         dtype = xp.result_type(*params)
-        return (_base.zeros_like_all(xp, params), _base.zeros_like_all(xp, params),
-                xp.ones((), dtype=dtype, device=_base._device(params[0])))
+        return (xp.ones((), dtype=dtype, device=_base._device(params[0])),)
 
     def step(xp, grads, params, state, lr_value):
         product = state.momentum_product
@@ -344,7 +343,9 @@ def nadam(learning_rate, b1, b2, eps, eps_root, momentum_decay, momentum_schedul
             vs.append(v)
         return updates, (ms, vs, product), lr_value
 
-    return _base.stateful_rule("nadam", NAdamState, init_fields, step,
+    return _base.stateful_rule("nadam", NAdamState,
+                               (Slot("first_moment"), Slot("second_moment")), step,
+                               scalars=momentum_product, state_dtype=state_dtype,
                                learning_rate=learning_rate, weight_decay=weight_decay,
                                weight_decay_mode=weight_decay_mode)
 
@@ -358,10 +359,9 @@ class RAdamState(NamedTuple):
 
 def _radam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallback,
            nesterov, amsgrad, total_steps, warmup_proportion, min_lr, weight_decay,
-           weight_decay_mode) -> Rule:
+           weight_decay_mode, state_dtype) -> Rule:
     rho_inf = 2.0 / (1.0 - b2) - 1.0
 
-    init_fields = _moment_fields(amsgrad)
 
     def step(xp, grads, params, state, lr_value):
         @_base.per_dtype
@@ -417,14 +417,15 @@ def _radam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, threshold,
         # decoupled decay uses the scheduled (tfa warmup) learning rate, as tfa does
         return updates, (ms, vs, maxes), lrs
 
-    return _base.stateful_rule(name, RAdamState, init_fields, step, learning_rate=learning_rate,
+    return _base.stateful_rule(name, RAdamState, _moment_slots(amsgrad), step,
+                               state_dtype=state_dtype, learning_rate=learning_rate,
                                weight_decay=weight_decay, weight_decay_mode=weight_decay_mode)
 
 
 @hyper.RADAM.factory
 def radam(learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallback, nesterov,
           amsgrad, total_steps, warmup_proportion, min_lr, weight_decay,
-          weight_decay_mode) -> Rule:
+          weight_decay_mode, state_dtype) -> Rule:
     r"""RAdam (Liu et al., 2020): Adam with the variance of the adaptive step rectified.
 
     .. math::
@@ -471,4 +472,4 @@ def radam(learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallba
     """
     return _radam("radam", learning_rate, b1, b2, eps, eps_root, eps_placement, threshold,
                   fallback, nesterov, amsgrad, total_steps, warmup_proportion, min_lr,
-                  weight_decay, weight_decay_mode)
+                  weight_decay, weight_decay_mode, state_dtype)

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 from polyopt import hyper
 from polyopt.rules import _base
 from polyopt.rules._base import Rule
+from polyopt.rules._state import NONE, PARAM, Slot
 
 
 class AdagradState(NamedTuple):
@@ -16,7 +17,7 @@ class AdagradState(NamedTuple):
 
 @hyper.ADAGRAD.factory
 def adagrad(learning_rate, initial_accumulator_value, eps, eps_placement, lr_decay,
-            weight_decay, weight_decay_mode) -> Rule:
+            weight_decay, weight_decay_mode, state_dtype) -> Rule:
     r"""AdaGrad (Duchi et al., 2011).
 
     .. math::
@@ -46,8 +47,6 @@ def adagrad(learning_rate, initial_accumulator_value, eps, eps_placement, lr_dec
       [-0.5, 0.5]
     """
 
-    def init_fields(xp, params):
-        return (_base.full_like_all(xp, params, initial_accumulator_value),)
 
     def step(xp, grads, params, state, lr_value):
         @_base.per_dtype
@@ -68,7 +67,9 @@ def adagrad(learning_rate, initial_accumulator_value, eps, eps_placement, lr_dec
             sums.append(s)
         return updates, (sums,), lr_value
 
-    return _base.stateful_rule("adagrad", AdagradState, init_fields, step,
+    return _base.stateful_rule("adagrad", AdagradState,
+                               (Slot("sum_of_squares", init=initial_accumulator_value),), step,
+                               state_dtype=state_dtype,
                                learning_rate=learning_rate, weight_decay=weight_decay,
                                weight_decay_mode=weight_decay_mode)
 
@@ -82,7 +83,8 @@ class RMSpropState(NamedTuple):
 
 @hyper.RMSPROP.factory
 def rmsprop(learning_rate, decay, eps, eps_placement, initial_scale, centered, momentum,
-            nesterov, momentum_form, bias_correction, weight_decay, weight_decay_mode) -> Rule:
+            nesterov, momentum_form, bias_correction, weight_decay, weight_decay_mode,
+            state_dtype) -> Rule:
     r"""RMSprop (Tieleman and Hinton, 2012), optionally centered (Graves, 2013).
 
     .. math::
@@ -122,12 +124,8 @@ def rmsprop(learning_rate, decay, eps, eps_placement, initial_scale, centered, m
     """
     use_momentum = not _base.is_zero(momentum)
 
-    def init_fields(xp, params):
-        return (
-            _base.full_like_all(xp, params, initial_scale),
-            _base.zeros_like_all(xp, params) if centered else [],
-            _base.zeros_like_all(xp, params) if use_momentum else [],
-        )
+    slots = (Slot("mean_square", init=initial_scale), Slot("mean_grad", PARAM if centered else NONE),
+             Slot("momentum", PARAM if use_momentum else NONE))
 
     def step(xp, grads, params, state, lr_value):
         @_base.per_dtype
@@ -164,7 +162,7 @@ def rmsprop(learning_rate, decay, eps, eps_placement, initial_scale, centered, m
             slots = list(state.momentum)  # momentum 0 (a number) leaves buffers as they are
         return updates, (squares, means, slots), lr_value
 
-    return _base.stateful_rule("rmsprop", RMSpropState, init_fields, step,
+    return _base.stateful_rule("rmsprop", RMSpropState, slots, step, state_dtype=state_dtype,
                                learning_rate=learning_rate, weight_decay=weight_decay,
                                weight_decay_mode=weight_decay_mode)
 
@@ -176,7 +174,7 @@ class AdadeltaState(NamedTuple):
 
 
 @hyper.ADADELTA.factory
-def adadelta(learning_rate, rho, eps, weight_decay, weight_decay_mode) -> Rule:
+def adadelta(learning_rate, rho, eps, weight_decay, weight_decay_mode, state_dtype) -> Rule:
     r"""AdaDelta (Zeiler, 2012).
 
     .. math::
@@ -205,8 +203,6 @@ def adadelta(learning_rate, rho, eps, weight_decay, weight_decay_mode) -> Rule:
       -0.00316226
     """
 
-    def init_fields(xp, params):
-        return _base.zeros_like_all(xp, params), _base.zeros_like_all(xp, params)
 
     def step(xp, grads, params, state, lr_value):
         updates, grad_sq, delta_sq = [], [], []
@@ -219,6 +215,8 @@ def adadelta(learning_rate, rho, eps, weight_decay, weight_decay_mode) -> Rule:
             delta_sq.append(ed)
         return updates, (grad_sq, delta_sq), lr_value
 
-    return _base.stateful_rule("adadelta", AdadeltaState, init_fields, step,
+    return _base.stateful_rule("adadelta", AdadeltaState,
+                               (Slot("mean_square_grad"), Slot("mean_square_delta")), step,
+                               state_dtype=state_dtype,
                                learning_rate=learning_rate, weight_decay=weight_decay,
                                weight_decay_mode=weight_decay_mode)

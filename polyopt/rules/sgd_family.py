@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 from polyopt import hyper
 from polyopt.rules import _base
 from polyopt.rules._base import Rule
+from polyopt.rules._state import NONE, PARAM, Slot
 
 
 class SGDState(NamedTuple):
@@ -16,7 +17,7 @@ class SGDState(NamedTuple):
 
 @hyper.SGD.factory
 def sgd(learning_rate, momentum, dampening, nesterov, weight_decay, weight_decay_mode,
-        momentum_form) -> Rule:
+        momentum_form, state_dtype) -> Rule:
     r"""SGD with optional heavy-ball or Nesterov momentum.
 
     .. math::
@@ -59,8 +60,6 @@ def sgd(learning_rate, momentum, dampening, nesterov, weight_decay, weight_decay
     """
     use_momentum = not _base.is_zero(momentum)
 
-    def init_fields(xp, params):
-        return (_base.zeros_like_all(xp, params) if use_momentum else [],)
 
     def step(xp, grads, params, state, lr_value):
         buffers, first = _base.momentum_buffers(xp, state.momentum, grads, use_momentum,
@@ -81,5 +80,6 @@ def sgd(learning_rate, momentum, dampening, nesterov, weight_decay, weight_decay
         # momentum 0 (a number) leaves existing buffers as they are, as torch does
         return updates, (slots if use_momentum else list(state.momentum),), lr_value
 
-    return _base.stateful_rule("sgd", SGDState, init_fields, step, learning_rate=learning_rate,
+    return _base.stateful_rule("sgd", SGDState, (Slot("momentum", PARAM if use_momentum else NONE),),
+                               step, state_dtype=state_dtype, learning_rate=learning_rate,
                                weight_decay=weight_decay, weight_decay_mode=weight_decay_mode)

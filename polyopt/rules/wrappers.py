@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from polyopt import hyper
-from polyopt.rules import _base
+from polyopt.rules import _base, _state
 from polyopt.rules._base import Rule
 from polyopt.rules.adam_family import _radam
 
@@ -43,49 +43,68 @@ def chain(*rules: Rule) -> Rule:
         if not (hasattr(r, "init") and hasattr(r, "update")):
             raise TypeError(f"chain: rules[{i}] must be a Rule (init, update), got {r!r}")
 
-    def init(params):
-        params = _base.check_params("chain", params)
-        return ChainState(tuple(r.init(params) for r in rules))
+    uses_layout = any(_capability(r, "uses_layout") for r in rules)
 
-    def update(grads, state, params):
+    def init(params, layouts=None):
+        params = _base.check_params("chain", params)
+        return ChainState(tuple(_base.init_of(r, params, layouts) for r in rules))
+
+    def update(grads, state, params, layouts=None):
         _base.check_state("chain", state, ChainState)
         if len(state.inner) != len(rules):
             raise ValueError(
                 f"chain.update: state holds {len(state.inner)} states for {len(rules)} rules")
         new_states = []
         for r, s in zip(rules, state.inner):
-            grads, s = r.update(grads, s, params)
+            grads, s = _base.update_of(r, grads, s, params, layouts)
             new_states.append(s)
         return grads, ChainState(tuple(new_states))
 
-    return Rule(init, update)
+    return Rule(init, update, elementwise=all(_capability(r, "elementwise") for r in rules),
+                uses_layout=uses_layout,
+                needs_closure=any(_capability(r, "needs_closure") for r in rules))
+
+
+def _capability(rule: Any, name: str) -> Any:
+    """A rule's declared capability (``Rule``'s default for a bare (init, update) pair)."""
+    return getattr(rule, name, Rule._field_defaults[name])
 
 
 class CountState(NamedTuple):
     count: Any
 
 
-def _stateless(name: str, fn: Callable, check: Callable | None = None) -> Rule:
-    """A rule whose state is only a step count; fn(xp, grads, params, count) -> updates.
+def _stateless(name: str, fn: Callable, check: Callable | None = None, *,
+               per_tensor: bool = False, uses_layout: bool = False) -> Rule:
+    """A rule whose state is only a step count; fn(xp, grads, params, count) -> updates
+    (with ``uses_layout``: fn(xp, grads, params, count, layouts), one Layout or
+    None per param).
 
     ``check(owner, params)``, if given, checks the params' shapes in init and update.
     """
 
-    def init(params):
+    def init(params, layouts=None):
         params = _base.check_params(name, params)
         if check is not None:
             check(f"{name}.init", params)
+        if uses_layout:
+            _state.layouts_for(f"{name}.init", params, layouts)
         xp = _base.namespace(*params)
         return CountState(_base.zeros_count(xp, params[0]))
 
-    def update(grads, state, params):
+    def update(grads, state, params, layouts=None):
         _base.check_state(name, state, CountState)
         xp, grads, params = _base.check_update(name, grads, state, params)
         if check is not None:
             check(f"{name}.update", params)
-        return fn(xp, grads, params, state.count), CountState(_base.increment(state.count))
+        if uses_layout:
+            layouts = _state.layouts_for(f"{name}.update", params, layouts)
+            updates = fn(xp, grads, params, state.count, layouts)
+        else:
+            updates = fn(xp, grads, params, state.count)
+        return updates, CountState(_base.increment(state.count))
 
-    return Rule(init, update)
+    return Rule(init, update, elementwise=not per_tensor, uses_layout=uses_layout)
 
 
 @hyper.CLIP_BY_GLOBAL_NORM.factory
@@ -127,7 +146,8 @@ def clip_by_global_norm(max_norm, eps) -> Rule:
             outs.append(xp.where(keep, g, (g / total) * limit))
         return outs
 
-    return _stateless("clip_by_global_norm", fn)
+    # one norm over all arrays: not elementwise (a shard or a bucket has its own norm)
+    return _stateless("clip_by_global_norm", fn, per_tensor=True)
 
 
 def _as_array(xp, value: Any, like) -> Any:
@@ -158,9 +178,13 @@ def centralize(keep_axis, min_ndim) -> Rule:
         \quad\text{if } g.\mathrm{ndim} \ge \text{min\_ndim}
 
     Args:
-      keep_axis: the output axis k, not averaged over: 0 (default) for torch's
-        (out, in, kh, kw) and (out, in) layouts, -1 for Keras's
-        (kh, kw, in, out) and (in, out). It must be a valid axis of every
+      keep_axis: None (default): the mean is taken over each gradient's
+        reduction axes, from its :class:`~polyopt.rules._state.Layout`
+        (``layouts=`` of init and update; the adapters pass their framework's:
+        axis 0 of torch's (out, in, kh, kw), the last axis of Keras's and
+        Flax's (kh, kw, in, out); without layouts, axis 0 is the output).
+        An integer k fixes the output axis for every gradient instead (0 for
+        torch layouts, -1 for Keras's); it must be a valid axis of every
         centralized gradient (checked in init and update, never wrapped).
       min_ndim: centralize only gradients with at least this many axes
         (default 2: dense and conv kernels, as Ranger's ``gc_conv_only=False``;
@@ -183,18 +207,23 @@ def centralize(keep_axis, min_ndim) -> Rule:
                     f"{owner}: keep_axis={keep_axis} is not an axis of params[{i}], "
                     f"which has shape {tuple(a.shape)}")
 
-    def fn(xp, grads, params, count):
+    def fn(xp, grads, params, count, layouts=None):
         outs = []
-        for g in grads:
+        for i, g in enumerate(grads):
             if g.ndim < min_ndim:
                 outs.append(g)
                 continue
-            keep = keep_axis % g.ndim
-            axes = tuple(a for a in range(g.ndim) if a != keep)
+            if layouts is None:
+                keep = keep_axis % g.ndim
+                axes = tuple(a for a in range(g.ndim) if a != keep)
+            else:  # the layout's reduction axes (a 1-D gradient: all of it)
+                axes = _state.matrix_axes(layouts[i], g.ndim)[1]
             outs.append(g - xp.mean(g, axis=axes, keepdims=True))
         return outs
 
-    return _stateless("centralize", fn, check)
+    if keep_axis is None:
+        return _stateless("centralize", fn, per_tensor=True, uses_layout=True)
+    return _stateless("centralize", fn, check, per_tensor=True)
 
 
 @hyper.ADD_DECAYED_WEIGHTS.factory
@@ -225,18 +254,6 @@ class LookaheadState(NamedTuple):
     count: Any
     slow: list  # the slow weights
     inner: Any  # the fast rule's state
-
-
-def _select_state(xp, cond, new: Any, old: Any) -> Any:
-    """``new`` where ``cond`` else ``old``, leaf by leaf, over a state's
-    NamedTuples, tuples and lists of arrays (other leaves are kept from ``old``)."""
-    if isinstance(old, tuple) and hasattr(old, "_fields"):
-        return type(old)(*(_select_state(xp, cond, n, o) for n, o in zip(new, old)))
-    if isinstance(old, (list, tuple)):
-        return type(old)(_select_state(xp, cond, n, o) for n, o in zip(new, old))
-    if hasattr(old, "shape") and hasattr(old, "dtype"):
-        return xp.where(cond, new, old)
-    return old
 
 
 @hyper.LOOKAHEAD.factory
@@ -301,16 +318,19 @@ def lookahead(inner: Rule, sync_period, slow_step_size, reset_state) -> Rule:
     if not (hasattr(inner, "init") and hasattr(inner, "update")):
         raise TypeError(f"lookahead: inner must be a Rule (init, update), got {inner!r}")
 
-    def init(params):
+    slots = (_state.Slot("slow", dtype="param", init="param"),)
+
+    def init(params, layouts=None):
         params = _base.check_params("lookahead", params)
         xp = _base.namespace(*params)
-        return LookaheadState(_base.zeros_count(xp, params[0]),
-                              [xp.asarray(p, copy=True) for p in params], inner.init(params))
+        slow, = _state.build("lookahead", slots, params)
+        return LookaheadState(_base.zeros_count(xp, params[0]), slow,
+                              _base.init_of(inner, params, layouts))
 
-    def update(grads, state, params):
+    def update(grads, state, params, layouts=None):
         _base.check_state("lookahead", state, LookaheadState)
         xp, grads, params = _base.check_update("lookahead", grads, state, params, [state.slow])
-        fast_updates, inner_state = inner.update(grads, state.inner, params)
+        fast_updates, inner_state = _base.update_of(inner, grads, state.inner, params, layouts)
         count = _base.increment(state.count)
         sync = (count % sync_period) == 0
         updates, slow = [], []
@@ -320,16 +340,25 @@ def lookahead(inner: Rule, sync_period, slow_step_size, reset_state) -> Rule:
             updates.append(xp.where(sync, synced - p, u))
             slow.append(xp.where(sync, synced, s))
         if reset_state:
-            inner_state = _select_state(xp, sync, inner.init(params), inner_state)
+            inner_state = _state.select(xp, sync, _base.init_of(inner, params, layouts),
+                                        inner_state)
         return updates, LookaheadState(count, slow, inner_state)
 
-    return Rule(init, update)
+    return _wrapping(inner, init, update, slots)
+
+
+def _wrapping(inner: Any, init: Callable, update: Callable, slots: tuple = ()) -> Rule:
+    """A Rule around ``inner``, with its capabilities."""
+    return Rule(init, update, slots=slots, elementwise=_capability(inner, "elementwise"),
+                uses_layout=_capability(inner, "uses_layout"),
+                needs_closure=_capability(inner, "needs_closure"),
+                eval_params=_capability(inner, "eval_params"))
 
 
 @hyper.RANGER.factory
 def ranger(learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallback, nesterov,
            amsgrad, total_steps, warmup_proportion, min_lr, weight_decay, weight_decay_mode,
-           sync_period, slow_step_size, reset_state, gradient_centralization) -> Rule:
+           state_dtype, sync_period, slow_step_size, reset_state, gradient_centralization) -> Rule:
     r"""Ranger (Wright, 2019): Lookahead over RAdam, with gradient centralization.
 
     ``lookahead(chain(centralize(), radam(...)), sync_period, slow_step_size)``.
@@ -371,7 +400,7 @@ def ranger(learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallb
     """
     inner = _radam("ranger", learning_rate, b1, b2, eps, eps_root, eps_placement, threshold,
                    fallback, nesterov, amsgrad, total_steps, warmup_proportion, min_lr,
-                   weight_decay, weight_decay_mode)
+                   weight_decay, weight_decay_mode, state_dtype)
     if gradient_centralization:
         inner = chain(centralize(), inner)
     return lookahead(inner, sync_period, slow_step_size, reset_state)
@@ -391,6 +420,11 @@ class SAMRule(NamedTuple):
     update: Callable
     perturb: Callable
     ascent: Callable
+    slots: tuple = ()
+    elementwise: bool = False  # the ascent's norm is over all arrays together
+    uses_layout: bool = False
+    needs_closure: bool = True  # a second gradient at the perturbed point
+    eval_params: Callable | None = None
 
 
 @hyper.SAM.factory
@@ -473,7 +507,8 @@ def sam(inner: Rule, rho, eps, adaptive) -> SAMRule:
     def perturb(params, grads):
         return [p + e for p, e in zip(params, _ascent(grads, params, "perturb"))]
 
-    return SAMRule(inner.init, inner.update, perturb, ascent)
+    return SAMRule(inner.init, inner.update, perturb, ascent,
+                   uses_layout=_capability(inner, "uses_layout"))
 
 
 class ApplyIfFiniteState(NamedTuple):
@@ -521,13 +556,14 @@ def apply_if_finite(inner: Rule, max_consecutive_errors) -> Rule:
     if not (hasattr(inner, "init") and hasattr(inner, "update")):
         raise TypeError(f"apply_if_finite: inner must be a Rule (init, update), got {inner!r}")
 
-    def init(params):
+    def init(params, layouts=None):
         params = _base.check_params("apply_if_finite", params)
         xp = _base.namespace(*params)
         zero = _base.zeros_count(xp, params[0])
-        return ApplyIfFiniteState(zero, zero, zero == 0, zero, inner.init(params))
+        return ApplyIfFiniteState(zero, zero, zero == 0, zero,
+                                  _base.init_of(inner, params, layouts))
 
-    def update(grads, state, params):
+    def update(grads, state, params, layouts=None):
         _base.check_state("apply_if_finite", state, ApplyIfFiniteState)
         xp, grads, params = _base.check_update("apply_if_finite", grads, state, params)
         finite = xp.all(xp.isfinite(grads[0]))
@@ -541,11 +577,11 @@ def apply_if_finite(inner: Rule, max_consecutive_errors) -> Rule:
         # a skipped step's result is discarded: give the inner rule zeros, not
         # infinities (no NaN arithmetic, no floating-point warnings)
         grads = [xp.where(apply, g, xp.zeros_like(g)) for g in grads]
-        updates, inner_state = inner.update(grads, state.inner, params)
+        updates, inner_state = _base.update_of(inner, grads, state.inner, params, layouts)
         updates = [xp.where(apply, u, xp.zeros_like(u)) for u in updates]
-        inner_state = _select_state(xp, apply, inner_state, state.inner)
+        inner_state = _state.select(xp, apply, inner_state, state.inner)
         total = xp.where(finite, state.total_notfinite, _base.increment(state.total_notfinite))
         return updates, ApplyIfFiniteState(_base.increment(state.count), notfinite_count,
                                            finite, total, inner_state)
 
-    return Rule(init, update)
+    return _wrapping(inner, init, update)
