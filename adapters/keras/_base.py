@@ -111,6 +111,17 @@ def _storage(entries: list) -> list:
     return out
 
 
+class _Layout:
+    """The state made in build() and where each of its leaves is stored, held
+    apart from Keras's attribute tracking (which would wrap its tuples)."""
+
+    __slots__ = ("template", "where")
+
+    def __init__(self, template: Any, where: list) -> None:
+        self.template = template
+        self.where = where
+
+
 def _variable_name(path: tuple) -> str:
     return "_".join(str(p) for p in path)
 
@@ -175,9 +186,9 @@ class RuleOptimizer(keras.optimizers.Optimizer):
         # the values are then computed eagerly, under tf.init_scope).
         zeros = [np.zeros(tuple(v.shape), dtype=_numpy_dtype(v.dtype)) for v in variables]
         rule = self.make_rule(0.0)
-        self._template = rules.init_of(rule, zeros, self._param_layouts(rule, variables))
-        entries = _state.entries(self._template, len(variables))
-        self._where = _storage(entries)
+        template = rules.init_of(rule, zeros, self._param_layouts(rule, variables))
+        entries = _state.entries(template, len(variables))
+        self._state_layout = _Layout(template, _storage(entries))
         initial = _InitialState(self, variables)
         self._slot_variables = []
         self._global_variables = []
@@ -202,6 +213,14 @@ class RuleOptimizer(keras.optimizers.Optimizer):
                 self._global_variables.append(self.add_variable(
                     shape=array.shape, dtype=_numpy_dtype(array.dtype).name, name=name,
                     initializer=initial.global_(index[0])))
+
+    @property
+    def _template(self) -> Any:
+        return self._state_layout.template
+
+    @property
+    def _where(self) -> list:
+        return self._state_layout.where
 
     def _param_layouts(self, rule: Any, variables: list) -> list | None:
         """Each variable's Layout for a rule that uses layouts (else None): the

@@ -199,11 +199,12 @@ def build(owner: str, slots: Sequence[Slot], params: Sequence[Any], layouts: Seq
             dtype = storage_dtype(xp, slot, p, state_dtype)
             if isinstance(slot.init, str):  # "param": a copy
                 arrays.append(xp.astype(xp.asarray(p, copy=True), dtype))
-            elif shape == tuple(p.shape) and dtype == p.dtype:
-                arrays.append(xp.full_like(p, slot.init))
-            else:
-                arrays.append(xp.full_like(xp.zeros(shape, dtype=dtype, device=p.device),
-                                           slot.init))
+            elif shape == tuple(p.shape):
+                full = xp.full_like(p, slot.init)
+                arrays.append(full if dtype == p.dtype else xp.astype(full, dtype))
+            else:  # (a jax tracer has no device: the default one)
+                zeros = xp.zeros(shape, dtype=dtype, device=getattr(p, "device", None))
+                arrays.append(xp.full_like(zeros, slot.init))
         if arrays and len(arrays) != len(params):
             raise ValueError(f"{owner}: slot {slot.name} has an array for some params only")
         out.append(arrays)
