@@ -498,6 +498,16 @@ _RADAM_CORE = _MOMENTS + (
 
 RADAM = Spec("radam", _RADAM_CORE + weight_decay(0.0, "l2") + (state_dtype(),))
 
+LION = Spec("lion", (
+    learning_rate(1e-4),
+    Hyper("b1", 0.9, allowed=UNIT_OPEN, runtime=True, torch="betas[0]", keras="beta_1",
+          doc="interpolation between the momentum and the gradient inside the sign"),
+    Hyper("b2", 0.99, allowed=UNIT_OPEN, torch="betas[1]", keras="beta_2",
+          doc="decay of the momentum"),
+    *weight_decay(0.0, "decoupled"),
+    state_dtype(),
+))
+
 LOOKAHEAD = Spec("lookahead", (
     Hyper("sync_period", 6, kind="int", allowed=Interval(1, math.inf), torch="k",
           doc="fast steps between synchronisations"),
@@ -554,7 +564,7 @@ APPLY_IF_FINITE = Spec("apply_if_finite", (
 
 SPECS: dict[str, Spec] = {
     s.name: s for s in (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, AMSGRAD, ADAMAX, NADAM,
-                        RADAM, LOOKAHEAD, RANGER, SAM, CLIP_BY_GLOBAL_NORM, CENTRALIZE,
+                        RADAM, LION, LOOKAHEAD, RANGER, SAM, CLIP_BY_GLOBAL_NORM, CENTRALIZE,
                         ADD_DECAYED_WEIGHTS, DECOUPLED_WEIGHT_DECAY, APPLY_IF_FINITE)
 }
 

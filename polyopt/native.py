@@ -49,6 +49,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                                            "eps_placement": "outside", **_KERAS}),
     "keras.optimizers.Nadam": ("nadam", {"learning_rate": 0.001, "eps": 1e-7,
                                          "momentum_decay": 1.0, **_KERAS}),
+    "keras.optimizers.Lion": ("lion", {"learning_rate": 0.001}),
     # optax (learning_rate is required there; any value)
     "optax.sgd": ("sgd", {}),
     "optax.adagrad": ("adagrad", {"initial_accumulator_value": 0.1, "eps": 1e-7,
@@ -61,6 +62,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "optax.adamax": ("adamax", {}),
     "optax.nadam": ("nadam", {"momentum_schedule": False}),
     "optax.radam": ("radam", {"eps_placement": "outside"}),
+    "optax.lion": ("lion", {"weight_decay": 1e-3}),
 }
 
 

@@ -38,6 +38,7 @@ from polyopt.keras._optimizers import (  # noqa: E402
     Adam,
     Adamax,
     AdamW,
+    Lion,
     Lookahead,
     Nadam,
     RAdam,
@@ -50,5 +51,5 @@ from polyopt.keras.nonfinite import SkipNonFinite  # noqa: E402
 __all__ = [
     "BASE_OPTIONS", "PolyoptSchedule", "RuleOptimizer",
     "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "Nadam", "RAdam",
-    "Lookahead", "Ranger", "SAMModel", "SkipNonFinite",
+    "Lion", "Lookahead", "Ranger", "SAMModel", "SkipNonFinite",
 ]

@@ -79,10 +79,16 @@ class RAdam(RuleOptimizer):
     spec = hyper.RADAM
 
 
+@_register
+class Lion(RuleOptimizer):
+    spec = hyper.LION
+
+
 _KERAS_NATIVE = {SGD: "keras.optimizers.SGD", Adagrad: "keras.optimizers.Adagrad",
                  RMSprop: "keras.optimizers.RMSprop", Adadelta: "keras.optimizers.Adadelta",
                  Adam: "keras.optimizers.Adam", AdamW: "keras.optimizers.AdamW",
-                 Adamax: "keras.optimizers.Adamax", Nadam: "keras.optimizers.Nadam"}
+                 Adamax: "keras.optimizers.Adamax", Nadam: "keras.optimizers.Nadam",
+                 Lion: "keras.optimizers.Lion"}
 for _cls, _native in _KERAS_NATIVE.items():
     _cls.__doc__ = _doc(f"{_cls.__name__} as a Keras 3 optimizer.", _cls.spec, _native)
 RAdam.__doc__ = _doc(

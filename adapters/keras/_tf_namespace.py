@@ -149,6 +149,7 @@ def sqrt(x, /):
     return tf.sqrt(x)
 
 
+
 def isfinite(x, /):
     return tf.math.is_finite(x) if x.dtype.is_floating else tf.ones_like(x, dtype=tf.bool)
 

@@ -19,9 +19,9 @@ from typing import Any
 import keras
 
 from polyopt import hyper, rules
-from polyopt.rules import _state
 from polyopt.keras._base import RuleOptimizer
 from polyopt.keras._optimizers import _Holder, _inner_optimizer
+from polyopt.rules import _state
 
 
 @keras.saving.register_keras_serializable(package="polyopt")

@@ -32,6 +32,7 @@ from polyopt.optax._transforms import (
     adamw,
     amsgrad,
     apply_if_finite,
+    lion,
     lookahead,
     nadam,
     radam,
@@ -44,5 +45,5 @@ from polyopt.optax._transforms import (
 
 __all__ = [
     "sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
-    "radam", "lookahead", "ranger", "sam", "sam_step", "SAMState", "apply_if_finite",
+    "radam", "lion", "lookahead", "ranger", "sam", "sam_step", "SAMState", "apply_if_finite",
 ]

@@ -19,8 +19,8 @@ import numpy as np
 import optax
 
 from polyopt import hyper, rules
-from polyopt.rules import _state
 from polyopt.optax import _tree
+from polyopt.rules import _state
 
 _NO_PARAMS = "call update(updates, state, params) with the current params"
 
@@ -220,6 +220,9 @@ radam = _make_factory(
     "radam", hyper.RADAM, _rule_factory("radam"),
     doc="\n\n    ``optax.radam`` is ``eps_placement='outside'``. total_steps is a structural"
         "\n    integer: with optax.inject_hyperparams pass static_args=('total_steps',).")
+lion = _make_factory(
+    "lion", hyper.LION, _rule_factory("lion"),
+    doc="\n\n    ``optax.lion`` is ``weight_decay=1e-3`` (polyopt's default is 0).")
 
 
 def _ranger_rule(values: dict):

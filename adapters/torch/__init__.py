@@ -5,7 +5,7 @@
 >>> opt = polyopt.torch.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999))
 >>> model(torch.ones(3)).sum().backward(); opt.step()
 
-Classes: SGD, Adagrad, RMSprop, Adadelta, Adam, AdamW, Adamax, NAdam, RAdam,
+Classes: SGD, Adagrad, RMSprop, Adadelta, Adam, AdamW, Adamax, NAdam, RAdam, Lion,
 Ranger (one rule each, argument names generated from ``polyopt.hyper``) and
 the wrappers Lookahead(base_optimizer, k, alpha) and SAM(params,
 base_optimizer, rho, adaptive, **base_kwargs) and
@@ -32,6 +32,7 @@ from polyopt.torch.optimizers import (
     Adam,
     Adamax,
     AdamW,
+    Lion,
     NAdam,
     RAdam,
     Ranger,
@@ -40,7 +41,7 @@ from polyopt.torch.optimizers import (
 from polyopt.torch.wrappers import SAM, Lookahead
 
 __all__ = ["RuleOptimizer", "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax",
-           "NAdam", "RAdam", "Ranger", "Lookahead", "SAM", "SkipNonFinite", "preset"]
+           "NAdam", "RAdam", "Lion", "Ranger", "Lookahead", "SAM", "SkipNonFinite", "preset"]
 
 
 def preset(name: str, params, **kwargs: Any) -> RuleOptimizer:

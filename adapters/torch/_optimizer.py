@@ -29,8 +29,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.split_module import split_module
 
 from polyopt import native, rules
-from polyopt.rules import _state
 from polyopt.hyper import Spec
+from polyopt.rules import _state
 
 # Torch tensors go straight to array_api_compat's torch namespace: the same
 # namespace array_namespace() returns, found without its introspection (which

@@ -96,6 +96,15 @@ class RAdam(RuleOptimizer):
     factory = staticmethod(rules.radam)
 
 
+class Lion(RuleOptimizer):
+    """Lion: :func:`polyopt.rules.lion` (torch has no native Lion). State: ``step``,
+    ``momentum_buffer``.
+    """
+
+    spec = hyper.LION
+    factory = staticmethod(rules.lion)
+
+
 class Ranger(RuleOptimizer):
     """Ranger: Lookahead over RAdam with gradient centralization, one rule
     (:func:`polyopt.rules.ranger`; lessw2020's defaults: betas (0.95, 0.999),
@@ -113,4 +122,4 @@ class Ranger(RuleOptimizer):
 
 
 OPTIMIZERS = {cls.spec.name: cls for cls in (SGD, Adagrad, RMSprop, Adadelta, Adam, AdamW,
-                                             Adamax, NAdam, RAdam, Ranger)}
+                                             Adamax, NAdam, RAdam, Lion, Ranger)}

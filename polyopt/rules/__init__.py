@@ -43,6 +43,7 @@ from polyopt.rules.adaptive import (
     rmsprop,
 )
 from polyopt.rules.sgd_family import SGDState, sgd
+from polyopt.rules.sign_family import LionState, lion
 from polyopt.rules.wrappers import (
     ApplyIfFiniteState,
     ChainState,
@@ -61,15 +62,14 @@ from polyopt.rules.wrappers import (
     sam,
 )
 
-
 __all__ = [
     "ARRAY_API_SUBSET", "Rule", "SAMRule", "Slot", "Layout", "StateError", "register_namespace",
     "init_of", "update_of",
     "sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
-    "radam", "lookahead", "ranger", "sam",
+    "radam", "lion", "lookahead", "ranger", "sam",
     "chain", "clip_by_global_norm", "centralize", "add_decayed_weights",
     "decoupled_weight_decay", "global_norm", "apply_if_finite",
     "SGDState", "AdagradState", "RMSpropState", "AdadeltaState", "AdamState", "AdamaxState",
-    "NAdamState", "RAdamState", "LookaheadState", "ChainState", "CountState",
+    "NAdamState", "RAdamState", "LionState", "LookaheadState", "ChainState", "CountState",
     "ApplyIfFiniteState",
 ]

@@ -124,7 +124,8 @@ def rmsprop(learning_rate, decay, eps, eps_placement, initial_scale, centered, m
     """
     use_momentum = not _base.is_zero(momentum)
 
-    slots = (Slot("mean_square", init=initial_scale), Slot("mean_grad", PARAM if centered else NONE),
+    slots = (Slot("mean_square", init=initial_scale),
+             Slot("mean_grad", PARAM if centered else NONE),
              Slot("momentum", PARAM if use_momentum else NONE))
 
     def step(xp, grads, params, state, lr_value):

@@ -80,6 +80,7 @@ def sgd(learning_rate, momentum, dampening, nesterov, weight_decay, weight_decay
         # momentum 0 (a number) leaves existing buffers as they are, as torch does
         return updates, (slots if use_momentum else list(state.momentum),), lr_value
 
-    return _base.stateful_rule("sgd", SGDState, (Slot("momentum", PARAM if use_momentum else NONE),),
-                               step, state_dtype=state_dtype, learning_rate=learning_rate,
-                               weight_decay=weight_decay, weight_decay_mode=weight_decay_mode)
+    slots = (Slot("momentum", PARAM if use_momentum else NONE),)
+    return _base.stateful_rule("sgd", SGDState, slots, step, state_dtype=state_dtype,
+                               learning_rate=learning_rate, weight_decay=weight_decay,
+                               weight_decay_mode=weight_decay_mode)
