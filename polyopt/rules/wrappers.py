@@ -365,15 +365,18 @@ def ranger(learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallb
     The defaults reproduce lessw2020's Ranger (version 20.4.11,
     ``ranger/ranger.py``): b1=0.95, b2=0.999, eps=1e-5 on the raw sqrt(v)
     ('hat'), threshold 5, momentum fallback, k=6, alpha=0.5, gradient
-    centralization of every gradient with ndim > 1 over all axes but 0,
+    centralization of every gradient with ndim > 1 over all axes but the output
+    (axis 0 in torch's layouts),
     decoupled weight decay p -= lr * weight_decay * p.
 
     Args:
       As :func:`radam` and :func:`lookahead`, plus
-      gradient_centralization: centralize gradients with ndim >= 2 around
-        axis 0, torch layouts (default True). For Keras layouts or
-        lessw2020's ``gc_conv_only=True`` compose by hand:
-        ``lookahead(chain(centralize(keep_axis=-1, min_ndim=4), radam(...)))``.
+      gradient_centralization: centralize gradients with ndim >= 2 over
+        their layout's reduction axes (default True). The rule uses layouts:
+        pass ``layouts=`` to init and update (the adapters pass their
+        framework's); without them axis 0 is the output (torch's layouts).
+        For lessw2020's ``gc_conv_only=True`` compose by hand:
+        ``lookahead(chain(centralize(min_ndim=4), radam(...)))``.
 
     Examples:
       >>> import numpy as np
