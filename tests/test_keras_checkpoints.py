@@ -1,4 +1,4 @@
-"""polyopt.keras checkpoints: the step count at the int32 limit, bad files.
+"""polyopt.keras checkpoints: the step count at the int32 limit, bad files, kill -9.
 
 Runs on each Keras backend (one process per backend, see noxfile.py).
 
@@ -7,7 +7,11 @@ Runs on each Keras backend (one process per backend, see noxfile.py).
   the rule sees the int32 limit, never a negative count, and the state file
   holds the limit;
 - a truncated, empty or foreign state file is refused naming the path, and
-  the optimizer's variables are unchanged.
+  the optimizer's variables are unchanged;
+- examples.resume trains the MNIST MLP on this backend in a subprocess and
+  kills it with SIGKILL: every restart resumes from the last complete
+  checkpoint, 0 bytes are lost, the final weights are bitwise those of an
+  uninterrupted run.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import pytest
 
 import polyopt.keras as pk
 from polyopt.interop import StateFileError
+from tests._resume import assert_survived, run_campaign
 
 LIMIT = 2**31 - 1
 
@@ -87,3 +92,16 @@ def test_bad_state_files_are_refused_with_the_path_and_change_nothing(tmp_path, 
     with pytest.raises(StateFileError, match=rf"{bad}: {reason}"):
         fresh.import_state(bad, [w])
     assert not fresh.built  # an unbuilt optimizer stays unbuilt
+
+
+# --------------------------------------------------------------------------
+# kill -9
+
+
+def test_kill_9_three_times_resumes_bitwise(tmp_path):
+    assert_survived(run_campaign("keras", tmp_path, kills=3, steps=30, seed=1), 3)
+
+
+@pytest.mark.slow
+def test_kill_9_twenty_one_times_resumes_bitwise(tmp_path):
+    assert_survived(run_campaign("keras", tmp_path, kills=21, steps=70, seed=2), 21)

@@ -1,8 +1,11 @@
-"""polyopt.optax checkpoints: the step count at the int32 limit, bad files.
+"""polyopt.optax checkpoints: the step count at the int32 limit, bad files, kill -9.
 
 - the count (int32 in the state pytree) saturates at 2**31 - 1 under jit;
 - a truncated, empty or foreign state file or checkpoint is refused naming
-  the path (``import_state``, ``load_checkpoint`` return nothing in part).
+  the path (``import_state``, ``load_checkpoint`` return nothing in part);
+- examples.resume trains the MNIST MLP in a subprocess and kills it with
+  SIGKILL: every restart resumes from the last complete checkpoint, 0 bytes
+  are lost, and the final weights are bitwise those of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pytest
 import polyopt.optax as po
 from polyopt.interop import StateFileError
 from polyopt.optax import interop
+from tests._resume import assert_survived, run_campaign
 
 LIMIT = 2**31 - 1
 
@@ -79,3 +83,16 @@ def test_bad_files_are_refused_with_the_path(tmp_path, content, reason, checkpoi
     truncated.write_bytes(good.read_bytes()[:-40])
     with pytest.raises(StateFileError, match=rf"{truncated}: not a readable checkpoint"):
         interop.load_checkpoint(truncated, (params, state))
+
+
+# --------------------------------------------------------------------------
+# kill -9
+
+
+def test_kill_9_three_times_resumes_bitwise(tmp_path):
+    assert_survived(run_campaign("jax", tmp_path, kills=3, steps=30, seed=1), 3)
+
+
+@pytest.mark.slow
+def test_kill_9_twenty_one_times_resumes_bitwise(tmp_path):
+    assert_survived(run_campaign("jax", tmp_path, kills=21, steps=70, seed=2), 21)

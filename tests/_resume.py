@@ -1,0 +1,26 @@
+"""The verdict of a kill -9 campaign (examples.resume), shared by the three frameworks' tests."""
+
+from __future__ import annotations
+
+from examples import resume
+
+
+def assert_survived(report: resume.Report, kills: int) -> None:
+    assert report.failures == []
+    assert report.kills == kills and report.bytes_lost == 0
+    assert report.by_kind["mid-write"] >= kills // 3
+    assert report.temporary_seen_at_kill == report.by_kind["mid-write"]
+    assert report.over_a_checkpoint == report.by_kind["mid-write"]
+    # every process resumes but the first and those killed in start-up
+    assert report.resumes >= report.processes - 1 - report.by_kind["start-up"]
+    assert report.final_bitwise_equal
+
+
+def run_campaign(framework: str, directory, *, kills: int, steps: int,
+                 seed: int) -> resume.Report:
+    """examples.resume's campaign on the MNIST MLP, a checkpoint every 5 steps, each
+    checkpoint write spread over 0.3 s (so that mid-write kills land in it)."""
+    report = resume.campaign(resume.Config(framework, steps=steps, every=5), directory,
+                             kills=kills, seed=seed, slow_write=0.3)
+    print(report.text())
+    return report
