@@ -24,7 +24,7 @@ import pytest
 
 import polyopt.keras as pk
 from polyopt.interop import StateFileError
-from tests._resume import assert_survived, run_campaign
+from tests._checkpoints import BAD_STATE_FILES, assert_survived, run_campaign
 
 LIMIT = 2**31 - 1
 
@@ -61,17 +61,7 @@ def test_iterations_past_the_int32_limit_saturate_and_adam_keeps_stepping():
         assert saved["count"].dtype == np.int32 and int(saved["count"]) == LIMIT
 
 
-def _foreign_npz() -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, weights=np.ones(3))
-    return buffer.getvalue()
-
-
-@pytest.mark.parametrize("content, reason", [
-    (b"", r"not a readable polyopt state file"),
-    (b"PK\x03\x04" + b"\x00" * 40, r"not a readable polyopt state file"),
-    (_foreign_npz(), r"no __polyopt__ header: not a polyopt state file"),
-], ids=["empty", "truncated-zip", "foreign-npz"])
+@pytest.mark.parametrize("content, reason", BAD_STATE_FILES)
 def test_bad_state_files_are_refused_with_the_path_and_change_nothing(tmp_path, content, reason):
     w = _variable([1.0, -2.0, 3.0])
     opt = pk.Adam(learning_rate=0.1)

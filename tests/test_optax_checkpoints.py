@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import io
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +19,7 @@ import pytest
 import polyopt.optax as po
 from polyopt.interop import StateFileError
 from polyopt.optax import interop
-from tests._resume import assert_survived, run_campaign
+from tests._checkpoints import assert_survived, foreign_npz, run_campaign
 
 LIMIT = 2**31 - 1
 
@@ -56,17 +54,11 @@ def _trained():
     return opt, params, state
 
 
-def _foreign_npz() -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, weights=np.ones(3))
-    return buffer.getvalue()
-
-
 @pytest.mark.parametrize("content, reason, checkpoint_reason", [
     (b"", r"not a readable polyopt state file", r"not a readable checkpoint"),
     (b"PK\x03\x04" + b"\x00" * 40, r"not a readable polyopt state file",
      r"not a readable checkpoint"),
-    (_foreign_npz(), r"no __polyopt__ header: not a polyopt state file",
+    (foreign_npz(), r"no __polyopt__ header: not a polyopt state file",
      r"no __treedef__ entry: not a polyopt.optax checkpoint"),
 ], ids=["empty", "truncated-zip", "foreign-npz"])
 def test_bad_files_are_refused_with_the_path(tmp_path, content, reason, checkpoint_reason):

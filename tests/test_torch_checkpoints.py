@@ -22,7 +22,7 @@ import torch
 import polyopt.torch as pt
 from examples import resume
 from polyopt.interop import StateFileError
-from tests._resume import assert_survived, run_campaign
+from tests._checkpoints import BAD_STATE_FILES, assert_survived, run_campaign
 
 LIMIT = 2**31 - 1
 
@@ -74,18 +74,7 @@ def _trained():
     return model, opt
 
 
-def _foreign_npz() -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, weights=np.ones(3))
-    return buffer.getvalue()
-
-
-@pytest.mark.parametrize("content, reason", [
-    (b"", r"not a readable polyopt state file"),
-    (b"PK\x03\x04" + b"\x00" * 40, r"not a readable polyopt state file"),
-    (_foreign_npz(), r"no __polyopt__ header: not a polyopt state file"),
-    (b"step,loss\n1,0.5\n", r"not a readable polyopt state file"),
-], ids=["empty", "truncated-zip", "foreign-npz", "csv"])
+@pytest.mark.parametrize("content, reason", BAD_STATE_FILES)
 def test_bad_state_files_are_refused_with_the_path_and_change_nothing(tmp_path, content, reason):
     model, opt = _trained()
     good = tmp_path / "good.npz"

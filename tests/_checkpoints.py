@@ -1,8 +1,31 @@
-"""The verdict of a kill -9 campaign (examples.resume), shared by the three frameworks' tests."""
+"""Shared by the three frameworks' checkpoint tests: bad state files, and the
+kill -9 campaign of examples.resume with its verdict."""
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
+import pytest
+
 from examples import resume
+
+
+def foreign_npz() -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, weights=np.ones(3))
+    return buffer.getvalue()
+
+
+#: (content, what load_state says about it), as pytest params
+BAD_STATE_FILES = [
+    pytest.param(b"", r"not a readable polyopt state file", id="empty"),
+    pytest.param(b"PK\x03\x04" + b"\x00" * 40, r"not a readable polyopt state file",
+                 id="truncated-zip"),
+    pytest.param(foreign_npz(), r"no __polyopt__ header: not a polyopt state file",
+                 id="foreign-npz"),
+    pytest.param(b"step,loss\n1,0.5\n", r"not a readable polyopt state file", id="csv"),
+]
 
 
 def assert_survived(report: resume.Report, kills: int) -> None:
