@@ -54,7 +54,6 @@ import os
 import shutil
 import sys
 import tarfile
-import tempfile
 import urllib.request
 import zlib
 from collections.abc import Mapping, Sequence
@@ -62,6 +61,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from polyopt import files
 
 SHIPPED = Path(__file__).resolve().parent / "data"
 SHIPPED_MNIST = SHIPPED / "mnist-small"
@@ -357,30 +358,27 @@ def fetch(url: str, destination: Path, sha256: str, *, timeout: float = 60) -> P
     """``destination``, downloaded from ``url`` unless a copy with ``sha256`` is there.
 
     The download goes to a temporary file beside ``destination`` and replaces
-    it only when its sha256 matches; otherwise it is deleted and DataError
-    raised. A cached file with the wrong checksum is downloaded again.
+    it (polyopt.files.atomic_write) only when its sha256 matches; otherwise
+    it is deleted and DataError raised. A cached file with the wrong checksum
+    is downloaded again.
     """
     destination = Path(destination)
     if destination.is_file() and sha256_file(destination) == sha256:
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
     print(f"downloading {url} -> {destination}", file=sys.stderr)
-    handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=".download-")
     try:
         digest = hashlib.sha256()
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(url, timeout=timeout) as r, \
+                files.atomic_write(destination) as out:
             for block in iter(lambda: r.read(1 << 20), b""):
                 digest.update(block)
                 out.write(block)
-        if digest.hexdigest() != sha256:
-            raise DataError(f"{url}: sha256 mismatch: expected {sha256}, got "
-                            f"{digest.hexdigest()}; the download was discarded")
-        os.replace(temporary, destination)
+            if digest.hexdigest() != sha256:  # raised inside: the target is not replaced
+                raise DataError(f"{url}: sha256 mismatch: expected {sha256}, got "
+                                f"{digest.hexdigest()}; the download was discarded")
     except OSError as error:
         raise DataError(f"{url}: download failed: {error}") from error
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
     return destination
 
 
@@ -409,7 +407,7 @@ def download_cifar10(cache: str | os.PathLike | None = None, url: str = CIFAR10_
     if target.exists():
         shutil.rmtree(target)
     _extract_cifar(archive, root)
-    stamp.write_text(sha256 + "\n")
+    files.write_text(stamp, sha256 + "\n")
     return target
 
 
@@ -424,7 +422,8 @@ def _extract_cifar(archive: Path, root: Path) -> None:
                 raise DataError(f"{archive}: no {CIFAR_DIR}/{CIFAR_TEST} in the archive")
             (root / CIFAR_DIR).mkdir(parents=True, exist_ok=True)
             for member in wanted:
-                with tar.extractfile(member) as source, open(root / member.name, "wb") as out:
+                with tar.extractfile(member) as source, \
+                        files.atomic_write(root / member.name) as out:
                     shutil.copyfileobj(source, out)
     except (tarfile.TarError, EOFError, zlib.error) as error:
         raise DataError(f"{archive}: damaged archive ({error})") from error

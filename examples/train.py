@@ -35,6 +35,7 @@ import polyopt
 from examples import data, experiments
 from examples.models import init
 from examples.optimizers import FRAMEWORKS, make_optimizer, sam_perturb
+from polyopt import files
 from polyopt.consistency import RunRecord, weights_checksum, weights_norms
 
 EVAL_BATCH = 1000
@@ -382,7 +383,7 @@ def train(framework: str, experiment: experiments.Experiment, *, epochs: int | N
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{experiment.name}-{dtype}-{framework}" + ("-twin" if twin else "")
-    np.savez(runs_dir / f"{stem}.npz", **weights)
+    files.write_to(runs_dir / f"{stem}.npz", np.savez, **weights)
     config = {**experiment.config(), "epochs": epochs, "steps": total_steps, "seed": seed,
               "dtype": dtype, "framework": framework, "test_size": len(dataset.test_labels),
               "arithmetic": arithmetic}

@@ -84,6 +84,8 @@ from typing import Any
 
 import numpy as np
 
+from polyopt import files
+
 SCHEMA = "polyopt.run/1"
 EPOCH_FIELDS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate")
 
@@ -139,9 +141,7 @@ class RunRecord:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(), indent=1, allow_nan=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, path)
+        files.write_text(path, text + "\n")
         self.path = path
         return path
 
@@ -653,7 +653,7 @@ def plot(records: Iterable[RunRecord], out_dir: str | os.PathLike) -> list[Path]
                 axes.legend(fontsize="small")
         figure.suptitle(f"{experiment} ({dtype})")
         path = out_dir / f"{_safe(experiment)}-{_safe(dtype)}.png"
-        figure.savefig(path, dpi=90)
+        files.write_to(path, figure.savefig, format="png", dpi=90)
         written.append(path)
     return written
 
@@ -691,7 +691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = compare(records, policy)
     print(result.summary(markdown=not args.text))
     if args.markdown:
-        Path(args.markdown).write_text(result.table() + "\n")
+        files.write_text(args.markdown, result.table() + "\n")
         print(f"full table: {args.markdown}")
     if not args.no_plots:
         main_records = [r for r in records if not is_twin(r)]

@@ -336,7 +336,7 @@ def test_download_checksum_mismatch_keeps_nothing(tmp_path, server):
                        r"expected 0{64}, got [0-9a-f]{64}; the download was discarded"):
         data.download_mnist(cache, mirror=server.url, checksums=wrong)
     assert not (cache / "mnist" / "train-labels-idx1-ubyte.gz").exists()
-    assert not [p for p in (cache / "mnist").iterdir() if p.name.startswith(".download-")]
+    assert not [p for p in (cache / "mnist").iterdir() if p.name.endswith(".tmp")]
     # the official checksums refuse these files too
     with pytest.raises(data.DataError, match="sha256 mismatch"):
         data.download_mnist(tmp_path / "other", mirror=server.url)

@@ -25,7 +25,7 @@ import torch
 
 from polyopt import interop
 from polyopt.interop import StateFileError
-from polyopt.torch._optimizer import _Layout, _leaves, _rebuild, compute_dtype
+from polyopt.torch._optimizer import _Layout, _leaves, _rebuild, as_count, compute_dtype
 
 __all__ = ["export_state", "import_state", "import_native_state", "StateFileError"]
 
@@ -103,7 +103,7 @@ def export_state(opt, file: File, names=None) -> None:
                 raise StateFileError(f"{opt.spec.name}: the params' {key!r} differ "
                                      f"({sorted(values_of)[:5]}); a state file holds one")
             value = saved[0][key]
-            leaves[path] = value.to(torch.int32) if is_count else value
+            leaves[path] = as_count(value) if is_count else value
         state = _rebuild(layout.template, leaves)
     options, hyperparameters = _split(opt, values)
     if len(groups) > 1:

@@ -13,7 +13,7 @@ array_api_compat does not know (TensorFlow's, in the Keras adapter).
 """
 
 from polyopt._namespace import register_namespace
-from polyopt.rules._base import ARRAY_API_SUBSET, Rule
+from polyopt.rules._base import ARRAY_API_SUBSET, COUNT_LIMIT, Rule
 from polyopt.rules.adam_family import (
     AdamaxState,
     AdamState,
@@ -71,7 +71,7 @@ def elementwise(name: str, values: dict) -> bool:
 
 
 __all__ = [
-    "ARRAY_API_SUBSET", "Rule", "SAMRule", "register_namespace", "elementwise",
+    "ARRAY_API_SUBSET", "COUNT_LIMIT", "Rule", "SAMRule", "register_namespace", "elementwise",
     "sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
     "radam", "lookahead", "ranger", "sam",
     "chain", "clip_by_global_norm", "centralize", "add_decayed_weights",
