@@ -121,7 +121,8 @@ CIFAR_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 CIFAR_TEST = "test_batch.bin"
 CIFAR_DIR = "cifar-10-batches-bin"
 _MNIST_SUBDIRS = ("", "mnist-small", "mnist", "MNIST/raw")
-_CIFAR_SUBDIRS = ("", CIFAR_DIR, "cifar10-small", f"cifar10-small/{CIFAR_DIR}", f"cifar10/{CIFAR_DIR}")
+_CIFAR_SUBDIRS = ("", CIFAR_DIR, "cifar10-small", f"cifar10-small/{CIFAR_DIR}",
+                  f"cifar10/{CIFAR_DIR}")
 
 
 class DataError(ValueError):

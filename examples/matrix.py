@@ -153,9 +153,10 @@ def execute(framework: str, runs: Sequence[Run], runs_dir: str,
         overall.update(run.cost())
         records.append(record)
         accuracy = 100 * record.final_value("test_accuracy")
+        seconds = time.perf_counter() - started
         overall.write(f"  {framework:5s} {run.label():32s} {len(record.step_loss):4d} steps  "
                       f"test acc {accuracy:5.2f}%  test loss "
-                      f"{record.final_value('test_loss'):.4f}  {time.perf_counter() - started:5.1f} s")
+                      f"{record.final_value('test_loss'):.4f}  {seconds:5.1f} s")
     overall.close()
     return records
 

@@ -20,6 +20,7 @@ import pytest
 
 from examples import data
 
+
 @pytest.fixture(autouse=True)
 def _no_data_env(monkeypatch):
     for name in (data.DATA_ENV, data.CACHE_ENV, data.MIRROR_ENV):
