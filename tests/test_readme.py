@@ -1,5 +1,5 @@
 """The README and the docs pages stay true: their tables are generated from the
-code, their examples run.
+code, their examples run, their links lead somewhere.
 
 README.md is the front page; the long sections live in docs/*.md. Every
 ```python block of README.md and of the docs pages runs here, in the main
@@ -23,6 +23,7 @@ DOCS = sorted((ROOT / "docs").rglob("*.md"))
 PAGES = [ROOT / "README.md", *DOCS]
 RULES_PAGE = ROOT / "docs" / "rules.md"
 CONVENTIONS_PAGE = ROOT / "docs" / "conventions.md"
+MAX_README_LINES = 250
 
 
 def _blocks(pages: list[Path], fence: str) -> list[tuple[str, str]]:
@@ -89,6 +90,36 @@ def test_there_are_examples():
     for module in ("polyopt.torch", "polyopt.keras", "polyopt.optax"):
         assert any(f"import {module}" in code for code in readme_blocks), module
     assert len(BLOCKS) >= 9 and KERAS_DOC_BLOCKS
+
+
+def test_readme_is_a_front_page():
+    lines = len(README.splitlines())
+    assert lines < MAX_README_LINES, f"README.md has {lines} lines: move sections to docs/"
+    assert re.search(r"^!\[[^\]]*\]\(docs/matrix/[^)]+\.png\)$", README, re.MULTILINE)
+
+
+# [text](target) and ![alt](target), outside code blocks and code spans
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _links(text: str) -> list[str]:
+    text = re.sub(r"```.*?```", "", text, flags=re.DOTALL)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    return LINK.findall(text)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
+def test_relative_links_point_to_files(page):
+    targets = [t for t in _links(page.read_text()) if not re.match(r"[a-z][a-z0-9+.-]*:", t)]
+    missing = [t for t in targets
+               if t.split("#")[0] and not (page.parent / t.split("#")[0]).exists()]
+    assert not missing, f"{page.relative_to(ROOT)}: links to missing files: {missing}"
+
+
+def test_the_link_check_finds_links():
+    assert "docs/matrix.md" in _links(README)
+    assert "../README.md" in _links((ROOT / "docs" / "torch.md").read_text())
+    assert _links("`[a](b)` and\n```\n[c](d)\n```\n[e](f#g)") == ["f#g"]
 
 
 def _regenerate() -> None:
