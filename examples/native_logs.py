@@ -32,6 +32,7 @@ NOISE = re.compile("|".join([
     r"computation placer already registered",
     r"TF-TRT Warning: Could not find TensorRT",
     r"An NVIDIA GPU may be present on this machine, but a CUDA-enabled jaxlib",
+    r"util\.cc:\d+\] Not handling type DT_DOUBLE",  # grappler, on every float64 graph
 ]))
 
 _installed = False
@@ -85,3 +86,17 @@ def filter_native_noise() -> None:
         thread.join(timeout=5)
 
     atexit.register(drain)
+
+
+def quiet_retracing_warning(tf) -> None:
+    """Drop TensorFlow's "triggered tf.function retracing" warning: the matrix trains
+    one new model (with its own tf.functions) per run in one process, which is what
+    the warning counts; every other TensorFlow log message still shows."""
+    logger = tf.get_logger()
+    if not any(isinstance(f, _RetracingFilter) for f in logger.filters):
+        logger.addFilter(_RetracingFilter())
+
+
+class _RetracingFilter:
+    def filter(self, record) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import polyopt
-from examples import data, experiments
+from examples import data, experiments, native_logs
 from examples.models import init
 from examples.optimizers import FRAMEWORKS, make_optimizer, sam_perturb
 from polyopt import files
@@ -178,6 +178,7 @@ class KerasBackend:
                                f"{keras.backend.backend()!r}")
         # the optimizer's learning-rate variable has floatx's dtype
         keras.config.set_floatx(dtype)
+        native_logs.quiet_retracing_warning(tf)
         self.tf, self.km, self.name = tf, km, experiment.model
         self.optimizer = make_optimizer("tf", experiment)
         self.model = km.build(experiment.model, seed, dtype)
