@@ -160,15 +160,20 @@ def lint(session: nox.Session) -> None:
 
 MATRIX_EXTRAS = {"torch": "torch", "tf": "tf", "jax": "jax"}
 RUNS_DIR = "runs"
+ARITHMETIC_DIR = "runs-arithmetic"
+
+
+def _matrix_env(session: nox.Session, framework: str) -> dict[str, str]:
+    env = _base_env(session)
+    env["KERAS_BACKEND"] = "tensorflow" if framework == "tf" else "jax"
+    env["JAX_PLATFORMS"] = "cpu"  # no accelerator probing (and no warnings about it)
+    return env
 
 
 def _matrix(session: nox.Session, framework: str) -> None:
-    _install(session, "-e", f".[{MATRIX_EXTRAS[framework]}]")
-    env = _base_env(session)
-    if framework == "tf":
-        env["KERAS_BACKEND"] = "tensorflow"
+    _install(session, "-e", f".[{MATRIX_EXTRAS[framework]},examples]")
     session.run("python", "-m", "examples.matrix", "--framework", framework,
-                "--runs-dir", RUNS_DIR, *session.posargs, env=env)
+                "--runs-dir", RUNS_DIR, *session.posargs, env=_matrix_env(session, framework))
 
 
 @nox.session(name="torch")
@@ -194,7 +199,26 @@ def compare(session: nox.Session) -> None:
     """Agreement table and overlay plots of ./runs; fails when frameworks disagree."""
     _install(session, "-e", ".[lab]")
     session.run("python", "-m", "polyopt.consistency", RUNS_DIR,
-                "--markdown", f"{RUNS_DIR}/agreement.md", env=_base_env(session))
+                "--markdown", f"{RUNS_DIR}/agreement.md",
+                env=_base_env(session))
+
+
+@nox.session
+def arithmetic(session: nox.Session) -> None:
+    """The float32 matrix under changed arithmetic (one thread, oneDNN off, XLA fast-math),
+    each framework in its own environment, then the verdict of every mix with the default
+    runs of ./runs (run the main command first). Long: about two main commands."""
+    for framework in MATRIX_EXTRAS:
+        _install(session, "-e", f".[{MATRIX_EXTRAS[framework]},examples]")
+    # one environment holds all three frameworks' extras; each run is its own process
+    for profile, frameworks in (("strict", MATRIX_EXTRAS), ("xla-fast-math", ["jax"])):
+        for framework in frameworks:
+            session.run("python", "-m", "examples.matrix", "--framework", framework,
+                        "--float32-only", "--arithmetic", profile,
+                        "--runs-dir", f"{ARITHMETIC_DIR}/{profile}", *session.posargs,
+                        env=_matrix_env(session, framework))
+    session.run("python", "-m", "examples.robustness", RUNS_DIR, ARITHMETIC_DIR,
+                "--markdown", f"{ARITHMETIC_DIR}/robustness.md", env=_base_env(session))
 
 
 # ---------------------------------------------------------------------------
@@ -207,7 +231,7 @@ BENCHMARKS = {
     "jax": ("jax", "benchmarks/bench_jax.py", {}),
     "keras": ("tf", "benchmarks/bench_keras.py", {"KERAS_BACKEND": "tensorflow"}),
     # epoch time of the CIFAR CNN, one process per framework (arguments after
-    # the environment go to the script; the data: ../shared/data)
+    # the environment go to the script; the data: the CIFAR-10 subset shipped in examples/data)
     "epoch-torch": ("torch", "benchmarks/bench_epoch.py", {}, "--framework", "torch"),
     "epoch-tf": ("tf", "benchmarks/bench_epoch.py", {"KERAS_BACKEND": "tensorflow"},
                  "--framework", "tf"),

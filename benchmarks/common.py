@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from polyopt import files
+
 # --------------------------------------------------------------------------
 # parameter sets: the tensor shapes of real networks (conv kernels in torch's
 # OIHW layout; frameworks with other layouts transpose, which changes nothing
@@ -227,7 +229,7 @@ def write(results: list[Result], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(path.read_text()) if path.exists() else []
     existing += [asdict(r) for r in results]
-    path.write_text(json.dumps(existing, indent=1))
+    files.write_text(path, json.dumps(existing, indent=1))
 
 
 def markdown(*paths: Path) -> str:
@@ -374,6 +376,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     ratios, table = summary(*args.results), markdown(*args.results)
     machine_line = ", ".join(f"{k} {v}" for k, v in machine().items())
-    args.markdown.write_text(f"Machine: {machine_line}\n\n## Ratios\n\n{ratios}\n\n"
+    files.write_text(args.markdown, f"Machine: {machine_line}\n\n## Ratios\n\n{ratios}\n\n"
                              f"## Every variant\n\n{table}\n")
     print(ratios)

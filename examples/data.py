@@ -23,15 +23,19 @@ Where the files come from (first match wins):
 
 1. ``data_dir`` (the training CLI's ``--data-dir``), else
 2. the ``POLYOPT_DATA`` environment variable, else
-3. the defaults: MNIST from the small files shipped with the repository
-   (``examples/data/mnist-small``: 8000 train / 2000 test images, a seeded
-   split of the real MNIST test set), CIFAR-10 from ``../shared/data``
-   beside the repository (10,000 / 2000 images) when it exists.
+3. the small real subsets shipped with the repository, checked against
+   their sha256 (:data:`SHIPPED_SHA256`) before use: MNIST in
+   ``examples/data/mnist-small`` (8000 train / 2000 test images, a seeded
+   split of the real MNIST test set, gzipped IDX) and CIFAR-10 in
+   ``examples/data/cifar10-small`` (5000 train / 1000 test images, 500 / 100
+   per class, the binary batches xz-compressed; how they were drawn:
+   ``examples/data/make_cifar_subset.py``).
 
 A data directory may hold the files directly or one of the usual
 subdirectories (``mnist-small``, ``mnist``, ``cifar-10-batches-bin``,
-``cifar10-small/cifar-10-batches-bin``), so ``POLYOPT_DATA=../shared/data``
-serves both datasets.
+``cifar10-small/cifar-10-batches-bin``), so one ``POLYOPT_DATA`` directory
+serves both datasets. Files may be plain, gzipped (``.gz``) or xz-compressed
+(``.xz``).
 
 Download (opt-in, ``download=True`` or ``python -m examples.data --download``):
 the official archives (MNIST from a mirror, base URL ``POLYOPT_MNIST_MIRROR``
@@ -50,7 +54,6 @@ import os
 import shutil
 import sys
 import tarfile
-import tempfile
 import urllib.request
 import zlib
 from collections.abc import Mapping, Sequence
@@ -59,9 +62,36 @@ from typing import NamedTuple
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_MNIST = Path(__file__).resolve().parent / "data" / "mnist-small"
-SHARED_DATA = ROOT.parent / "shared" / "data"
+from polyopt import files
+
+SHIPPED = Path(__file__).resolve().parent / "data"
+SHIPPED_MNIST = SHIPPED / "mnist-small"
+SHIPPED_CIFAR10 = SHIPPED / "cifar10-small"
+#: the files shipped with the repository (path relative to examples/data -> sha256)
+SHIPPED_SHA256 = {
+    "mnist-small/train-images-idx3-ubyte.gz":
+        "32cb2e763233c317e37d14b768ce5a5b92f71109ccd51ec83c8ea4afe78740fc",
+    "mnist-small/train-labels-idx1-ubyte.gz":
+        "0bc85850180f7fd988f2a48ece5dbfd97b7514f0d606f1de57e34f455c7caa44",
+    "mnist-small/t10k-images-idx3-ubyte.gz":
+        "15d953afab53e00dc059fd5231474f3f6f23211219b7fc9d98d211bb91cae4c1",
+    "mnist-small/t10k-labels-idx1-ubyte.gz":
+        "9e02f36b6b6d9738106ca4c661bcd4a2e72ef27d13f324e1fbec30d75b430563",
+    "cifar10-small/data_batch_1.bin.xz":
+        "2f55e4e407543c99ce715764b7d957a6aed89cd68229ce1027514ccafb3d8521",
+    "cifar10-small/data_batch_2.bin.xz":
+        "53e2c74177ecc8c7af7c3af82730ccd867e91d58bea50acb4365a206d4ddaeae",
+    "cifar10-small/data_batch_3.bin.xz":
+        "b51260a2099b2f99e374e8b829ce3186828f6d063275eee352ccc28848d452e3",
+    "cifar10-small/data_batch_4.bin.xz":
+        "f6dc3bddb38b50c1e0d24409c8055639081d19b826649e256ee2d92c4ba467bf",
+    "cifar10-small/data_batch_5.bin.xz":
+        "e49a0e6b4336878a5b5d13ea4dee720ffe9f1752affd3a806813a11b61f7471a",
+    "cifar10-small/test_batch.bin.xz":
+        "d9ac0bcd4f7454bf908c41e2288b145cb4d26e45ec792524e87eddf696edefef",
+    "cifar10-small/batches.meta.txt":
+        "2ce042b1e0b48db4bb214408e6414ba18b2731c24af244f2d6c112fddf31af00",
+}
 DATA_ENV = "POLYOPT_DATA"
 CACHE_ENV = "POLYOPT_CACHE"
 MIRROR_ENV = "POLYOPT_MNIST_MIRROR"
@@ -91,7 +121,8 @@ CIFAR_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 CIFAR_TEST = "test_batch.bin"
 CIFAR_DIR = "cifar-10-batches-bin"
 _MNIST_SUBDIRS = ("", "mnist-small", "mnist", "MNIST/raw")
-_CIFAR_SUBDIRS = ("", CIFAR_DIR, f"cifar10-small/{CIFAR_DIR}", f"cifar10/{CIFAR_DIR}")
+_CIFAR_SUBDIRS = ("", CIFAR_DIR, "cifar10-small", f"cifar10-small/{CIFAR_DIR}",
+                  f"cifar10/{CIFAR_DIR}")
 
 
 class DataError(ValueError):
@@ -113,17 +144,30 @@ class Dataset(NamedTuple):
 # IDX (MNIST)
 
 
+COMPRESSED = (".gz", ".xz")  # suffixes a data file may carry
+
+
 def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when it is gzip or xz data (by its magic bytes)."""
     try:
         raw = path.read_bytes()
     except OSError as error:
         raise DataError(f"{path}: cannot read: {error}") from error
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as error:  # BadGzipFile is an OSError
-        raise DataError(f"{path}: damaged or truncated gzip data ({error})") from error
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as error:  # BadGzipFile is an OSError
+            raise DataError(f"{path}: damaged or truncated gzip data ({error})") from error
+    if raw[:6] == b"\xfd7zXZ\x00":
+        try:
+            import lzma
+        except ImportError as error:  # a Python built without liblzma
+            raise DataError(f"{path}: xz data, but this Python has no lzma module") from error
+        try:
+            return lzma.decompress(raw)
+        except (lzma.LZMAError, EOFError) as error:
+            raise DataError(f"{path}: damaged or truncated xz data ({error})") from error
+    return raw
 
 
 def read_idx(path: str | os.PathLike, magic: int) -> np.ndarray:
@@ -154,10 +198,10 @@ def read_idx(path: str | os.PathLike, magic: int) -> np.ndarray:
 
 
 def _find_file(directory: Path, name: str) -> Path:
-    for candidate in (directory / name, directory / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    raise DataError(f"{directory}: no {name} or {name}.gz")
+    for suffix in ("", *COMPRESSED):
+        if (directory / f"{name}{suffix}").is_file():
+            return directory / f"{name}{suffix}"
+    raise DataError(f"{directory}: no {name}, {name}.gz or {name}.xz file")
 
 
 def _check_labels(path: Path, labels: np.ndarray, count: int | None) -> np.ndarray:
@@ -226,10 +270,10 @@ def resolve_data_dir(flag: str | os.PathLike | None = None) -> Path | None:
 def _locate(directory: Path, subdirs: Sequence[str], marker: str, what: str) -> Path:
     for sub in subdirs:
         candidate = directory / sub if sub else directory
-        if (candidate / marker).is_file() or (candidate / f"{marker}.gz").is_file():
+        if any((candidate / f"{marker}{suffix}").is_file() for suffix in ("", *COMPRESSED)):
             return candidate
     looked = ", ".join(str(directory / s) if s else str(directory) for s in subdirs)
-    raise DataError(f"no {what} files ({marker}[.gz]) found; looked in: {looked}. Pass "
+    raise DataError(f"no {what} files ({marker}[.gz|.xz]) found; looked in: {looked}. Pass "
                     f"--data-dir DIR or set {DATA_ENV}, or download the official files "
                     "(python -m examples.data --download)")
 
@@ -244,7 +288,7 @@ def load_mnist(directory: str | os.PathLike | None = None, *, download: bool = F
         return _load_mnist_dir(download_mnist())
     directory = resolve_data_dir(directory)
     if directory is None:
-        return _load_mnist_dir(SHIPPED_MNIST)
+        return _load_mnist_dir(check_shipped(SHIPPED_MNIST))
     return _load_mnist_dir(_locate(directory, _MNIST_SUBDIRS, "train-images-idx3-ubyte",
                                    "MNIST"))
 
@@ -252,18 +296,34 @@ def load_mnist(directory: str | os.PathLike | None = None, *, download: bool = F
 def load_cifar10(directory: str | os.PathLike | None = None, *, download: bool = False) -> Dataset:
     """CIFAR-10: images uint8 (N, 32, 32, 3), labels int64 (N,).
 
-    From ``directory`` (or ``$POLYOPT_DATA``), else ``../shared/data`` beside the
-    repository; ``download=True`` fetches the official archive into the cache.
+    From ``directory`` (or ``$POLYOPT_DATA``), else the small subset shipped in
+    the repository; ``download=True`` fetches the official archive into the cache.
     """
     if download:
         return _load_cifar_dir(download_cifar10())
     directory = resolve_data_dir(directory)
     if directory is None:
-        directory = SHARED_DATA
+        return _load_cifar_dir(check_shipped(SHIPPED_CIFAR10))
     return _load_cifar_dir(_locate(directory, _CIFAR_SUBDIRS, CIFAR_TRAIN[0], "CIFAR-10"))
 
 
 LOADERS = {"mnist": load_mnist, "cifar10": load_cifar10}
+
+
+def check_shipped(directory: Path) -> Path:
+    """``directory`` (one of the shipped subsets) after checking every file of it
+    listed in :data:`SHIPPED_SHA256`; DataError names a missing or altered file."""
+    for name, sha256 in SHIPPED_SHA256.items():
+        path = SHIPPED / name
+        if path.parent != directory:
+            continue
+        if not path.is_file():
+            raise DataError(f"{path}: missing from the repository's shipped data")
+        found = sha256_file(path)
+        if found != sha256:
+            raise DataError(f"{path}: sha256 {found}, expected {sha256}: the shipped file "
+                            "is damaged (a partial clone or checkout?)")
+    return directory
 
 
 def load(name: str, directory: str | os.PathLike | None = None, *,
@@ -299,30 +359,27 @@ def fetch(url: str, destination: Path, sha256: str, *, timeout: float = 60) -> P
     """``destination``, downloaded from ``url`` unless a copy with ``sha256`` is there.
 
     The download goes to a temporary file beside ``destination`` and replaces
-    it only when its sha256 matches; otherwise it is deleted and DataError
-    raised. A cached file with the wrong checksum is downloaded again.
+    it (polyopt.files.atomic_write) only when its sha256 matches; otherwise
+    it is deleted and DataError raised. A cached file with the wrong checksum
+    is downloaded again.
     """
     destination = Path(destination)
     if destination.is_file() and sha256_file(destination) == sha256:
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
     print(f"downloading {url} -> {destination}", file=sys.stderr)
-    handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=".download-")
     try:
         digest = hashlib.sha256()
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(url, timeout=timeout) as r, \
+                files.atomic_write(destination) as out:
             for block in iter(lambda: r.read(1 << 20), b""):
                 digest.update(block)
                 out.write(block)
-        if digest.hexdigest() != sha256:
-            raise DataError(f"{url}: sha256 mismatch: expected {sha256}, got "
-                            f"{digest.hexdigest()}; the download was discarded")
-        os.replace(temporary, destination)
+            if digest.hexdigest() != sha256:  # raised inside: the target is not replaced
+                raise DataError(f"{url}: sha256 mismatch: expected {sha256}, got "
+                                f"{digest.hexdigest()}; the download was discarded")
     except OSError as error:
         raise DataError(f"{url}: download failed: {error}") from error
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
     return destination
 
 
@@ -351,7 +408,7 @@ def download_cifar10(cache: str | os.PathLike | None = None, url: str = CIFAR10_
     if target.exists():
         shutil.rmtree(target)
     _extract_cifar(archive, root)
-    stamp.write_text(sha256 + "\n")
+    files.write_text(stamp, sha256 + "\n")
     return target
 
 
@@ -366,7 +423,8 @@ def _extract_cifar(archive: Path, root: Path) -> None:
                 raise DataError(f"{archive}: no {CIFAR_DIR}/{CIFAR_TEST} in the archive")
             (root / CIFAR_DIR).mkdir(parents=True, exist_ok=True)
             for member in wanted:
-                with tar.extractfile(member) as source, open(root / member.name, "wb") as out:
+                with tar.extractfile(member) as source, \
+                        files.atomic_write(root / member.name) as out:
                     shutil.copyfileobj(source, out)
     except (tarfile.TarError, EOFError, zlib.error) as error:
         raise DataError(f"{archive}: damaged archive ({error})") from error
@@ -381,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m examples.data", description="Check (and optionally download) the data.")
     parser.add_argument("datasets", nargs="*", help=f"{', '.join(LOADERS)} (default: all)")
     parser.add_argument("--data-dir", help=f"data directory (default: ${DATA_ENV}, then the "
-                        "shipped MNIST files and ../shared/data)")
+                        "subsets shipped in examples/data)")
     parser.add_argument("--download", action="store_true",
                         help=f"download the official files into {cache_dir()} (${CACHE_ENV})")
     args = parser.parse_args(argv)

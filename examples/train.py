@@ -26,15 +26,16 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 import polyopt
-from examples import data, experiments
+from examples import data, experiments, native_logs
 from examples.models import init
 from examples.optimizers import FRAMEWORKS, make_optimizer, sam_perturb
+from polyopt import files
 from polyopt.consistency import RunRecord, weights_checksum, weights_norms
 
 EVAL_BATCH = 1000
@@ -177,6 +178,7 @@ class KerasBackend:
                                f"{keras.backend.backend()!r}")
         # the optimizer's learning-rate variable has floatx's dtype
         keras.config.set_floatx(dtype)
+        native_logs.quiet_retracing_warning(tf)
         self.tf, self.km, self.name = tf, km, experiment.model
         self.optimizer = make_optimizer("tf", experiment)
         self.model = km.build(experiment.model, seed, dtype)
@@ -249,22 +251,38 @@ def make_backend(framework: str, experiment: experiments.Experiment, dtype: str,
 # the loop
 
 
-def _progress(epoch: int, done: int, total: int, loss: float) -> None:
-    if sys.stderr.isatty():
-        width = 30
-        filled = width * done // max(total, 1)
-        sys.stderr.write(f"\repoch {epoch} [{'=' * filled}{' ' * (width - filled)}] "
-                         f"{done}/{total} loss {loss:.4f}")
-        sys.stderr.flush()
-        if done == total:
-            sys.stderr.write("\r" + " " * (width + 50) + "\r")
+class StepBar:
+    """A tqdm progress bar over a run's steps (epoch and loss in its postfix); off when
+    stderr is not a terminal. A ``StepBar(description)`` is an ``on_step`` callback."""
+
+    def __init__(self, description: str, **options) -> None:
+        from tqdm import tqdm
+
+        options.setdefault("disable", None)  # None: on a terminal only
+        self.bar = tqdm(desc=description, unit="step", leave=False, dynamic_ncols=True,
+                        **options)
+
+    def __call__(self, step: int, total: int, epoch: int, loss: float) -> None:
+        self.bar.total = total
+        self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def train(framework: str, experiment: experiments.Experiment, *, epochs: int | None = None,
           steps: int | None = None, dtype: str = "float32", seed: int = 0,
           data_dir: str | None = None, runs_dir: str | os.PathLike = "runs",
-          test_size: int | None = None, quiet: bool = False, twin: bool = False) -> RunRecord:
+          test_size: int | None = None, quiet: bool = False, twin: bool = False,
+          on_step: Callable[[int, int, float, float], None] | None = None,
+          arithmetic: str = "default") -> RunRecord:
     """Train ``experiment`` in ``framework``; write and return its run record.
+
+    ``on_step(step, total_steps, epoch, loss)`` is called after every optimizer
+    step (steps and epochs count from 1); without it, and unless ``quiet``, a
+    :class:`StepBar` shows progress. ``arithmetic`` names the float32 arithmetic
+    profile the process runs under (examples.matrix.ARITHMETIC; recorded only).
 
     ``test_size`` evaluates on the first ``test_size`` test images only (quick runs).
     ``twin``: start from initial weights moved by one ulp (``np.nextafter`` towards
@@ -280,6 +298,9 @@ def train(framework: str, experiment: experiments.Experiment, *, epochs: int | N
     if epochs is None:
         epochs = math.ceil(steps / steps_per_epoch) if steps else experiment.epochs
     total_steps = min(epochs * steps_per_epoch, steps or math.inf)
+    bar = None
+    if on_step is None and not quiet:
+        on_step = bar = StepBar(f"{experiment.name} [{framework}, {dtype}]")
     backend = make_backend(framework, experiment, dtype, seed)
     if twin:
         backend.set_weights({name: np.nextafter(value, np.inf).astype(value.dtype)
@@ -321,8 +342,8 @@ def train(framework: str, experiment: experiments.Experiment, *, epochs: int | N
             loss_sum += loss * len(index)
             correct += hits
             step += 1
-            if not quiet:
-                _progress(epoch + 1, start // experiment.batch_size + 1, steps_per_epoch, loss)
+            if on_step is not None:
+                on_step(step, total_steps, epoch + 1, loss)
         if not seen:
             break
         test_loss, test_accuracy = evaluate()
@@ -347,6 +368,8 @@ def train(framework: str, experiment: experiments.Experiment, *, epochs: int | N
                 break
         if step >= total_steps:
             break
+    if bar is not None:
+        bar.close()
     final = None
     if best_weights is not None and stopper.best_epoch + 1 != len(history):
         backend.set_weights(best_weights)
@@ -361,9 +384,10 @@ def train(framework: str, experiment: experiments.Experiment, *, epochs: int | N
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{experiment.name}-{dtype}-{framework}" + ("-twin" if twin else "")
-    np.savez(runs_dir / f"{stem}.npz", **weights)
+    files.write_to(runs_dir / f"{stem}.npz", np.savez, **weights)
     config = {**experiment.config(), "epochs": epochs, "steps": total_steps, "seed": seed,
-              "dtype": dtype, "framework": framework, "test_size": len(dataset.test_labels)}
+              "dtype": dtype, "framework": framework, "test_size": len(dataset.test_labels),
+              "arithmetic": arithmetic}
     if twin:
         config["perturbation"] = "initial weights + 1 ulp"
 
@@ -391,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", help=f"data directory (default: ${data.DATA_ENV}, then "
-                        "the shipped MNIST files and ../shared/data)")
+                        "the subsets shipped in examples/data)")
     parser.add_argument("--runs-dir", default="runs", help="where run records go (runs)")
     parser.add_argument("--test-size", type=int, help="evaluate on the first N test images only")
     parser.add_argument("--quiet", action="store_true")

@@ -84,6 +84,8 @@ from typing import Any
 
 import numpy as np
 
+from polyopt import files
+
 SCHEMA = "polyopt.run/1"
 EPOCH_FIELDS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate")
 
@@ -139,9 +141,7 @@ class RunRecord:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(), indent=1, allow_nan=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, path)
+        files.write_text(path, text + "\n")
         self.path = path
         return path
 
@@ -291,12 +291,33 @@ class Policy:
     exact_weights_rtol: float = 1e-8
     epoch_loss_rtol: float = 0.05
     accuracy_points: float = 1.5
-    spread_factor: float = 2.0
+    accuracy_min_steps: int = 50
+    spread_factor: float = 3.0
     min_frameworks: int = 2
-    config_ignore: tuple[str, ...] = ("framework", "data_dir", "runs_dir")
+    fragile_margin: float = 1.5
+    config_ignore: tuple[str, ...] = ("framework", "data_dir", "runs_dir", "arithmetic")
 
 
 DEFAULT_POLICY = Policy()
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One judged quantity of a row: the observed difference and its limit."""
+
+    name: str        # "step loss", "final weights", "epoch loss", "test accuracy"
+    observed: float
+    limit: float
+
+    @property
+    def margin(self) -> float:
+        if math.isnan(self.observed):
+            return 0.0
+        return math.inf if self.observed == 0 else self.limit / self.observed
+
+    @property
+    def passed(self) -> bool:
+        return self.observed <= self.limit
 
 
 @dataclasses.dataclass
@@ -316,10 +337,17 @@ class Agreement:
     epoch_loss_spread: float = math.nan  # own float32 spread of the epoch losses, relative
     wall_time: dict = dataclasses.field(default_factory=dict)
     reasons: list[str] = dataclasses.field(default_factory=list)
+    checks: list[Check] = dataclasses.field(default_factory=list)  # what the verdict judged
 
     @property
     def passed(self) -> bool:
         return not self.reasons
+
+    @property
+    def margin(self) -> float:
+        """How far the verdict is from flipping: min over the checks of limit / observed
+        (inf when every observed difference is 0; NaN without checks)."""
+        return min((check.margin for check in self.checks), default=math.nan)
 
 
 @dataclasses.dataclass
@@ -333,25 +361,61 @@ class Comparison:
     def passed(self) -> bool:
         return bool(self.rows) and all(row.passed for row in self.rows)
 
+    def fragile(self) -> list[Agreement]:
+        """The passing rows whose margin is under the policy's ``fragile_margin``."""
+        return [row for row in self.rows
+                if row.passed and not row.margin >= self.policy.fragile_margin]
+
     def table(self, markdown: bool = True) -> str:
-        """The agreement table (markdown, or aligned plain text)."""
+        """The full agreement table (markdown, or aligned plain text)."""
         header = ["experiment", "dtype", "frameworks", "steps", "max step-loss diff",
                   "max epoch-loss diff", "weights diff", "final test accuracy (%)",
-                  "accuracy diff (points)", "own spread (points)", "verdict"]
+                  "accuracy diff (points)", "own spread (points)", "judged: observed / limit",
+                  "margin", "verdict"]
         lines = [[row.experiment, row.dtype, ", ".join(row.frameworks), str(row.steps),
                   _fmt(row.step_loss_diff), _fmt(row.epoch_loss_diff), _fmt(row.weights_diff),
                   " / ".join(f"{fw} {100 * acc:.2f}" for fw, acc in row.test_accuracy.items())
                   or "-",
                   _fmt(row.accuracy_diff, ".2f"), _fmt(row.accuracy_spread, ".2f"),
-                  "pass" if row.passed else "FAIL: " + "; ".join(row.reasons)]
+                  _checks(row), _margin(row.margin), self._verdict(row)]
                  for row in self.rows]
-        if markdown:
-            out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
-        widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
-                  for i, h in enumerate(header)]
-        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
-                         for line in [header, *lines])
+        return _render(header, lines, markdown)
+
+    def summary(self, markdown: bool = False) -> str:
+        """The short table: per row, what was judged, the margin and the verdict."""
+        header = ["experiment", "dtype", "steps", "test accuracy (%)", "judged: observed / limit",
+                  "margin", "verdict"]
+        lines = [[row.experiment, row.dtype, str(row.steps),
+                  " / ".join(f"{100 * acc:.2f}" for acc in row.test_accuracy.values()) or "-",
+                  _checks(row), _margin(row.margin), self._verdict(row)]
+                 for row in self.rows]
+        return _render(header, lines, markdown)
+
+    def _verdict(self, row: Agreement) -> str:
+        if not row.passed:
+            return "FAIL: " + "; ".join(row.reasons)
+        return "pass (fragile)" if row in self.fragile() else "pass"
+
+
+def _checks(row: Agreement) -> str:
+    return "; ".join(f"{c.name} {_fmt(c.observed, '.2g')} / {_fmt(c.limit, '.2g')}"
+                     for c in row.checks) or "-"
+
+
+def _margin(value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    return "inf" if math.isinf(value) else f"{value:.3g}x"
+
+
+def _render(header: list[str], lines: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
+              for i, h in enumerate(header)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+                     for line in [header, *lines])
 
 
 def _fmt(value: float, spec: str = ".1e") -> str:
@@ -465,20 +529,31 @@ def _agreement(records: list[RunRecord], policy: Policy,
         if not math.isnan(row.epoch_loss_spread):
             epoch_loss_rtol = max(epoch_loss_rtol, policy.spread_factor * row.epoch_loss_spread)
     if exact:
-        if step_worst[1] and not step_worst[0] <= policy.exact_loss_rtol:
-            row.reasons.append(f"step loss differs by {step_worst[0]:.3g} relative "
-                               f"(> {policy.exact_loss_rtol:g}) at step {step_worst[2]} "
-                               f"({step_worst[1]})")
-        if not math.isnan(row.weights_diff) and not row.weights_diff <= policy.exact_weights_rtol:
-            row.reasons.append(f"final weights differ by {row.weights_diff:.3g} relative "
-                               f"(> {policy.exact_weights_rtol:g})")
-    elif epoch_worst[1] and not epoch_worst[0] <= epoch_loss_rtol:
-        row.reasons.append(f"epoch {epoch_worst[2].replace('_', ' ')} differs by "
-                           f"{epoch_worst[0]:.3g} relative (> {epoch_loss_rtol:.3g}) "
-                           f"({epoch_worst[1]})")
-    if not math.isnan(row.accuracy_diff) and not row.accuracy_diff <= accuracy_points:
-        row.reasons.append(f"final test accuracy differs by {row.accuracy_diff:.2f} points "
-                           f"(> {accuracy_points:.3g})")
+        if step_worst[1]:
+            row.checks.append(Check("step loss", step_worst[0], policy.exact_loss_rtol))
+            if not row.checks[-1].passed:
+                row.reasons.append(f"step loss differs by {step_worst[0]:.3g} relative "
+                                   f"(> {policy.exact_loss_rtol:g}) at step {step_worst[2]} "
+                                   f"({step_worst[1]})")
+        if not math.isnan(row.weights_diff):
+            row.checks.append(Check("final weights", row.weights_diff,
+                                    policy.exact_weights_rtol))
+            if not row.checks[-1].passed:
+                row.reasons.append(f"final weights differ by {row.weights_diff:.3g} relative "
+                                   f"(> {policy.exact_weights_rtol:g})")
+    elif epoch_worst[1]:
+        row.checks.append(Check("epoch loss", epoch_worst[0], epoch_loss_rtol))
+        if not row.checks[-1].passed:
+            row.reasons.append(f"epoch {epoch_worst[2].replace('_', ' ')} differs by "
+                               f"{epoch_worst[0]:.3g} relative (> {epoch_loss_rtol:.3g}) "
+                               f"({epoch_worst[1]})")
+    # accuracy says something only after some training: a few steps leave it near
+    # chance, where argmax ties flip (the losses judge those runs)
+    if not math.isnan(row.accuracy_diff) and (exact or steps >= policy.accuracy_min_steps):
+        row.checks.append(Check("test accuracy", row.accuracy_diff, accuracy_points))
+        if not row.checks[-1].passed:
+            row.reasons.append(f"final test accuracy differs by {row.accuracy_diff:.2f} "
+                               f"points (> {accuracy_points:.3g})")
     return row
 
 
@@ -578,7 +653,7 @@ def plot(records: Iterable[RunRecord], out_dir: str | os.PathLike) -> list[Path]
                 axes.legend(fontsize="small")
         figure.suptitle(f"{experiment} ({dtype})")
         path = out_dir / f"{_safe(experiment)}-{_safe(dtype)}.png"
-        figure.savefig(path, dpi=90)
+        files.write_to(path, figure.savefig, format="png", dpi=90)
         written.append(path)
     return written
 
@@ -614,17 +689,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     policy = dataclasses.replace(DEFAULT_POLICY, min_frameworks=args.min_frameworks)
     result = compare(records, policy)
-    print(result.table(markdown=not args.text))
+    print(result.summary(markdown=not args.text))
     if args.markdown:
-        Path(args.markdown).write_text(result.table() + "\n")
+        files.write_text(args.markdown, result.table() + "\n")
+        print(f"full table: {args.markdown}")
     if not args.no_plots:
         main_records = [r for r in records if not is_twin(r)]
-        for path in plot(main_records, args.plots or Path(args.runs_dir) / "plots"):
-            print(f"wrote {path}")
+        plots = plot(main_records, args.plots or Path(args.runs_dir) / "plots")
+        if plots:
+            print(f"plots: {len(plots)} PNG files in {plots[0].parent}")
     failed = [row for row in result.rows if not row.passed]
     print(f"{len(result.rows) - len(failed)} of {len(result.rows)} experiment(s) agree"
           + (": " + ", ".join(f"{r.experiment} ({r.dtype})" for r in failed) + " disagree"
              if failed else ""))
+    fragile = result.fragile()
+    margins = [row.margin for row in result.rows if row.passed]
+    if margins:
+        print(f"smallest margin {_margin(min(margins))} (limit / observed; "
+              f"< {policy.fragile_margin:g}x is fragile)"
+              + (": fragile: " + ", ".join(f"{r.experiment} ({r.dtype})" for r in fragile)
+                 if fragile else ""))
     return 0 if result.passed else 1
 
 

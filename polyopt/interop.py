@@ -46,7 +46,7 @@ from typing import IO, Any, NamedTuple
 
 import numpy as np
 
-from polyopt import _namespace
+from polyopt import _namespace, files
 from polyopt.rules import _state
 
 __all__ = ["FORMAT", "LoadedState", "StateFileError", "load_state", "read_header", "save_state"]
@@ -189,7 +189,7 @@ def save_state(file: str | os.PathLike | IO[bytes], state: Any, *, algorithm: st
                    for n, p in zip(names, params)],
     }
     arrays[_HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    np.savez(file, **arrays)
+    files.write_to(file, np.savez, **arrays)
 
 
 def _shape(x: Any) -> tuple[int, ...]:

@@ -67,7 +67,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from polyopt import rules
+from polyopt import files, rules
 
 __all__ = [
     "Problem", "Optimizer", "Run", "PROBLEMS", "OPTIMIZERS", "LEARNING_RATES", "START",
@@ -440,7 +440,7 @@ def plot_trajectories(prob: Problem, runs: Sequence[Run], path: str) -> None:
                  + ("; white dots = other local minima" if len(prob.minima) > 1 else ""),
                  fontsize=11)
     fig.subplots_adjust(left=0.035, right=0.99, bottom=0.035, top=0.885, wspace=0.1, hspace=0.3)
-    fig.savefig(path, dpi=90)
+    files.write_to(path, fig.savefig, format="png", dpi=90)
     plt.close(fig)
 
 
@@ -497,7 +497,7 @@ def plot_sweep(prob: Problem, grids: Sequence[np.ndarray], results: Sequence[dic
                  f"clipped to [{CLIP_LOW:g}, {CLIP_HIGH:g}]; x at the top = diverged; "
                  f"red dots: f - f* at the start{extra}", fontsize=10)
     fig.subplots_adjust(left=0.07, right=0.85, bottom=0.07, top=0.9, wspace=0.12, hspace=0.12)
-    fig.savefig(path, dpi=90)
+    files.write_to(path, fig.savefig, format="png", dpi=90)
     plt.close(fig)
 
 

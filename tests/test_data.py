@@ -1,5 +1,6 @@
-"""examples.data: MNIST/CIFAR-10 loaders on ../shared/data, damaged files, and the
-opt-in download against a loopback HTTP server (never the internet)."""
+"""examples.data: the MNIST/CIFAR-10 subsets shipped in the repository, the loaders,
+damaged files, and the opt-in download against a loopback HTTP server (never the
+internet)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import gzip
 import hashlib
 import http.server
 import io
+import lzma
 import re
 import tarfile
 import threading
@@ -17,21 +19,6 @@ import numpy as np
 import pytest
 
 from examples import data
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CIFAR_SHARED = SHARED / "cifar10-small" / "cifar-10-batches-bin"
-
-# ../shared/data/README.md: the shipped copies must be these exact files
-MNIST_SMALL_SHA256 = {
-    "train-images-idx3-ubyte.gz":
-        "32cb2e763233c317e37d14b768ce5a5b92f71109ccd51ec83c8ea4afe78740fc",
-    "train-labels-idx1-ubyte.gz":
-        "0bc85850180f7fd988f2a48ece5dbfd97b7514f0d606f1de57e34f455c7caa44",
-    "t10k-images-idx3-ubyte.gz":
-        "15d953afab53e00dc059fd5231474f3f6f23211219b7fc9d98d211bb91cae4c1",
-    "t10k-labels-idx1-ubyte.gz":
-        "9e02f36b6b6d9738106ca4c661bcd4a2e72ef27d13f324e1fbec30d75b430563",
-}
 
 
 @pytest.fixture(autouse=True)
@@ -46,22 +33,46 @@ def _mnist_shipped():
 
 
 @functools.cache
-def _cifar_shared():
-    return data.load_cifar10(SHARED)
+def _cifar_shipped():
+    return data.load_cifar10()
 
 
 # --------------------------------------------------------------------------
-# the shipped and shared files
+# the shipped files
 
 
-def test_shipped_mnist_files_are_the_shared_ones():
-    files = sorted(p.name for p in data.SHIPPED_MNIST.iterdir())
-    assert files == sorted(MNIST_SMALL_SHA256)
-    for name, sha256 in MNIST_SMALL_SHA256.items():
-        assert data.sha256_file(data.SHIPPED_MNIST / name) == sha256, name
-    readme = (SHARED / "README.md").read_text()
-    for name, sha256 in MNIST_SMALL_SHA256.items():
-        assert re.search(rf"{re.escape(name)} \|.*\| {sha256} \|", readme), name
+def test_shipped_files_are_exactly_the_listed_ones():
+    """Every file under examples/data/{mnist,cifar10}-small is listed with its sha256,
+    and the files have those checksums (the loaders check them too)."""
+    found = sorted(str(p.relative_to(data.SHIPPED)) for d in (data.SHIPPED_MNIST,
+                   data.SHIPPED_CIFAR10) for p in d.iterdir())
+    assert found == sorted(data.SHIPPED_SHA256)
+    for name, sha256 in data.SHIPPED_SHA256.items():
+        assert data.sha256_file(data.SHIPPED / name) == sha256, name
+
+
+def test_shipped_data_is_small():
+    total = sum((data.SHIPPED / name).stat().st_size for name in data.SHIPPED_SHA256)
+    assert total < 16 * 2**20, f"{total} bytes shipped"
+
+
+def test_altered_shipped_file_is_refused(tmp_path, monkeypatch):
+    copy = tmp_path / "data"
+    for name in data.SHIPPED_SHA256:
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy / name).write_bytes((data.SHIPPED / name).read_bytes())
+    monkeypatch.setattr(data, "SHIPPED", copy)
+    monkeypatch.setattr(data, "SHIPPED_CIFAR10", copy / "cifar10-small")
+    monkeypatch.setattr(data, "SHIPPED_MNIST", copy / "mnist-small")
+    assert data.load_cifar10().source == copy / "cifar10-small"
+    target = copy / "cifar10-small" / "data_batch_2.bin.xz"
+    target.write_bytes(target.read_bytes()[:-10])
+    with pytest.raises(data.DataError, match=re.escape(str(target)) + ": sha256 .* damaged"):
+        data.load_cifar10()
+    target.unlink()
+    with pytest.raises(data.DataError, match=re.escape(str(target)) + ": missing"):
+        data.load_cifar10()
+    assert data.load_mnist().source == copy / "mnist-small"  # MNIST is not affected
 
 
 def test_mnist_default_is_the_shipped_subset():
@@ -79,17 +90,18 @@ def test_mnist_default_is_the_shipped_subset():
     assert mnist.classes == tuple("0123456789")
 
 
-def test_mnist_from_shared_dir_flag_and_env(monkeypatch):
+def test_mnist_from_data_dir_flag_and_env(monkeypatch):
     shipped = _mnist_shipped()
-    for loaded in (data.load_mnist(SHARED), data.load_mnist(SHARED / "mnist-small")):
-        assert loaded.source == SHARED / "mnist-small"
+    root = data.SHIPPED  # holds mnist-small/, one of the usual subdirectories
+    for loaded in (data.load_mnist(root), data.load_mnist(root / "mnist-small")):
+        assert loaded.source == root / "mnist-small"
         np.testing.assert_array_equal(loaded.train_images, shipped.train_images)
         np.testing.assert_array_equal(loaded.test_labels, shipped.test_labels)
-    monkeypatch.setenv(data.DATA_ENV, str(SHARED))
-    assert data.load_mnist().source == SHARED / "mnist-small"
+    monkeypatch.setenv(data.DATA_ENV, str(root))
+    assert data.load_mnist().source == root / "mnist-small"
     # the flag wins over the environment
     monkeypatch.setenv(data.DATA_ENV, "/nonexistent")
-    assert data.load_mnist(SHARED).source == SHARED / "mnist-small"
+    assert data.load_mnist(root).source == root / "mnist-small"
     with pytest.raises(data.DataError, match="/nonexistent.*--data-dir"):
         data.load_mnist()
 
@@ -103,24 +115,28 @@ def test_mnist_reads_plain_idx(tmp_path):
         assert got.dtype == want.dtype
 
 
-def test_cifar10_shared_subset():
-    cifar = _cifar_shared()
-    assert cifar.source == CIFAR_SHARED
-    assert cifar.train_images.shape == (10000, 32, 32, 3)
-    assert cifar.test_images.shape == (2000, 32, 32, 3)
+def test_cifar10_default_is_the_shipped_subset():
+    cifar = _cifar_shipped()
+    assert cifar.source == data.SHIPPED_CIFAR10
+    assert cifar.train_images.shape == (5000, 32, 32, 3)
+    assert cifar.test_images.shape == (1000, 32, 32, 3)
     assert cifar.train_images.dtype == np.uint8
     assert cifar.train_labels.dtype == np.int64 and cifar.test_labels.dtype == np.int64
-    assert np.bincount(cifar.train_labels, minlength=10).tolist() == [1000] * 10
-    assert np.bincount(cifar.test_labels, minlength=10).tolist() == [200] * 10
+    assert np.bincount(cifar.train_labels, minlength=10).tolist() == [500] * 10
+    assert np.bincount(cifar.test_labels, minlength=10).tolist() == [100] * 10
+    # every training batch is class-balanced too (100 per class)
+    for i in range(5):
+        batch = cifar.train_labels[1000 * i:1000 * (i + 1)]
+        assert np.bincount(batch, minlength=10).tolist() == [100] * 10
     assert cifar.classes == data.CIFAR10_CLASSES
-    assert data.load_cifar10().source == CIFAR_SHARED  # the default: ../shared/data
+    assert len({image.tobytes() for image in cifar.train_images}) == 5000  # no repeats
 
 
 def test_cifar10_layout_is_nhwc_from_planar_records():
-    raw = np.frombuffer((CIFAR_SHARED / "test_batch.bin").read_bytes(), np.uint8)
+    raw = np.frombuffer(data._read_bytes(data.SHIPPED_CIFAR10 / "test_batch.bin.xz"), np.uint8)
     record = raw.reshape(-1, data.CIFAR_RECORD)[7]
-    image = _cifar_shared().test_images[7]
-    assert _cifar_shared().test_labels[7] == record[0]
+    image = _cifar_shipped().test_images[7]
+    assert _cifar_shipped().test_labels[7] == record[0]
     row, col = 5, 9
     for channel in range(3):  # 1024 red, 1024 green, 1024 blue, row-major 32x32
         assert image[row, col, channel] == record[1 + channel * 1024 + row * 32 + col]
@@ -183,7 +199,7 @@ def test_missing_files_say_where_and_how(tmp_path):
         data.load_cifar10(tmp_path)
     directory = _mnist_copy(tmp_path)
     (directory / "t10k-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(data.DataError, match="no t10k-labels-idx1-ubyte or .*gz"):
+    with pytest.raises(data.DataError, match="no t10k-labels-idx1-ubyte, .*gz or .*xz file"):
         data.load_mnist(directory)
 
 
@@ -191,12 +207,32 @@ def _cifar_copy(tmp_path: Path) -> Path:
     directory = tmp_path / data.CIFAR_DIR
     directory.mkdir()
     for name in (*data.CIFAR_TRAIN, data.CIFAR_TEST):
-        (directory / name).write_bytes((CIFAR_SHARED / name).read_bytes())
+        raw = data._read_bytes(data.SHIPPED_CIFAR10 / f"{name}.xz")
+        (directory / name).write_bytes(raw)
     return directory
 
 
+def test_compressed_batches_read_like_plain_ones(tmp_path):
+    directory = _cifar_copy(tmp_path)
+    plain = data.load_cifar10(directory)
+    for i, name in enumerate(data.CIFAR_TRAIN):
+        raw = (directory / name).read_bytes()
+        (directory / name).unlink()
+        if i % 2:
+            (directory / f"{name}.gz").write_bytes(gzip.compress(raw))
+        else:
+            (directory / f"{name}.xz").write_bytes(lzma.compress(raw))
+    mixed = data.load_cifar10(tmp_path)
+    np.testing.assert_array_equal(mixed.train_images, plain.train_images)
+    np.testing.assert_array_equal(mixed.train_labels, plain.train_labels)
+    damaged = directory / f"{data.CIFAR_TRAIN[0]}.xz"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    with pytest.raises(data.DataError, match=re.escape(str(damaged)) + ": damaged or truncated xz"):
+        data.load_cifar10(tmp_path)
+
+
 @pytest.mark.parametrize("damage, message", [
-    (lambda raw: raw[:-1], r"6145999 bytes is not a whole number of 3073-byte"),
+    (lambda raw: raw[:-1], r"3072999 bytes is not a whole number of 3073-byte"),
     (lambda raw: b"", r"0 bytes is not a whole number"),
     (lambda raw: b"\x0c" + raw[1:], r"label 12 out of range"),
 ])
@@ -301,7 +337,7 @@ def test_download_checksum_mismatch_keeps_nothing(tmp_path, server):
                        r"expected 0{64}, got [0-9a-f]{64}; the download was discarded"):
         data.download_mnist(cache, mirror=server.url, checksums=wrong)
     assert not (cache / "mnist" / "train-labels-idx1-ubyte.gz").exists()
-    assert not [p for p in (cache / "mnist").iterdir() if p.name.startswith(".download-")]
+    assert not [p for p in (cache / "mnist").iterdir() if p.name.endswith(".tmp")]
     # the official checksums refuse these files too
     with pytest.raises(data.DataError, match="sha256 mismatch"):
         data.download_mnist(tmp_path / "other", mirror=server.url)
@@ -361,8 +397,9 @@ def test_download_cifar10_extracts_verifies_and_caches(tmp_path, server):
 
 
 def test_cli_reports_shapes_and_errors(tmp_path, capsys):
-    assert data.main(["mnist", "cifar10", "--data-dir", str(SHARED)]) == 0
+    assert data.main(["mnist", "cifar10", "--data-dir", str(data.SHIPPED)]) == 0
     out = capsys.readouterr().out
-    assert "mnist: " in out and "(8000, 28, 28, 1)" in out and "[1000, 1000," in out
+    assert "mnist: " in out and "(8000, 28, 28, 1)" in out and "(5000, 32, 32, 3)" in out
+    assert "[500, 500," in out
     assert data.main(["mnist", "--data-dir", str(tmp_path)]) == 1
     assert "no MNIST files" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import pytest
 
 import polyopt.keras as pk
 from polyopt import hyper, native, schedules
-from tests._keras_data import mnist
+from tests._mnist import mnist
 from tests.test_keras_parity import polyopt_arguments, side_by_side
 
 BACKEND = keras.backend.backend()

@@ -22,7 +22,6 @@ from polyopt.consistency import weights_checksum
 from tests._native import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 BATCH = {"mlp": 16, "cnn": 8, "resnet20": 6}
 TOLERANCE = 1e-12
 
@@ -141,7 +140,7 @@ result = counts
 
 
 def _inputs() -> dict[str, np.ndarray]:
-    mnist, cifar = data.load_mnist(), data.load_cifar10(SHARED)
+    mnist, cifar = data.load_mnist(), data.load_cifar10()
     out = {}
     for name in init.MODELS:
         source = mnist if name == "mlp" else cifar

@@ -1,11 +1,8 @@
 """A real training run: the MNIST MLP (784-128-10) in plain JAX, one epoch of
-../shared/data/mnist-small (8000 training images) with polyopt.optax.adam,
+the shipped MNIST subset (8000 training images) with polyopt.optax.adam,
 beside native optax.adam from the same numpy-generated weights and batches."""
 
 from __future__ import annotations
-
-import gzip
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,26 +10,7 @@ import numpy as np
 import optax
 
 import polyopt.optax as po
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist-small"
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (gzip): big-endian magic (0, 0, dtype code 0x08, ndim), dims, uint8 data."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    zero, dtype_code, ndim = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
-    assert zero == 0 and dtype_code == 0x08, f"{path}: not an unsigned-byte IDX file"
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    assert data.size == int(np.prod(dims)), f"{path}: {data.size} bytes for shape {dims}"
-    return data.reshape(dims)
-
-
-def load(split: str) -> tuple[np.ndarray, np.ndarray]:
-    images = read_idx(DATA / f"{split}-images-idx3-ubyte.gz")
-    labels = read_idx(DATA / f"{split}-labels-idx1-ubyte.gz")
-    return (images.reshape(len(images), -1) / np.float32(255)).astype(np.float32), labels
+from tests._mnist import mnist
 
 
 def init_mlp(seed: int = 0) -> dict:
@@ -79,8 +57,8 @@ def accuracy(params, x, y) -> float:
 
 
 def test_mnist_mlp_one_epoch():
-    x_train, y_train = load("train")
-    x_test, y_test = load("t10k")
+    x_train, y_train = mnist("train")
+    x_test, y_test = mnist("test")
     assert x_train.shape == (8000, 784) and y_test.shape == (2000,)
     params, losses = train_one_epoch(po.adam(2e-3), x_train, y_train)
     assert params["hidden"]["kernel"].dtype == jnp.float32

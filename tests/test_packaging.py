@@ -213,9 +213,11 @@ def test_unpacked_wheel_imports_with_its_adapters(unpacked_wheel, tmp_path):
 def _nox_sessions(script: str) -> list[list[str]]:
     """The session lists of the nox invocations in a shell script."""
     found = []
-    for line in script.splitlines():
+    for line in script.replace("\\\n", " ").splitlines():  # continuation lines joined
         words = shlex.split(line, comments=True)
-        if not words or not re.search(r"(^|/)nox\"?$", words[0]):
+        if words and len(words) > 1 and words[1] == "noxw.py":  # python noxw.py ...
+            words = words[1:]
+        if not words or not re.search(r"(^|/)(nox|noxw\.py)\"?$", words[0]):
             continue
         if "-s" in words or "--sessions" in words:
             start = words.index("-s" if "-s" in words else "--sessions") + 1
@@ -237,8 +239,9 @@ def test_ci_runs_nox_tests():
 
 def test_readme_test_command_is_what_ci_runs():
     readme = ROOT / "README.md"
-    assert re.search(r"^\s*(\$\s*)?nox -s tests\s*$", readme.read_text(), re.MULTILINE), (
-        "README.md must give the test command `nox -s tests`, which .ci/run runs"
+    assert re.search(r"^\s*(\$\s*)?python3 noxw\.py -s tests\s*$", readme.read_text(),
+                     re.MULTILINE), (
+        "README.md must give the test command `python3 noxw.py -s tests`, which .ci/run runs"
     )
 
 

@@ -2,33 +2,18 @@
 (8000 images, batches of 64) with every polyopt.torch optimizer; each must
 reach a sensible test accuracy (87 %) on the 2000 held-out images.
 
-The data are the project's small real datasets (../shared/data, see its
-README), read here with a few lines of numpy (the full loader is not this
-test's subject).
+The data are the MNIST subset shipped with the repository (examples/data),
+read through examples.data (tests/_mnist.py).
 """
 
 from __future__ import annotations
-
-import gzip
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import polyopt.torch as pt
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist-small"
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (gzip): big-endian magic (0, 0, dtype code 0x08 = uint8, ndim),
-    ndim big-endian uint32 sizes, then the data."""
-    raw = gzip.decompress(path.read_bytes())
-    assert raw[:3] == b"\x00\x00\x08", raw[:4]
-    ndim = raw[3]
-    shape = tuple(int(n) for n in np.frombuffer(raw, ">u4", count=ndim, offset=4))
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+from tests._mnist import mnist as mnist_arrays
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,12 +28,11 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def mnist():
-    def load(images, labels):
-        x = read_idx(DATA / images).reshape(-1, 784).astype(np.float32) / 255.0
-        return torch.from_numpy(x), torch.from_numpy(read_idx(DATA / labels).astype(np.int64))
+    def load(split):
+        images, labels = mnist_arrays(split)
+        return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
-    train = load("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
-    test = load("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    train, test = load("train"), load("test")
     assert train[0].shape == (8000, 784) and test[0].shape == (2000, 784)
     return train, test
 

@@ -60,23 +60,41 @@ def test_early_stopping():
     assert stopper.best_epoch == 1
 
 
-def test_matrix_runs():
-    quick = matrix.runs(True, list(experiments.EXPERIMENTS))
-    assert len(quick) == len(experiments.EXPERIMENTS) + len(matrix.FLOAT64_EXPERIMENTS)
-    assert ["--experiment", "resnet20-sam", "--dtype", "float32", "--steps", "6",
-            "--test-size", "500"] in quick
-    assert ["--experiment", "cifar-ranger", "--dtype", "float64", "--steps", "100",
-            "--test-size", "500"] in quick
-    main = matrix.runs(False, ["mnist-adam", "resnet20-adam"])
-    assert main == [["--experiment", "mnist-adam", "--dtype", "float32", "--epochs", "2"],
-                    ["--experiment", "resnet20-adam", "--dtype", "float32", "--steps", "10"],
-                    ["--experiment", "resnet20-adam", "--dtype", "float32", "--steps", "10",
-                     "--twin"],
-                    ["--experiment", "mnist-adam", "--dtype", "float64", "--steps", "100"]]
-    full = matrix.runs(False, ["mnist-adam"], full=True)
-    assert full == [["--experiment", "mnist-adam", "--dtype", "float32"],
-                    ["--experiment", "mnist-adam", "--dtype", "float64", "--steps", "100"]]
-    assert matrix.runs(False, ["mnist-adam"], epochs=5)[0][-2:] == ["--epochs", "5"]
+def test_matrix_plan():
+    names = list(experiments.EXPERIMENTS)
+    Run = matrix.Run
+    main = matrix.plan(names)
+    # every experiment: float32 and its twin, then float64 (after every float32 run)
+    assert len(main) == 3 * len(names)
+    assert [r.dtype for r in main] == ["float32"] * 2 * len(names) + ["float64"] * len(names)
+    assert main[:2] == [Run("mnist-adadelta", epochs=2), Run("mnist-adadelta", epochs=2, twin=True)]
+    assert Run("cifar-adam", epochs=1) in main and Run("resnet20-sam", steps=10) in main
+    assert Run("resnet20-sam", "float64", steps=3, batch_size=32, test_size=200) in main
+    assert Run("mnist-adam", "float64", steps=100) in main
+    assert Run("cifar-ranger", "float64", steps=12, test_size=200) in main
+    quick = matrix.plan(names, quick=True)
+    assert not any(r.twin for r in quick) and len(quick) == 2 * len(names)
+    assert Run("resnet20-sam", steps=6, test_size=500) in quick
+    assert Run("mnist-adam", "float64", steps=100, test_size=500) in quick
+    full = matrix.plan(["mnist-adam"], full=True)
+    assert full[:2] == [Run("mnist-adam"), Run("mnist-adam", twin=True)]
+    assert matrix.plan(["mnist-adam"], epochs=5)[0] == Run("mnist-adam", epochs=5)
+    ci = matrix.plan(names, ci=True)
+    assert Run("resnet20-adam", steps=3, batch_size=32, test_size=200) in ci
+    assert {r.experiment for r in ci if r.dtype == "float64"} == set(names)
+    assert ci[0].experiment_object().batch_size == 128
+    assert Run("resnet20-adam", batch_size=32).experiment_object().batch_size == 32
+
+
+def test_matrix_cli_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        matrix.main(["--framework", "torch", "--experiments", "mnist-adam,nope"])
+    assert "unknown experiment 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        matrix.main(["--framework", "torch", "--arithmetic", "fast"])
+    with pytest.raises(SystemExit):
+        matrix.main(["--framework", "torch", "--epochs", "0"])
+    assert "--epochs must be >= 1, got 0" in capsys.readouterr().err
 
 
 class _ScriptedBackend:

@@ -44,7 +44,7 @@ import numpy as np
 from keras import ops
 
 from polyopt import hyper, rules, schedules
-from polyopt.rules import _state
+from polyopt.rules import COUNT_LIMIT, _state
 
 _BACKEND = keras.backend.backend()
 
@@ -291,7 +291,7 @@ class RuleOptimizer(keras.optimizers.Optimizer):
 
     def _update(self, grads, variables, learning_rate, write_globals: bool = True) -> None:
         indices = [self._get_variable_index(v) for v in variables]
-        count = ops.cast(self.iterations, "int32")
+        count = step_count(self.iterations)
         lr = _runtime(learning_rate)
         globals_ = [_read(v) for v in self._global_variables]
         new_globals = None
@@ -471,6 +471,15 @@ def _eager():
 
 def _numpy_dtype(dtype: Any) -> np.dtype:
     return np.dtype(keras.backend.standardize_dtype(dtype))
+
+
+def step_count(iterations) -> Any:
+    """Keras' ``optimizer.iterations`` as the rule's int32 count, saturating at
+    2**31 - 1: an int64 count (TensorFlow backend) beyond it is clipped, and an
+    int32 one that Keras' own increment wrapped negative (JAX and torch
+    backends) reads as the limit, never as a negative step."""
+    limited = ops.where(iterations < 0, COUNT_LIMIT, ops.minimum(iterations, COUNT_LIMIT))
+    return ops.cast(limited, "int32")
 
 
 def _read(variable: Any) -> Any:

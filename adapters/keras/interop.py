@@ -36,7 +36,7 @@ import numpy as np
 
 from polyopt import interop
 from polyopt.interop import StateFileError
-from polyopt.keras._base import _numpy_dtype
+from polyopt.keras._base import _numpy_dtype, step_count
 from polyopt.rules import _state
 
 __all__ = ["export_state", "import_state", "import_native_state", "algorithm",
@@ -135,7 +135,7 @@ def export_state(opt: Any, file: File, variables_or_model: Any, names: Any = Non
     variables, names = _variables(owner, opt, variables_or_model, names)
     indices = _indices(owner, opt, variables)
     globals_ = [np.asarray(keras.ops.convert_to_numpy(v)) for v in opt._global_variables]
-    count = np.asarray(keras.ops.convert_to_numpy(opt.iterations)).astype(np.int32)
+    count = np.asarray(keras.ops.convert_to_numpy(step_count(opt.iterations)))
     state = opt._rebuild(opt._template, indices, count, globals_)
     state = _numpy(state)
     options, runtime = _split(opt)
@@ -232,7 +232,7 @@ def import_native_state(opt: Any, native: Any, variables_or_model: Any,
 
     template = _template(opt, variables)
     state = template._replace(
-        count=np.asarray(int(keras.ops.convert_to_numpy(native.iterations)), np.int32),
+        count=np.asarray(keras.ops.convert_to_numpy(step_count(native.iterations))),
         first_moment=[read(native._momentums[j], v) for j, v in zip(positions, variables)],
         second_moment=[read(native._velocities[j], v) for j, v in zip(positions, variables)])
     if mine:

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 import optax
 
-from polyopt import interop
+from polyopt import files, interop
 from polyopt.interop import StateFileError
 from polyopt.optax import _tree
 
@@ -149,7 +149,7 @@ def save_checkpoint(file: File, tree: Any) -> None:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     arrays = {f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
     arrays[_TREEDEF] = np.frombuffer(str(treedef).encode(), dtype=np.uint8)
-    np.savez(file, **arrays)
+    files.write_to(file, np.savez, **arrays)
 
 
 def load_checkpoint(file: File, like: Any) -> Any:

@@ -30,7 +30,7 @@ from torch.fx.passes.split_module import split_module
 
 from polyopt import native, rules
 from polyopt.hyper import Spec
-from polyopt.rules import _state
+from polyopt.rules import COUNT_LIMIT, _state
 
 # Torch tensors go straight to array_api_compat's torch namespace: the same
 # namespace array_namespace() returns, found without its introspection (which
@@ -66,6 +66,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def step_dtype() -> torch.dtype:
     """torch.optim's dtype for ``state['step']`` (float32, float64 under a float64 default)."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def as_count(step: torch.Tensor) -> torch.Tensor:
+    """torch's float ``state['step']`` as the rule's int32 count, saturating at
+    2**31 - 1 (a float32 or float64 step beyond it would wrap in a plain cast)."""
+    return step.to(torch.float64).clamp(max=COUNT_LIMIT).to(torch.int32)
 
 
 # --------------------------------------------------------------------------
@@ -257,7 +263,7 @@ def _flat_step(factory, values: dict, hyper_names: list, layout: _Layout, presen
         leaves = {path: [] for path, _ in layout.slots}
         leaves.update(zip(slot_paths, slots))
         for (path, _, is_count), value in zip(layout.scalars, scalars):
-            leaves[path] = value.to(torch.int32) if is_count else value
+            leaves[path] = as_count(value) if is_count else value
         updates, new = rules.update_of(rule, grads, _state.rebuild_from(layout.template, leaves),
                                        params, None if layouts is None else list(layouts))
         for p, u in zip(params, updates):
@@ -705,7 +711,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             values[path] = [st[key] for st in states] if key in first else []
         for path, key, is_count in layout.scalars:
             value = first[key]
-            values[path] = value.to(torch.int32) if is_count else value
+            values[path] = as_count(value) if is_count else value
         return _state.rebuild_from(layout.template, values)
 
     def _write(self, layout: _Layout, states: list, new: Any) -> None:

@@ -26,7 +26,7 @@ import torch
 from polyopt import interop
 from polyopt.interop import StateFileError
 from polyopt.rules import _state
-from polyopt.torch._optimizer import _Layout, compute_dtype
+from polyopt.torch._optimizer import _Layout, as_count, compute_dtype
 
 __all__ = ["export_state", "import_state", "import_native_state", "StateFileError"]
 
@@ -104,7 +104,7 @@ def export_state(opt, file: File, names=None) -> None:
                 raise StateFileError(f"{opt.spec.name}: the params' {key!r} differ "
                                      f"({sorted(values_of)[:5]}); a state file holds one")
             value = saved[0][key]
-            leaves[path] = value.to(torch.int32) if is_count else value
+            leaves[path] = as_count(value) if is_count else value
         state = _state.rebuild_from(layout.template, leaves)
     options, hyperparameters = _split(opt, values)
     if len(groups) > 1:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from polyopt import hyper, rules
-from polyopt.torch._optimizer import _apply, compute_dtype, step_dtype
+from polyopt.torch._optimizer import _apply, as_count, compute_dtype, step_dtype
 
 
 def _applied_update(grads, state, params):
@@ -123,7 +123,7 @@ class Lookahead(_Wrapper):
             rule = self._rule()
             for members in buckets.values():
                 states = [self.state[p] for p in members]
-                count = states[0]["step"].to(torch.int32)
+                count = as_count(states[0]["step"])
                 state = rules.LookaheadState(count, [st["slow_buffer"] for st in states], None)
                 grads = [p.grad for p in members]
                 new = _apply(rule.update, members, grads, state)

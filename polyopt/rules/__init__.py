@@ -20,7 +20,7 @@ array_api_compat does not know (TensorFlow's, in the Keras adapter).
 """
 
 from polyopt._namespace import register_namespace
-from polyopt.rules._base import ARRAY_API_SUBSET, Rule, init_of, update_of
+from polyopt.rules._base import ARRAY_API_SUBSET, COUNT_LIMIT, Rule, init_of, update_of
 from polyopt.rules._state import Layout, Slot, StateError
 from polyopt.rules.adam_family import (
     AdamaxState,
@@ -63,8 +63,8 @@ from polyopt.rules.wrappers import (
 )
 
 __all__ = [
-    "ARRAY_API_SUBSET", "Rule", "SAMRule", "Slot", "Layout", "StateError", "register_namespace",
-    "init_of", "update_of",
+    "ARRAY_API_SUBSET", "COUNT_LIMIT", "Rule", "SAMRule", "Slot", "Layout", "StateError",
+    "register_namespace", "init_of", "update_of",
     "sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
     "radam", "lion", "lookahead", "ranger", "sam",
     "chain", "clip_by_global_norm", "centralize", "add_decayed_weights",

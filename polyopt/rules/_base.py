@@ -74,6 +74,10 @@ def update_of(rule: Any, grads: Params, state: Any, params: Params, layouts: Any
     return rule.update(grads, state, params)
 
 
+#: The largest step count: counts are int32 and saturate here (see :func:`increment`).
+COUNT_LIMIT = 2**31 - 1
+
+
 def zeros_count(xp, like: Array | None = None) -> Array:
     device = None if like is None else _device(like)
     return xp.zeros((), dtype=xp.int32, device=device)
@@ -203,12 +207,17 @@ def evaluate(value: Any, count: Array) -> Any:
 
 
 def step_number(xp, count: Array, like: Array) -> Array:
-    """t = count + 1 as a float array of ``like``'s dtype (for b ** t)."""
-    return xp.astype(count + 1, like.dtype)
+    """t = count + 1 (saturating, see :func:`increment`) as a float array of
+    ``like``'s dtype (for b ** t)."""
+    return xp.astype(increment(count), like.dtype)
 
 
 def increment(count: Array) -> Array:
-    return count + 1
+    """count + 1, saturating at :data:`COUNT_LIMIT` (2**31 - 1), as optax's
+    ``safe_int32_increment``: an int32 count at the limit stays there instead of
+    wrapping to -2**31 (a negative t would freeze bias corrections and schedules)."""
+    xp = namespace(count)
+    return count + xp.astype(count < COUNT_LIMIT, count.dtype)
 
 
 # --------------------------------------------------------------------------

@@ -312,7 +312,7 @@ def nadam(learning_rate, b1, b2, eps, eps_root, momentum_decay, momentum_schedul
     def step(xp, grads, params, state, lr_value):
         product = state.momentum_product
         if momentum_schedule:
-            t = xp.astype(state.count + 1, product.dtype)
+            t = _base.step_number(xp, state.count, product)
             beta1 = _base.scalar(xp, b1, product)
             mu = beta1 * (1 - 0.5 * 0.96 ** (t * momentum_decay))
             mu_next = beta1 * (1 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
