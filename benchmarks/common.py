@@ -2,7 +2,7 @@
 interleaved timing and the result files. numpy only: each framework's script
 imports this and runs in its own process.
 
-Method (DESIGN.md, "Performance"): warm-up and compilation are timed apart;
+Method (docs/performance.md): warm-up and compilation are timed apart;
 the variants of one comparison run interleaved, round after round, so that
 load changes on a shared machine hit all of them alike; each round times
 ``steps`` consecutive optimizer steps; the report gives the median and the

@@ -70,11 +70,23 @@ EXPERIMENTS = {e.name: e for e in [
 ]}
 
 
+#: One experiment per model family for each rule beyond the seed set: not in the
+#: main command's matrix (which trains the seed posts' experiments), but run in
+#: float64 by the tests in every framework, where the three must agree exactly
+#: (``python -m examples.matrix --experiments mnist-lion,...`` runs them in full).
+RULE_CHECKS = {e.name: e for e in [
+    Experiment("mnist-lion", "mlp", "mnist", 128, 12, "lion", {"learning_rate": 1e-4}),
+    Experiment("cifar-lion", "cnn", "cifar10", 100, 10, "lion", {"learning_rate": 1e-4}),
+]}
+
+KNOWN = {**EXPERIMENTS, **RULE_CHECKS}
+
+
 def get(name: str) -> Experiment:
     """The experiment called ``name`` (ValueError listing the known ones)."""
-    if name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
-    return EXPERIMENTS[name]
+    if name not in KNOWN:
+        raise ValueError(f"unknown experiment {name!r}; known: {', '.join(KNOWN)}")
+    return KNOWN[name]
 
 
 def base_learning_rate(experiment: Experiment) -> float:

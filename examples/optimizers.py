@@ -29,7 +29,6 @@ from examples.experiments import Experiment, base_learning_rate
 from polyopt import hyper, rules
 
 FRAMEWORKS = ("torch", "tf", "jax")
-_KERAS_NAMES = {"sgd": "SGD", "adadelta": "Adadelta", "adam": "Adam", "radam": "RAdam"}
 
 
 def _parts(experiment: Experiment) -> tuple[str, str]:
@@ -94,7 +93,9 @@ def _keras_optimizer(experiment: Experiment) -> Any:
     import polyopt.keras as pk
 
     outer, name = _parts(experiment)
-    optimizer = getattr(pk, _KERAS_NAMES[name])(**_spelled(name, _options(experiment), "keras"))
+    cls = next(getattr(pk, n) for n in pk.__all__
+               if getattr(getattr(pk, n), "spec", None) is hyper.SPECS[name])
+    optimizer = cls(**_spelled(name, _options(experiment), "keras"))
     if outer == "lookahead":
         return pk.Lookahead(optimizer, **_spelled("LOOKAHEAD", experiment.wrapper, "keras"))
     return optimizer  # SAM: the loop's two passes use sam_perturb

@@ -409,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m examples.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--framework", required=True, choices=FRAMEWORKS)
-    parser.add_argument("--experiment", required=True, choices=list(experiments.EXPERIMENTS))
+    parser.add_argument("--experiment", required=True, choices=list(experiments.KNOWN))
     parser.add_argument("--epochs", type=int, help="default: the experiment's")
     parser.add_argument("--steps", type=int, help="stop after this many optimizer steps")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])

@@ -590,7 +590,7 @@ def describe(name: str) -> str:
 
 
 def defaults_table(names: list[str] | None = None) -> str:
-    """A markdown table: each rule with its arguments and defaults (the README's)."""
+    """A markdown table: each rule with its arguments and defaults (docs/rules.md's)."""
     rows = ["| rule | arguments and defaults |", "|---|---|"]
     for name in names or list(SPECS):
         args = ", ".join(f"`{h.name}={h.default!r}`" for h in spec(name).hypers)

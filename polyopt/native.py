@@ -3,7 +3,7 @@
 ``PRESETS["keras.optimizers.Adam"]`` is ``("adam", {...})``: the rule and the
 options that give keras.optimizers.Adam's numbers with its default
 arguments (pass the native's other arguments under polyopt's names as
-usual). The README's conventions table is generated from this dict, and
+usual). The conventions table (docs/conventions.md) is generated from this dict, and
 tests/test_presets.py runs every entry side by side with the real native
 optimizer.
 """
@@ -83,7 +83,7 @@ def _call(name: str, options: dict[str, Any]) -> str:
 
 
 def markdown_table() -> str:
-    """The README's table: native optimizer -> polyopt call."""
+    """The table of docs/conventions.md: native optimizer -> polyopt call."""
     rows = ["| native optimizer (defaults) | polyopt call with the same numbers |", "|---|---|"]
     rows += [f"| `{native}` | {_call(*entry)} |" for native, entry in PRESETS.items()]
     return "\n".join(rows)

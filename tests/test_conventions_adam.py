@@ -164,7 +164,7 @@ def _check(case: Parity, native: dict, dtype: str) -> float:
     return diff
 
 
-MEASURED: dict = {}  # (case id, dtype) -> max rel diff, for the README table
+MEASURED: dict = {}  # (case id, dtype) -> max rel diff, for the docs' tables
 
 
 # --------------------------------------------------------------------------
@@ -446,7 +446,7 @@ def test_optax(case, dtype, optax_native):
 #
 # Hyperparameter precision, measured on the JAX backend (Keras 3.15): ops.cast
 # is convert_to_tensor, so ops.cast(0.9, "float64") is exactly 0.9 (unlike the
-# TensorFlow backend, see DESIGN.md): beta_1, beta_2, epsilon, weight_decay and
+# TensorFlow backend, see docs/keras.md): beta_1, beta_2, epsilon, weight_decay and
 # Nadam's 0.96 reach float64 variables unrounded. The learning rate however is
 # a Keras variable of dtype floatx(): with the default floatx float32, lr=0.01
 # becomes 0.009999999776482582 (the "keras-Adam-floatx32" case reproduces that

@@ -1,4 +1,4 @@
-"""Every row of the README's conventions table (polyopt.native.PRESETS) is true.
+"""Every row of the conventions table (docs/conventions.md) (polyopt.native.PRESETS) is true.
 
 Each native optimizer runs with its default arguments beside the polyopt
 preset, in float64, for 120 steps of random gradients on a few tensors.

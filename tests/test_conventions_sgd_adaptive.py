@@ -2,7 +2,7 @@
 
 Each case runs a real native optimizer (torch.optim, optax inside jax.jit,
 Keras 3 on the JAX backend in a child process) side by side with the polyopt
-call that the README's table names for it, from the same initial weights and
+call that docs/conventions.md's table names for it, from the same initial weights and
 on the same 200 random gradients, and compares the weights after steps 1, 2,
 10, 50 and 200. Nothing here is computed with polyopt's own code on the
 native side.
@@ -16,7 +16,7 @@ Measured facts pinned by the tests below:
 * Keras 3 on the JAX backend (x64 on, floatx float64) keeps Python-float
   hyperparameters exact in float64: ``ops.cast(0.9, "float64")`` is
   ``jnp.asarray(0.9, float64)``, and ``ops.multiply(0.9, v)`` converts 0.9
-  with ``jnp.asarray`` too. So, unlike the TensorFlow backend (DESIGN.md),
+  with ``jnp.asarray`` too. So, unlike the TensorFlow backend (docs/keras.md),
   the comparison passes *exact* hyperparameters to polyopt; the
   float32-rounded ones miss by 1e-9 .. 1e-7 (``test_keras_jax_backend_*``).
   Keras keeps its learning rate in a variable of dtype ``floatx()``: the child
@@ -257,7 +257,7 @@ def moved(native) -> float:
 
 
 def f32(options: dict) -> dict:
-    """Every float hyperparameter rounded to float32 (DESIGN.md's recipe for Keras;
+    """Every float hyperparameter rounded to float32 (the recipe of docs/keras.md for Keras;
     see the module docstring for what each backend really rounds)."""
     return {k: float(np.float32(v)) if isinstance(v, float) else v for k, v in options.items()}
 

@@ -10,7 +10,7 @@ weight-decay cases: see FLOAT32_BOUND), float64 <= 1e-10.
 
 float64: native Keras rounds some hyperparameters to float32 and not others.
 On the TensorFlow backend ``ops.cast(0.9, "float64")`` is 0.8999999761581421
-(DESIGN.md), which Adam applies to its bias corrections (``ops.cast(beta_1)``)
+(docs/keras.md), which Adam applies to its bias corrections (``ops.cast(beta_1)``)
 but not to its moment updates (``1 - self.beta_1``, exact); RMSprop and
 Adadelta use their Python floats exactly; on the torch backend the decoupled
 decay factor ``1 - weight_decay * lr`` is computed in float32 (lr is the

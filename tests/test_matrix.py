@@ -6,6 +6,8 @@ tensorflow never share one), then polyopt.consistency's comparison. Also:
   beta2 0.99 instead of 0.999, the learning rate 20 % high, SAM's rho doubled) while
   their records say the true configuration, as an adapter bug would leave them, are
   reported as disagreeing (MLP, CNN and ResNet-20);
+- every rule beyond the seed set (``experiments.RULE_CHECKS``) gives the same numbers
+  in the three frameworks in float64, on the MLP and the CNN;
 - the verdict does not depend on the arithmetic: torch's float32 runs under the
   ``strict`` profile (one thread, oneDNN off) agree with the other frameworks' default
   runs.
@@ -28,9 +30,8 @@ FRAMEWORKS = ("torch", "tf", "jax")
 
 CHILD = """
 from examples import matrix
-runs = matrix.plan(list(matrix.experiments.EXPERIMENTS), ci=True)
-if payload["float32_only"]:
-    runs = [run for run in runs if run.dtype == "float32"]
+runs = matrix.plan(payload.get("names") or list(matrix.experiments.EXPERIMENTS), ci=True)
+runs = [run for run in runs if run.dtype in payload.get("dtypes", ("float32", "float64"))]
 matrix.execute(payload["framework"], runs, payload["runs_dir"], progress=False,
                arithmetic=payload.get("arithmetic", "default"))
 result = None
@@ -82,7 +83,7 @@ def ci_runs(tmp_path_factory):
     runs_dir = tmp_path_factory.mktemp("runs")
     with ThreadPoolExecutor(2) as pool:  # one child process per framework, two at a time
         list(pool.map(lambda framework: run_python(
-            CHILD, {"framework": framework, "runs_dir": str(runs_dir), "float32_only": False},
+            CHILD, {"framework": framework, "runs_dir": str(runs_dir)},
             env=_env(), timeout=1200), FRAMEWORKS))
     return runs_dir
 
@@ -117,6 +118,30 @@ def test_every_experiment_agrees_across_the_three_frameworks(ci_runs):
     for record in records:
         assert consistency.weights_checksum(record.load_weights()) == record.weights_checksum
         assert record.config["test_size"] == matrix.CI_TEST_SIZE
+
+
+def test_every_new_rule_agrees_exactly_across_the_three_frameworks(tmp_path):
+    names = list(experiments.RULE_CHECKS)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda framework: run_python(
+            CHILD, {"framework": framework, "runs_dir": str(tmp_path), "names": names,
+                    "dtypes": ["float64"]}, env=_env(), timeout=1200), FRAMEWORKS))
+    records = consistency.read_runs(tmp_path)
+    rules = {experiments.get(name).optimizer for name in names}
+    models = {experiments.get(name).model for name in names}
+    assert models == {"mlp", "cnn"}
+    assert all({(r, m) for m in models} <= {(experiments.get(n).optimizer,
+                                              experiments.get(n).model) for n in names}
+               for r in rules), "every new rule runs on every model family"
+    result = consistency.compare(records)
+    print(result.table())
+    assert sorted(row.experiment for row in result.rows) == sorted(names)
+    for row in result.rows:
+        assert row.frameworks == list(FRAMEWORKS), row
+        assert row.steps == matrix.CI_FLOAT64[experiments.get(row.experiment).model], row
+        # the floor measured with the seed rules' float64 runs: 1e-12; above it is a bug
+        assert row.step_loss_diff <= 1e-12 and row.weights_diff <= 1e-12, row
+        assert row.passed, row
 
 
 def test_the_compare_command_passes_and_plots(ci_runs, tmp_path, capsys):
@@ -166,7 +191,7 @@ def test_a_wrong_optimizer_is_caught_in_every_model(ci_runs, tmp_path):
 
 def test_the_verdict_holds_under_strict_arithmetic(ci_runs, tmp_path):
     strict_dir = tmp_path / "strict"
-    run_python(CHILD, {"framework": "torch", "runs_dir": str(strict_dir), "float32_only": True,
+    run_python(CHILD, {"framework": "torch", "runs_dir": str(strict_dir), "dtypes": ["float32"],
                        "arithmetic": "strict"}, env=_env(matrix.ARITHMETIC["strict"]), timeout=900)
     records = _mixed(ci_runs, strict_dir, "torch", tmp_path / "mixed")
     float32 = [r for r in records if r.dtype == "float32"]

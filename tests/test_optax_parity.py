@@ -5,7 +5,7 @@ pytree (a tanh regression, the gradient taken at each optimizer's own
 params) in one jitted ``lax.scan``, and compares the params after every
 step: float64 (x64) max relative difference <= 1e-10, float32 <= 1e-5. The
 polyopt options come from ``polyopt.native.PRESETS`` (``optax.*``); the
-numbers printed (``pytest -s``) are the README's parity table.
+numbers printed (``pytest -s``) are the parity table of docs/optax.md.
 
 Schedules: polyopt's one-cycle (optax convention), cosine and exponential
 decay give optax's schedule functions' values at every step of a full cycle

@@ -9,7 +9,7 @@ Final params agree to 1e-10 (float64) and 1e-5 (float32) relative, also
 with lr schedulers stepping every step (LambdaLR, ExponentialLR, StepLR,
 SequentialLR, ReduceLROnPlateau, OneCycleLR cycling momentum or betas[0]).
 
-``python -m tests.test_torch_parity`` prints the README's parity table.
+``python -m tests.test_torch_parity`` prints the parity table of docs/torch.md.
 """
 
 from __future__ import annotations
