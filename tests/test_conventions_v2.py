@@ -108,3 +108,23 @@ def test_torch_adafactor_factors_by_layout_as_optax_does_in_flax_layout():
     flax = [np.transpose(np.asarray(p), np.argsort(perm)) for p, perm in zip(params, perms)]
     problem.assert_parity("torch Adafactor (out, in) vs optax (in, out), factoring='layout'",
                           got, flax, dtype)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_torch_adafactor_state_of_a_matrix_is_two_vectors(compiled):
+    """A (1024, 1024) float32 weight: 8 KiB of statistics in the state_dict, as
+    torch.optim.Adafactor's (1024, 1) and (1, 1024); not a 4 MiB matrix."""
+    def state_bytes(opt):
+        state = opt.state_dict()["state"][0]
+        return {k: v.numel() * v.element_size() for k, v in state.items()}
+
+    sizes = {}
+    for name, make in (("polyopt", lambda p: pt.Adafactor(p, compiled=compiled)),
+                       ("torch", lambda p: torch.optim.Adafactor(p))):
+        weight = torch.nn.Parameter(torch.zeros(1024, 1024))
+        opt = make([weight])
+        weight.grad = torch.ones(1024, 1024)
+        opt.step()
+        sizes[name] = state_bytes(opt)
+    assert sizes["polyopt"] == {"step": 4, "row_var": 4096, "col_var": 4096, "variance": 0}
+    assert sizes["torch"] == {"step": 4, "row_var": 4096, "col_var": 4096}
