@@ -236,13 +236,22 @@ BENCHMARKS = {
     "epoch-tf": ("tf", "benchmarks/bench_epoch.py", {"KERAS_BACKEND": "tensorflow"},
                  "--framework", "tf"),
     "epoch-jax": ("jax", "benchmarks/bench_epoch.py", {}, "--framework", "jax"),
+    # bytes of optimizer state per rule, polyopt next to the natives (one table,
+    # benchmarks/results/memory.md, from the three memory-*.json)
+    "memory-torch": ("torch", "benchmarks/bench_memory.py", {}, "--framework", "torch"),
+    "memory-keras": ("tf", "benchmarks/bench_memory.py", {"KERAS_BACKEND": "tensorflow"},
+                     "--framework", "keras"),
+    "memory-optax": ("jax", "benchmarks/bench_memory.py", {}, "--framework", "optax"),
 }
+#: benchmarks whose results are a table of their own (not step times)
+MEMORY = "memory-"
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
     """Optimizer step time, polyopt vs native, per framework (POLYOPT_BENCH_FRAMEWORKS,
-    default all): writes benchmarks/results/<framework>.json and results.md."""
+    default all): writes benchmarks/results/<framework>.json and results.md; and the
+    optimizer state memory per rule (memory-torch, memory-keras, memory-optax): memory.md."""
     started = time.monotonic()
     names = _split(os.environ.get("POLYOPT_BENCH_FRAMEWORKS", ",".join(BENCHMARKS)))
     unknown = set(names) - set(BENCHMARKS)
@@ -262,7 +271,12 @@ def bench(session: nox.Session) -> None:
         session.run("python", script, *args, "--out", str(out), *session.posargs,
                     env={**env, **extra})
         written.append(str(out))
-    if written:
+    timings = [w for w in written if not Path(w).name.startswith(MEMORY)]
+    memory = [w for w in written if Path(w).name.startswith(MEMORY)]
+    if timings:
         session.run("python", "benchmarks/common.py", "--markdown", str(results / "results.md"),
-                    *written, env=env)
+                    *timings, env=env)
+    if memory:
+        session.run("python", "benchmarks/bench_memory.py", "--markdown",
+                    str(results / "memory.md"), *memory, env=env)
     session.log(f"bench session done in {time.monotonic() - started:.0f} s")

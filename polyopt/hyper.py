@@ -508,6 +508,52 @@ LION = Spec("lion", (
     state_dtype(),
 ))
 
+#: how Adafactor splits a tensor's axes between its row and column statistics
+FACTORINGS = ("layout", "last_two", "largest_two", "none")
+
+ADAFACTOR = Spec("adafactor", (
+    learning_rate(1e-2),
+    Hyper("relative_step", True, kind="bool",
+          doc="True: the step size is min(learning_rate, 1/sqrt(t)) (the paper's relative "
+          "step with learning_rate 1e-2 as its cap; torch, Keras); False: learning_rate (optax)"),
+    Hyper("beta2_decay", -0.8, allowed=Interval(-math.inf, 0.0, lo_closed=False, hi_closed=True),
+          keras="beta_2_decay",
+          doc="second-moment decay 1 - t^beta2_decay (optax decay_rate=0.8 is beta2_decay=-0.8)"),
+    Hyper("decay_offset", 0, kind="int", allowed=NONNEG,
+          doc="the decay's t counts from this step (optax, for fine-tuning)"),
+    Hyper("eps", 1e-30, allowed=NONNEG, optional=True, torch="eps[0]", keras="epsilon_1",
+          doc="epsilon_1: added to g^2 ('inside') or a floor ('floor'); None: the machine "
+          "epsilon of the params' dtype (torch)"),
+    Hyper("eps_placement", "inside", kind="choice", allowed=("inside", "floor"),
+          doc="'inside': g^2 + eps in the statistics (the paper, Keras, optax); 'floor': "
+          "max(mean row, eps) and max(sqrt(v), eps) (torch)"),
+    Hyper("eps2", 1e-3, allowed=NONNEG, torch="eps[1]", keras="epsilon_2",
+          doc="epsilon_2: the smallest parameter scale, max(eps2, RMS(p)) (optax: 1e-3, fixed)"),
+    Hyper("clipping_threshold", 1.0, allowed=POSITIVE, optional=True, torch="d",
+          keras="clip_threshold",
+          doc="update clipping: u / max(1, RMS(u) / clipping_threshold); None: no clipping"),
+    Hyper("multiply_by_parameter_scale", True, kind="bool",
+          doc="scale the step by max(eps2, RMS(p)) (the paper; optax's option)"),
+    Hyper("param_scale_after_decay", False, kind="bool",
+          doc="the parameter scale reads the param after decoupled weight decay (Keras, which "
+          "decays first); False: before it (torch)"),
+    Hyper("factoring", "layout", kind="choice", allowed=FACTORINGS,
+          doc="which axes the row and column statistics average over: 'layout' (the param's "
+          "output vs reduction axes: the same numbers in torch's and Keras's layouts), "
+          "'last_two' (torch, Keras: the last two axes, others batch), 'largest_two' (optax), "
+          "'none' (the full second moment; optax factored=False)"),
+    Hyper("min_dim_size_to_factor", 0, kind="int", allowed=NONNEG,
+          doc="factor only when both factored sizes are at least this (optax: 128)"),
+    Hyper("momentum", None, allowed=UNIT_OPEN, optional=True,
+          doc="decay of an exponential average of the steps (optax); None: no momentum slot"),
+    replace(weight_decay(0.0)[0], optax="weight_decay_rate"),
+    replace(weight_decay(0.0, "decoupled")[1],
+            doc="'decoupled': p -= lr*weight_decay*p, lr the learning rate before the relative "
+            "step (torch, Keras); 'decoupled_unscaled': p -= weight_decay*p (optax "
+            "weight_decay_rate); 'l2': add weight_decay*p to the gradient"),
+    state_dtype(),
+))
+
 LOOKAHEAD = Spec("lookahead", (
     Hyper("sync_period", 6, kind="int", allowed=Interval(1, math.inf), torch="k",
           doc="fast steps between synchronisations"),
@@ -564,8 +610,8 @@ APPLY_IF_FINITE = Spec("apply_if_finite", (
 
 SPECS: dict[str, Spec] = {
     s.name: s for s in (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, AMSGRAD, ADAMAX, NADAM,
-                        RADAM, LION, LOOKAHEAD, RANGER, SAM, CLIP_BY_GLOBAL_NORM, CENTRALIZE,
-                        ADD_DECAYED_WEIGHTS, DECOUPLED_WEIGHT_DECAY, APPLY_IF_FINITE)
+                        RADAM, LION, ADAFACTOR, LOOKAHEAD, RANGER, SAM, CLIP_BY_GLOBAL_NORM,
+                        CENTRALIZE, ADD_DECAYED_WEIGHTS, DECOUPLED_WEIGHT_DECAY, APPLY_IF_FINITE)
 }
 
 

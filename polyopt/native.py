@@ -30,6 +30,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "torch.optim.Adamax": ("adamax", {}),
     "torch.optim.NAdam": ("nadam", {}),
     "torch.optim.RAdam": ("radam", {}),
+    "torch.optim.Adafactor": ("adafactor", {"eps": None, "eps_placement": "floor",
+                                            "factoring": "last_two"}),
     # keras.optimizers (Keras 3 defaults)
     "keras.optimizers.SGD": ("sgd", {"momentum_form": "velocity", **_KERAS}),
     "keras.optimizers.Adagrad": ("adagrad", {"learning_rate": 0.001,
@@ -50,6 +52,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "keras.optimizers.Nadam": ("nadam", {"learning_rate": 0.001, "eps": 1e-7,
                                          "momentum_decay": 1.0, **_KERAS}),
     "keras.optimizers.Lion": ("lion", {"learning_rate": 0.001}),
+    "keras.optimizers.Adafactor": ("adafactor", {"learning_rate": 0.001,
+                                                 "factoring": "last_two",
+                                                 "param_scale_after_decay": True}),
     # optax (learning_rate is required there; any value)
     "optax.sgd": ("sgd", {}),
     "optax.adagrad": ("adagrad", {"initial_accumulator_value": 0.1, "eps": 1e-7,
@@ -63,6 +68,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "optax.nadam": ("nadam", {"momentum_schedule": False}),
     "optax.radam": ("radam", {"eps_placement": "outside"}),
     "optax.lion": ("lion", {"weight_decay": 1e-3}),
+    "optax.adafactor": ("adafactor", {"relative_step": False, "factoring": "largest_two",
+                                      "min_dim_size_to_factor": 128,
+                                      "weight_decay_mode": "decoupled_unscaled"}),
 }
 
 

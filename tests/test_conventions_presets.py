@@ -4,7 +4,9 @@ Each native optimizer runs with its default arguments beside the polyopt
 preset, in float64, for 120 steps of random gradients on a few tensors.
 optax needs a learning rate: 0.01 on both sides. Keras runs in a child
 process on the jax backend with floatx float64 (so its learning-rate
-variable is exact). The detailed option-by-option parity lives in the other
+variable is exact; Adafactor on tensorflow: KERAS_ON_TENSORFLOW). A native
+that computes part of a float64 run in float32 has its measured bound and
+reason in FLOAT32_INSIDE. The detailed option-by-option parity lives in the other
 test_conventions_* modules; this one keeps the table honest.
 """
 
@@ -60,6 +62,20 @@ def _moved(final) -> float:
     return _relative(final, start)
 
 
+#: presets whose native computes part of a float64 run in float32, with the
+#: largest relative difference measured on this problem and the reason.
+FLOAT32_INSIDE = {
+    # optax.adafactor's decay schedule 1 - t^-0.8 is computed in float32
+    # (optax/_src/factorized.py: t = jnp.array(i + 1, jnp.float32)); with it
+    # patched to float64 the two agree to 5e-16 (tests/test_optax_parity_v2.py).
+    "optax.adafactor": 5e-8,  # measured 8.8e-9
+}
+#: Keras presets run on the tensorflow backend: on jax and torch, Keras 3's
+#: ops.mean reduces float64 in float32 (result_type(float64, "float32") is
+#: float32 in keras.src.backend.common.dtypes), which Adafactor's statistics
+#: and RMS go through (measured 2e-7 on the jax backend; 1e-15 on tensorflow).
+KERAS_ON_TENSORFLOW = {"keras.optimizers.Adafactor"}
+
 TORCH = [k for k in native.PRESETS if k.startswith("torch.")]
 OPTAX = [k for k in native.PRESETS if k.startswith("optax.")]
 KERAS = [k for k in native.PRESETS if k.startswith("keras.")]
@@ -108,7 +124,10 @@ def test_optax_preset(key):
     expected = [np.asarray(p) for p in params]
     assert expected[0].dtype == np.float64
     assert _moved(expected) > 1e-4
-    assert _relative(_polyopt(key, learning_rate=OPTAX_LR), expected) <= 1e-10
+    worst = _relative(_polyopt(key, learning_rate=OPTAX_LR), expected)
+    assert worst <= FLOAT32_INSIDE.get(key, 1e-10)
+    if key in FLOAT32_INSIDE:  # the float32 part shows: the bound is not loose
+        assert worst > 1e-10
 
 
 _KERAS_SCRIPT = """
@@ -129,10 +148,14 @@ result = out
 @pytest.fixture(scope="module")
 def keras_results():
     params, grads = _problem()
-    cases = [(key, *_parse(key)[1:]) for key in KERAS]
-    payload = {"cases": cases, "params": [p.tolist() for p in params],
-               "grads": [[x.tolist() for x in g] for g in grads]}
-    return run_keras(_KERAS_SCRIPT, payload)
+    out = {}
+    for backend, keys in (("jax", [k for k in KERAS if k not in KERAS_ON_TENSORFLOW]),
+                          ("tensorflow", sorted(KERAS_ON_TENSORFLOW))):
+        cases = [(key, *_parse(key)[1:]) for key in keys]
+        payload = {"cases": cases, "params": [p.tolist() for p in params],
+                   "grads": [[x.tolist() for x in g] for g in grads]}
+        out.update(run_keras(_KERAS_SCRIPT, payload, backend=backend))
+    return out
 
 
 @pytest.mark.parametrize("key", KERAS)

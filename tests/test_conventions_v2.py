@@ -1,6 +1,7 @@
-"""The contract-v2 optimizers that torch has no native of: polyopt.torch against
-optax's native, side by side in float64 on tests/_v2_problem.py's params
-(eager and compiled paths), 200 steps, 1e-10 relative."""
+"""The contract-v2 optimizers in torch: polyopt.torch against torch.optim's
+native where there is one (Adafactor), else optax's, side by side on
+tests/_v2_problem.py's params (eager and compiled paths), 200 steps, float64
+1e-10 and float32 1e-5 relative."""
 
 from __future__ import annotations
 
@@ -44,3 +45,86 @@ def test_torch_lion_matches_optax_lion(compiled):
     path = "compiled" if compiled else "eager"
     problem.assert_parity(f"torch Lion ({path}) vs optax.lion", got, want, "float64")
     assert set(opt.state[opt.param_groups[0]["params"][0]]) == {"step", "momentum_buffer"}
+
+
+ADAFACTOR_CASES = [
+    ("defaults", {}, {}),
+    ("lr=0.05 weight_decay=0.1", {"lr": 0.05, "weight_decay": 0.1},
+     {"lr": 0.05, "weight_decay": 0.1}),
+    # torch's maximize steps along +grad: polyopt minimizes everywhere, so the
+    # polyopt side gets the negated gradient (the negated loss)
+    ("eps=(1e-20, 1e-2) d=2 beta2_decay=-0.6 maximize",
+     {"eps": (1e-20, 1e-2), "d": 2.0, "beta2_decay": -0.6, "maximize": True},
+     {"eps": (1e-20, 1e-2), "d": 2.0, "beta2_decay": -0.6}),
+]
+
+
+def _torch_signed(make, dtype, sign):
+    params = [torch.nn.Parameter(torch.tensor(p)) for p in problem.initial(dtype)]
+    opt = make(params)
+    for target in problem.targets(dtype):
+        for i, (p, t) in enumerate(zip(params, target)):
+            p.grad = (p.detach() - torch.tensor(t)) * (sign * problem.scale(i))
+        opt.step()
+    return [p.detach().numpy() for p in params], opt
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("case", ADAFACTOR_CASES, ids=[c[0] for c in ADAFACTOR_CASES])
+def test_torch_adafactor_matches_torch_optim(case, compiled, dtype):
+    label, native_args, ours = case
+    sign = -1.0 if native_args.get("maximize") else 1.0
+    want, _ = _torch_signed(lambda p: torch.optim.Adafactor(p, **native_args), dtype, sign)
+    got, opt = _torch_signed(lambda p: pt.preset("torch.optim.Adafactor", p, **ours,
+                                                 compiled=compiled), dtype, 1.0)
+    path = "compiled" if compiled else "eager"
+    problem.assert_parity(f"torch Adafactor {label} ({path}) vs torch.optim.Adafactor", got,
+                          want, dtype)
+    # torch's state keys; a factored matrix keeps a row and a column vector
+    state = opt.state[opt.param_groups[0]["params"][0]]
+    assert {k: tuple(v.shape) for k, v in state.items()} == {
+        "step": (), "row_var": (160,), "col_var": (128,), "variance": (0,)}
+
+
+def test_torch_adafactor_factors_by_layout_as_optax_does_in_flax_layout():
+    """The default factoring (rows: output axes, columns: reduction axes) gives the
+    same numbers for torch's (out, in) / (out, in, kh, kw) params as for
+    polyopt.optax's on their transposes in Flax's (in, out) / (kh, kw, in, out)."""
+    dtype = "float64"
+    got, _ = _torch_signed(lambda p: pt.Adafactor(p, lr=0.05, weight_decay=0.1), dtype, 1.0)
+    perms = [(1, 0), (0,), (2, 3, 1, 0), ()]
+    import polyopt.optax as po
+
+    opt = po.adafactor(0.05, weight_decay_rate=0.1)
+    params = [jnp.asarray(np.transpose(p, perm)) for p, perm in zip(problem.initial(dtype), perms)]
+    state = opt.init(params)
+    step = jax.jit(opt.update)
+    for target in problem.targets(dtype):
+        grads = [(p - np.transpose(t, perm)) * problem.scale(i)
+                 for i, (p, t, perm) in enumerate(zip(params, target, perms))]
+        updates, state = step(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    flax = [np.transpose(np.asarray(p), np.argsort(perm)) for p, perm in zip(params, perms)]
+    problem.assert_parity("torch Adafactor (out, in) vs optax (in, out), factoring='layout'",
+                          got, flax, dtype)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_torch_adafactor_state_of_a_matrix_is_two_vectors(compiled):
+    """A (1024, 1024) float32 weight: 8 KiB of statistics in the state_dict, as
+    torch.optim.Adafactor's (1024, 1) and (1, 1024); not a 4 MiB matrix."""
+    def state_bytes(opt):
+        state = opt.state_dict()["state"][0]
+        return {k: v.numel() * v.element_size() for k, v in state.items()}
+
+    sizes = {}
+    for name, make in (("polyopt", lambda p: pt.Adafactor(p, compiled=compiled)),
+                       ("torch", lambda p: torch.optim.Adafactor(p))):
+        weight = torch.nn.Parameter(torch.zeros(1024, 1024))
+        opt = make([weight])
+        weight.grad = torch.ones(1024, 1024)
+        opt.step()
+        sizes[name] = state_bytes(opt)
+    assert sizes["polyopt"] == {"step": 4, "row_var": 4096, "col_var": 4096, "variance": 0}
+    assert sizes["torch"] == {"step": 4, "row_var": 4096, "col_var": 4096}

@@ -34,6 +34,7 @@ from polyopt.keras._base import BASE_OPTIONS, PolyoptSchedule, RuleOptimizer  # 
 from polyopt.keras._optimizers import (  # noqa: E402
     SGD,
     Adadelta,
+    Adafactor,
     Adagrad,
     Adam,
     Adamax,
@@ -51,5 +52,5 @@ from polyopt.keras.nonfinite import SkipNonFinite  # noqa: E402
 __all__ = [
     "BASE_OPTIONS", "PolyoptSchedule", "RuleOptimizer",
     "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "Nadam", "RAdam",
-    "Lion", "Lookahead", "Ranger", "SAMModel", "SkipNonFinite",
+    "Lion", "Adafactor", "Lookahead", "Ranger", "SAMModel", "SkipNonFinite",
 ]

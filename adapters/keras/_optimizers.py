@@ -84,13 +84,23 @@ class Lion(RuleOptimizer):
     spec = hyper.LION
 
 
+@_register
+class Adafactor(RuleOptimizer):
+    spec = hyper.ADAFACTOR
+
+
 _KERAS_NATIVE = {SGD: "keras.optimizers.SGD", Adagrad: "keras.optimizers.Adagrad",
                  RMSprop: "keras.optimizers.RMSprop", Adadelta: "keras.optimizers.Adadelta",
                  Adam: "keras.optimizers.Adam", AdamW: "keras.optimizers.AdamW",
                  Adamax: "keras.optimizers.Adamax", Nadam: "keras.optimizers.Nadam",
-                 Lion: "keras.optimizers.Lion"}
+                 Lion: "keras.optimizers.Lion", Adafactor: "keras.optimizers.Adafactor"}
 for _cls, _native in _KERAS_NATIVE.items():
     _cls.__doc__ = _doc(f"{_cls.__name__} as a Keras 3 optimizer.", _cls.spec, _native)
+Adafactor.__doc__ += (
+    "\n    State per variable: ``v_row`` and ``v_col`` for a factored kernel (its\n"
+    "    output and reduction axes' means of g^2 from its layout, Keras's by default),\n"
+    "    ``v`` for the others: keras.optimizers.Adafactor keeps a full-size velocity for\n"
+    "    every variable besides its factors.\n")
 RAdam.__doc__ = _doc(
     "RAdam (Rectified Adam) as a Keras 3 optimizer; tensorflow-addons' RectifiedAdam options "
     "``total_steps``, ``warmup_proportion``, ``min_lr`` and ``amsgrad`` included.",

@@ -3,7 +3,7 @@
 TensorFlow has no array_api_compat support, so the Keras adapter registers
 this namespace (``polyopt.rules.register_namespace``) for ``tf.Tensor`` and
 ``tf.Variable`` when Keras runs on the TensorFlow backend. It covers the
-23 names the rules and schedules call, with Array API semantics, built from
+24 names the rules and schedules call, with Array API semantics, built from
 plain TensorFlow ops, so it runs eagerly, in ``tf.function`` and under
 ``jit_compile=True`` (XLA). Operators (``+ - * / ** %``, comparisons) are
 tf.Tensor's own: a Python number meets a tensor in the tensor's dtype, so a
@@ -24,8 +24,8 @@ __all__ = ["is_tf_array", "namespace", "NAMES"]
 
 NAMES = frozenset({
     "abs", "all", "asarray", "astype", "cos", "expm1", "float32", "floor", "full_like", "int32",
-    "isdtype", "isfinite", "maximum", "mean", "minimum", "ones", "pow", "result_type", "sqrt",
-    "sum", "where", "zeros", "zeros_like",
+    "isdtype", "isfinite", "maximum", "mean", "minimum", "ones", "pow", "reshape", "result_type",
+    "sqrt", "sum", "where", "zeros", "zeros_like",
 })
 
 _KINDS = {
@@ -148,6 +148,10 @@ def floor(x, /):
 def sqrt(x, /):
     return tf.sqrt(x)
 
+
+
+def reshape(x, /, shape, *, copy=None):
+    return tf.reshape(x, shape)
 
 
 def isfinite(x, /):

@@ -26,6 +26,7 @@ Example::
 from polyopt.optax._transforms import (
     SAMState,
     adadelta,
+    adafactor,
     adagrad,
     adam,
     adamax,
@@ -45,5 +46,6 @@ from polyopt.optax._transforms import (
 
 __all__ = [
     "sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
-    "radam", "lion", "lookahead", "ranger", "sam", "sam_step", "SAMState", "apply_if_finite",
+    "radam", "lion", "adafactor", "lookahead", "ranger", "sam", "sam_step", "SAMState",
+    "apply_if_finite",
 ]

@@ -223,6 +223,15 @@ radam = _make_factory(
 lion = _make_factory(
     "lion", hyper.LION, _rule_factory("lion"),
     doc="\n\n    ``optax.lion`` is ``weight_decay=1e-3`` (polyopt's default is 0).")
+adafactor = _make_factory(
+    "adafactor", hyper.ADAFACTOR, _rule_factory("adafactor"),
+    uses_params=lambda values: values["multiply_by_parameter_scale"] or _uses_params(values),
+    doc="\n\n    ``optax.adafactor(learning_rate)`` is ``relative_step=False,"
+        "\n    factoring='largest_two', min_dim_size_to_factor=128,"
+        "\n    weight_decay_mode='decoupled_unscaled'`` (``polyopt.native.PRESETS``); its"
+        "\n    ``decay_rate=0.8`` is ``beta2_decay=-0.8``, ``factored=False`` is"
+        "\n    ``factoring='none'``. polyopt's default factoring reads the layouts (Flax's:"
+        "\n    the last axis is the output).")
 
 
 def _ranger_rule(values: dict):

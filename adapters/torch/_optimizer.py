@@ -928,6 +928,17 @@ class RuleOptimizer(torch.optim.Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    def _slot_shapes(self, values: dict, group: dict, p: torch.Tensor, layout: _Layout) -> dict:
+        """{state key: shape} of the slots a fresh init gives ``p`` (the rule's
+        slot descriptions with the param's layout: Adafactor's row and column
+        statistics are not param-shaped)."""
+        rule = self._rule(values)
+        like = [torch.zeros(p.shape, dtype=compute_dtype(p.dtype))]
+        layouts = self._param_layouts(values, group, like)
+        init = _state.by_path(rules.init_of(rule, like, None if layouts is None
+                                            else list(layouts)))
+        return {key: tuple(init[path][0].shape) for path, key in layout.slots if init[path]}
+
     def _checked(self, state_dict: dict):
         name = f"polyopt.torch.{type(self).__name__}.load_state_dict"
         for key in ("state", "param_groups"):
@@ -938,7 +949,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"{name}: the state_dict has {len(saved_groups)} param groups, "
                 f"the optimizer has {len(self.param_groups)}")
-        id_map, groups, layouts, group_values = {}, [], {}, {}
+        id_map, groups, layouts, group_values, param_groups = {}, [], {}, {}, {}
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
@@ -955,6 +966,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                 id_map[saved_id] = p
                 layouts[saved_id] = layout
                 group_values[saved_id] = values
+                param_groups[saved_id] = group
             groups.append({**saved, "params": group["params"],
                            **({"param_names": group["param_names"]}
                               if "param_names" in group and "param_names" not in saved else {})})
@@ -966,6 +978,8 @@ class RuleOptimizer(torch.optim.Optimizer):
                     f"which is in none of its param groups")
             p, layout = id_map[saved_id], layouts[saved_id]
             slot_keys = {k for _, k in layout.slots}
+            shapes = self._slot_shapes(group_values[saved_id], param_groups[saved_id], p,
+                                       layout)
             unknown = set(entries) - layout.keys
             if unknown:
                 raise ValueError(
@@ -977,7 +991,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                     raise TypeError(
                         f"{name}: state of param {saved_id}: {key} must be a tensor, "
                         f"got {type(value).__name__}")
-                want = tuple(p.shape) if key in slot_keys else ()
+                want = shapes.get(key, tuple(p.shape)) if key in slot_keys else ()
                 if tuple(value.shape) != want:
                     raise ValueError(
                         f"{name}: state of param {saved_id}: {key} has shape "

@@ -105,6 +105,24 @@ class Lion(RuleOptimizer):
     factory = staticmethod(rules.lion)
 
 
+class Adafactor(RuleOptimizer):
+    """Adafactor: :func:`polyopt.rules.adafactor`. State per param: ``step``,
+    ``row_var`` and ``col_var`` (a factored param: its row and column means of
+    g^2, shaped like the param without its reduction axes and without its
+    output axes, in the default ``factoring='layout'``; empty otherwise),
+    ``variance`` (a param not factored: its full second moment; empty
+    otherwise), ``momentum_buffer`` (with momentum).
+
+    The default factoring reads each param's layout: a group's ``"layout"``
+    (:class:`polyopt.rules.Layout`), else torch's, output axis 0. torch.optim's
+    own factoring (the last two axes) is ``factoring="last_two"``.
+    """
+
+    spec = hyper.ADAFACTOR
+    factory = staticmethod(rules.adafactor)
+    state_names = {"v_row": "row_var", "v_col": "col_var", "v": "variance"}
+
+
 class Ranger(RuleOptimizer):
     """Ranger: Lookahead over RAdam with gradient centralization, one rule
     (:func:`polyopt.rules.ranger`; lessw2020's defaults: betas (0.95, 0.999),
@@ -122,4 +140,5 @@ class Ranger(RuleOptimizer):
 
 
 OPTIMIZERS = {cls.spec.name: cls for cls in (SGD, Adagrad, RMSprop, Adadelta, Adam, AdamW,
-                                             Adamax, NAdam, RAdam, Lion, Ranger)}
+                                             Adamax, NAdam, RAdam, Lion, Adafactor,
+                                             Ranger)}

@@ -24,8 +24,8 @@ Params = Sequence[Array]
 #: Keras adapter's TensorFlow namespace is tested against this set).
 ARRAY_API_SUBSET = frozenset({
     "abs", "all", "asarray", "astype", "cos", "expm1", "float32", "floor", "full_like", "int32",
-    "isdtype", "isfinite", "maximum", "mean", "minimum", "ones", "pow", "result_type", "sqrt",
-    "sum", "where", "zeros", "zeros_like",
+    "isdtype", "isfinite", "maximum", "mean", "minimum", "ones", "pow", "reshape", "result_type",
+    "sqrt", "sum", "where", "zeros", "zeros_like",
 })
 
 
@@ -251,7 +251,8 @@ def apply_decoupled(xp, updates: list[Array], params: list[Array], weight_decay:
 
 def stateful_rule(name: str, state_type: type, slots: tuple, step: Callable, *,
                   learning_rate: Any, weight_decay: Any, weight_decay_mode: str,
-                  state_dtype: Any = None, scalars: Callable | None = None) -> Rule:
+                  state_dtype: Any = None, scalars: Callable | None = None,
+                  uses_layout: bool = False, elementwise: bool = True) -> Rule:
     """A Rule from its slots and its per-step math; the checks, the state's dtypes
     and weight decay are done here, once.
 
@@ -264,27 +265,36 @@ def stateful_rule(name: str, state_type: type, slots: tuple, step: Callable, *,
     dtypes (``state_dtype`` storage is converted here, both ways), ``lr`` is
     the learning rate at this step, and ``decay_lr`` (a value or one per
     parameter) multiplies decoupled decay, applied to the updates afterwards.
+
+    With ``uses_layout`` (a per-tensor rule, ``elementwise=False`` then),
+    ``init`` and ``update`` take ``layouts=`` (checked by
+    :func:`polyopt.rules._state.layouts_for`; default: output axis first), the
+    slots are built and checked with them, and ``step`` gets them as a sixth
+    argument.
     """
     n_slots = len(slots)
 
-    def init(params):
+    def init(params, layouts=None):
         params = check_params(name, params)
         xp = namespace(*params)
         extra = scalars(xp, params) if scalars is not None else ()
+        lays = _state.layouts_for(f"{name}.init", params, layouts) if uses_layout else ()
         return state_type(zeros_count(xp, params[0]),
-                          *_state.build(name, slots, params, state_dtype=state_dtype), *extra)
+                          *_state.build(name, slots, params, lays, state_dtype), *extra)
 
-    def update(grads, state, params):
+    def update(grads, state, params, layouts=None):
         check_state(name, state, state_type)
         fields = list(state[1:1 + n_slots])
         xp, grads, params = check_update(name, grads, state, params)
-        _check_slots(name, slots, fields, params)
+        lays = _state.layouts_for(f"{name}.update", params, layouts) if uses_layout else None
+        _check_slots(name, slots, fields, params, lays)
         stored = fields
         fields = [_state.to_compute(xp, f, grads) for f in fields]
         lr = evaluate(learning_rate, state.count)
         grads = add_l2(xp, grads, params, weight_decay, weight_decay_mode)
-        updates, new, decay_lr = step(xp, grads, params,
-                                      state_type(state.count, *fields, *state[1 + n_slots:]), lr)
+        current = state_type(state.count, *fields, *state[1 + n_slots:])
+        updates, new, decay_lr = (step(xp, grads, params, current, lr, lays) if uses_layout
+                                  else step(xp, grads, params, current, lr))
         new = list(new)
         for k, (slot, old) in enumerate(zip(slots, stored)):
             if old or (state_dtype is not None and slot.dtype == "state"):
@@ -295,10 +305,15 @@ def stateful_rule(name: str, state_type: type, slots: tuple, step: Callable, *,
         updates = apply_decoupled(xp, updates, params, weight_decay, decay_lr, weight_decay_mode)
         return updates, state_type(increment(state.count), *new)
 
-    return Rule(init, update, slots=tuple(slots))
+    if not uses_layout:  # the Rule contract: only a rule using layouts takes them
+        return Rule(lambda params: init(params),
+                    lambda grads, state, params: update(grads, state, params),
+                    slots=tuple(slots), elementwise=elementwise)
+    return Rule(init, update, slots=tuple(slots), elementwise=elementwise, uses_layout=True)
 
 
-def _check_slots(owner: str, slots: tuple, fields: list, params: list) -> None:
+def _check_slots(owner: str, slots: tuple, fields: list, params: list,
+                 layouts: list | None = None) -> None:
     """Each non-empty slot holds one array per param, of the shape its Slot gives."""
     where = f"{owner}.update"
     for slot, field in zip(slots, fields):
@@ -309,13 +324,14 @@ def _check_slots(owner: str, slots: tuple, fields: list, params: list) -> None:
                 f"{where}: state holds {len(field)} arrays per slot for "
                 f"{len(params)} params; was it made by init() for other params?")
         for i, (s, p) in enumerate(zip(field, params)):
-            want = _state.slot_shape(slot, p.shape, None)
+            want = _state.slot_shape(slot, p.shape, None if layouts is None else layouts[i])
             if want is None:  # a switched-off slot started later (momentum set at run time)
                 want = tuple(p.shape)
             if tuple(s.shape) != want:
+                expected = "" if want == tuple(p.shape) else f" (expected {want})"
                 raise ValueError(
                     f"{where}: state for params[{i}] has shape {tuple(s.shape)}, "
-                    f"params[{i}] has shape {tuple(p.shape)}")
+                    f"params[{i}] has shape {tuple(p.shape)}{expected}")
 
 
 def momentum_buffers(xp, buffers: list[Array], grads: list[Array], use_momentum: bool,
