@@ -6,7 +6,7 @@
 >>> model(torch.ones(3)).sum().backward(); opt.step()
 
 Classes: SGD, Adagrad, RMSprop, Adadelta, Adam, AdamW, Adamax, NAdam, RAdam, Lion,
-Ranger (one rule each, argument names generated from ``polyopt.hyper``) and
+Lamb, Lars, Ranger (one rule each, argument names generated from ``polyopt.hyper``) and
 the wrappers Lookahead(base_optimizer, k, alpha) and SAM(params,
 base_optimizer, rho, adaptive, **base_kwargs) and
 SkipNonFinite(base_optimizer, max_consecutive_errors), which take any torch
@@ -32,6 +32,8 @@ from polyopt.torch.optimizers import (
     Adam,
     Adamax,
     AdamW,
+    Lamb,
+    Lars,
     Lion,
     NAdam,
     RAdam,
@@ -41,7 +43,8 @@ from polyopt.torch.optimizers import (
 from polyopt.torch.wrappers import SAM, Lookahead
 
 __all__ = ["RuleOptimizer", "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax",
-           "NAdam", "RAdam", "Lion", "Ranger", "Lookahead", "SAM", "SkipNonFinite", "preset"]
+           "NAdam", "RAdam", "Lion", "Lamb", "Lars", "Ranger", "Lookahead", "SAM",
+           "SkipNonFinite", "preset"]
 
 
 def preset(name: str, params, **kwargs: Any) -> RuleOptimizer:
