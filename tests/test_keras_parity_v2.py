@@ -37,9 +37,9 @@ DYADIC = {"learning_rate": 2.0 ** -8, "beta_1": 0.875, "beta_2": 1 - 2.0 ** -7}
 # ||p|| / ||r|| divides that factor out; on a tensor of norm 0 the ratio is 1
 # and the first step keeps it: after one step every element of the vector that
 # starts at 0 differs by 2.0e-8 on a step of 3e-3. Measured after 200 steps:
-# 7.7e-6 (jax), 7.6e-6 (tensorflow), 1.2e-5 (torch backend, whose param
+# 7.0e-6 (jax), 6.9e-6 (tensorflow), 1.1e-5 (torch backend, whose param
 # roundings differ by an ulp on a third of the elements each step); float64:
-# 2.6e-15 (jax, tensorflow), 1.3e-13 (torch backend: epsilon=1e-7 goes
+# 4.5e-16 (jax, tensorflow), 1.3e-13 (torch backend: epsilon=1e-7 goes
 # through float32 there; with a dyadic epsilon 3.4e-16).
 ZERO_NORM_FLOAT32 = 3e-5
 RUNS = [(case, dtype) for case in CASES for dtype in ("float64", "float32")
