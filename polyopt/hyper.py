@@ -554,6 +554,44 @@ ADAFACTOR = Spec("adafactor", (
     state_dtype(),
 ))
 
+_TRUST_RATIO = Hyper("trust_ratio", True, kind="bool",
+                     doc="scale each tensor's step by its trust ratio; False: the plain step "
+                     "(optax's trust_ratio_mask False; a torch param group, e.g. biases)")
+
+LAMB = Spec("lamb", (
+    learning_rate(0.001),
+    b1(0.9),
+    b2(0.999),
+    eps(1e-6, "added to sqrt(v_hat) (the paper, optax: 1e-6; Keras 1e-7)"),
+    eps_root(),
+    Hyper("weight_decay", 0.0, allowed=NONNEG, doc="weight decay coefficient"),
+    Hyper("weight_decay_mode", "inside", kind="choice", allowed=("inside", "decoupled"),
+          doc="'inside': the Adam step plus weight_decay*p, then the trust ratio (the paper, "
+          "optax); 'decoupled': p -= lr*weight_decay*p first, the ratio of the decayed p and "
+          "the Adam step alone (Keras)"),
+    _TRUST_RATIO,
+    Hyper("trust_coefficient", 1.0, allowed=POSITIVE, doc="multiplies the trust ratio"),
+    state_dtype(),
+))
+
+LARS = Spec("lars", (
+    learning_rate(1.0),
+    Hyper("momentum", 0.9, allowed=UNIT, runtime=True, doc="momentum factor"),
+    Hyper("nesterov", False, kind="bool", doc="Nesterov momentum"),
+    momentum_form("velocity"),
+    Hyper("weight_decay", 0.0, allowed=NONNEG,
+          doc="added to the gradient, inside the trust ratio"),
+    _TRUST_RATIO,
+    Hyper("trust_coefficient", 0.001, allowed=POSITIVE,
+          doc="eta: the local learning rate is eta * ||p|| / (gradient norm)"),
+    Hyper("trust_norm", "separate", kind="choice", allowed=("separate", "combined"),
+          doc="the ratio's denominator: 'separate' ||g|| + wd*||p|| (the paper, TF's "
+          "LARSOptimizer); 'combined' ||g + wd*p|| (optax)"),
+    Hyper("eps", 0.0, allowed=NONNEG, keras="epsilon",
+          doc="added to the trust ratio's denominator (optax)"),
+    state_dtype(),
+))
+
 LOOKAHEAD = Spec("lookahead", (
     Hyper("sync_period", 6, kind="int", allowed=Interval(1, math.inf), torch="k",
           doc="fast steps between synchronisations"),
@@ -610,7 +648,8 @@ APPLY_IF_FINITE = Spec("apply_if_finite", (
 
 SPECS: dict[str, Spec] = {
     s.name: s for s in (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, AMSGRAD, ADAMAX, NADAM,
-                        RADAM, LION, ADAFACTOR, LOOKAHEAD, RANGER, SAM, CLIP_BY_GLOBAL_NORM,
+                        RADAM, LION, ADAFACTOR, LAMB, LARS, LOOKAHEAD, RANGER, SAM,
+                        CLIP_BY_GLOBAL_NORM,
                         CENTRALIZE, ADD_DECAYED_WEIGHTS, DECOUPLED_WEIGHT_DECAY, APPLY_IF_FINITE)
 }
 

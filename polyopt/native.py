@@ -55,6 +55,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "keras.optimizers.Adafactor": ("adafactor", {"learning_rate": 0.001,
                                                  "factoring": "last_two",
                                                  "param_scale_after_decay": True}),
+    "keras.optimizers.Lamb": ("lamb", {"eps": 1e-7, "weight_decay_mode": "decoupled"}),
     # optax (learning_rate is required there; any value)
     "optax.sgd": ("sgd", {}),
     "optax.adagrad": ("adagrad", {"initial_accumulator_value": 0.1, "eps": 1e-7,
@@ -71,6 +72,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "optax.adafactor": ("adafactor", {"relative_step": False, "factoring": "largest_two",
                                       "min_dim_size_to_factor": 128,
                                       "weight_decay_mode": "decoupled_unscaled"}),
+    "optax.lamb": ("lamb", {}),
+    "optax.lars": ("lars", {"trust_norm": "combined"}),
 }
 
 

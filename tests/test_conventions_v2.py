@@ -16,8 +16,8 @@ import polyopt.torch as pt
 from tests import _v2_problem as problem
 
 
-def _optax(opt, dtype):
-    params = [jnp.asarray(p) for p in problem.initial(dtype)]
+def _optax(opt, dtype, zero=False):
+    params = [jnp.asarray(p) for p in problem.initial(dtype, zero)]
     state = opt.init(params)
     step = jax.jit(opt.update)
     for target in problem.targets(dtype):
@@ -27,8 +27,8 @@ def _optax(opt, dtype):
     return [np.asarray(p) for p in params]
 
 
-def _torch(make, dtype):
-    params = [torch.nn.Parameter(torch.tensor(p)) for p in problem.initial(dtype)]
+def _torch(make, dtype, zero=False):
+    params = [torch.nn.Parameter(torch.tensor(p)) for p in problem.initial(dtype, zero)]
     opt = make(params)
     for target in problem.targets(dtype):
         for i, (p, t) in enumerate(zip(params, target)):
@@ -128,3 +128,50 @@ def test_torch_adafactor_state_of_a_matrix_is_two_vectors(compiled):
         sizes[name] = state_bytes(opt)
     assert sizes["polyopt"] == {"step": 4, "row_var": 4096, "col_var": 4096, "variance": 0}
     assert sizes["torch"] == {"step": 4, "row_var": 4096, "col_var": 4096}
+PATHS = [(False, "float64"), (False, "float32"), (True, "float64"), (True, "float32")]
+PATH_IDS = [f"{'compiled' if c else 'eager'}-{d}" for c, d in PATHS]
+
+
+@pytest.mark.parametrize(("compiled", "dtype"), PATHS, ids=PATH_IDS)
+def test_torch_lamb_matches_optax_lamb(compiled, dtype):
+    """The vector starts at 0 (trust ratio 1 there); torch's spelling of optax.lamb:
+    lr, betas, eps, weight_decay (optax's defaults are polyopt's)."""
+    want = _optax(optax.lamb(3e-3, b1=0.95, weight_decay=0.1), dtype, zero=True)
+    got, opt = _torch(lambda p: pt.Lamb(p, lr=3e-3, betas=(0.95, 0.999), weight_decay=0.1,
+                                        compiled=compiled), dtype, zero=True)
+    path = "compiled" if compiled else "eager"
+    problem.assert_parity(f"torch Lamb ({path}) vs optax.lamb", got, want, dtype)
+    assert set(opt.state[opt.param_groups[0]["params"][0]]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+@pytest.mark.parametrize(("compiled", "dtype"), PATHS, ids=PATH_IDS)
+def test_torch_lars_param_groups_match_optax_lars_masks(compiled, dtype):
+    """optax's weight_decay_mask and trust_ratio_mask as a torch param group: the
+    vector (starting at 0) and the scalar without decay and trust ratio."""
+    mask = [True, False, True, False]
+    want = _optax(optax.lars(0.5, weight_decay=0.01, nesterov=True, weight_decay_mask=mask,
+                             trust_ratio_mask=mask), dtype, zero=True)
+
+    def make(params):
+        return pt.Lars([{"params": [params[0], params[2]]},
+                        {"params": [params[1], params[3]], "weight_decay": 0.0,
+                         "trust_ratio": False}],
+                       lr=0.5, weight_decay=0.01, nesterov=True, trust_norm="combined",
+                       compiled=compiled)
+
+    got, opt = _torch(make, dtype, zero=True)
+    path = "compiled" if compiled else "eager"
+    problem.assert_parity(f"torch Lars ({path}) vs optax.lars masks", got, want, dtype)
+    assert set(opt.state[opt.param_groups[0]["params"][0]]) == {"step", "momentum_buffer"}
+
+
+def test_trust_ratio_rules_declare_per_tensor_math():
+    """Capabilities are attributes: per-tensor (not elementwise) with the trust
+    ratio, elementwise without it; no layouts either way."""
+    from polyopt import rules
+
+    for factory in (rules.lamb, rules.lars):
+        assert not factory().elementwise and not factory().uses_layout
+        assert factory(trust_ratio=False).elementwise
+    assert not pt.Lamb.elementwise(pt.Lamb.spec.defaults())
+    assert pt.Lars.elementwise({**pt.Lars.spec.defaults(), "trust_ratio": False})

@@ -19,6 +19,9 @@ CASES = [
     ("Lion", pk.Lion, keras.optimizers.Lion, "keras.optimizers.Lion", {}, {}),
     ("Lion-weight_decay", pk.Lion, keras.optimizers.Lion, "keras.optimizers.Lion",
      {"weight_decay": 2.0 ** -4}, {"weight_decay": 0.05}),
+    ("Lamb", pk.Lamb, keras.optimizers.Lamb, "keras.optimizers.Lamb", {}, {}),
+    ("Lamb-weight_decay", pk.Lamb, keras.optimizers.Lamb, "keras.optimizers.Lamb",
+     {"weight_decay": 2.0 ** -4}, {"weight_decay": 0.05}),
 ]
 DYADIC = {"learning_rate": 2.0 ** -8, "beta_1": 0.875, "beta_2": 1 - 2.0 ** -7}
 # Lion with weight decay in float32 is compared in float64 only: Keras decays the
@@ -27,12 +30,26 @@ DYADIC = {"learning_rate": 2.0 ** -8, "beta_1": 0.875, "beta_2": 1 - 2.0 ** -7}
 # near 0, and a flip moves an element by 2*lr. Measured after 200 steps:
 # 2.1e-5 (jax, tensorflow backends), 4.7e-3 (torch backend, whose decay
 # factor is float32 as well); float64: 1.7e-15.
+# Lamb from a zero-norm tensor in float32: 3e-5, not 1e-5. Keras computes the
+# bias correction 1 - beta_2**t in float32, with beta_2 = 0.999 rounded to
+# 0.99900001: at t = 1 that is 1.3e-5 relative off, 6.4e-6 after the sqrt
+# (polyopt computes it in double, as optax). Elsewhere the trust ratio
+# ||p|| / ||r|| divides that factor out; on a tensor of norm 0 the ratio is 1
+# and the first step keeps it: after one step every element of the vector that
+# starts at 0 differs by 2.0e-8 on a step of 3e-3. Measured after 200 steps:
+# 7.0e-6 (jax), 6.9e-6 (tensorflow), 1.1e-5 (torch backend, whose param
+# roundings differ by an ulp on a third of the elements each step); float64:
+# 4.5e-16 (jax, tensorflow), 1.3e-13 (torch backend: epsilon=1e-7 goes
+# through float32 there; with a dyadic epsilon 3.4e-16).
+ZERO_NORM_FLOAT32 = 3e-5
 RUNS = [(case, dtype) for case in CASES for dtype in ("float64", "float32")
         if not (case[0] == "Lion-weight_decay" and dtype == "float32")]
 
 
-def _run(opt, dtype):
-    variables = [keras.Variable(p, dtype=dtype) for p in problem.initial(dtype)]
+def _run(opt, dtype, zero=False, exclude=False):
+    variables = [keras.Variable(p, dtype=dtype) for p in problem.initial(dtype, zero)]
+    if exclude:  # the vector and the scalar, as biases usually are
+        opt.exclude_from_weight_decay(var_list=[variables[1], variables[3]])
     for target in problem.targets(dtype):
         grads = [keras.ops.convert_to_tensor((keras.ops.convert_to_numpy(v) - t)
                                              * problem.scale(i), dtype=dtype)
@@ -111,3 +128,56 @@ def test_adafactor_keeps_two_vectors_per_matrix():
     native_opt.build(variables)
     # Keras's own keeps a full-size velocity besides its two factors
     assert max(int(np.prod(v.shape)) for v in native_opt.variables) == 1024 * 1024
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("exclude", [False, True], ids=["all-decayed", "excluded"])
+def test_lamb_from_zero_norm_with_excluded_variables(exclude, dtype):
+    """The vector starts at 0 (Keras's ratio is 1 there, polyopt's too), with
+    weight decay, and with the vector and the scalar excluded from it."""
+    key = "keras.optimizers.Lamb"
+    spelled = {pk.Lamb.spec[k].spelling("keras"): v for k, v in native.PRESETS[key][1].items()}
+    options = ({**DYADIC, "weight_decay": 2.0 ** -4} if dtype == "float64"
+               else {"learning_rate": 3e-3, "weight_decay": 0.05})
+    got = _run(pk.Lamb(**{**spelled, **options}), dtype, zero=True, exclude=exclude)
+    want = _run(keras.optimizers.Lamb(**options), dtype, zero=True, exclude=exclude)
+    problem.assert_parity(f"keras-{keras.backend.backend()} Lamb zero-norm exclude={exclude}",
+                          got, want, dtype, ZERO_NORM_FLOAT32 if dtype == "float32" else None)
+    assert np.max(np.abs(want[1])) > 1e-3  # the vector left 0
+
+
+_OPTAX_LARS = """
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp, optax
+from tests import _v2_problem as problem
+mask = [True, False, True, False]
+opt = optax.lars(0.5, weight_decay=0.01, nesterov=True, weight_decay_mask=mask,
+                 trust_ratio_mask=mask)
+params = [jnp.asarray(p) for p in problem.initial("float64", zero=True)]
+state = opt.init(params)
+for target in problem.targets("float64"):
+    grads = [(p - t) * problem.scale(i) for i, (p, t) in enumerate(zip(params, target))]
+    updates, state = opt.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+result = [np.asarray(p) for p in params]
+"""
+
+
+def test_lars_matches_optax_lars_with_its_masks():
+    """Keras has no LARS: polyopt.keras.Lars against optax.lars (run in a child
+    process), the masks as exclude_from_weight_decay / exclude_from_trust_ratio."""
+    from tests._native import run_python
+
+    want = [np.asarray(p) for p in run_python(_OPTAX_LARS)]
+    variables = [keras.Variable(p, dtype="float64") for p in problem.initial("float64", True)]
+    opt = pk.Lars(learning_rate=0.5, weight_decay=0.01, nesterov=True,
+                  **native.PRESETS["optax.lars"][1])
+    opt.exclude_from_weight_decay(var_list=[variables[1], variables[3]])
+    opt.exclude_from_trust_ratio(var_list=[variables[1], variables[3]])
+    for target in problem.targets("float64"):
+        grads = [keras.ops.convert_to_tensor((keras.ops.convert_to_numpy(v) - t)
+                                             * problem.scale(i), dtype="float64")
+                 for i, (v, t) in enumerate(zip(variables, target))]
+        opt.apply_gradients(zip(grads, variables))
+    got = [keras.ops.convert_to_numpy(v) for v in variables]
+    problem.assert_parity(f"keras-{keras.backend.backend()} Lars vs optax.lars", got, want,
+                          "float64")

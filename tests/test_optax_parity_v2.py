@@ -26,8 +26,46 @@ CASES = [
 ]
 
 
-def _run(opt, dtype):
-    params = {str(i): jnp.asarray(p) for i, p in enumerate(problem.initial(dtype))}
+def _matrices(params):
+    """optax's mask form: True for the tensors of 2+ axes (decay and trust ratio
+    off for the vector and the scalar, as usual for biases and norms)."""
+    return {k: v.ndim > 1 for k, v in params.items()}
+
+
+def _preset(key, factory, **options):
+    return lambda: factory(**{**native.PRESETS[key][1], **options})
+
+
+# (label, polyopt, native, the vector starts at 0: trust ratios special-case norm 0)
+TRUST = [
+    ("optax.lamb", _preset("optax.lamb", po.lamb, learning_rate=3e-3),
+     lambda: optax.lamb(3e-3), False),
+    ("optax.lamb weight_decay=0.1 zero-norm",
+     _preset("optax.lamb", po.lamb, learning_rate=3e-3, weight_decay=0.1),
+     lambda: optax.lamb(3e-3, weight_decay=0.1), True),
+    ("optax.lamb b1=0.95 eps_root=1e-8 weight_decay=0.1 mask zero-norm",
+     _preset("optax.lamb", po.lamb, learning_rate=3e-3, b1=0.95, eps_root=1e-8,
+             weight_decay=0.1, mask=_matrices),
+     lambda: optax.lamb(3e-3, b1=0.95, eps_root=1e-8, weight_decay=0.1, mask=_matrices), True),
+    ("optax.lars", _preset("optax.lars", po.lars, learning_rate=0.5),
+     lambda: optax.lars(0.5), False),
+    ("optax.lars weight_decay=0.01 nesterov zero-norm",
+     _preset("optax.lars", po.lars, learning_rate=0.5, weight_decay=0.01, nesterov=True),
+     lambda: optax.lars(0.5, weight_decay=0.01, nesterov=True), True),
+    ("optax.lars masks trust_coefficient=0.01 eps=1e-3 momentum=0.8 zero-norm",
+     _preset("optax.lars", po.lars, learning_rate=0.1, weight_decay=0.01,
+             trust_coefficient=0.01, eps=1e-3, momentum=0.8,
+             weight_decay_mask=_matrices, trust_ratio_mask={"0": True, "1": False, "2": True,
+                                                            "3": False}),
+     lambda: optax.lars(0.1, weight_decay=0.01, trust_coefficient=0.01, eps=1e-3, momentum=0.8,
+                        weight_decay_mask=_matrices,
+                        trust_ratio_mask={"0": True, "1": False, "2": True, "3": False}),
+     True),
+]
+
+
+def _run(opt, dtype, zero=False):
+    params = {str(i): jnp.asarray(p) for i, p in enumerate(problem.initial(dtype, zero))}
     targets = jnp.asarray(np.stack([np.concatenate([t.reshape(-1) for t in step])
                                     for step in problem.targets(dtype)]))
     sizes = [int(np.prod(s)) for s in problem.SHAPES]
@@ -49,6 +87,23 @@ def _run(opt, dtype):
 def test_matches_optax_for_200_steps(case, dtype):
     _, ours, theirs = case
     problem.assert_parity(case[0], _run(ours(), dtype), _run(theirs(), dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("case", TRUST, ids=[c[0] for c in TRUST])
+def test_trust_ratio_rules_match_optax_for_200_steps(case, dtype):
+    label, ours, theirs, zero = case
+    got, want = _run(ours(), dtype, zero), _run(theirs(), dtype, zero)
+    problem.assert_parity(label, got, want, dtype)
+    if zero:  # the vector left 0 with the unscaled step, as the native's
+        assert np.all(np.isfinite(got[1])) and np.max(np.abs(want[1])) > 1e-3
+
+
+def test_lars_paper_norm_differs_from_optax():
+    """polyopt's default denominator ||g|| + wd ||p|| (the paper) is not optax's
+    ||g + wd p||: with weight decay the two runs part."""
+    paper = _run(po.lars(0.5, weight_decay=0.01), "float64")
+    assert problem.max_rel(paper, _run(optax.lars(0.5, weight_decay=0.01), "float64")) > 1e-3
 
 
 def test_lion_state_is_one_moment_and_mu_dtype_is_optax_spelling():
@@ -141,3 +196,41 @@ def test_adafactor_state_is_two_vectors_for_a_matrix():
     native_state = optax.adafactor(1e-2).init({"w": params["w"]})
     native_bytes = sum(x.nbytes for x in jax.tree.leaves(native_state))
     assert native_bytes < 9 * 1024  # optax's: the same vectors and (1,) placeholders
+@pytest.mark.parametrize("name", ["lamb", "lars"])
+def test_zero_param_and_zero_gradient_match_optax(name):
+    """A tensor at 0 and one whose gradient is always 0: both natives step them
+    with the ratio 1 (no 0/0); polyopt gives the same numbers, all finite."""
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.asarray(rng.normal(size=(6, 5))), "zero": jnp.zeros(4),
+              "still": jnp.ones(3)}
+    grads = [{"w": jnp.asarray(rng.normal(size=(6, 5))), "zero": jnp.asarray(rng.normal(size=4)),
+              "still": jnp.zeros(3)} for _ in range(20)]
+    ours = getattr(po, name)(**{**native.PRESETS[f"optax.{name}"][1], "learning_rate": 0.1})
+    theirs = getattr(optax, name)(0.1)
+    out = []
+    for opt in (ours, theirs):
+        p, state = params, opt.init(params)
+        for g in grads:
+            updates, state = opt.update(g, state, p)
+            p = optax.apply_updates(p, updates)
+        out.append([np.asarray(p[k]) for k in sorted(p)])
+    assert all(np.all(np.isfinite(x)) for x in out[0])
+    assert problem.max_rel(out[0], out[1]) <= 1e-12
+    assert np.max(np.abs(out[1][2])) > 1e-3  # "zero" moved
+
+
+def test_masks_are_checked():
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+    grads = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+    opt = po.lars(0.1, trust_ratio_mask={"w": True, "b": "no"})
+    with pytest.raises(TypeError, match=r"lars.update: trust_ratio_mask must hold Python bools"):
+        opt.update(grads, opt.init(params), params)
+    opt = po.lamb(0.1, weight_decay=0.1, mask={"w": True})
+    with pytest.raises(ValueError, match=r"lamb.update: mask must be a bool or a tree like"):
+        opt.update(grads, opt.init(params), params)
+    with pytest.raises(TypeError, match=r"lars: weight_decay_mask must be a bool, a tree of "
+                                        r"bools or a callable params -> tree, got "
+                                        r"weight_decay_mask=None"):
+        po.lars(0.1, weight_decay_mask=None)
+    with pytest.raises(TypeError, match=r"lookahead: inner must be a transformation made by"):
+        po.lookahead(po.lars(0.1, trust_ratio_mask={"w": True, "b": False}))

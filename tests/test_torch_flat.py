@@ -27,6 +27,9 @@ from tests.test_torch_parity import GRADS, PARAMS, max_rel_diff
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
 
 CLASSES = {name: cls for name, cls in pt.OPTIMIZERS.items()}
+# with their defaults: gradient centralization (a per-tensor mean), factored
+# statistics, trust ratios (per-tensor norms)
+PER_TENSOR = {"ranger", "adafactor", "lamb", "lars"}
 
 
 def _values(cls, **overrides):
@@ -51,7 +54,7 @@ def test_elementwise_rules_give_the_per_tensor_numbers_on_the_concatenation(name
         flat = [flat[0] + flat_updates[0]]
     same = bool((torch.cat([p.reshape(-1) for p in params]) == flat[0]).all())
     assert cls.elementwise(values) == same
-    assert same or name in ("ranger", "adafactor")  # per-tensor: centralization, factoring
+    assert same or name in PER_TENSOR
 
 
 def test_ranger_is_elementwise_only_without_gradient_centralization():

@@ -39,6 +39,8 @@ from polyopt.keras._optimizers import (  # noqa: E402
     Adam,
     Adamax,
     AdamW,
+    Lamb,
+    Lars,
     Lion,
     Lookahead,
     Nadam,
@@ -52,5 +54,5 @@ from polyopt.keras.nonfinite import SkipNonFinite  # noqa: E402
 __all__ = [
     "BASE_OPTIONS", "PolyoptSchedule", "RuleOptimizer",
     "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "Nadam", "RAdam",
-    "Lion", "Adafactor", "Lookahead", "Ranger", "SAMModel", "SkipNonFinite",
+    "Lion", "Adafactor", "Lamb", "Lars", "Lookahead", "Ranger", "SAMModel", "SkipNonFinite",
 ]

@@ -89,11 +89,53 @@ class Adafactor(RuleOptimizer):
     spec = hyper.ADAFACTOR
 
 
+class _TrustRatioOptimizer(RuleOptimizer):
+    """A rule with per-tensor trust ratios; ``exclude_from_trust_ratio`` does for the
+    trust ratio what Keras's ``exclude_from_weight_decay`` does for the decay (optax's
+    ``trust_ratio_mask``): the variables it names are stepped with ``trust_ratio=False``."""
+
+    def exclude_from_trust_ratio(self, var_list=None, var_names=None) -> None:
+        """Step these variables without the trust ratio: ``var_list`` (variables) and
+        every variable whose name contains one of ``var_names``. Call before build()."""
+        if self.built:
+            raise ValueError(f"{self.spec.name}: exclude_from_trust_ratio() must be called "
+                             f"before the optimizer is built")
+        self._trust_excluded = {self._var_key(v) for v in var_list or ()}
+        self._trust_excluded_names = tuple(var_names or ())
+
+    def _use_trust_ratio(self, variable) -> bool:
+        if self._var_key(variable) in getattr(self, "_trust_excluded", ()):
+            return False
+        return not any(n in variable.name for n in getattr(self, "_trust_excluded_names", ()))
+
+    def _groups(self, variables) -> list[tuple[list[int], dict]]:
+        if not self._hypers["trust_ratio"]:
+            return super()._groups(variables)
+        out = []
+        for group, overrides in super()._groups(variables):
+            kept = [k for k in group if self._use_trust_ratio(variables[k])]
+            left = [k for k in group if k not in kept]
+            out += [(g, o) for g, o in ((kept, overrides),
+                                        (left, {**overrides, "trust_ratio": False})) if g]
+        return out
+
+
+@_register
+class Lamb(_TrustRatioOptimizer):
+    spec = hyper.LAMB
+
+
+@_register
+class Lars(_TrustRatioOptimizer):
+    spec = hyper.LARS
+
+
 _KERAS_NATIVE = {SGD: "keras.optimizers.SGD", Adagrad: "keras.optimizers.Adagrad",
                  RMSprop: "keras.optimizers.RMSprop", Adadelta: "keras.optimizers.Adadelta",
                  Adam: "keras.optimizers.Adam", AdamW: "keras.optimizers.AdamW",
                  Adamax: "keras.optimizers.Adamax", Nadam: "keras.optimizers.Nadam",
-                 Lion: "keras.optimizers.Lion", Adafactor: "keras.optimizers.Adafactor"}
+                 Lion: "keras.optimizers.Lion", Adafactor: "keras.optimizers.Adafactor",
+                 Lamb: "keras.optimizers.Lamb"}
 for _cls, _native in _KERAS_NATIVE.items():
     _cls.__doc__ = _doc(f"{_cls.__name__} as a Keras 3 optimizer.", _cls.spec, _native)
 Adafactor.__doc__ += (
@@ -101,6 +143,12 @@ Adafactor.__doc__ += (
     "    output and reduction axes' means of g^2 from its layout, Keras's by default),\n"
     "    ``v`` for the others: keras.optimizers.Adafactor keeps a full-size velocity for\n"
     "    every variable besides its factors.\n")
+Lamb.__doc__ += ("\n    ``exclude_from_weight_decay`` and ``exclude_from_trust_ratio`` leave "
+                  "variables (e.g. biases) out of the decay and the trust ratio.\n")
+Lars.__doc__ = _doc(
+    "LARS as a Keras 3 optimizer (Keras has no native LARS).", Lars.spec, None,
+    "\n\n    ``exclude_from_weight_decay`` and ``exclude_from_trust_ratio`` leave "
+    "variables (e.g. biases) out of the decay and the trust ratio, as optax.lars's masks.")
 RAdam.__doc__ = _doc(
     "RAdam (Rectified Adam) as a Keras 3 optimizer; tensorflow-addons' RectifiedAdam options "
     "``total_steps``, ``warmup_proportion``, ``min_lr`` and ``amsgrad`` included.",

@@ -1,9 +1,9 @@
 """polyopt.optax: the polyopt rules as optax GradientTransformations.
 
 Each factory (``sgd``, ``adagrad``, ``rmsprop``, ``adadelta``, ``adam``,
-``adamw``, ``amsgrad``, ``adamax``, ``nadam``, ``radam``, ``ranger``) takes
-optax's argument names with polyopt's defaults (the same in every
-framework), checks them at construction, and returns an
+``adamw``, ``amsgrad``, ``adamax``, ``nadam``, ``radam``, ``lion``, ``lamb``,
+``lars``, ``ranger``) takes optax's argument names with polyopt's defaults
+(the same in every framework), checks them at construction, and returns an
 ``optax.GradientTransformation`` that runs the core rule of
 :mod:`polyopt.rules` on any pytree of params, under ``jax.jit``, in
 ``optax.chain``, ``optax.inject_hyperparams``, ``optax.MultiSteps``, with
@@ -33,6 +33,8 @@ from polyopt.optax._transforms import (
     adamw,
     amsgrad,
     apply_if_finite,
+    lamb,
+    lars,
     lion,
     lookahead,
     nadam,
@@ -46,6 +48,7 @@ from polyopt.optax._transforms import (
 
 __all__ = [
     "sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
-    "radam", "lion", "adafactor", "lookahead", "ranger", "sam", "sam_step", "SAMState",
+    "radam", "lion", "adafactor", "lamb", "lars", "lookahead", "ranger", "sam", "sam_step",
+    "SAMState",
     "apply_if_finite",
 ]

@@ -234,6 +234,115 @@ adafactor = _make_factory(
         "\n    the last axis is the output).")
 
 
+def _mask_flags(owner: str, name: str, mask: Any, params: Any, n_leaves: int) -> list[bool]:
+    """One Python bool per leaf from an optax mask: a bool, a pytree of bools like
+    (or a prefix of) the params, or a callable params -> such a tree."""
+    if callable(mask):
+        mask = mask(params)
+
+    def spread(flag, subtree):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{owner}: {name} must hold Python bools (True: apply), got "
+                            f"{flag!r:.80}: the mask decides the computation's structure")
+        return jax.tree.map(lambda _: bool(flag), subtree)
+
+    try:
+        flags = jax.tree.leaves(jax.tree.map(spread, mask, params))
+    except ValueError as e:
+        raise ValueError(f"{owner}: {name} must be a bool or a tree like (or a prefix of) "
+                         f"the params: {e}") from None
+    if len(flags) != n_leaves:
+        raise ValueError(f"{owner}: {name} gives {len(flags)} flags for {n_leaves} params")
+    return flags
+
+
+def _masked_factory(name: str, spec: hyper.Spec, masks: dict, doc: str = ""):
+    """A factory like :func:`_make_factory`'s with optax's mask arguments:
+    ``masks[argument] = (default, overrides)``; the leaves a mask marks False are
+    updated by the rule built with ``overrides`` (the same state: these options
+    change no slot), the others by the rule itself."""
+    plain = _make_factory(name, spec, _rule_factory(name), doc=doc)
+    extra = [inspect.Parameter(arg, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
+             for arg, (default, _) in masks.items()]
+    parameters = list(plain.__signature__.parameters.values())
+    signature = plain.__signature__.replace(parameters=parameters[:-1] + extra
+                                            + parameters[-1:])
+
+    def factory(*args, **kwargs) -> optax.GradientTransformation:
+        arguments = _bind(name, signature, args, kwargs)
+        given = {arg: arguments.pop(arg) for arg in masks}
+        for arg, mask in given.items():
+            if not (callable(mask) or isinstance(mask, (bool, np.bool_))
+                    or jax.tree.leaves(mask)):
+                raise TypeError(f"{name}: {arg} must be a bool, a tree of bools or a callable "
+                                f"params -> tree, got {arg}={mask!r:.80}")
+        inner = plain(**arguments)
+        if all(mask is True for mask in given.values()):
+            return inner
+        values = inner.init.polyopt_values
+        rule = inner.init.polyopt_rule
+
+        def update(updates, state, params=None):
+            where = f"{name}.update"
+            if params is None:
+                raise ValueError(f"{where}: params is None, but the masks are given params: "
+                                 f"{_NO_PARAMS}")
+            grads, treedef = _tree.flatten(where, updates, "updates")
+            if not grads:
+                return updates, state
+            leaves, params_treedef = _tree.flatten(where, params, "params")
+            _tree.check_like(where, grads, treedef, leaves, params_treedef, "updates", "params")
+            flags = [_mask_flags(where, arg, mask, params, len(leaves))
+                     for arg, mask in given.items()]
+            groups: dict = {}
+            for i, key in enumerate(zip(*flags)):
+                groups.setdefault(key, []).append(i)
+            template = jax.eval_shape(rule.init, leaves)
+            core = _tree.to_core(where, state, template, treedef)
+            out = [None] * len(grads)
+            parts = []
+            for key, indices in groups.items():
+                overrides = {}
+                for on, (_, off) in zip(key, masks.values()):
+                    if not on:
+                        overrides.update(off)
+                group_rule = getattr(rules, name)(**{**values, **overrides})
+                new_updates, new = group_rule.update(
+                    [grads[i] for i in indices], _state.subset(core, indices),
+                    [leaves[i] for i in indices])
+                for i, u in zip(indices, new_updates):
+                    out[i] = u
+                parts.append((indices, new))
+            return (treedef.unflatten(out),
+                    _tree.to_tree(_state.merge(parts, len(grads)), treedef))
+
+        def init(params):  # without ``polyopt_rule``: wrappers would drop the masks
+            return inner.init(params)
+
+        return optax.GradientTransformation(init, update)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__module__ = "polyopt.optax"
+    factory.__signature__ = signature  # type: ignore[attr-defined]
+    mask_docs = "".join(f"\n      {arg}: optax's mask: a bool, a pytree of bools like (or a "
+                        f"prefix of) the params,\n        or a callable params -> such a tree; "
+                        f"leaves marked False are stepped with {off}."
+                        for arg, (_, off) in masks.items())
+    factory.__doc__ = plain.__doc__.rstrip("\n") + mask_docs + "\n"
+    return factory
+
+
+lamb = _masked_factory(
+    "lamb", hyper.LAMB, {"mask": (True, {"weight_decay": 0.0})},
+    doc="\n\n    ``optax.lamb`` is the defaults (its ``mask`` covers the weight decay only); "
+        "\n    ``keras.optimizers.Lamb`` is ``eps=1e-7, weight_decay_mode='decoupled'``.")
+lars = _masked_factory(
+    "lars", hyper.LARS, {"weight_decay_mask": (True, {"weight_decay": 0.0}),
+                         "trust_ratio_mask": (True, {"trust_ratio": False})},
+    doc="\n\n    ``optax.lars`` is ``trust_norm='combined'`` (polyopt's default is the paper's "
+        "\n    ``'separate'``: ||g|| + weight_decay * ||p||).")
+
+
 def _ranger_rule(values: dict):
     inner = rules.radam(**{k: values[k] for k in hyper.RADAM.names})
     if values["gradient_centralization"]:

@@ -6,7 +6,7 @@
 >>> model(torch.ones(3)).sum().backward(); opt.step()
 
 Classes: SGD, Adagrad, RMSprop, Adadelta, Adam, AdamW, Adamax, NAdam, RAdam, Lion,
-Adafactor, Ranger (one rule each, argument names generated from ``polyopt.hyper``) and
+Adafactor, Lamb, Lars, Ranger (one rule each, argument names generated from ``polyopt.hyper``) and
 the wrappers Lookahead(base_optimizer, k, alpha) and SAM(params,
 base_optimizer, rho, adaptive, **base_kwargs) and
 SkipNonFinite(base_optimizer, max_consecutive_errors), which take any torch
@@ -33,6 +33,8 @@ from polyopt.torch.optimizers import (
     Adam,
     Adamax,
     AdamW,
+    Lamb,
+    Lars,
     Lion,
     NAdam,
     RAdam,
@@ -42,8 +44,8 @@ from polyopt.torch.optimizers import (
 from polyopt.torch.wrappers import SAM, Lookahead
 
 __all__ = ["RuleOptimizer", "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax",
-           "NAdam", "RAdam", "Lion", "Adafactor", "Ranger", "Lookahead", "SAM", "SkipNonFinite",
-           "preset"]
+           "NAdam", "RAdam", "Lion", "Adafactor", "Lamb", "Lars", "Ranger", "Lookahead", "SAM",
+           "SkipNonFinite", "preset"]
 
 
 def preset(name: str, params, **kwargs: Any) -> RuleOptimizer:

@@ -123,6 +123,29 @@ class Adafactor(RuleOptimizer):
     state_names = {"v_row": "row_var", "v_col": "col_var", "v": "variance"}
 
 
+class Lamb(RuleOptimizer):
+    """LAMB: :func:`polyopt.rules.lamb` (torch has no native LAMB). State: ``step``,
+    ``exp_avg``, ``exp_avg_sq``. Per-tensor trust ratios: a param group with
+    ``trust_ratio=False`` (and/or ``weight_decay=0``) leaves e.g. biases out, as
+    optax's masks do. ``compiled=True`` runs the norms on each param's view of
+    the flat buffers.
+    """
+
+    spec = hyper.LAMB
+    factory = staticmethod(rules.lamb)
+
+
+class Lars(RuleOptimizer):
+    """LARS: :func:`polyopt.rules.lars` (torch has no native LARS). State: ``step``,
+    ``momentum_buffer``. A param group with ``trust_ratio=False`` and/or
+    ``weight_decay=0`` plays the role of optax's ``trust_ratio_mask`` /
+    ``weight_decay_mask``.
+    """
+
+    spec = hyper.LARS
+    factory = staticmethod(rules.lars)
+
+
 class Ranger(RuleOptimizer):
     """Ranger: Lookahead over RAdam with gradient centralization, one rule
     (:func:`polyopt.rules.ranger`; lessw2020's defaults: betas (0.95, 0.999),
@@ -140,5 +163,6 @@ class Ranger(RuleOptimizer):
 
 
 OPTIMIZERS = {cls.spec.name: cls for cls in (SGD, Adagrad, RMSprop, Adadelta, Adam, AdamW,
-                                             Adamax, NAdam, RAdam, Lion, Adafactor,
+                                             Adamax, NAdam, RAdam, Lion, Adafactor, Lamb,
+                                             Lars,
                                              Ranger)}

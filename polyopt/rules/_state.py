@@ -34,7 +34,7 @@ __all__ = [
     "out_first", "out_last", "layouts_for", "matrix_axes", "slot_shape", "build",
     "entries", "rebuild", "pair", "check", "check_leaf", "select", "path_text", "nbytes",
     "dtype_name", "is_array", "by_path", "rebuild_from", "map_arrays",
-    "storage_dtype", "to_compute", "to_storage",
+    "storage_dtype", "to_compute", "to_storage", "subset", "merge",
 ]
 
 # --------------------------------------------------------------------------
@@ -437,3 +437,28 @@ def map_arrays(fn: Callable, state: Any) -> Any:
         else:
             leaves.append(entry.value)
     return rebuild(state, leaves)
+
+
+def subset(state: Any, indices: Sequence[int]) -> Any:
+    """The state of the params at ``indices``: each slot's arrays at those
+    positions, every other leaf (counts) as it is."""
+    return rebuild(state, [[entry.value[i] for i in indices] if entry.kind == "slot"
+                           else entry.value for entry in entries(state)])
+
+
+def merge(parts: Sequence[tuple[Sequence[int], Any]], n_params: int) -> Any:
+    """One state from the states of groups of params: ``parts`` holds
+    ``(indices, state of the params at indices)`` covering every param once;
+    leaves other than slots (counts) are the first part's."""
+    columns = [entries(state) for _, state in parts]
+    leaves = []
+    for k, first in enumerate(columns[0]):
+        if first.kind != "slot":
+            leaves.append(first.value)
+            continue
+        arrays: list = [None] * n_params
+        for (indices, _), column in zip(parts, columns):
+            for i, a in zip(indices, column[k].value):
+                arrays[i] = a
+        leaves.append(arrays)
+    return rebuild(parts[0][1], leaves)
