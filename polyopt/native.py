@@ -50,6 +50,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "keras.optimizers.Nadam": ("nadam", {"learning_rate": 0.001, "eps": 1e-7,
                                          "momentum_decay": 1.0, **_KERAS}),
     "keras.optimizers.Lion": ("lion", {"learning_rate": 0.001}),
+    "keras.optimizers.ScheduleFreeAdamW": ("schedule_free_adamw", {
+        "weight_lr_power": 0.0, "weight_decay_mode": "variable"}),
     # optax (learning_rate is required there; any value)
     "optax.sgd": ("sgd", {}),
     "optax.adagrad": ("adagrad", {"initial_accumulator_value": 0.1, "eps": 1e-7,
@@ -63,6 +65,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "optax.nadam": ("nadam", {"momentum_schedule": False}),
     "optax.radam": ("radam", {"eps_placement": "outside"}),
     "optax.lion": ("lion", {"weight_decay": 1e-3}),
+    "optax.contrib.schedule_free_adamw": ("schedule_free_adamw", {"warmup_lag": True}),
+    "optax.contrib.adopt": ("adopt", {}),
 }
 
 

@@ -1,7 +1,8 @@
 """polyopt.optax: the polyopt rules as optax GradientTransformations.
 
 Each factory (``sgd``, ``adagrad``, ``rmsprop``, ``adadelta``, ``adam``,
-``adamw``, ``amsgrad``, ``adamax``, ``nadam``, ``radam``, ``ranger``) takes
+``adamw``, ``amsgrad``, ``adamax``, ``nadam``, ``radam``, ``lion``,
+``schedule_free_adamw``, ``adopt``, ``ranger``) takes
 optax's argument names with polyopt's defaults (the same in every
 framework), checks them at construction, and returns an
 ``optax.GradientTransformation`` that runs the core rule of
@@ -30,6 +31,7 @@ from polyopt.optax._transforms import (
     adam,
     adamax,
     adamw,
+    adopt,
     amsgrad,
     apply_if_finite,
     lion,
@@ -40,10 +42,13 @@ from polyopt.optax._transforms import (
     rmsprop,
     sam,
     sam_step,
+    schedule_free_adamw,
+    schedule_free_eval_params,
     sgd,
 )
 
 __all__ = [
     "sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
-    "radam", "lion", "lookahead", "ranger", "sam", "sam_step", "SAMState", "apply_if_finite",
+    "radam", "lion", "schedule_free_adamw", "schedule_free_eval_params", "adopt", "lookahead",
+    "ranger", "sam", "sam_step", "SAMState", "apply_if_finite",
 ]

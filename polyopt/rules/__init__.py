@@ -42,6 +42,13 @@ from polyopt.rules.adaptive import (
     adagrad,
     rmsprop,
 )
+from polyopt.rules.schedule_free import (
+    ADOPTState,
+    ScheduleFreeState,
+    adopt,
+    schedule_free_adamw,
+    schedule_free_eval_params,
+)
 from polyopt.rules.sgd_family import SGDState, sgd
 from polyopt.rules.sign_family import LionState, lion
 from polyopt.rules.wrappers import (
@@ -66,10 +73,12 @@ __all__ = [
     "ARRAY_API_SUBSET", "COUNT_LIMIT", "Rule", "SAMRule", "Slot", "Layout", "StateError",
     "register_namespace", "init_of", "update_of",
     "sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
-    "radam", "lion", "lookahead", "ranger", "sam",
+    "radam", "lion", "schedule_free_adamw", "schedule_free_eval_params", "adopt", "lookahead",
+    "ranger", "sam",
     "chain", "clip_by_global_norm", "centralize", "add_decayed_weights",
     "decoupled_weight_decay", "global_norm", "apply_if_finite",
     "SGDState", "AdagradState", "RMSpropState", "AdadeltaState", "AdamState", "AdamaxState",
-    "NAdamState", "RAdamState", "LionState", "LookaheadState", "ChainState", "CountState",
+    "NAdamState", "RAdamState", "LionState", "ScheduleFreeState", "ADOPTState",
+    "LookaheadState", "ChainState", "CountState",
     "ApplyIfFiniteState",
 ]
