@@ -48,6 +48,7 @@ from polyopt.rules.schedule_free import (
     adopt,
     schedule_free_adamw,
     schedule_free_eval_params,
+    schedule_free_train_params,
 )
 from polyopt.rules.sgd_family import SGDState, sgd
 from polyopt.rules.sign_family import LionState, lion
@@ -73,7 +74,8 @@ __all__ = [
     "ARRAY_API_SUBSET", "COUNT_LIMIT", "Rule", "SAMRule", "Slot", "Layout", "StateError",
     "register_namespace", "init_of", "update_of",
     "sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
-    "radam", "lion", "schedule_free_adamw", "schedule_free_eval_params", "adopt", "lookahead",
+    "radam", "lion", "schedule_free_adamw", "schedule_free_eval_params",
+    "schedule_free_train_params", "adopt", "lookahead",
     "ranger", "sam",
     "chain", "clip_by_global_norm", "centralize", "add_decayed_weights",
     "decoupled_weight_decay", "global_norm", "apply_if_finite",

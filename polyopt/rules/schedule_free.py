@@ -188,6 +188,23 @@ def schedule_free_eval_params(params, state) -> list:
     return out
 
 
+def schedule_free_train_params(eval_params, state) -> list:
+    """The inverse of :func:`schedule_free_eval_params`: the params y = b1 x + (1 - b1) z
+    from the evaluation point x (an adapter's switch back to training)."""
+    if not hasattr(state, "z") or not hasattr(state, "b1"):
+        raise TypeError(
+            "schedule_free_train_params: state must be a ScheduleFreeState (with z and b1), "
+            f"got {type(state).__name__}")
+    eval_params = list(eval_params)
+    xp = namespace(*eval_params)
+    out = []
+    for x, z in zip(eval_params, state.z):
+        b1 = _base.scalar(xp, state.b1, x)
+        z = z if z.dtype == x.dtype else xp.astype(z, x.dtype)
+        out.append(b1 * x + (1 - b1) * z)
+    return out
+
+
 class ADOPTState(NamedTuple):
     count: Any
     first_moment: list
