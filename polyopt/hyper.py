@@ -592,6 +592,51 @@ LARS = Spec("lars", (
     state_dtype(),
 ))
 
+SCHEDULE_FREE_ADAMW = Spec("schedule_free_adamw", (
+    learning_rate(0.0025),
+    Hyper("b1", 0.9, allowed=Interval(0.0, 1.0, lo_closed=False), runtime=True,
+          torch="betas[0]", keras="beta_1",
+          doc="interpolation y = (1 - b1) z + b1 x (> 0: the evaluation point x is "
+          "recovered as (y - (1 - b1) z) / b1)"),
+    b2(0.999),
+    eps(1e-8, "added to sqrt(v_hat), outside the root"),
+    Hyper("warmup_steps", 0, kind="int", allowed=NONNEG,
+          doc="linear warmup: lr * min(t / warmup_steps, 1) at step t = 1, 2, ...; 0: none"),
+    Hyper("warmup_lag", False, kind="bool",
+          doc="True: the z step uses the warmed-up (and scheduled) lr of count t - 1 and the "
+          "averaging weight that of t, so the first step leaves z as it is "
+          "(optax.contrib: its inner scale_by_learning_rate counts from 0, schedule_free "
+          "from 1); False: both use step t (the reference, Keras)"),
+    Hyper("r", 0.0, allowed=NONNEG,
+          doc="polynomial averaging weight t**r (the reference; optax and Keras have none)"),
+    Hyper("weight_lr_power", 2.0, allowed=NONNEG,
+          doc="averaging weight max_lr**weight_lr_power (reference, optax: 2); Keras "
+          "averages with 1/t, which is 0"),
+    Hyper("weight_decay", 0.0, allowed=NONNEG, doc="weight decay coefficient"),
+    Hyper("weight_decay_mode", "gradient", kind="choice", allowed=("gradient", "variable"),
+          doc="'gradient': weight_decay * y is added to the normalized gradient, which "
+          "steps z and y with the warmed-up lr (the reference, optax); 'variable': "
+          "y -= lr * weight_decay * y before the step, lr without warmup (Keras's "
+          "weight_decay on its variables)"),
+    state_dtype(),
+))
+
+ADOPT = Spec("adopt", (
+    learning_rate(0.001),
+    b1(0.9),
+    b2(0.9999),
+    eps(1e-6, "the denominator is max(sqrt(v), eps)"),
+    Hyper("use_clipping", True, kind="bool",
+          doc="clip the normalized gradient to [-c_t, c_t] (the paper's stable variant; "
+          "optax, reference)"),
+    Hyper("clip_exponent", 0.25, allowed=NONNEG,
+          doc="c_t = t ** clip_exponent at step t (the first update is t = 1; "
+          "optax's clip_value_fn=lambda t: t ** 0.25)"),
+    Hyper("nesterov", False, kind="bool", doc="Nesterov momentum (optax)"),
+    *weight_decay(0.0, "l2"),
+    state_dtype(),
+))
+
 LOOKAHEAD = Spec("lookahead", (
     Hyper("sync_period", 6, kind="int", allowed=Interval(1, math.inf), torch="k",
           doc="fast steps between synchronisations"),
@@ -648,9 +693,9 @@ APPLY_IF_FINITE = Spec("apply_if_finite", (
 
 SPECS: dict[str, Spec] = {
     s.name: s for s in (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, AMSGRAD, ADAMAX, NADAM,
-                        RADAM, LION, ADAFACTOR, LAMB, LARS, LOOKAHEAD, RANGER, SAM,
-                        CLIP_BY_GLOBAL_NORM,
-                        CENTRALIZE, ADD_DECAYED_WEIGHTS, DECOUPLED_WEIGHT_DECAY, APPLY_IF_FINITE)
+                        RADAM, LION, ADAFACTOR, LAMB, LARS, SCHEDULE_FREE_ADAMW, ADOPT,
+                        LOOKAHEAD, RANGER, SAM, CLIP_BY_GLOBAL_NORM, CENTRALIZE,
+                        ADD_DECAYED_WEIGHTS, DECOUPLED_WEIGHT_DECAY, APPLY_IF_FINITE)
 }
 
 

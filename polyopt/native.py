@@ -56,6 +56,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                                                  "factoring": "last_two",
                                                  "param_scale_after_decay": True}),
     "keras.optimizers.Lamb": ("lamb", {"eps": 1e-7, "weight_decay_mode": "decoupled"}),
+    "keras.optimizers.ScheduleFreeAdamW": ("schedule_free_adamw", {
+        "weight_lr_power": 0.0, "weight_decay_mode": "variable"}),
     # optax (learning_rate is required there; any value)
     "optax.sgd": ("sgd", {}),
     "optax.adagrad": ("adagrad", {"initial_accumulator_value": 0.1, "eps": 1e-7,
@@ -74,6 +76,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
                                       "weight_decay_mode": "decoupled_unscaled"}),
     "optax.lamb": ("lamb", {}),
     "optax.lars": ("lars", {"trust_norm": "combined"}),
+    "optax.contrib.schedule_free_adamw": ("schedule_free_adamw", {"warmup_lag": True}),
+    "optax.contrib.adopt": ("adopt", {}),
 }
 
 

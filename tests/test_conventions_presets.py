@@ -108,9 +108,10 @@ def test_torch_preset(key):
 
 @pytest.mark.parametrize("key", OPTAX)
 def test_optax_preset(key):
-    _, name, kwargs = _parse(key)
+    module, name, kwargs = _parse(key)
     params0, grads = _problem()
-    transform = getattr(optax, name)(learning_rate=OPTAX_LR, **kwargs)
+    namespace = optax.contrib if module == "optax.contrib" else optax
+    transform = getattr(namespace, name)(learning_rate=OPTAX_LR, **kwargs)
 
     @jax.jit
     def step(params, state, g):

@@ -36,10 +36,10 @@ shapes = st.lists(
     st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple), min_size=1, max_size=3)
 
 # Ranges for the hyperparameters a case already uses; kept inside every
-# rule's allowed range.
+# rule's allowed range (Schedule-Free's b1 is > 0).
 _DRAWN = {
     "learning_rate": st.floats(1e-4, 0.5),
-    "b1": st.floats(0.0, 0.99),
+    "b1": st.floats(0.01, 0.99),
     "b2": st.floats(0.5, 0.9999),
     "eps": st.floats(1e-10, 1e-3),
     "decay": st.floats(0.5, 0.999),

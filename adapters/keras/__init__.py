@@ -3,7 +3,8 @@
 >>> import keras, polyopt.keras                                # doctest: +SKIP
 >>> model.compile(optimizer=polyopt.keras.Adam(learning_rate=1e-3), loss="mse")  # doctest: +SKIP
 
-Classes: SGD, Adagrad, RMSprop, Adadelta, Adam, AdamW, Adamax, Nadam, RAdam,
+Classes: SGD, Adagrad, RMSprop, Adadelta, Adam, AdamW, Adamax, Nadam, RAdam, Lion,
+Adafactor, Lamb, Lars, ScheduleFreeAdamW (``evaluation_point()`` for x), ADOPT,
 Lookahead, Ranger, SkipNonFinite (subclasses of ``keras.optimizers.Optimizer`` through
 :class:`RuleOptimizer`), :class:`SAMModel` for sharpness-aware training in
 ``model.fit``, and :class:`PolyoptSchedule`. Arguments use Keras' spellings
@@ -32,6 +33,7 @@ if keras.backend.backend() == "tensorflow":
 
 from polyopt.keras._base import BASE_OPTIONS, PolyoptSchedule, RuleOptimizer  # noqa: E402
 from polyopt.keras._optimizers import (  # noqa: E402
+    ADOPT,
     SGD,
     Adadelta,
     Adafactor,
@@ -47,6 +49,7 @@ from polyopt.keras._optimizers import (  # noqa: E402
     RAdam,
     Ranger,
     RMSprop,
+    ScheduleFreeAdamW,
 )
 from polyopt.keras._sam import SAMModel  # noqa: E402
 from polyopt.keras.nonfinite import SkipNonFinite  # noqa: E402
@@ -54,5 +57,6 @@ from polyopt.keras.nonfinite import SkipNonFinite  # noqa: E402
 __all__ = [
     "BASE_OPTIONS", "PolyoptSchedule", "RuleOptimizer",
     "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "Nadam", "RAdam",
-    "Lion", "Adafactor", "Lamb", "Lars", "Lookahead", "Ranger", "SAMModel", "SkipNonFinite",
+    "Lion", "Adafactor", "Lamb", "Lars", "ScheduleFreeAdamW", "ADOPT", "Lookahead", "Ranger",
+    "SAMModel", "SkipNonFinite",
 ]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import keras
+from keras import ops
 
 from polyopt import hyper, native, rules
-from polyopt.keras._base import BASE_OPTIONS, RuleOptimizer
+from polyopt.keras._base import BASE_OPTIONS, RuleOptimizer, _read, step_count
 
 _register = keras.saving.register_keras_serializable(package="polyopt")
 
@@ -130,6 +132,42 @@ class Lars(_TrustRatioOptimizer):
     spec = hyper.LARS
 
 
+@_register
+class ScheduleFreeAdamW(RuleOptimizer):
+    spec = hyper.SCHEDULE_FREE_ADAMW
+
+    @contextlib.contextmanager
+    def evaluation_point(self):
+        """Within the block the trainable variables hold the evaluation point x =
+        (y - (1 - b1) z) / b1; on exit (also on error) they get their training
+        values y back, bit for bit. ``model.fit`` and ``model.evaluate`` use the
+        variables as they are, y, as ``keras.optimizers.ScheduleFreeAdamW``'s do::
+
+            with optimizer.evaluation_point():
+                model.evaluate(x_test, y_test)
+        """
+        if not self.built:  # no step yet: x = y
+            yield
+            return
+        variables = list(self._trainable_variables)
+        indices = list(range(len(variables)))
+        globals_ = [_read(v) for v in self._global_variables]
+        state = self._rebuild(self._template, indices, step_count(self.iterations), globals_)
+        train = [ops.copy(_read(v)) for v in variables]
+        for v, x in zip(variables, rules.schedule_free_eval_params(train, state)):
+            v.assign(x)
+        try:
+            yield
+        finally:
+            for v, y in zip(variables, train):
+                v.assign(y)
+
+
+@_register
+class ADOPT(RuleOptimizer):
+    spec = hyper.ADOPT
+
+
 _KERAS_NATIVE = {SGD: "keras.optimizers.SGD", Adagrad: "keras.optimizers.Adagrad",
                  RMSprop: "keras.optimizers.RMSprop", Adadelta: "keras.optimizers.Adadelta",
                  Adam: "keras.optimizers.Adam", AdamW: "keras.optimizers.AdamW",
@@ -149,6 +187,14 @@ Lars.__doc__ = _doc(
     "LARS as a Keras 3 optimizer (Keras has no native LARS).", Lars.spec, None,
     "\n\n    ``exclude_from_weight_decay`` and ``exclude_from_trust_ratio`` leave "
     "variables (e.g. biases) out of the decay and the trust ratio, as optax.lars's masks.")
+ScheduleFreeAdamW.__doc__ = _doc(
+    "Schedule-Free AdamW as a Keras 3 optimizer.", ScheduleFreeAdamW.spec,
+    "keras.optimizers.ScheduleFreeAdamW",
+    "\n\n    The variables hold the training point y, so ``model.fit`` and ``model.evaluate``"
+    "\n    evaluate at y, as Keras's does; ``with optimizer.evaluation_point():`` puts the"
+    "\n    averaged point x in them for the block. Keras's weight_decay shrinks y before"
+    "\n    the step: ``weight_decay_mode='variable'``.")
+ADOPT.__doc__ = _doc("ADOPT as a Keras 3 optimizer (Keras has none).", ADOPT.spec, None)
 RAdam.__doc__ = _doc(
     "RAdam (Rectified Adam) as a Keras 3 optimizer; tensorflow-addons' RectifiedAdam options "
     "``total_steps``, ``warmup_proportion``, ``min_lr`` and ``amsgrad`` included.",

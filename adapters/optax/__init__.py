@@ -4,6 +4,10 @@ Each factory (``sgd``, ``adagrad``, ``rmsprop``, ``adadelta``, ``adam``,
 ``adamw``, ``amsgrad``, ``adamax``, ``nadam``, ``radam``, ``lion``, ``lamb``,
 ``lars``, ``ranger``) takes optax's argument names with polyopt's defaults
 (the same in every framework), checks them at construction, and returns an
+``adamw``, ``amsgrad``, ``adamax``, ``nadam``, ``radam``, ``lion``,
+``schedule_free_adamw``, ``adopt``, ``ranger``) takes
+optax's argument names with polyopt's defaults (the same in every
+framework), checks them at construction, and returns an
 ``optax.GradientTransformation`` that runs the core rule of
 :mod:`polyopt.rules` on any pytree of params, under ``jax.jit``, in
 ``optax.chain``, ``optax.inject_hyperparams``, ``optax.MultiSteps``, with
@@ -31,6 +35,7 @@ from polyopt.optax._transforms import (
     adam,
     adamax,
     adamw,
+    adopt,
     amsgrad,
     apply_if_finite,
     lamb,
@@ -43,12 +48,14 @@ from polyopt.optax._transforms import (
     rmsprop,
     sam,
     sam_step,
+    schedule_free_adamw,
+    schedule_free_eval_params,
     sgd,
 )
 
 __all__ = [
     "sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
-    "radam", "lion", "adafactor", "lamb", "lars", "lookahead", "ranger", "sam", "sam_step",
-    "SAMState",
+    "radam", "lion", "adafactor", "lamb", "lars", "schedule_free_adamw",
+    "schedule_free_eval_params", "adopt", "lookahead", "ranger", "sam", "sam_step", "SAMState",
     "apply_if_finite",
 ]

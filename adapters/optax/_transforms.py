@@ -342,6 +342,53 @@ lars = _masked_factory(
     doc="\n\n    ``optax.lars`` is ``trust_norm='combined'`` (polyopt's default is the paper's "
         "\n    ``'separate'``: ||g|| + weight_decay * ||p||).")
 
+schedule_free_adamw = _make_factory(
+    "schedule_free_adamw", hyper.SCHEDULE_FREE_ADAMW, _rule_factory("schedule_free_adamw"),
+    uses_params=lambda values: True,
+    doc="\n\n    The params are the interpolation y; evaluate at"
+        "\n    ``polyopt.optax.schedule_free_eval_params(state, params)`` (the state's z and b1"
+        "\n    give x; ``optax.contrib.schedule_free_eval_params`` accepts this state too)."
+        "\n    ``optax.contrib.schedule_free_adamw`` is ``warmup_lag=True``.")
+adopt = _make_factory(
+    "adopt", hyper.ADOPT, _rule_factory("adopt"),
+    doc="\n\n    ``optax.contrib.adopt(clip_value_fn=lambda t: t ** p)`` is ``clip_exponent=p``"
+        "\n    (the default p = 0.25 is optax's); optax has no weight decay in adopt.")
+
+
+def schedule_free_eval_params(state: Any, params: Any) -> Any:
+    """The point to evaluate a Schedule-Free run at, x = (y - (1 - b1) z) / b1, as
+    ``optax.contrib.schedule_free_eval_params(state, params)``: ``state`` is
+    ``polyopt.optax.schedule_free_adamw``'s, or any state holding it (an
+    ``optax.chain``'s tuple, ``inject_hyperparams``' ``inner_state``, ...), or
+    ``optax.contrib.schedule_free``'s own; ``params`` the params y."""
+    found = _find_schedule_free(state)
+    if found is None:
+        raise ValueError(
+            "schedule_free_eval_params: no Schedule-Free state (with z and b1) in "
+            f"{type(state).__name__}; pass the state of polyopt.optax.schedule_free_adamw "
+            "or of optax.contrib.schedule_free")
+    z_leaves, z_def = jax.tree_util.tree_flatten(found.z)
+    y_leaves, y_def = jax.tree_util.tree_flatten(params)
+    if z_def != y_def:
+        raise ValueError("schedule_free_eval_params: params do not match the state's z: "
+                         + _tree.describe_difference(y_def, z_def, "params", "state.z"))
+    b1 = found.b1
+    return y_def.unflatten([
+        ((y - (1 - b1) * z) / b1).astype(y.dtype) for y, z in zip(y_leaves, z_leaves)])
+
+
+def _find_schedule_free(state: Any) -> Any:
+    """The first state with fields ``z`` and ``b1`` in ``state``, depth first."""
+    if hasattr(state, "z") and hasattr(state, "b1") and not isinstance(state, type):
+        return state
+    children = state.values() if isinstance(state, dict) else state
+    if isinstance(children, (tuple, list)) or isinstance(state, dict):
+        for child in children:
+            found = _find_schedule_free(child)
+            if found is not None:
+                return found
+    return None
+
 
 def _ranger_rule(values: dict):
     inner = rules.radam(**{k: values[k] for k in hyper.RADAM.names})

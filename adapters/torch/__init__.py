@@ -6,7 +6,8 @@
 >>> model(torch.ones(3)).sum().backward(); opt.step()
 
 Classes: SGD, Adagrad, RMSprop, Adadelta, Adam, AdamW, Adamax, NAdam, RAdam, Lion,
-Adafactor, Lamb, Lars, Ranger (one rule each, argument names generated from ``polyopt.hyper``) and
+Adafactor, Lamb, Lars, ScheduleFreeAdamW (with eval()/train()), ADOPT, Ranger (one
+rule each, argument names generated from ``polyopt.hyper``) and
 the wrappers Lookahead(base_optimizer, k, alpha) and SAM(params,
 base_optimizer, rho, adaptive, **base_kwargs) and
 SkipNonFinite(base_optimizer, max_consecutive_errors), which take any torch
@@ -25,6 +26,7 @@ from polyopt import native
 from polyopt.torch._optimizer import RuleOptimizer, spelled
 from polyopt.torch.nonfinite import SkipNonFinite
 from polyopt.torch.optimizers import (
+    ADOPT,
     OPTIMIZERS,
     SGD,
     Adadelta,
@@ -40,11 +42,13 @@ from polyopt.torch.optimizers import (
     RAdam,
     Ranger,
     RMSprop,
+    ScheduleFreeAdamW,
 )
 from polyopt.torch.wrappers import SAM, Lookahead
 
 __all__ = ["RuleOptimizer", "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax",
-           "NAdam", "RAdam", "Lion", "Adafactor", "Lamb", "Lars", "Ranger", "Lookahead", "SAM",
+           "NAdam", "RAdam", "Lion", "Adafactor", "Lamb", "Lars", "ScheduleFreeAdamW", "ADOPT",
+           "Ranger", "Lookahead", "SAM",
            "SkipNonFinite", "preset"]
 
 

@@ -884,7 +884,9 @@ class RuleOptimizer(torch.optim.Optimizer):
             rule_values = dict(values)
             for h in self.spec:
                 if h.runtime and not (h.name != "learning_rate" and _is_zero(values[h.name])):
+                    # filled before the rule is built: its checks read the value
                     inputs[h.name] = torch.zeros((), dtype=torch.float64, device=device)
+                    inputs[h.name].fill_(values[h.name])
                     rule_values[h.name] = inputs[h.name]
             rule = type(self).factory(**rule_values)
             update = rule.update

@@ -8,8 +8,10 @@ params)`` builds that directly.
 
 from __future__ import annotations
 
+import torch
+
 from polyopt import hyper, rules
-from polyopt.torch._optimizer import RuleOptimizer
+from polyopt.torch._optimizer import _LOW_PRECISION, RuleOptimizer
 
 
 class SGD(RuleOptimizer):
@@ -146,6 +148,86 @@ class Lars(RuleOptimizer):
     factory = staticmethod(rules.lars)
 
 
+class ScheduleFreeAdamW(RuleOptimizer):
+    """Schedule-Free AdamW: :func:`polyopt.rules.schedule_free_adamw`, with the
+    reference implementation's (facebookresearch/schedule_free) modes:
+    ``optimizer.eval()`` puts the params at the evaluation point x (call it
+    before evaluating or saving a checkpoint), ``optimizer.train()`` puts them
+    back at y (call it before training again). ``step()`` in eval mode raises.
+    Each param group keeps its mode in ``group["train_mode"]``, so a
+    ``state_dict`` saved in either mode loads back in that mode. Unlike the
+    reference, a new optimizer starts in train mode (the reference requires a
+    first ``train()``; calling it here is harmless).
+
+    State: ``step``, ``z``, ``exp_avg_sq``, and the 0-d ``b1`` (the b1 the
+    params were interpolated with), ``weight_sum``, ``max_lr`` (the
+    reference keeps the last three, and ``k``, in the param group).
+    """
+
+    spec = hyper.SCHEDULE_FREE_ADAMW
+    factory = staticmethod(rules.schedule_free_adamw)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict):
+            mode = param_group.setdefault("train_mode", True)
+            if not isinstance(mode, bool):
+                raise TypeError(f"{self.spec.name}: train_mode must be True or False, "
+                                f"got train_mode={mode!r}")
+        super().add_param_group(param_group)
+
+    def step(self, closure=None):
+        """One step at the training point y; raises in eval mode (nothing changes)."""
+        for index, group in enumerate(self.param_groups):
+            if not group["train_mode"]:
+                raise RuntimeError(
+                    f"polyopt.torch.{type(self).__name__}.step: param group {index} is in "
+                    f"eval mode (its params are the evaluation point x): call "
+                    f"optimizer.train() before training steps")
+        return super().step(closure)
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Params -> x = (y - (1 - b1) z) / b1 (groups already in eval mode stay)."""
+        self._swap(False, rules.schedule_free_eval_params)
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Params -> y = b1 x + (1 - b1) z (groups already in train mode stay)."""
+        self._swap(True, rules.schedule_free_train_params)
+
+    def _swap(self, train: bool, move) -> None:
+        for index, group in enumerate(self.param_groups):
+            if group["train_mode"] == train:
+                continue
+            layout = self._layout(self._group_values(index, group))
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if "z" not in st:  # no step yet: x = y = z
+                    continue
+                work = p.detach().float() if p.dtype in _LOW_PRECISION else p.detach()
+                p.copy_(move([work], self._tree(layout, [st]))[0])
+            group["train_mode"] = train
+
+    def _checked(self, state_dict: dict):
+        state, groups = super()._checked(state_dict)
+        for index, group in enumerate(groups):
+            mode = group.setdefault("train_mode", True)
+            if not isinstance(mode, bool):
+                raise TypeError(
+                    f"polyopt.torch.{type(self).__name__}.load_state_dict: param group "
+                    f"{index}: train_mode must be True or False, got train_mode={mode!r}")
+        return state, groups
+
+
+class ADOPT(RuleOptimizer):
+    """ADOPT: :func:`polyopt.rules.adopt` (torch has no native ADOPT). State:
+    ``step``, ``exp_avg``, ``exp_avg_sq``. The first step only fills exp_avg_sq.
+    """
+
+    spec = hyper.ADOPT
+    factory = staticmethod(rules.adopt)
+
+
 class Ranger(RuleOptimizer):
     """Ranger: Lookahead over RAdam with gradient centralization, one rule
     (:func:`polyopt.rules.ranger`; lessw2020's defaults: betas (0.95, 0.999),
@@ -164,5 +246,4 @@ class Ranger(RuleOptimizer):
 
 OPTIMIZERS = {cls.spec.name: cls for cls in (SGD, Adagrad, RMSprop, Adadelta, Adam, AdamW,
                                              Adamax, NAdam, RAdam, Lion, Adafactor, Lamb,
-                                             Lars,
-                                             Ranger)}
+                                             Lars, ScheduleFreeAdamW, ADOPT, Ranger)}

@@ -43,6 +43,14 @@ from polyopt.rules.adaptive import (
     rmsprop,
 )
 from polyopt.rules.factored import AdafactorState, adafactor
+from polyopt.rules.schedule_free import (
+    ADOPTState,
+    ScheduleFreeState,
+    adopt,
+    schedule_free_adamw,
+    schedule_free_eval_params,
+    schedule_free_train_params,
+)
 from polyopt.rules.sgd_family import SGDState, sgd
 from polyopt.rules.sign_family import LionState, lion
 from polyopt.rules.trust_ratio import LambState, LarsState, lamb, lars
@@ -68,10 +76,13 @@ __all__ = [
     "ARRAY_API_SUBSET", "COUNT_LIMIT", "Rule", "SAMRule", "Slot", "Layout", "StateError",
     "register_namespace", "init_of", "update_of",
     "sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
-    "radam", "lion", "adafactor", "lamb", "lars", "lookahead", "ranger", "sam",
+    "radam", "lion", "adafactor", "lamb", "lars", "schedule_free_adamw",
+    "schedule_free_eval_params", "schedule_free_train_params", "adopt", "lookahead",
+    "ranger", "sam",
     "chain", "clip_by_global_norm", "centralize", "add_decayed_weights",
     "decoupled_weight_decay", "global_norm", "apply_if_finite",
     "SGDState", "AdagradState", "RMSpropState", "AdadeltaState", "AdamState", "AdamaxState",
     "NAdamState", "RAdamState", "LionState", "AdafactorState", "LambState", "LarsState",
-    "LookaheadState", "ChainState", "CountState", "ApplyIfFiniteState",
+    "ScheduleFreeState", "ADOPTState", "LookaheadState", "ChainState", "CountState",
+    "ApplyIfFiniteState",
 ]
