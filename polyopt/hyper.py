@@ -375,7 +375,7 @@ SGD = Spec("sgd", (
     Hyper("nesterov", False, kind="bool", doc="Nesterov momentum"),
     *weight_decay(0.0, "l2"),
     momentum_form("buffer"),
-    state_dtype(),
+    replace(state_dtype(), optax="accumulator_dtype"),  # optax.sgd's spelling
 ))
 
 ADAGRAD = Spec("adagrad", (
