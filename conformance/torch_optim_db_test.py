@@ -62,11 +62,17 @@ def _polyopt(info, params, kwargs):
     return polyopt.torch.preset(key, params, **kwargs)
 
 
-def _model(dtype, seed=0):
+def _model(dtype, seed=0, differentiable=False):
+    """Two params; with ``differentiable``, clones of leaves (torch.optim's
+    differentiable step changes them in place under autograd, which leaves refuse),
+    returned with the leaves."""
     generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(4, 3, generator=generator, dtype=dtype)
-    bias = torch.randn(3, generator=generator, dtype=dtype)
-    return [torch.nn.Parameter(weight), torch.nn.Parameter(bias)]
+    leaves = [torch.randn(4, 3, generator=generator, dtype=dtype),
+              torch.randn(3, generator=generator, dtype=dtype)]
+    if not differentiable:
+        return [torch.nn.Parameter(p) for p in leaves], None
+    leaves = [p.requires_grad_() for p in leaves]
+    return [p.clone() for p in leaves], leaves
 
 
 def _loss(params, step):
@@ -82,14 +88,26 @@ def _train(make, params, steps=STEPS, groups=None):
         def closure(step=step):
             optimizer.zero_grad()
             loss = _loss(params, step)
-            loss.backward()
-            return loss
-        losses.append(float(optimizer.step(closure)))
-    return optimizer, losses
+            if params[0].is_leaf:
+                loss.backward()
+            else:  # the grads alone, as torch's differentiable tests give them
+                for p, g in zip(params, torch.autograd.grad(loss, params)):
+                    p.grad = g.detach()
+            return loss.detach()
+        losses.append(optimizer.step(closure))
+    return optimizer, torch.stack(losses)  # in the params' dtype, for its tolerances
 
 
 def _fresh_kwargs(optim_input):
     return copy.deepcopy(optim_input.kwargs)
+
+
+def _outcome(make, params):
+    """(losses, None) or (None, the exception) of a short training run."""
+    try:
+        return _train(make, params)[1], None
+    except Exception as e:  # compared with the other run's
+        return None, e
 
 
 @pytest.mark.parametrize("info, index", _inputs("input"))
@@ -97,29 +115,50 @@ def _fresh_kwargs(optim_input):
 def test_same_numbers_as_the_native(info, index, dtype):
     optim_input = _get_optim_inputs_including_global_cliquey_kwargs(
         "cpu", dtype, info)[index]
-    ours = _model(dtype)
-    native = _model(dtype)
-    _, our_losses = _train(lambda p: _polyopt(info, p, _fresh_kwargs(optim_input)), ours)
-    _, native_losses = _train(lambda p: info.optim_cls(p, **_fresh_kwargs(optim_input)), native)
+    differentiable = bool(optim_input.kwargs.get("differentiable"))
+    ours, our_leaves = _model(dtype, differentiable=differentiable)
+    native, native_leaves = _model(dtype, differentiable=differentiable)
+    our_losses, our_error = _outcome(
+        lambda p: _polyopt(info, p, _fresh_kwargs(optim_input)), ours)
+    native_losses, native_error = _outcome(
+        lambda p: info.optim_cls(p, **_fresh_kwargs(optim_input)), native)
+    if native_error is not None:  # the same refusal
+        assert type(our_error) is type(native_error), (native_error, our_error)
+        return
+    if our_error is not None:
+        raise our_error
     torch.testing.assert_close(our_losses, native_losses)
     for a, b in zip(ours, native):
         torch.testing.assert_close(a.detach(), b.detach())
+    if differentiable:  # the steps' derivatives too
+        for a, b in zip(torch.autograd.grad(sum(p.sum() for p in ours), our_leaves),
+                        torch.autograd.grad(sum(p.sum() for p in native), native_leaves)):
+            torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("info, index", _inputs("input"))
 def test_state_dict_round_trip(info, index):
     optim_input = _get_optim_inputs_including_global_cliquey_kwargs(
         "cpu", torch.float64, info)[index]
-    params = _model(torch.float64)
+    differentiable = bool(optim_input.kwargs.get("differentiable"))
+    params, _ = _model(torch.float64, differentiable=differentiable)
     optimizer, _ = _train(lambda p: _polyopt(info, p, _fresh_kwargs(optim_input)), params, 2)
-    saved = copy.deepcopy(optimizer.state_dict())
-    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    state_dict = optimizer.state_dict()  # (a differentiable run's state is in autograd's graph)
+    saved = {"state": {k: {n: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                           for n, v in entry.items()} for k, entry in state_dict["state"].items()},
+             "param_groups": copy.deepcopy(state_dict["param_groups"])}
+    twin = [p.detach().clone().requires_grad_() for p in params]
+    if params[0].is_leaf:
+        twin = [torch.nn.Parameter(p.detach()) for p in twin]
+    else:
+        twin = [p.clone() for p in twin]
     restored = _polyopt(info, twin, _fresh_kwargs(optim_input))
     restored.load_state_dict(saved)
     for opt, ps in ((optimizer, params), (restored, twin)):
         for step in range(2, 4):
             opt.zero_grad()
-            _loss(ps, step).backward()
+            for p, g in zip(ps, torch.autograd.grad(_loss(ps, step), ps)):
+                p.grad = g.detach()
             opt.step()
     for a, b in zip(params, twin):
         torch.testing.assert_close(a.detach(), b.detach())
@@ -135,7 +174,7 @@ def test_param_groups(info):
         return [{"params": [params[0]]}, {"params": [params[1]], "lr": 0.003,
                                           "weight_decay": 0.1}]
 
-    ours, native = _model(torch.float64), _model(torch.float64)
+    (ours, _), (native, _) = _model(torch.float64), _model(torch.float64)
     _train(lambda p: _polyopt(info, groups(ours), copy.deepcopy(defaults)), ours)
     _train(lambda p: info.optim_cls(groups(native), **copy.deepcopy(defaults)), native)
     for a, b in zip(ours, native):
