@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import unittest
 from pathlib import Path
 
@@ -40,7 +41,8 @@ def _params(item: pytest.Item) -> str:
         item.name, "")
     if not text and hasattr(item, "callspec"):
         text = item.callspec.id
-    return " ".join(str(text).split())[:300]
+    text = re.sub(r" at 0x[0-9a-f]+", "", str(text))  # addresses change from run to run
+    return " ".join(text.split())[:300]
 
 
 @pytest.hookimpl(wrapper=True)

@@ -54,12 +54,22 @@ def _stand_in(path: str, native: type, variants: list[_natives.Preset]) -> type:
         options = {base.spec[k].spelling("keras"): v for k, v in preset.options.items()}
         base.__init__(self, **{**options, **given})
 
+    def __new__(cls, *args, **kwargs):
+        # Keras's torch backend picks its own subclass for each native class it
+        # finds under keras.src.optimizers (where the stand-in now is): skip that
+        # dispatch, as it is skipped for polyopt.keras's classes themselves
+        for klass in cls.__mro__:
+            if klass.__name__ == "TorchOptimizer" and "__new__" in vars(klass):
+                return super(klass, cls).__new__(cls)
+        return super(stand_in, cls).__new__(cls)
+
     __init__.__signature__ = inspect.Signature(
         [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
          *signature.parameters.values()])
-    return type(native.__name__, (base,), {
-        "__init__": __init__, "__module__": native.__module__,
+    stand_in = type(native.__name__, (base,), {
+        "__init__": __init__, "__new__": __new__, "__module__": native.__module__,
         "__qualname__": native.__qualname__, "__doc__": base.__doc__})
+    return stand_in
 
 
 def _skipper(path: str, native: type) -> type:
