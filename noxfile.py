@@ -4,6 +4,7 @@
     nox -s tests -- -k adam -x   # arguments after -- go to every pytest run
     nox -s lab -- --quick        # the optimizer lab: numpy + matplotlib only, no framework
     nox -s lint                  # ruff
+    nox -s conformance           # the frameworks' own optimizer tests against polyopt
     nox -s torch tf jax compare  # the cross-framework matrix, then the agreement check
     nox -s torch tf jax compare -- --quick   # a few dozen steps per run
     nox -s bench                 # optimizer step benchmarks, one process per framework
@@ -136,6 +137,20 @@ def tests(session: nox.Session) -> None:
         session.run("pytest", "-m", "keras", *session.posargs, *files,
                     env={**keras_env, "KERAS_BACKEND": backend})
     session.log(f"tests session done in {time.monotonic() - started:.0f} s")
+
+
+@nox.session
+def conformance(session: nox.Session) -> None:
+    """The frameworks' own optimizer tests against polyopt (docs/conformance.md): the
+    test files of the optax and Keras wheels and torch's optimizer database, one
+    process per suite. Offline; not part of `tests`. Arguments after -- go to
+    `python -m conformance` (suite names, --update, -- pytest arguments)."""
+    started = time.monotonic()
+    _install(session, "-e", ".[all,dev,conformance]")
+    env = _base_env(session)  # each suite sets its own KERAS_BACKEND (conformance/suite.py)
+    env["JAX_PLATFORMS"] = "cpu"
+    session.run("python", "-m", "conformance", *session.posargs, env=env)
+    session.log(f"conformance session done in {time.monotonic() - started:.0f} s")
 
 
 @nox.session

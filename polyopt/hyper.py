@@ -375,7 +375,7 @@ SGD = Spec("sgd", (
     Hyper("nesterov", False, kind="bool", doc="Nesterov momentum"),
     *weight_decay(0.0, "l2"),
     momentum_form("buffer"),
-    state_dtype(),
+    replace(state_dtype(), optax="accumulator_dtype"),  # optax.sgd's spelling
 ))
 
 ADAGRAD = Spec("adagrad", (
@@ -473,6 +473,9 @@ NADAM = Spec("nadam", (
           "False: Adam with constant Nesterov momentum b1 (optax nadam)"),
     *weight_decay(0.0, "l2"),
     state_dtype(),
+    Hyper("momentum_product_dtype", None, kind="choice", allowed=("float32",), optional=True,
+          doc="dtype the product of the momentum schedule is kept in (None: the params'); "
+          "torch.optim.NAdam keeps it in float32"),
 ))
 
 _RADAM_CORE = _MOMENTS + (

@@ -28,7 +28,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "torch.optim.Adam(amsgrad=True)": ("adam", {"amsgrad": True}),
     "torch.optim.AdamW": ("adamw", {}),
     "torch.optim.Adamax": ("adamax", {}),
-    "torch.optim.NAdam": ("nadam", {}),
+    "torch.optim.NAdam": ("nadam", {"momentum_product_dtype": "float32"}),
     "torch.optim.RAdam": ("radam", {}),
     "torch.optim.Adafactor": ("adafactor", {"eps": None, "eps_placement": "floor",
                                             "factoring": "last_two"}),

@@ -399,8 +399,8 @@ _rows("optax", None, *[
         ("radam", "total_steps", "float", 2.5, TypeError),
     ]])
 _rows("optax", None,
-      ("lookahead-inner-not-polyopt",
-       lambda _: _ox("lookahead", __import__("optax").adam(0.1)), TypeError, "inner"),
+      ("lookahead-inner-not-a-transformation",
+       lambda _: _ox("lookahead", 0.1), TypeError, "inner"),
       ("lookahead-sync_period-zero", lambda _: _ox("lookahead", _ox("adam"), sync_period=0),
        ValueError, "sync_period"),
       ("sam-sync_period-one", lambda _: _ox("sam", _ox("adam"), sync_period=1), ValueError,

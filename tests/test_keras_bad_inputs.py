@@ -152,3 +152,17 @@ def test_bad_input_is_refused_and_changes_nothing(row: Row):
 def test_catalogue_size():
     ids = [r.id for r in ROWS]
     assert len(set(ids)) == len(ids) >= 15
+
+
+def test_weight_decay_none_and_empty_build_are_keras():
+    # Keras: weight_decay=None is "none", except for AdamW (its ValueError and words)
+    assert pk.Adam(weight_decay=None).hyperparameters["weight_decay"] == 0.0
+    assert keras.optimizers.Adam(weight_decay=None).weight_decay is None
+    with pytest.raises(ValueError, match="Argument `weight_decay` must be a float. "
+                                         "Received: weight_decay=None"):
+        pk.AdamW(weight_decay=None)
+    with pytest.raises(ValueError, match="weight_decay"):
+        keras.optimizers.AdamW(weight_decay=None)
+    optimizer = pk.Nadam()
+    optimizer.build([])  # Keras allows it: the base's variables only
+    assert optimizer.built

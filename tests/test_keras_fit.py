@@ -387,3 +387,26 @@ if BACKEND == "tensorflow":
         assert len(other.optimizer.variables) == len(model.optimizer.variables) > 10
         for a, b in zip(other.optimizer.variables, model.optimizer.variables):
             np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+    def test_slots_built_inside_the_first_traced_step_as_keras():
+        # A model without an input shape is built inside the traced first step
+        # (its variables have no value to read yet): the zero slots need none and
+        # give Keras's numbers; a rule that copies the params says how to build first.
+        x = np.linspace(-1, 1, 8, dtype="float32").reshape(4, 2)
+        y = np.ones((4, 2), dtype="float32")
+        weights = []
+        for optimizer in (keras.optimizers.Adam(0.1), pk.Adam(
+                **polyopt_arguments(pk.Adam, "keras.optimizers.Adam", {"learning_rate": 0.1}))):
+            keras.utils.set_random_seed(0)
+            model = keras.Sequential([keras.layers.Dense(2)])
+            model.compile(optimizer=optimizer, loss="mse")
+            for _ in range(3):
+                model.train_on_batch(x, y)
+            weights.append([w.numpy() for w in model.weights])
+        for ours, theirs in zip(weights[1], weights[0]):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)  # float32 rounding
+        model = keras.Sequential([keras.layers.Dense(2)])
+        model.compile(optimizer=pk.Ranger(), loss="mse")
+        with pytest.raises(ValueError, match=r"ranger: the state copies the variables' "
+                                             r"values.*optimizer.build\(model.trainable"):
+            model.train_on_batch(x, y)

@@ -316,14 +316,36 @@ def test_inject_hyperparams_schedule_matches_optax():
     _assert_close(_run(ours, params)[0], _run(native, params)[0])
 
 
+def test_inject_hyperparams_keeps_structural_defaults_static():
+    # The signature shows None for momentum and the integer options (their
+    # defaults), so inject_hyperparams leaves them static: the jitted update
+    # works and the state has the structure of a plain call (no momentum buffer).
+    params = _params()
+    for factory, options in ((po.radam, {}), (po.rmsprop, {}), (po.sgd, {}),
+                             (po.ranger, {})):
+        opt = optax.inject_hyperparams(factory)(learning_rate=0.01, **options)
+        plain = factory(learning_rate=0.01, **options)
+        state, plain_state = jax.jit(opt.init)(params), jax.jit(plain.init)(params)
+        assert (jax.tree.structure(state.inner_state) == jax.tree.structure(plain_state))
+        updates, new = jax.jit(opt.update)(params, state, params)
+        plain_updates, plain_new = jax.jit(plain.update)(params, plain_state, params)
+        _assert_close(updates, plain_updates)
+        assert jax.tree.structure(new.inner_state) == jax.tree.structure(plain_new)
+
+
 def test_inject_hyperparams_structural_integer_needs_static_args():
     params = _params()
-    opt = optax.inject_hyperparams(po.radam)(learning_rate=0.01)
+    opt = optax.inject_hyperparams(po.radam)(learning_rate=0.01, total_steps=100)
     state = opt.init(params)  # concrete there: total_steps is read as an int
     with pytest.raises(TypeError, match=re.escape(
             "radam: total_steps must be a Python int, got a traced array") + ".*"
             + re.escape("static_args=('total_steps',)")):
         jax.jit(opt.update)(params, state, params)
+    static = optax.inject_hyperparams(po.radam, static_args=("total_steps", "warmup_proportion"))(
+        learning_rate=0.01, total_steps=100)
+    updates, _ = jax.jit(static.update)(params, static.init(params), params)
+    plain = po.radam(0.01, total_steps=100)
+    _assert_close(updates, plain.update(params, plain.init(params), params)[0])
 
 
 # --------------------------------------------------------------------------
@@ -419,9 +441,63 @@ def test_lookahead_reset_state_matches_optax():
         return p
 
     _assert_close(run(ours), run(native))
-    with pytest.raises(TypeError, match=r"lookahead: inner must be a transformation made by "
-                                        r"polyopt.optax.*optax.lookahead"):
-        po.lookahead(optax.adam(0.1))
+    # any optax transformation as the inner one, as optax.lookahead takes it
+    for reset_state in (False, True):
+        for inner in (optax.adam(0.05), optax.chain(optax.clip(0.5), optax.sgd(0.1, 0.9))):
+            ours = po.lookahead(inner, sync_period=3, slow_step_size=0.3,
+                                reset_state=reset_state)
+            native = optax.lookahead(inner, sync_period=3, slow_step_size=0.3,
+                                     reset_state=reset_state)
+            _assert_close(run(ours), run(native))
+    with pytest.raises(TypeError, match=r"lookahead: inner must be an optax "
+                                        r"GradientTransformation, got 3"):
+        po.lookahead(3)
+
+
+def _compilations(opt, params) -> int:
+    """How many times a jitted training step compiles over three steps."""
+    @jax.jit
+    def step(p, s):
+        updates, s = opt.update(jax.grad(lambda q: _loss(q, _batches(1)[0]))(p), s, p)
+        return optax.apply_updates(p, updates), s
+
+    s = opt.init(params)
+    before = step._cache_size()
+    for _ in range(3):
+        params, s = step(params, s)
+    return step._cache_size() - before
+
+
+def test_a_jitted_step_compiles_once_like_optax():
+    # The state of uncommitted params is uncommitted (as optax's): a committed
+    # step count would make the first step's outputs committed and the second
+    # call compile the same step again.
+    params = jax.tree.map(jnp.asarray, _params())
+    for ours, native in ((po.adam(0.1), optax.adam(0.1)),
+                         (po.sgd(0.1, 0.9), optax.sgd(0.1, 0.9))):
+        assert _compilations(native, params) == 1
+        assert _compilations(ours, params) == 1
+
+
+def test_update_takes_extra_args_like_optax():
+    params = _params()
+    for opt in (po.adam(0.1), po.sgd(0.1), po.lookahead(po.adam(0.1)),
+                po.apply_if_finite(po.adam(0.1))):
+        assert isinstance(opt, optax.GradientTransformationExtraArgs)
+        p = optax.LookaheadParams.init_synced(params) if opt.init.__qualname__.startswith(
+            "lookahead") else params
+        grads = p.fast if isinstance(p, optax.LookaheadParams) else p
+        updates, _ = jax.jit(opt.update)(grads, opt.init(p), p, unexpected_extra_arg=1)
+        want, _ = opt.update(grads, opt.init(p), p)
+        _assert_close(updates, want)
+
+
+def test_state_dtype_has_optax_spellings():
+    params = jnp.zeros(3, jnp.float32)
+    state = po.sgd(0.1, 0.9, accumulator_dtype="bfloat16").init(params)
+    assert {leaf.dtype for leaf in jax.tree.leaves(state) if leaf.ndim} == {jnp.dtype("bfloat16")}
+    with pytest.raises(TypeError, match="unexpected"):
+        po.sgd(0.1, 0.9, mu_dtype="bfloat16")
 
 
 @pytest.mark.parametrize("sync_period", [2, 3])

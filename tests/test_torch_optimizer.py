@@ -22,6 +22,7 @@ import torch
 
 import polyopt.torch as pt
 from polyopt import hyper, rules
+from polyopt.torch._optimizer import TORCH_FLAGS
 from tests.test_torch_parity import GRADS, PARAMS, max_rel_diff
 
 CLASSES = [pt.SGD, pt.Adagrad, pt.RMSprop, pt.Adadelta, pt.Adam, pt.AdamW, pt.Adamax, pt.NAdam,
@@ -70,13 +71,15 @@ def same(a, b) -> bool:
 def test_signature_is_the_spec_in_torch_spelling(cls):
     sig = inspect.signature(cls)
     names = list(sig.parameters)
-    assert names[0] == "params" and names[-1] == "compiled"
+    flags = list(TORCH_FLAGS) + (["decoupled_weight_decay"] if "weight_decay_mode" in cls.spec
+                                 else [])
+    assert names[0] == "params" and names[-len(flags) - 1:] == ["compiled", *flags]
     expected = []
     for h in cls.spec:
         name = h.spelling("torch").split("[")[0]
         if name not in expected:
             expected.append(name)
-    assert names[1:-1] == expected
+    assert names[1:-len(flags) - 1] == expected
     opt = cls(make_params())
     for h in cls.spec:  # the core's defaults, in the group under torch's name
         spelled = h.spelling("torch")
@@ -463,3 +466,76 @@ def test_step_hooks_and_repr_are_torchs():
     opt.step()
     assert calls == ["pre", "post"]
     assert "betas: (0.9, 0.999)" in repr(opt)
+
+
+# --------------------------------------------------------------------------
+# torch.optim's own flags (maximize, foreach, fused, differentiable,
+# decoupled_weight_decay) and torch's own argument checks
+
+
+def _run_native_and_ours(native_cls, ours, steps=4, dtype=torch.float64, **kwargs):
+    results = []
+    for make in (lambda p: native_cls(p, **kwargs), lambda p: ours(p, **kwargs)):
+        torch.manual_seed(0)
+        param = torch.nn.Parameter(torch.randn(5, 3, dtype=dtype))
+        optimizer = make([param])
+        for _ in range(steps):
+            optimizer.zero_grad()
+            (param ** 2).sum().backward()
+            grad = param.grad.clone()
+            optimizer.step()
+            assert torch.equal(param.grad, grad)  # maximize leaves p.grad alone
+        results.append(param.detach())
+    return results
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("Adam", {"lr": 0.1, "maximize": True, "weight_decay": 0.1}),
+    ("SGD", {"lr": 0.1, "momentum": 0.9, "maximize": True, "foreach": False}),
+    ("RMSprop", {"maximize": True, "foreach": True}),
+    ("Adagrad", {"fused": True}),
+    ("NAdam", {"lr": 0.1, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+    ("RAdam", {"lr": 0.1, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+    ("RAdam", {"lr": 0.1, "weight_decay": 0.1, "decoupled_weight_decay": False}),
+])
+def test_torch_flags_have_torch_meaning(name, kwargs):
+    native, ours = _run_native_and_ours(
+        getattr(torch.optim, name), lambda p, **kw: pt.preset(f"torch.optim.{name}", p, **kw),
+        **kwargs)
+    torch.testing.assert_close(ours, native, rtol=1e-12, atol=1e-12)
+
+
+def test_differentiable_step_is_recorded_by_autograd_as_torchs():
+    grads = []
+    for cls in (torch.optim.SGD, pt.SGD):
+        leaf = torch.linspace(-1, 1, 6, dtype=torch.float64).requires_grad_()
+        param = leaf.clone()  # torch.optim's differentiable step needs a non-leaf too
+        optimizer = cls([param], lr=0.1, momentum=0.9, differentiable=True)
+        for i in range(3):
+            param.grad = torch.full((6,), 0.5 + i, dtype=torch.float64) * param.detach()
+            optimizer.step()
+        grads.append(torch.autograd.grad((param ** 2).sum(), leaf)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make, exception, match", [
+    (lambda p: pt.Adam(p, foreach=True, fused=True), RuntimeError,
+     "`fused` and `foreach` cannot be `True` together"),
+    (lambda p: pt.Adam(p, fused=True, differentiable=True), RuntimeError,
+     "`fused` does not support `differentiable`"),
+    (lambda p: pt.Adam(p, betas=(0.9, torch.tensor(0.99))), ValueError,
+     "betas must be either both floats or both Tensors"),
+    (lambda p: pt.SGD(p, nesterov=True), ValueError,
+     "Nesterov momentum requires a momentum and zero dampening"),
+    (lambda p: pt.SGD(p, momentum=0.9, dampening=0.1, nesterov=True), ValueError,
+     "Nesterov momentum requires a momentum and zero dampening"),
+    (lambda p: pt.Adam(p, maximize=True, compiled=True), ValueError,
+     "maximize=True is not supported with compiled=True"),
+    (lambda p: pt.Adam(p, capturable=True), ValueError, "capturable=True is not supported"),
+    (lambda p: pt.Adam(p, maximize=1), TypeError, "maximize must be True or False"),
+    (lambda p: pt.NAdam(p, decoupled_weight_decay=True, weight_decay_mode="l2"), ValueError,
+     "decoupled_weight_decay=True contradicts weight_decay_mode='l2'"),
+])
+def test_torch_flag_errors_are_torchs(make, exception, match):
+    with pytest.raises(exception, match=match):
+        make([torch.nn.Parameter(torch.ones(2))])

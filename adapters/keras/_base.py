@@ -137,6 +137,8 @@ class RuleOptimizer(keras.optimizers.Optimizer):
     """
 
     spec: hyper.Spec
+    #: weight_decay=None is refused (Keras's AdamW) instead of meaning 0 (every other)
+    weight_decay_required: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -181,6 +183,10 @@ class RuleOptimizer(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(variables)
+        if not variables:  # Keras allows it: the base's variables only, no state
+            self._state_layout = _Layout(None, [])
+            self._slot_variables, self._global_variables = [], []
+            return
         # The layout of the state from zeros; its values lazily, when Keras calls the
         # initializers (on TensorFlow build() may run inside a tf.function trace:
         # the values are then computed eagerly, under tf.init_scope).
@@ -406,6 +412,12 @@ def _generated_init(spec: hyper.Spec):
         arguments = dict(bound.arguments)
         arguments.pop("self")
         values = {keras_to_name[k]: v for k, v in arguments.items() if k in keras_to_name}
+        if "weight_decay" in values and values["weight_decay"] is None:
+            # Keras's spelling of "no weight decay", except for AdamW, which is its decay
+            if type(self).weight_decay_required:
+                raise ValueError(f"{type(self).__name__}: Argument `weight_decay` must be a "
+                                 f"float. Received: weight_decay=None")
+            values["weight_decay"] = 0.0
         base = {k: v for k, v in arguments.items() if k in BASE_OPTIONS}
         self._setup(values, base, layouts=arguments.get("layouts"))
 
@@ -437,7 +449,27 @@ class _InitialState:
         with _eager():
             values = [np.asarray(ops.convert_to_numpy(v)) for v in self.variables]
         rule = self.optimizer.make_rule(0.0)
-        state = rules.init_of(rule, values, self.optimizer._param_layouts(rule, self.variables))
+        layouts = self.optimizer._param_layouts(rule, self.variables)
+        # A variable that TensorFlow creates inside the traced first step (a model
+        # built lazily by fit) has no value to read yet. Its state does not need
+        # one unless the rule copies the params (Lookahead's slow weights): then
+        # the state from zeros and from ones differ, and building needs the values.
+        unread = [i for i, (v, a) in enumerate(zip(self.variables, values))
+                  if a.shape != tuple(v.shape)]
+        for i in unread:
+            values[i] = np.zeros(tuple(self.variables[i].shape),
+                                 _numpy_dtype(self.variables[i].dtype))
+        state = rules.init_of(rule, values, layouts)
+        if unread:
+            ones = [np.ones_like(a) if i in unread else a for i, a in enumerate(values)]
+            other = rules.init_of(rule, ones, layouts)
+            if any(not np.array_equal(np.asarray(x), np.asarray(y))
+                   for x, y in zip(_leaves(state), _leaves(other))):
+                raise ValueError(
+                    f"{self.optimizer.spec.name}: the state copies the variables' values, "
+                    f"which TensorFlow cannot read while it traces the first step "
+                    f"({self.variables[unread[0]].path}); build the optimizer first: "
+                    f"optimizer.build(model.trainable_variables)")
         entries = _state.entries(state, len(values))
         self.slots = [e.value for e in entries if e.kind == "slot"]
         self.globals = [e.value for e, (kind, *_) in zip(entries, self.optimizer._where)
@@ -456,6 +488,15 @@ class _InitialState:
             return np.asarray(self.globals[j]).reshape(shape)
 
         return initializer
+
+
+def _leaves(state: Any) -> list:
+    """Every array of a state, in the walker's order."""
+    out = []
+    for entry in _state.entries(state):
+        out += list(entry.value) if entry.kind == "slot" else [entry.value] if (
+            entry.kind == "array") else []
+    return out
 
 
 def _eager():

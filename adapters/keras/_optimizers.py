@@ -64,6 +64,7 @@ class Adam(RuleOptimizer):
 @_register
 class AdamW(RuleOptimizer):
     spec = hyper.ADAMW
+    weight_decay_required = True
 
 
 @_register

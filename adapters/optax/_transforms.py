@@ -2,7 +2,7 @@
 
 Glue only: every number comes from :mod:`polyopt.rules`. A factory checks
 its arguments with the rule's spec (optax spellings), builds the core rule
-and returns ``optax.GradientTransformation(init, update)``; init and update
+and returns ``optax.GradientTransformationExtraArgs(init, update)``; init and update
 flatten the pytrees to the rule's lists and back (:mod:`._tree`).
 """
 
@@ -29,10 +29,22 @@ _NO_PARAMS = "call update(updates, state, params) with the current params"
 # arguments
 
 
-def _signature(spec: hyper.Spec, leading: tuple = ()) -> inspect.Signature:
+def _none_is_default(h: hyper.Hyper) -> bool:
+    """Whether a factory's signature shows None for ``h`` (its default: optax's spelling
+    of "no momentum"; any integer option): optax.inject_hyperparams turns every number
+    into an array, so a number default would make the momentum buffer exist (a traced
+    0 is not recognisably 0) or an integer that fixes the computation's structure
+    traced. None stays static, and the state keeps the structure of a plain call."""
+    return h.name == "momentum" or (h.kind == "int" and not h.optional)
+
+
+def _signature(spec: hyper.Spec, leading: tuple = (), none_defaults: bool = False
+               ) -> inspect.Signature:
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     return inspect.Signature(list(leading) + [
-        inspect.Parameter(h.spelling("optax"), kind, default=h.default) for h in spec])
+        inspect.Parameter(h.spelling("optax"), kind,
+                          default=None if none_defaults and _none_is_default(h) else h.default)
+        for h in spec])
 
 
 def _static_int(owner: str, h: hyper.Hyper, value: Any) -> Any:
@@ -54,10 +66,15 @@ def _static_int(owner: str, h: hyper.Hyper, value: Any) -> Any:
             f"static_args=({name!r},)") from None
 
 
-def _validate(owner: str, spec: hyper.Spec, arguments: dict) -> dict:
-    """The spec's canonical names -> checked values, from optax-spelled arguments."""
-    values = {h.name: _static_int(owner, h, arguments[h.spelling("optax")])
-              if h.kind == "int" else arguments[h.spelling("optax")] for h in spec}
+def _validate(owner: str, spec: hyper.Spec, arguments: dict, none_defaults: bool = False
+              ) -> dict:
+    """The spec's canonical names -> checked values, from optax-spelled arguments
+    (with none_defaults, None stands for the default where the signature shows it)."""
+    arguments = {h.name: h.default if none_defaults and _none_is_default(h)
+                 and arguments[h.spelling("optax")] is None else arguments[h.spelling("optax")]
+                 for h in spec}
+    values = {name: _static_int(owner, spec[name], value) if spec[name].kind == "int"
+              else value for name, value in arguments.items()}
     if "state_dtype" in values:
         values["state_dtype"] = _dtype_name(values["state_dtype"])
     return spec.validate(values, framework="optax")
@@ -109,11 +126,14 @@ def _uses_params(values: dict) -> bool:
     return not (isinstance(decay, numbers.Number) and decay == 0)
 
 
-def _args_doc(spec: hyper.Spec, overrides: dict | None = None) -> str:
+def _args_doc(spec: hyper.Spec, overrides: dict | None = None,
+              none_defaults: bool = False) -> str:
     lines = []
     for h in spec:
         doc = (overrides or {}).get(h.name, h.doc)
-        lines.append(f"      {h.spelling('optax')}: {doc} (default {h.default!r}; "
+        default = (f"None: {h.default!r}" if none_defaults and _none_is_default(h)
+                   else repr(h.default))
+        lines.append(f"      {h.spelling('optax')}: {doc} (default {default}; "
                      f"{h.allowed_text()}).")
     return "\n".join(lines)
 
@@ -123,7 +143,7 @@ def _args_doc(spec: hyper.Spec, overrides: dict | None = None) -> str:
 
 
 def _transformation(owner: str, rule: Any, uses_params: bool,
-                    layouts: Any = None) -> optax.GradientTransformation:
+                    layouts: Any = None) -> optax.GradientTransformationExtraArgs:
     """init/update of ``rule`` on pytrees; the rule is kept on ``init.polyopt_rule``."""
     if layouts is not None and not rule.uses_layout:
         raise ValueError(f"{owner}: layouts were given, but this rule does not use layouts "
@@ -136,7 +156,8 @@ def _transformation(owner: str, rule: Any, uses_params: bool,
         found = _layouts(f"{owner}.init", rule, layouts, leaves, treedef)
         return _tree.to_tree(rules.init_of(rule, leaves, found), treedef)
 
-    def update(updates, state, params=None):
+    def update(updates, state, params=None, **extra_args):
+        # extra_args: optax's GradientTransformationExtraArgs protocol; the rules need none
         where = f"{owner}.update"
         grads, treedef = _tree.flatten(where, updates, "updates")
         if not grads:
@@ -156,7 +177,7 @@ def _transformation(owner: str, rule: Any, uses_params: bool,
         return treedef.unflatten(new_updates), _tree.to_tree(core_state, treedef)
 
     init.polyopt_rule = rule  # type: ignore[attr-defined]
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 _LAYOUTS = inspect.Parameter("layouts", inspect.Parameter.KEYWORD_ONLY, default=None)
@@ -164,13 +185,13 @@ _LAYOUTS = inspect.Parameter("layouts", inspect.Parameter.KEYWORD_ONLY, default=
 
 def _make_factory(name: str, spec: hyper.Spec, build, uses_params=_uses_params, doc: str = "",
                   arg_docs: dict | None = None):
-    signature = _signature(spec)
+    signature = _signature(spec, none_defaults=True)
     signature = signature.replace(parameters=[*signature.parameters.values(), _LAYOUTS])
 
-    def factory(*args, **kwargs) -> optax.GradientTransformation:
+    def factory(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
         arguments = _bind(name, signature, args, kwargs)
         layouts = arguments.pop("layouts")
-        values = _validate(name, spec, arguments)
+        values = _validate(name, spec, arguments, none_defaults=True)
         transformation = _transformation(name, build(values), uses_params(values), layouts)
         transformation.init.polyopt_name = name  # type: ignore[attr-defined]
         transformation.init.polyopt_values = values  # type: ignore[attr-defined]
@@ -179,12 +200,14 @@ def _make_factory(name: str, spec: hyper.Spec, build, uses_params=_uses_params, 
     factory.__name__ = factory.__qualname__ = name
     factory.__module__ = "polyopt.optax"
     factory.__signature__ = signature  # type: ignore[attr-defined]
+    factory.spec = spec  # type: ignore[attr-defined]
     core_doc = inspect.getdoc(getattr(rules, name)) or ""
     summary = core_doc.splitlines()[0] if core_doc else name
     factory.__doc__ = (
         f"{summary}\n\n    The optax form of :func:`polyopt.rules.{name}` (same math, same "
-        f"defaults): returns an\n    ``optax.GradientTransformation`` on any pytree of params."
-        f"{doc}\n\n    Args:\n{_args_doc(spec, arg_docs)}\n"
+        f"defaults): returns an\n    ``optax.GradientTransformationExtraArgs`` on any "
+        f"pytree of params."
+        f"{doc}\n\n    Args:\n{_args_doc(spec, arg_docs, none_defaults=True)}\n"
         f"      layouts: for rules with per-tensor math (``uses_layout``): None (Flax's "
         f"layouts,\n        the last axis is the output), a polyopt.rules.Layout for every "
         f"leaf of 2 or\n        more axes, a callable shape -> Layout, or a pytree like "
@@ -419,7 +442,7 @@ def _rule_of(owner: str, inner: Any):
     if rule is None:
         raise TypeError(
             f"{owner}: inner must be a transformation made by polyopt.optax (sgd, adam, ...), "
-            f"got {inner!r:.200}; wrap optax's own transformations with optax.lookahead")
+            f"got {inner!r:.200}; wrap optax's own transformations with optax's {owner}")
     return rule
 
 
@@ -427,22 +450,50 @@ _LOOKAHEAD_SIGNATURE = _signature(hyper.LOOKAHEAD, (
     inspect.Parameter("inner", inspect.Parameter.POSITIONAL_OR_KEYWORD),))
 
 
-def lookahead(*args, **kwargs) -> optax.GradientTransformation:
+def _foreign(inner: Any, treedef) -> rules.Rule:
+    """Any optax transformation as a rule on the leaves of ``treedef``; its state stays
+    the transformation's own pytree."""
+    def init(leaves):
+        return inner.init(treedef.unflatten(leaves))
+
+    def update(grads, state, leaves):
+        updates, state = inner.update(treedef.unflatten(grads), state, treedef.unflatten(leaves))
+        return treedef.flatten_up_to(updates), state
+
+    return rules.Rule(init, update, elementwise=False)
+
+
+def lookahead(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
     arguments = _bind("lookahead", _LOOKAHEAD_SIGNATURE, args, kwargs)
     values = _validate("lookahead", hyper.LOOKAHEAD, arguments)
-    inner_rule = _rule_of("lookahead", arguments["inner"])
-    rule = rules.lookahead(inner_rule, **values)
+    inner = arguments["inner"]
+    inner_rule = getattr(getattr(inner, "init", None), "polyopt_rule", None)
+    if inner_rule is None and not (callable(getattr(inner, "init", None))
+                                   and callable(getattr(inner, "update", None))):
+        raise TypeError(f"lookahead: inner must be an optax GradientTransformation, "
+                        f"got {inner!r:.200}")
     owner = "lookahead"
+
+    def rule_for(treedef):
+        """The core lookahead around the inner rule (around ``inner`` itself if foreign:
+        its state is then kept as is, and a state reset is done here)."""
+        if inner_rule is not None:
+            return rules.lookahead(inner_rule, **values)
+        return rules.lookahead(_foreign(inner, treedef), **{**values, "reset_state": False})
 
     def init(params):
         fast = params.fast if isinstance(params, optax.LookaheadParams) else params
         leaves, treedef = _tree.flatten(f"{owner}.init", fast, "params.fast")
+        rule = rule_for(treedef)
         if not leaves:
+            if inner_rule is None:
+                return rules.LookaheadState(jnp.zeros((), jnp.int32), [], inner.init(fast))
             return _tree.layout_without_arrays(rule, fast)._replace(slow=[])
         state = rules.init_of(rule, leaves, _layouts(owner, rule, None, leaves, treedef))
-        return rules.LookaheadState(state.count, [], _tree.to_tree(state.inner, treedef))
+        inner_state = state.inner if inner_rule is None else _tree.to_tree(state.inner, treedef)
+        return rules.LookaheadState(state.count, [], inner_state)
 
-    def update(updates, state, params=None):
+    def update(updates, state, params=None, **extra_args):
         where = f"{owner}.update"
         if not isinstance(params, optax.LookaheadParams):
             raise TypeError(
@@ -458,17 +509,28 @@ def lookahead(*args, **kwargs) -> optax.GradientTransformation:
         _tree.check_like(where, grads, treedef, fast, fast_treedef, "updates", "params.fast")
         _tree.check_like(where, slow, slow_treedef, fast, fast_treedef, "params.slow",
                          "params.fast")
+        rule = rule_for(treedef)
         found = _layouts(where, rule, None, fast, treedef)
-        template = jax.eval_shape(lambda x: rules.init_of(inner_rule, x, found), fast)
-        inner_state = _tree.to_core(where, state.inner, template, treedef, "state.inner")
+        if inner_rule is None:
+            inner_state = state.inner
+        else:
+            template = jax.eval_shape(lambda x: rules.init_of(inner_rule, x, found), fast)
+            inner_state = _tree.to_core(where, state.inner, template, treedef, "state.inner")
         fast_updates, new = rules.update_of(
             rule, grads, rules.LookaheadState(state.count, slow, inner_state), fast, found)
         slow_updates = [s_new - s for s_new, s in zip(new.slow, slow)]  # optax's updates form
+        if inner_rule is None:
+            new_inner = new.inner
+            if values["reset_state"]:
+                synced = new.count % values["sync_period"] == 0
+                new_inner = _where(synced, inner.init(params.fast), new_inner)
+        else:
+            new_inner = _tree.to_tree(new.inner, treedef)
         return (optax.LookaheadParams(fast=treedef.unflatten(fast_updates),
                                       slow=treedef.unflatten(slow_updates)),
-                rules.LookaheadState(new.count, [], _tree.to_tree(new.inner, treedef)))
+                rules.LookaheadState(new.count, [], new_inner))
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 lookahead.__signature__ = _LOOKAHEAD_SIGNATURE  # type: ignore[attr-defined]
@@ -483,7 +545,8 @@ lookahead.__doc__ = f"""Lookahead in optax's form: params are ``optax.LookaheadP
     the slow weights live in ``params.slow``, not in the state.
 
     Args:
-      inner: the fast optimizer, a transformation made by polyopt.optax.
+      inner: the fast optimizer, any optax GradientTransformation (a polyopt.optax
+        one keeps its state in polyopt's form, any other its own).
 {_args_doc(hyper.LOOKAHEAD)}
 
     Example::

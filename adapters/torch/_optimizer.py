@@ -154,6 +154,54 @@ def _is_zero(value: Any) -> bool:
 
 
 # --------------------------------------------------------------------------
+# torch.optim's own flags, accepted with torch's meaning
+
+#: torch.optim's arguments beside the hyperparameters, with their defaults. Kept
+#: in every param group, as torch.optim keeps them. maximize: step along the
+#: gradient (the rule sees -grad; p.grad is left alone). foreach, fused: torch's
+#: choices of implementation, which give the same numbers; polyopt has its own
+#: (compiled=), so they change nothing but are checked as torch checks them.
+#: differentiable: the step runs with autograd on (params that are not leaves,
+#: as torch.optim needs too). capturable: only False (not capturable in a CUDA graph).
+TORCH_FLAGS = {"maximize": False, "foreach": None, "fused": None, "differentiable": False,
+               "capturable": False}
+
+
+def _weight_decay_mode(owner: str, decoupled: Any, given: Any) -> str:
+    """torch's decoupled_weight_decay=True/False as weight_decay_mode."""
+    if not isinstance(decoupled, bool):
+        raise TypeError(f"{owner}: decoupled_weight_decay must be None, True or False, "
+                        f"got decoupled_weight_decay={decoupled!r}")
+    mode = "decoupled" if decoupled else "l2"
+    if given is not None and given != mode:
+        raise ValueError(f"{owner}: decoupled_weight_decay={decoupled} contradicts "
+                         f"weight_decay_mode={given!r}; give one of them")
+    return mode
+
+
+def _check_flags(owner: str, flags: dict, compiled: bool) -> None:
+    for name in ("maximize", "differentiable", "capturable"):
+        if not isinstance(flags[name], bool):
+            raise TypeError(f"{owner}: {name} must be True or False, "
+                            f"got {name}={flags[name]!r}")
+    for name in ("foreach", "fused"):
+        if flags[name] is not None and not isinstance(flags[name], bool):
+            raise TypeError(f"{owner}: {name} must be None, True or False, "
+                            f"got {name}={flags[name]!r}")
+    if flags["fused"] and flags["foreach"]:  # torch's error type and words
+        raise RuntimeError(f"{owner}: `fused` and `foreach` cannot be `True` together.")
+    if flags["fused"] and flags["differentiable"]:
+        raise RuntimeError(f"{owner}: `fused` does not support `differentiable`")
+    if flags["capturable"]:
+        raise ValueError(f"{owner}: capturable=True is not supported (polyopt's step is not "
+                         f"CUDA-graph capturable); allowed: capturable=False")
+    for name in ("maximize", "differentiable"):
+        if flags[name] and compiled:
+            raise ValueError(f"{owner}: {name}=True is not supported with compiled=True "
+                             f"yet; use compiled=False")
+
+
+# --------------------------------------------------------------------------
 # a rule's state NamedTuple <-> per-parameter torch entries (the core walker's paths)
 
 
@@ -390,6 +438,11 @@ class RuleOptimizer(torch.optim.Optimizer):
             parameters.append(inspect.Parameter(arg.name, kind, default=arg.default))
         parameters.append(inspect.Parameter("compiled", inspect.Parameter.KEYWORD_ONLY,
                                             default=False))
+        parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+                       for name, default in TORCH_FLAGS.items()]
+        if "weight_decay_mode" in cls.spec:  # torch's spelling of the two modes
+            parameters.append(inspect.Parameter(
+                "decoupled_weight_decay", inspect.Parameter.KEYWORD_ONLY, default=None))
         cls._signature = inspect.Signature(parameters)
 
         def __init__(self, params, *args, **kwargs):
@@ -412,10 +465,21 @@ class RuleOptimizer(torch.optim.Optimizer):
         if not isinstance(compiled, bool):
             raise TypeError(f"{owner}: compiled must be True or False, got compiled={compiled!r}")
         defaults = {a.name: bound.arguments[a.name] for a in cls._args}
-        self._values(defaults)  # checks every argument before anything exists
+        decoupled = bound.arguments.get("decoupled_weight_decay")
+        if decoupled is not None:
+            defaults["weight_decay_mode"] = _weight_decay_mode(
+                owner, decoupled, kwargs.get("weight_decay_mode"))
+        values = self._values(defaults)  # checks every argument before anything exists
+        self._torch_check(owner, values)
+        flags = {name: bound.arguments[name] for name in TORCH_FLAGS}
+        _check_flags(owner, flags, compiled)
+        defaults.update(flags)  # per group, as torch.optim keeps them
         self.compiled = compiled
         self._reset_caches()
         super().__init__(params, defaults)
+
+    def _torch_check(self, owner: str, values: dict) -> None:
+        """Checks of torch.optim's own that go beyond the spec (a subclass's)."""
 
     def _reset_caches(self) -> None:
         self._layouts: dict = {}
@@ -471,6 +535,10 @@ class RuleOptimizer(torch.optim.Optimizer):
                 raise TypeError(
                     f"{self.spec.name}: {arg.name} must be a tuple of {len(arg.hypers)} "
                     f"numbers, got {arg.name}={value!r}")
+            tensors = [isinstance(v, torch.Tensor) for v in value]
+            if any(tensors) and not all(tensors):  # torch's error type and words
+                raise ValueError(f"{self.spec.name}: {arg.name} must be either both floats or "
+                                 f"both Tensors, got {arg.name}={value!r}")
             for index, h in arg.hypers:
                 values[h.name] = value[index]
         if isinstance(values.get("state_dtype"), torch.dtype):  # torch.bfloat16 -> "bfloat16"
@@ -591,6 +659,10 @@ class RuleOptimizer(torch.optim.Optimizer):
                 return values, params, grads
             del self._steady[index]
         params, grads = [], []
+        maximize = group.get("maximize", False)
+        if maximize:
+            _check_flags(f"polyopt.torch.{type(self).__name__} (param group {index})",
+                         {**TORCH_FLAGS, "maximize": maximize}, self.compiled)
         for j, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
@@ -605,7 +677,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                     f"{tuple(p.shape)} and dtype {p.dtype} but its grad has shape "
                     f"{tuple(g.shape)} and dtype {g.dtype}")
             params.append(p)
-            grads.append(g)
+            grads.append(-g if maximize else g)  # p.grad itself stays as it was
         return values, params, grads
 
     def step(self, closure=None):
@@ -614,7 +686,8 @@ class RuleOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with torch.no_grad():
+        # differentiable=True: the step is recorded by autograd, as torch.optim's
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable", False))):
             # every group is checked before any is changed
             plans = [self._plan(i, g) for i, g in enumerate(self.param_groups)]
             layouts = [self._param_layouts(values, group, params) if params else None
@@ -1023,6 +1096,8 @@ def _arguments_doc(cls) -> str:
         docs = "; ".join(f"{h.doc}, {h.allowed_text()}" for _, h in arg.hypers)
         lines.append(f"      {arg.name}={arg.default!r}: {docs}")
     lines.append("      compiled=False: the fast path (flat buffers, torch.compile)")
+    lines.append("      maximize=False, foreach=None, fused=None, differentiable=False, "
+                 "capturable=False: torch.optim's flags (see TORCH_FLAGS)")
     differs = torch_differences(cls)
     if differs and differs[1]:
         lines += ["", f"    torch.optim.{differs[0]} reproduced: pass " + ", ".join(

@@ -14,6 +14,10 @@ from polyopt import hyper, rules
 from polyopt.torch._optimizer import _LOW_PRECISION, RuleOptimizer
 
 
+def _positive(value) -> bool:
+    return bool(value > 0) if isinstance(value, torch.Tensor) else value > 0
+
+
 class SGD(RuleOptimizer):
     """SGD with (Nesterov) momentum and dampening: :func:`polyopt.rules.sgd`.
 
@@ -23,6 +27,14 @@ class SGD(RuleOptimizer):
 
     spec = hyper.SGD
     factory = staticmethod(rules.sgd)
+
+    def _torch_check(self, owner: str, values: dict) -> None:
+        # torch.optim.SGD's own check (its error type): optax and Keras allow both
+        if values["nesterov"] and not (_positive(
+                values["momentum"]) and values["dampening"] == 0):
+            raise ValueError(f"{owner}: Nesterov momentum requires a momentum and zero "
+                             f"dampening, got momentum={values['momentum']!r}, "
+                             f"dampening={values['dampening']!r}")
 
 
 class Adagrad(RuleOptimizer):

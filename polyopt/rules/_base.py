@@ -84,10 +84,7 @@ def zeros_count(xp, like: Array | None = None) -> Array:
 
 
 def _device(x: Array):
-    try:
-        return x.device
-    except AttributeError:  # pragma: no cover - every Array API array has one
-        return None
+    return _state.device_of(x)
 
 
 def check_params(owner: str, params: Params) -> list[Array]:

@@ -164,6 +164,23 @@ def slot_shape(slot: Slot, shape: Sequence[int], layout: Layout | None) -> tuple
     return tuple(shape[a] for a in sorted(keep))
 
 
+def device_of(x: Any) -> Any:
+    """The device new arrays made for ``x`` go on (None: the default device).
+
+    A JAX array that is not committed to a device (``jnp.zeros(3)``) gives
+    None, so the state made for it is not committed either: jax.jit keys its
+    cache on commitment, and a committed state would make the first step's
+    outputs committed and compile the same step a second time. A JAX tracer
+    has no device: None as well.
+    """
+    try:
+        if getattr(x, "committed", True) is False:
+            return None
+        return getattr(x, "device", None)
+    except Exception:  # a tracer refuses both with JAX's own error types
+        return None
+
+
 def storage_dtype(xp, slot: Slot, param: Any, state_dtype: str | None) -> Any:
     """The dtype ``slot`` is stored in, next to ``param``."""
     if slot.dtype == "float32":
@@ -202,8 +219,8 @@ def build(owner: str, slots: Sequence[Slot], params: Sequence[Any], layouts: Seq
             elif shape == tuple(p.shape):
                 full = xp.full_like(p, slot.init)
                 arrays.append(full if dtype == p.dtype else xp.astype(full, dtype))
-            else:  # (a jax tracer has no device: the default one)
-                zeros = xp.zeros(shape, dtype=dtype, device=getattr(p, "device", None))
+            else:
+                zeros = xp.zeros(shape, dtype=dtype, device=device_of(p))
                 arrays.append(xp.full_like(zeros, slot.init))
         if arrays and len(arrays) != len(params):
             raise ValueError(f"{owner}: slot {slot.name} has an array for some params only")

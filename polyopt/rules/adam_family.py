@@ -267,7 +267,7 @@ class NAdamState(NamedTuple):
 
 @hyper.NADAM.factory
 def nadam(learning_rate, b1, b2, eps, eps_root, momentum_decay, momentum_schedule,
-          weight_decay, weight_decay_mode, state_dtype) -> Rule:
+          weight_decay, weight_decay_mode, state_dtype, momentum_product_dtype) -> Rule:
     r"""NAdam (Dozat, 2016): Adam with Nesterov momentum.
 
     .. math::
@@ -294,6 +294,10 @@ def nadam(learning_rate, b1, b2, eps, eps_root, momentum_decay, momentum_schedul
       momentum_schedule: Dozat's warming schedule (True) or constant b1 (False).
       weight_decay, weight_decay_mode: see :func:`adam` (torch NAdam's
         decoupled_weight_decay=True is 'decoupled').
+      momentum_product_dtype: None (the params' dtype) or 'float32': the
+        product of the schedule's mu is kept and multiplied in float32, mu
+        itself computed in the params' dtype (torch.optim.NAdam's ``mu_product``,
+        a float32 tensor under torch's default dtype).
 
     Examples:
       >>> import numpy as np
@@ -306,17 +310,21 @@ def nadam(learning_rate, b1, b2, eps, eps_root, momentum_decay, momentum_schedul
     """
 
     def momentum_product(xp, params):
-        dtype = xp.result_type(*params)
+        dtype = (xp.result_type(*params) if momentum_product_dtype is None
+                 else getattr(xp, momentum_product_dtype))
         return (xp.ones((), dtype=dtype, device=_base._device(params[0])),)
 
     def step(xp, grads, params, state, lr_value):
         product = state.momentum_product
         if momentum_schedule:
-            t = _base.step_number(xp, state.count, product)
-            beta1 = _base.scalar(xp, b1, product)
+            # mu in the product's dtype, or in the params' when the product has its own
+            ref = product if momentum_product_dtype is None else xp.astype(
+                product, xp.result_type(*grads))
+            t = _base.step_number(xp, state.count, ref)
+            beta1 = _base.scalar(xp, b1, ref)
             mu = beta1 * (1 - 0.5 * 0.96 ** (t * momentum_decay))
             mu_next = beta1 * (1 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
-            product = product * mu
+            product = product * xp.astype(mu, product.dtype)
 
         @_base.per_dtype
         def scalars(like):
