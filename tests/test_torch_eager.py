@@ -2,9 +2,8 @@
 (polyopt.torch._eager): small tensors grouped into one rule call, large ones
 split into 1-d views. Its numbers are the one-call step's, bit for bit: each
 optimizer is run twice side by side, once with pieces of 8 elements (every
-tensor below but the 0-d one is split or grouped, two pieces a call) and once
-with pieces larger
-than all params together (one rule call on the whole tensors, the per-tensor
+tensor below but the 0-d one is split or grouped, two pieces a call) and
+once with pieces larger than all params together (one rule call on the whole tensors, the per-tensor
 arithmetic), and params and state must be equal after every step. The
 parity of the eager path with torch.optim itself is tests/test_torch_parity.py's.
 """

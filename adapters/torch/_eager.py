@@ -11,12 +11,12 @@ every element is treated alone) the numbers of one element do not depend on
 which piece it is in, so this is the per-tensor step's arithmetic exactly,
 op for op (docs/performance.md has the measurements that chose it).
 
-Small tensors are grouped into one rule call up to :data:`CHUNK` elements;
-larger ones are split into 1-d views. The params are updated in place, each
-state tensor is written in place (``copy_`` into its views), and the 0-d
-state (counts) once, after every piece has read the old value. Tensors that
-cannot be viewed flat (non-contiguous, or a tensor subclass such as DTensor)
-go whole into a call of their own group.
+Tensors of more than :data:`CHUNK` elements are split into 1-d views;
+consecutive pieces share one rule call up to :data:`CALL` elements. The
+params are updated in place, each state tensor is written in place
+(``copy_`` into its views), and the 0-d state (counts) once, after every
+piece has read the old value. Tensors that cannot be viewed flat
+(non-contiguous, or a tensor subclass such as DTensor) go whole.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 
 from polyopt.rules import _state
 
-#: Elements per rule call. 64k float32 (256 KiB per operand) keeps a step's
+#: Elements per piece. 64k float32 (256 KiB per operand) keeps a step's
 #: few live temporaries inside a 1-2 MiB L2 cache; larger pieces spill to L3,
 #: smaller ones pay the rule's Python cost (~0.2 ms a call) too often
 #: (measured: docs/performance.md).
