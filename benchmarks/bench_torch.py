@@ -6,7 +6,10 @@ For Adam, AdamW, SGD with momentum, RAdam and Ranger on two parameter sets
 (benchmarks/common.py: ResNet-20 x1.5, 2.4M params in 59 tensors; ResNet-18,
 11.7M in 62), float32, fixed random gradients (the update only): polyopt's
 fast path (``compiled=True``: flat state, one compiled elementwise kernel),
-polyopt eager, and torch.optim fused / foreach / for-loop (those that exist:
+polyopt's default (no flags: the eager step, polyopt.torch._eager), and
+torch.optim fused / foreach / for-loop (those that exist; the one torch runs
+without flags, for-loop on a CPU, is built without flags and named
+"native default (...)", the reference of "polyopt default";
 RAdam has no fused version; Ranger has no torch.optim version at all, so its
 row's reference is torch.optim.RAdam, which does the same RAdam step without
 Lookahead and gradient centralization). The copy bandwidth is measured with
@@ -76,6 +79,10 @@ def builders(name: str, fast: bool) -> dict:
     out = {}
     for flavour in flavours:
         label = f"native {flavour}" if name != "Ranger" else f"native RAdam {flavour} (no Ranger)"
+        if flavour == default_flavour() and name != "Ranger":
+            label = f"{common.DEFAULT} ({flavour})"  # built without flags: torch's own choice
+            out[label] = lambda ps: getattr(torch.optim, native_cls)(ps, **kwargs)
+            continue
         out[label] = (lambda ps, f=flavour: getattr(torch.optim, native_cls)(
             ps, **kwargs, **FLAGS[f]))
     if polyopt_name.startswith("torch.optim."):
@@ -84,8 +91,18 @@ def builders(name: str, fast: bool) -> dict:
         make = lambda ps, **kw: getattr(pt, polyopt_name)(ps, **kwargs, **kw)  # noqa: E731
     if fast:
         out["polyopt fast"] = lambda ps: make(ps, compiled=True)
-    out["polyopt eager"] = make
+    out["polyopt default"] = make  # no flags: the eager default
     return out
+
+
+def default_flavour() -> str:
+    """What torch.optim runs without flags for float32 CPU params (for-loop on a
+    CPU; torch.optim.optimizer._default_to_fused_or_foreach decides)."""
+    from torch.optim.optimizer import _default_to_fused_or_foreach
+
+    params = [torch.zeros(2)]
+    fused, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
+    return "fused" if fused else "foreach" if foreach else "for-loop"
 
 
 def slots(name: str) -> int:

@@ -198,22 +198,25 @@ class Result:
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per variant: median ms, spread, ratio to the fastest native
-        variant (names starting with ``native``, by median) and to the
-        bandwidth bound. The ratio is paired: the median over rounds of the
-        variant's time over the fastest native's time in the same round, so
+        variant (names starting with ``native``, by median), to the native
+        default (the variant named ``native default ...``: what the framework
+        runs without flags; NaN where there is none) and to the bandwidth
+        bound. The ratios are paired: the median over rounds of the
+        variant's time over the reference's time in the same round, so
         that load which hits one round does not move it (results written
         without the times of each round: the ratio of the medians)."""
         natives = [t for t in self.timings if t["name"].startswith("native")]
         fastest = min(natives, key=lambda t: t["median_s"]) if natives else None
+        default = next((t for t in natives if t["name"].startswith(DEFAULT)), None)
         bound = self.traffic_bytes / self.bandwidth_bytes_per_s
 
-        def ratio(t: dict) -> float:
-            if fastest is None:
+        def ratio(t: dict, reference: dict | None = fastest) -> float:
+            if reference is None:
                 return float("nan")
-            mine, theirs = t.get("per_round_s"), fastest.get("per_round_s")
+            mine, theirs = t.get("per_round_s"), reference.get("per_round_s")
             if mine and theirs and len(mine) == len(theirs):
                 return statistics.median(a / b for a, b in zip(mine, theirs))
-            return t["median_s"] / fastest["median_s"]
+            return t["median_s"] / reference["median_s"]
 
         return [{
             "framework": self.framework, "algorithm": self.algorithm, "params": self.param_set,
@@ -221,7 +224,13 @@ class Result:
             "spread_ms": (1e3 * t["p25_s"], 1e3 * t["p75_s"]),
             "first_call_s": t["first_call_s"],
             "vs_native": ratio(t), "vs_bound": t["median_s"] / bound,
+            "vs_default": ratio(t, default),
         } for t in self.timings]
+
+
+#: The name prefix of the native variant built without flags (torch.optim's
+#: default: for-loop on a CPU, foreach on CUDA), the reference of "polyopt default".
+DEFAULT = "native default"
 
 
 def write(results: list[Result], path: Path) -> None:
@@ -279,8 +288,9 @@ def summary(*paths: Path) -> str:
     """The ratios only, of every optimizer-step result in ``paths``: one row per
     algorithm and parameter set, one column per framework's polyopt variant,
     each cell that variant's time over the fastest native variant of the
-    same run, with both times (the epoch results have their own table in
-    :func:`markdown`)."""
+    same run, with both times, and where both exist a column of "polyopt
+    default" over the native default (the epoch results have their own table
+    in :func:`markdown`)."""
     cells: dict = {}
     columns: list = []
     for path in paths:
@@ -301,6 +311,13 @@ def summary(*paths: Path) -> str:
                     columns.append(column)
                 cells[(row["algorithm"], row["params"], column)] = (
                     f"{row['vs_native']:.2f}x ({row['ms']:.1f} / {best['ms']:.1f})")
+                default = next((n for n in natives if n["variant"].startswith(DEFAULT)), None)
+                if row["variant"] == "polyopt default" and default is not None:
+                    column = f"{row['framework']} default vs native default"
+                    if column not in columns:
+                        columns.append(column)
+                    cells[(row["algorithm"], row["params"], column)] = (
+                        f"{row['vs_default']:.2f}x ({row['ms']:.1f} / {default['ms']:.1f})")
     keys = list(dict.fromkeys((a, p) for a, p, _ in cells))
     keys.sort(key=lambda k: k[1], reverse=True)
     lines = ["| algorithm | params | " + " | ".join(columns) + " |",

@@ -63,3 +63,25 @@ def test_ratio_to_native_is_paired_by_round_when_the_rounds_are_recorded():
     old = common.Result(**{**asdict(result), "timings": [
         {k: v for k, v in t.items() if k != "per_round_s"} for t in result.timings]})
     assert {row["variant"]: row["vs_native"] for row in old.rows()}["polyopt fast"] == 2.4
+
+
+def test_polyopt_default_gets_a_column_against_the_native_default(tmp_path):
+    """"polyopt default" is also compared with "native default (...)" (what
+    torch.optim runs without flags), paired by round; a run without a native
+    default has no such column."""
+    result = common.Result("torch", "Adam", "resnet18", 10, 2, 2_000_000, 1e9, [
+        {**_timing("native fused", 1.0), "per_round_s": [1.0] * 3},
+        {**_timing("native default (for-loop)", 4.0), "per_round_s": [4.0, 4.0, 8.0]},
+        {**_timing("polyopt default", 5.0), "per_round_s": [5.0, 5.0, 4.0]}])
+    rows = {row["variant"]: row for row in result.rows()}
+    assert rows["polyopt default"]["vs_default"] == 1.25
+    assert rows["polyopt default"]["vs_native"] == 5.0
+    assert math.isnan(common.Result("jax", "Adam", "resnet18", 10, 2, 2_000_000, 1e9, [
+        _timing("native optax", 1.0), _timing("polyopt", 1.0)]).rows()[1]["vs_default"])
+    path = tmp_path / "torch.json"
+    common.write([result], path)
+    table = common.summary(path)
+    assert table.splitlines()[0] == ("| algorithm | params | torch default | "
+                                     "torch default vs native default |")
+    assert table.splitlines()[2] == ("| Adam | resnet18 | 5.00x (5000.0 / 1000.0) | "
+                                     "1.25x (5000.0 / 4000.0) |")

@@ -31,6 +31,7 @@ from torch.fx.passes.split_module import split_module
 from polyopt import native, rules
 from polyopt.hyper import Spec
 from polyopt.rules import COUNT_LIMIT, _state
+from polyopt.torch import _eager
 
 # Torch tensors go straight to array_api_compat's torch namespace: the same
 # namespace array_namespace() returns, found without its introspection (which
@@ -412,7 +413,9 @@ class RuleOptimizer(torch.optim.Optimizer):
     tensor inputs: a changing lr never recompiles. Compiling takes a few
     seconds (flat path) to a minute (per-bucket graphs) on a CPU, once per
     structure. The
-    default eager path runs the same rule op by op, per tensor.
+    default eager path runs the same rule op by op: an elementwise rule on
+    cache-sized pieces of the params (:mod:`polyopt.torch._eager`), any other
+    per tensor.
     """
 
     spec: Spec
@@ -737,6 +740,11 @@ class RuleOptimizer(torch.optim.Optimizer):
             if self.compiled and self._flat_eligible(ps):
                 self._step_flat(values, layout, ps, gs, states, layouts=own)
                 continue
+            rule = self._rule(values)
+            if not self.compiled and _eager.eligible(rule):
+                _eager.step(_apply, rule.update, layout, ps, gs, states,
+                            self._scalars(layout, states))
+                continue
             tree = self._tree(layout, states)
             if self.compiled:
                 fn = self._compiled_step(values, ps, states, own)
@@ -744,7 +752,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                 for p, value in zip([p for p in ps if p.ndim == 0], scalars):
                     p.copy_(value)
             else:
-                update = self._rule(values).update
+                update = rule.update
                 if own is not None:
                     update = functools.partial(update, layouts=list(own))
                 new = _apply(update, ps, gs, tree)
@@ -778,14 +786,18 @@ class RuleOptimizer(torch.optim.Optimizer):
                     st[key] = value.to(step_dtype() if is_count else value.dtype, copy=True)
 
     def _tree(self, layout: _Layout, states: list) -> Any:
-        values = {}
+        values = self._scalars(layout, states)
         first = states[0]
         for path, key in layout.slots:
             values[path] = [st[key] for st in states] if key in first else []
-        for path, key, is_count in layout.scalars:
-            value = first[key]
-            values[path] = as_count(value) if is_count else value
         return _state.rebuild_from(layout.template, values)
+
+    @staticmethod
+    def _scalars(layout: _Layout, states: list) -> dict:
+        """{path: value} of a bucket's 0-d state as the rule reads it (counts as int32)."""
+        first = states[0]
+        return {path: as_count(first[key]) if is_count else first[key]
+                for path, key, is_count in layout.scalars}
 
     def _write(self, layout: _Layout, states: list, new: Any) -> None:
         leaves = _state.by_path(new)
