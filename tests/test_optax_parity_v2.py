@@ -280,8 +280,29 @@ def test_masks_are_checked():
                                         r"bools or a callable params -> tree, got "
                                         r"weight_decay_mask=None"):
         po.lars(0.1, weight_decay_mask=None)
-    with pytest.raises(TypeError, match=r"lookahead: inner must be a transformation made by"):
-        po.lookahead(po.lars(0.1, trust_ratio_mask={"w": True, "b": False}))
+
+
+def test_lookahead_around_a_masked_lars_is_optax_lookahead_around_optax_lars():
+    """polyopt.optax.lookahead wraps any transformation, the masked ones included."""
+    params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 4))), "b": jnp.zeros(4)}
+    mask = {"w": True, "b": False}
+    out = []
+    for tx in (po.lookahead(po.lars(0.1, trust_norm="combined", weight_decay=0.01,
+                                    trust_ratio_mask=mask, weight_decay_mask=mask),
+                            sync_period=3, slow_step_size=0.5),
+               optax.lookahead(optax.lars(0.1, weight_decay=0.01, trust_ratio_mask=mask,
+                                          weight_decay_mask=mask),
+                               sync_period=3, slow_step_size=0.5)):
+        p = optax.LookaheadParams.init_synced(params)
+        state = tx.init(p)
+        for i in range(7):
+            updates, state = tx.update(jax.tree.map(lambda x, i=i: jnp.sin(x + i), p.fast),
+                                       state, p)
+            p = optax.apply_updates(p, updates)
+        out.append([np.asarray(x) for x in jax.tree.leaves(p)])
+    assert problem.max_rel(out[0], out[1]) <= 1e-10
+    assert problem.max_rel(out[1], [np.asarray(x) for x in jax.tree.leaves(
+        optax.LookaheadParams.init_synced(params))]) > 1e-3
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

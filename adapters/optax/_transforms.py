@@ -339,7 +339,7 @@ def _masked_factory(name: str, spec: hyper.Spec, masks: dict, doc: str = ""):
             return (treedef.unflatten(out),
                     _tree.to_tree(_state.merge(parts, len(grads)), treedef))
 
-        def init(params):  # without ``polyopt_rule``: wrappers would drop the masks
+        def init(params):  # no ``polyopt_rule``: wrappers treat it as any transformation
             return inner.init(params)
 
         return optax.GradientTransformation(init, update)
