@@ -74,9 +74,20 @@ EXPERIMENTS = {e.name: e for e in [
 #: main command's matrix (which trains the seed posts' experiments), but run in
 #: float64 by the tests in every framework, where the three must agree exactly
 #: (``python -m examples.matrix --experiments mnist-lion,...`` runs them in full).
+#: Schedule-Free is evaluated at its training point y in every framework (as
+#: keras.optimizers.ScheduleFreeAdamW does under ``fit``/``evaluate``).
 RULE_CHECKS = {e.name: e for e in [
-    Experiment("mnist-lion", "mlp", "mnist", 128, 12, "lion", {"learning_rate": 1e-4}),
-    Experiment("cifar-lion", "cnn", "cifar10", 100, 10, "lion", {"learning_rate": 1e-4}),
+    Experiment(f"{prefix}-{rule}", model, data, batch, epochs, rule, options)
+    for rule, options in [
+        ("lion", {"learning_rate": 1e-4}),
+        ("adafactor", {}),                       # the relative step, capped at 1e-2
+        ("lamb", {"learning_rate": 1e-3, "weight_decay": 0.01}),
+        ("lars", {"learning_rate": 1.0, "weight_decay": 1e-4}),
+        ("adopt", {"learning_rate": 1e-3}),
+        ("schedule_free_adamw", {"learning_rate": 2.5e-3}),
+    ]
+    for prefix, model, data, batch, epochs in [("mnist", "mlp", "mnist", 128, 12),
+                                               ("cifar", "cnn", "cifar10", 100, 10)]
 ]}
 
 KNOWN = {**EXPERIMENTS, **RULE_CHECKS}
