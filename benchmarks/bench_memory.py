@@ -27,6 +27,7 @@ nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import re
@@ -53,6 +54,12 @@ def _parse(key: str) -> tuple[str, dict]:
     """'torch.optim.Adam(amsgrad=True)' -> ('Adam', {'amsgrad': True})."""
     match = re.fullmatch(r"(?:\w+\.)+(\w+)(?:\((.*)\))?", key)
     return match[1], eval(f"dict({match[2] or ''})")  # noqa: S307 - our own table
+
+
+def _native(key: str):
+    """The callable a preset key names: 'optax.contrib.adopt' -> optax.contrib.adopt."""
+    module, _, name = key.split("(")[0].rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def natives_of(framework: str) -> dict:
@@ -154,7 +161,6 @@ def _keras(shapes: list[tuple]) -> dict:
 def _optax(shapes: list[tuple]) -> dict:
     import jax
     import jax.numpy as jnp
-    import optax
 
     import polyopt.optax as po
     from polyopt import hyper
@@ -172,7 +178,7 @@ def _optax(shapes: list[tuple]) -> dict:
         row = {"native": key}
         if key is not None:
             name, kwargs = _parse(key)
-            row["native_bytes"] = measure(getattr(optax, name)(OPTAX_LR, **kwargs))
+            row["native_bytes"] = measure(_native(key)(OPTAX_LR, **kwargs))
         if rule_name in factories:
             spec = hyper.spec(rule_name)
             options = native.PRESETS[key][1] if key is not None else {}
