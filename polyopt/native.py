@@ -55,6 +55,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "keras.optimizers.Adafactor": ("adafactor", {"learning_rate": 0.001,
                                                  "factoring": "last_two",
                                                  "param_scale_after_decay": True}),
+    # Keras's update_step caps the step at 1/sqrt(t) whatever relative_step says
+    "keras.optimizers.Adafactor(relative_step=False)": ("adafactor", {
+        "learning_rate": 0.001, "factoring": "last_two", "param_scale_after_decay": True}),
     "keras.optimizers.Lamb": ("lamb", {"eps": 1e-7, "weight_decay_mode": "decoupled"}),
     "keras.optimizers.ScheduleFreeAdamW": ("schedule_free_adamw", {
         "weight_lr_power": 0.0, "weight_decay_mode": "variable"}),
@@ -71,7 +74,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "optax.nadam": ("nadam", {"momentum_schedule": False}),
     "optax.radam": ("radam", {"eps_placement": "outside"}),
     "optax.lion": ("lion", {"weight_decay": 1e-3}),
-    "optax.adafactor": ("adafactor", {"relative_step": False, "factoring": "largest_two",
+    # optax.adafactor's learning_rate=None (its default) scales by nothing: 1.0
+    "optax.adafactor": ("adafactor", {"learning_rate": 1.0, "relative_step": False,
+                                      "factoring": "largest_two",
                                       "min_dim_size_to_factor": 128,
                                       "weight_decay_mode": "decoupled_unscaled"}),
     "optax.lamb": ("lamb", {}),

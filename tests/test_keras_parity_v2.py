@@ -193,6 +193,21 @@ def test_adafactor_matches_keras_for_200_steps(case, dtype):
     assert problem.max_rel(problem.initial(dtype), want) > 1e-2
 
 
+def test_adafactor_relative_step_false_still_caps_the_step_in_keras():
+    """keras.optimizers.Adafactor(relative_step=False) takes min(learning_rate,
+    1/sqrt(t)) all the same (rho_t in its update_step): its preset is polyopt's
+    relative_step=True. With learning_rate 0.5 the cap binds from step 5 on."""
+    key = "keras.optimizers.Adafactor(relative_step=False)"
+    spelled = {pk.Adafactor.spec[k].spelling("keras"): v
+               for k, v in native.PRESETS[key][1].items()}
+    options = {"learning_rate": 0.5}
+    want = _run(keras.optimizers.Adafactor(relative_step=False, **options), "float32")
+    got = _run(pk.Adafactor(**{**spelled, **options}), "float32")
+    problem.assert_parity(f"keras-{keras.backend.backend()} {key}", got, want, "float32")
+    uncapped = _run(pk.Adafactor(**{**spelled, **options, "relative_step": False}), "float32")
+    assert problem.max_rel(uncapped, want) > 1e-2
+
+
 def test_adafactor_keeps_two_vectors_per_matrix():
     variables = [keras.Variable(np.zeros((1024, 1024), "float32"))]
     opt = pk.Adafactor()

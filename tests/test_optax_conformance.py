@@ -13,7 +13,8 @@ import pytest
 from conformance import _natives, suite
 
 _FILE = "optax/_src/float64_test.py"
-_POLYOPT = {"adagrad", "adam", "adamw", "lamb", "rmsprop", "sgd", "sign_sgd"}  # sign_sgd: alias.sgd
+_POLYOPT = {"adagrad", "adam", "adamw", "lamb", "rmsprop", "sgd",
+            "sign_sgd"}  # (sign_sgd: alias.sgd)
 _NO_PRESET = {"fromage", "noisy_sgd"}
 
 

@@ -168,6 +168,9 @@ def _adafactor(**options):
 ADAFACTOR_CASES = [
     ("optax.adafactor", lambda dtype: _adafactor(learning_rate=1e-2),
      lambda dtype: optax.adafactor(1e-2)),
+    # optax's default learning_rate=None scales by nothing: the preset's 1.0
+    ("optax.adafactor() learning_rate=None", lambda dtype: _adafactor(),
+     lambda dtype: optax.adafactor()),
     # optax's momentum accumulator is float32 by default (dtype_momentum); float64
     # runs give it float64 (polyopt keeps it in the params' dtype, or state_dtype)
     ("optax.adafactor momentum=0.9 weight_decay_rate=0.01",
@@ -177,10 +180,11 @@ ADAFACTOR_CASES = [
     # the conv kernel factored too (its two largest axes, 16 and 8), no clipping, no
     # parameter scale. (decay_offset is not compared: from a fresh state optax's
     # t = count - offset + 1 <= 0 makes its statistics NaN for good.)
+    # optax's spelling decay_rate=0.7 (beta2_decay=-0.7)
     ("optax.adafactor min_dim_size_to_factor=8 no clipping no scale decay_rate=0.7",
      lambda dtype: _adafactor(learning_rate=1e-2, min_dim_size_to_factor=8,
                               clipping_threshold=None, multiply_by_parameter_scale=False,
-                              beta2_decay=-0.7),
+                              decay_rate=0.7),
      lambda dtype: optax.adafactor(1e-2, min_dim_size_to_factor=8, clipping_threshold=None,
                                    multiply_by_parameter_scale=False, decay_rate=0.7)),
     ("optax.adafactor factored=False eps=1e-20",
@@ -228,6 +232,47 @@ def test_adafactor_float64_differs_only_by_optax_float32_schedule(case, monkeypa
     label, ours, theirs = case
     problem.assert_parity(f"{label} (float64 schedule)", _run(ours("float64"), "float64"),
                           _run(theirs("float64"), "float64"), "float64")
+
+
+def test_adafactor_decay_rate_under_inject_hyperparams_matches_optax():
+    """optax's decay_rate, traced by optax.inject_hyperparams, steps as optax's."""
+    params = [jnp.negative(jnp.ones((2, 3))), jnp.ones((2, 5, 2))]
+    grads = [jnp.ones((2, 3)), jnp.negative(jnp.ones((2, 5, 2)))]
+    out = []
+    for factory, options in ((po.adafactor, native.PRESETS["optax.adafactor"][1]),
+                             (optax.adafactor, {})):
+        opt = optax.inject_hyperparams(factory, static_args=("min_dim_size_to_factor",))(
+            **{**options, "learning_rate": 0.1, "decay_rate": 0.5})
+        state = opt.init(params)
+        assert float(state.hyperparams["decay_rate"]) == 0.5  # injected: an array
+        p = params
+        for _ in range(3):
+            updates, state = jax.jit(opt.update)(grads, state, p)
+            p = optax.apply_updates(p, updates)
+        out.append([np.asarray(x) for x in p])
+    assert problem.max_rel(out[0], out[1]) <= 1e-6  # float32 runs
+    assert problem.max_rel(out[1], [np.asarray(x) for x in params]) > 1e-2
+
+
+def test_adafactor_decay_rate_is_checked():
+    with pytest.raises(ValueError, match=r"adafactor: decay_rate must be a number in "
+                                         r"\[0, inf\) or None, got decay_rate=-0.8"):
+        po.adafactor(1e-2, decay_rate=-0.8)
+    with pytest.raises(TypeError, match=r"adafactor: give beta2_decay or optax's decay_rate, "
+                                        r"not both; got beta2_decay=-0.5 and decay_rate=0.8"):
+        po.adafactor(1e-2, beta2_decay=-0.5, decay_rate=0.8)
+    with pytest.raises(TypeError, match=r"adafactor: .*unexpected keyword argument 'decay'"):
+        po.adafactor(1e-2, decay=0.8)
+
+
+def test_every_factory_carries_its_spec():
+    """Each factory names its spec (the masked ones, lamb and lars, too): wrappers read
+    the optax spellings from it."""
+    from polyopt import hyper
+
+    for name in ("sgd", "adam", "lion", "adafactor", "lamb", "lars", "schedule_free_adamw",
+                 "adopt"):
+        assert getattr(po, name).spec is hyper.spec(name), name
 
 
 def test_adafactor_state_is_two_vectors_for_a_matrix():

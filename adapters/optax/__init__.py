@@ -1,13 +1,10 @@
 """polyopt.optax: the polyopt rules as optax GradientTransformations.
 
 Each factory (``sgd``, ``adagrad``, ``rmsprop``, ``adadelta``, ``adam``,
-``adamw``, ``amsgrad``, ``adamax``, ``nadam``, ``radam``, ``lion``, ``lamb``,
-``lars``, ``ranger``) takes optax's argument names with polyopt's defaults
-(the same in every framework), checks them at construction, and returns an
 ``adamw``, ``amsgrad``, ``adamax``, ``nadam``, ``radam``, ``lion``,
-``schedule_free_adamw``, ``adopt``, ``ranger``) takes
-optax's argument names with polyopt's defaults (the same in every
-framework), checks them at construction, and returns an
+``adafactor``, ``lamb``, ``lars``, ``schedule_free_adamw``, ``adopt``,
+``ranger``) takes optax's argument names with polyopt's defaults (the same in
+every framework), checks them at construction, and returns an
 ``optax.GradientTransformation`` that runs the core rule of
 :mod:`polyopt.rules` on any pytree of params, under ``jax.jit``, in
 ``optax.chain``, ``optax.inject_hyperparams``, ``optax.MultiSteps``, with

@@ -34,8 +34,10 @@ def _none_is_default(h: hyper.Hyper) -> bool:
     of "no momentum"; any integer option): optax.inject_hyperparams turns every number
     into an array, so a number default would make the momentum buffer exist (a traced
     0 is not recognisably 0) or an integer that fixes the computation's structure
-    traced. None stays static, and the state keeps the structure of a plain call."""
-    return h.name == "momentum" or (h.kind == "int" and not h.optional)
+    traced. None stays static, and the state keeps the structure of a plain call.
+    adafactor's beta2_decay shows None too: optax's spelling decay_rate may give it
+    instead (inject_hyperparams passes every default, which must not count as given)."""
+    return h.name in ("momentum", "beta2_decay") or (h.kind == "int" and not h.optional)
 
 
 def _signature(spec: hyper.Spec, leading: tuple = (), none_defaults: bool = False
@@ -246,15 +248,49 @@ radam = _make_factory(
 lion = _make_factory(
     "lion", hyper.LION, _rule_factory("lion"),
     doc="\n\n    ``optax.lion`` is ``weight_decay=1e-3`` (polyopt's default is 0).")
-adafactor = _make_factory(
+_DECAY_RATE = hyper.Hyper("decay_rate", None, allowed=hyper.NONNEG, optional=True)
+
+
+def _with_decay_rate(plain):
+    """``plain`` (the adafactor factory) that also takes optax's spelling of the
+    second-moment decay, ``decay_rate=d`` (1 - t^-d): ``beta2_decay=-d``. A number
+    or a 0-d array (optax.inject_hyperparams passes one), not both spellings."""
+    parameter = inspect.Parameter("decay_rate", inspect.Parameter.KEYWORD_ONLY, default=None)
+    signature = plain.__signature__.replace(
+        parameters=[*plain.__signature__.parameters.values(), parameter])
+
+    def factory(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
+        try:
+            given = signature.bind(*args, **kwargs).arguments
+        except TypeError as e:
+            raise TypeError(f"adafactor: {e}") from None
+        decay_rate = _DECAY_RATE.check(given.pop("decay_rate", None), "adafactor", "optax")
+        if decay_rate is not None:
+            if given.get("beta2_decay") is not None:
+                raise TypeError(
+                    f"adafactor: give beta2_decay or optax's decay_rate, not both; got "
+                    f"beta2_decay={given['beta2_decay']!r} and decay_rate={decay_rate!r}")
+            given["beta2_decay"] = -decay_rate
+        return plain(**given)
+
+    for attribute in ("__name__", "__qualname__", "__module__", "spec"):
+        setattr(factory, attribute, getattr(plain, attribute))
+    factory.__signature__ = signature  # type: ignore[attr-defined]
+    factory.__doc__ = plain.__doc__.rstrip("\n") + (
+        "\n      decay_rate: optax's spelling: decay_rate=d is beta2_decay=-d (default None: "
+        "\n        beta2_decay decides; a number >= 0 or None).\n")
+    return factory
+
+
+adafactor = _with_decay_rate(_make_factory(
     "adafactor", hyper.ADAFACTOR, _rule_factory("adafactor"),
     uses_params=lambda values: values["multiply_by_parameter_scale"] or _uses_params(values),
     doc="\n\n    ``optax.adafactor(learning_rate)`` is ``relative_step=False,"
         "\n    factoring='largest_two', min_dim_size_to_factor=128,"
         "\n    weight_decay_mode='decoupled_unscaled'`` (``polyopt.native.PRESETS``); its"
-        "\n    ``decay_rate=0.8`` is ``beta2_decay=-0.8``, ``factored=False`` is"
-        "\n    ``factoring='none'``. polyopt's default factoring reads the layouts (Flax's:"
-        "\n    the last axis is the output).")
+        "\n    ``decay_rate=0.8`` (accepted too) is ``beta2_decay=-0.8``, ``factored=False``"
+        "\n    is ``factoring='none'``, and its ``learning_rate=None`` is 1.0. polyopt's"
+        "\n    default factoring reads the layouts (Flax's: the last axis is the output)."))
 
 
 def _mask_flags(owner: str, name: str, mask: Any, params: Any, n_leaves: int) -> list[bool]:
@@ -347,6 +383,7 @@ def _masked_factory(name: str, spec: hyper.Spec, masks: dict, doc: str = ""):
     factory.__name__ = factory.__qualname__ = name
     factory.__module__ = "polyopt.optax"
     factory.__signature__ = signature  # type: ignore[attr-defined]
+    factory.spec = spec  # type: ignore[attr-defined]
     mask_docs = "".join(f"\n      {arg}: optax's mask: a bool, a pytree of bools like (or a "
                         f"prefix of) the params,\n        or a callable params -> such a tree; "
                         f"leaves marked False are stepped with {off}."
