@@ -115,3 +115,22 @@ def replace_everywhere(native: Any, stand_in: Any, module_prefixes: tuple[str, .
                 value.add(stand_in)
                 count += 1
     return count
+
+
+def install(prefix: str, without_preset: dict[str, Any], stand_in, skipper,
+            module_prefixes: tuple[str, ...]) -> dict[str, int]:
+    """Swap every native under ``prefix`` that has a preset for ``stand_in(path, native,
+    variants)``, and the others (``without_preset``, path -> native) for
+    ``skipper(path, native)``, in every module under ``module_prefixes``; returns how
+    many module attributes each swap touched."""
+    with_preset = presets(prefix)
+    natives = {path: resolve(path) for path in with_preset}
+    others = {path: native for path, native in without_preset.items()
+              if path not in with_preset and not any(native is n for n in natives.values())}
+    swapped = {}
+    for path, variants in with_preset.items():
+        swapped[path] = replace_everywhere(natives[path], stand_in(path, natives[path], variants),
+                                           module_prefixes)
+    for path, native in others.items():
+        swapped[path] = replace_everywhere(native, skipper(path, native), module_prefixes)
+    return swapped

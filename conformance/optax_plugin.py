@@ -73,17 +73,7 @@ def natives_without_preset() -> dict[str, object]:
 
 def install() -> dict[str, int]:
     """Swap the natives; returns how many module attributes each swap touched."""
-    with_preset = _natives.presets("optax.")
-    natives = {path: _natives.resolve(path) for path in with_preset}
-    others = {path: native for path, native in natives_without_preset().items()
-              if path not in with_preset and not any(native is n for n in natives.values())}
-    swapped = {}
-    for path, variants in with_preset.items():
-        swapped[path] = _natives.replace_everywhere(
-            natives[path], _stand_in(path, natives[path], variants), _MODULES)
-    for path, native in others.items():
-        swapped[path] = _natives.replace_everywhere(native, _skipper(path, native), _MODULES)
-    return swapped
+    return _natives.install("optax.", natives_without_preset(), _stand_in, _skipper, _MODULES)
 
 
 def pytest_configure(config) -> None:

@@ -74,7 +74,7 @@ FLOAT32_INSIDE = {
 #: ops.mean reduces float64 in float32 (result_type(float64, "float32") is
 #: float32 in keras.src.backend.common.dtypes), which Adafactor's statistics
 #: and RMS go through (measured 2e-7 on the jax backend; 1e-15 on tensorflow).
-KERAS_ON_TENSORFLOW = {"keras.optimizers.Adafactor"}
+KERAS_ON_TENSORFLOW = {k for k in native.PRESETS if k.startswith("keras.optimizers.Adafactor")}
 
 TORCH = [k for k in native.PRESETS if k.startswith("torch.")]
 OPTAX = [k for k in native.PRESETS if k.startswith("optax.")]
