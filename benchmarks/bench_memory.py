@@ -91,17 +91,9 @@ def core_bytes(rule_name: str, options: dict, shapes: list[tuple]) -> int:
 
 def _torch(shapes: list[tuple]) -> dict:
     import torch
+    from bench_torch import state_bytes
 
     import polyopt.torch as pt
-
-    def state_bytes(opt) -> int:
-        seen = {}
-        for st in opt.state.values():
-            for v in st.values():
-                if isinstance(v, torch.Tensor):
-                    storage = v.untyped_storage()
-                    seen[storage.data_ptr()] = storage.nbytes()
-        return sum(seen.values())
 
     def measure(make) -> int:
         params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
