@@ -640,6 +640,65 @@ ADOPT = Spec("adopt", (
     state_dtype(),
 ))
 
+MUON = Spec("muon", (
+    learning_rate(0.02),
+    Hyper("momentum", 0.95, allowed=UNIT_OPEN, optax="beta",
+          doc="decay of the momentum buffer"),
+    Hyper("nesterov", True, kind="bool", doc="orthogonalize the Nesterov look-ahead"),
+    Hyper("momentum_form", "ema", kind="choice", allowed=("ema", "sum", "ema_debiased"),
+          doc="'ema': B = mu B + (1 - mu) G (the reference, torch); 'sum': B = mu B + G "
+          "(Keras; the matrix times 1/(1 - mu), seen only by eps); 'ema_debiased': 'ema' "
+          "divided by 1 - mu^t (optax)"),
+    Hyper("ns_steps", 5, kind="int", allowed=Interval(1, math.inf),
+          doc="Newton-Schulz iterations"),
+    Hyper("ns_a", 3.4445, allowed=Interval(-math.inf, math.inf), torch="ns_coefficients[0]",
+          keras="muon_a", doc="the quintic's a (X <- a X + (b A + c A^2) X)"),
+    Hyper("ns_b", -4.7750, allowed=Interval(-math.inf, math.inf), torch="ns_coefficients[1]",
+          keras="muon_b", doc="the quintic's b"),
+    Hyper("ns_c", 2.0315, allowed=Interval(-math.inf, math.inf), torch="ns_coefficients[2]",
+          keras="muon_c", doc="the quintic's c"),
+    Hyper("eps", 1e-7, allowed=NONNEG, keras="ns_epsilon",
+          doc="of the normalization X / (||X||_F + eps) (optax 1e-8; Keras fixes 1e-7)"),
+    Hyper("eps_placement", "add", kind="choice", allowed=("add", "clamp"),
+          doc="'add': ||X|| + eps (the reference, Keras, optax); 'clamp': max(||X||, eps) "
+          "(torch)"),
+    Hyper("lr_scale", "spectral", kind="choice", allowed=("spectral", "rms", "none"),
+          doc="the step's factor from the matrix (rows = outputs, cols = inputs): "
+          "'spectral' sqrt(max(1, rows/cols)) (the reference, torch adjust_lr_fn='original', "
+          "optax); 'rms' rms_scale*sqrt(max(rows, cols)) (torch 'match_rms_adamw', Keras "
+          "rms_rate, optax consistent_rms); 'none'"),
+    Hyper("rms_scale", 0.2, allowed=POSITIVE, keras="rms_rate",
+          doc="the factor of lr_scale='rms'"),
+    Hyper("adaptive", False, kind="bool",
+          doc="scale the orthogonalized matrix by <B, X> (optax adaptive)"),
+    Hyper("iteration_dtype", None, kind="choice", allowed=("bfloat16", "float32"),
+          optional=True,
+          doc="dtype of the Newton-Schulz iteration (None: the param's; the reference and "
+          "torch iterate in bfloat16)"),
+    Hyper("weight_decay", 0.0, allowed=NONNEG,
+          doc="decoupled: p -= lr*weight_decay*p on the Muon params (lr without lr_scale)"),
+    Hyper("muon_params", "matrices", kind="choice", allowed=("matrices", "2d", "all", "none"),
+          doc="which params take the Muon step, the others AdamW: 'matrices' (2+ axes, "
+          "through the layout), '2d' (exactly 2: Keras, optax), 'all' (torch.optim.Muon: "
+          "0-d and 1-D params refused), 'none'"),
+    Hyper("adam_learning_rate", 3e-4, allowed=NONNEG, schedule=True, optional=True,
+          doc="learning rate of the Adam params (the reference's 3e-4; None: learning_rate, "
+          "optax and Keras)"),
+    Hyper("adam_b1", 0.9, allowed=UNIT_OPEN, keras="adam_beta_1", doc="Adam's b1"),
+    Hyper("adam_b2", 0.95, allowed=UNIT_OPEN, keras="adam_beta_2",
+          doc="Adam's b2 (the reference's 0.95; Keras, optax 0.999)"),
+    Hyper("adam_eps", 1e-10, allowed=NONNEG, keras="epsilon",
+          doc="Adam's eps (the reference's 1e-10; Keras 1e-7, optax its eps)"),
+    Hyper("adam_eps_root", 0.0, allowed=NONNEG, doc="Adam's eps_root (optax)"),
+    Hyper("adam_eps_placement", "outside", kind="choice", allowed=("outside", "hat"),
+          doc="Adam's eps_placement ('hat': Keras)"),
+    Hyper("adam_weight_decay", 0.0, allowed=NONNEG,
+          doc="decoupled decay of the Adam params, times their learning rate"),
+    Hyper("adam_nesterov", False, kind="bool",
+          doc="Nesterov Adam (optax's Adam part follows its nesterov)"),
+    state_dtype(),
+))
+
 LOOKAHEAD = Spec("lookahead", (
     Hyper("sync_period", 6, kind="int", allowed=Interval(1, math.inf), torch="k",
           doc="fast steps between synchronisations"),
@@ -696,7 +755,7 @@ APPLY_IF_FINITE = Spec("apply_if_finite", (
 
 SPECS: dict[str, Spec] = {
     s.name: s for s in (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, AMSGRAD, ADAMAX, NADAM,
-                        RADAM, LION, ADAFACTOR, LAMB, LARS, SCHEDULE_FREE_ADAMW, ADOPT,
+                        RADAM, LION, ADAFACTOR, LAMB, LARS, SCHEDULE_FREE_ADAMW, ADOPT, MUON,
                         LOOKAHEAD, RANGER, SAM, CLIP_BY_GLOBAL_NORM, CENTRALIZE,
                         ADD_DECAYED_WEIGHTS, DECOUPLED_WEIGHT_DECAY, APPLY_IF_FINITE)
 }

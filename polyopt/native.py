@@ -32,6 +32,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "torch.optim.RAdam": ("radam", {}),
     "torch.optim.Adafactor": ("adafactor", {"eps": None, "eps_placement": "floor",
                                             "factoring": "last_two"}),
+    # torch.optim.Muon takes 2-D params only and iterates Newton-Schulz in bfloat16
+    **{f"torch.optim.Muon{arg}": ("muon", {
+        "learning_rate": 1e-3, "weight_decay": 0.1, "eps_placement": "clamp",
+        "iteration_dtype": "bfloat16", "muon_params": "all", **extra})
+       for arg, extra in (("", {}), ("(adjust_lr_fn='original')", {}),
+                          ("(adjust_lr_fn='match_rms_adamw')", {"lr_scale": "rms"}))},
     # keras.optimizers (Keras 3 defaults)
     "keras.optimizers.SGD": ("sgd", {"momentum_form": "velocity", **_KERAS}),
     "keras.optimizers.Adagrad": ("adagrad", {"learning_rate": 0.001,
@@ -61,6 +67,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "keras.optimizers.Lamb": ("lamb", {"eps": 1e-7, "weight_decay_mode": "decoupled"}),
     "keras.optimizers.ScheduleFreeAdamW": ("schedule_free_adamw", {
         "weight_lr_power": 0.0, "weight_decay_mode": "variable"}),
+    # Keras's Muon steps 2-D variables (not named *embedding*) by Muon, the others by its
+    # Adam (learning_rate * adam_lr_ratio, 'epsilon hat'); decay times learning_rate
+    "keras.optimizers.Muon": ("muon", {
+        "learning_rate": 1e-3, "momentum_form": "sum", "lr_scale": "rms", "weight_decay": 0.004,
+        "muon_params": "2d", "adam_learning_rate": None, "adam_b2": 0.999, "adam_eps": 1e-7,
+        "adam_eps_placement": "hat", "adam_weight_decay": 0.004}),
     # optax (learning_rate is required there; any value)
     "optax.sgd": ("sgd", {}),
     "optax.adagrad": ("adagrad", {"initial_accumulator_value": 0.1, "eps": 1e-7,
@@ -83,6 +95,13 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "optax.lars": ("lars", {"trust_norm": "combined"}),
     "optax.contrib.schedule_free_adamw": ("schedule_free_adamw", {"warmup_lag": True}),
     "optax.contrib.adopt": ("adopt", {}),
+    # 2-D leaves by Muon (seen as (in, out)), the others by optax.adamw(nesterov=nesterov)
+    "optax.contrib.muon": ("muon", {
+        "eps": 1e-8, "momentum_form": "ema_debiased", "muon_params": "2d",
+        "adam_learning_rate": None, "adam_b2": 0.999, "adam_eps": 1e-8, "adam_nesterov": True}),
+    # the reference (github KellerJordan/Muon, muon.py: SingleDeviceMuonWithAuxAdam; not
+    # installable: tested against torch.optim.Muon where the two coincide)
+    "reference:muon": ("muon", {"iteration_dtype": "bfloat16"}),
 }
 
 

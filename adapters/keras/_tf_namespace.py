@@ -3,7 +3,7 @@
 TensorFlow has no array_api_compat support, so the Keras adapter registers
 this namespace (``polyopt.rules.register_namespace``) for ``tf.Tensor`` and
 ``tf.Variable`` when Keras runs on the TensorFlow backend. It covers the
-24 names the rules and schedules call, with Array API semantics, built from
+27 names the rules and schedules call, with Array API semantics, built from
 plain TensorFlow ops, so it runs eagerly, in ``tf.function`` and under
 ``jit_compile=True`` (XLA). Operators (``+ - * / ** %``, comparisons) are
 tf.Tensor's own: a Python number meets a tensor in the tensor's dtype, so a
@@ -24,8 +24,8 @@ __all__ = ["is_tf_array", "namespace", "NAMES"]
 
 NAMES = frozenset({
     "abs", "all", "asarray", "astype", "cos", "expm1", "float32", "floor", "full_like", "int32",
-    "isdtype", "isfinite", "maximum", "mean", "minimum", "ones", "pow", "reshape", "result_type",
-    "sqrt", "sum", "where", "zeros", "zeros_like",
+    "isdtype", "isfinite", "matmul", "matrix_transpose", "maximum", "mean", "minimum", "ones",
+    "permute_dims", "pow", "reshape", "result_type", "sqrt", "sum", "where", "zeros", "zeros_like",
 })
 
 _KINDS = {
@@ -148,6 +148,17 @@ def floor(x, /):
 def sqrt(x, /):
     return tf.sqrt(x)
 
+
+def matmul(x1, x2, /):
+    return tf.linalg.matmul(x1, x2)
+
+
+def matrix_transpose(x, /):
+    return tf.linalg.matrix_transpose(x)
+
+
+def permute_dims(x, /, axes):
+    return tf.transpose(x, perm=list(axes))
 
 
 def reshape(x, /, shape, *, copy=None):

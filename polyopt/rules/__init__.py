@@ -43,6 +43,7 @@ from polyopt.rules.adaptive import (
     rmsprop,
 )
 from polyopt.rules.factored import AdafactorState, adafactor
+from polyopt.rules.muon import MuonState, muon
 from polyopt.rules.schedule_free import (
     ADOPTState,
     ScheduleFreeState,
@@ -76,13 +77,13 @@ __all__ = [
     "ARRAY_API_SUBSET", "COUNT_LIMIT", "Rule", "SAMRule", "Slot", "Layout", "StateError",
     "register_namespace", "init_of", "update_of",
     "sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
-    "radam", "lion", "adafactor", "lamb", "lars", "schedule_free_adamw",
+    "radam", "lion", "adafactor", "lamb", "lars", "schedule_free_adamw", "muon",
     "schedule_free_eval_params", "schedule_free_train_params", "adopt", "lookahead",
     "ranger", "sam",
     "chain", "clip_by_global_norm", "centralize", "add_decayed_weights",
     "decoupled_weight_decay", "global_norm", "apply_if_finite",
     "SGDState", "AdagradState", "RMSpropState", "AdadeltaState", "AdamState", "AdamaxState",
     "NAdamState", "RAdamState", "LionState", "AdafactorState", "LambState", "LarsState",
-    "ScheduleFreeState", "ADOPTState", "LookaheadState", "ChainState", "CountState",
+    "ScheduleFreeState", "ADOPTState", "MuonState", "LookaheadState", "ChainState", "CountState",
     "ApplyIfFiniteState",
 ]

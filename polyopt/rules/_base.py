@@ -24,8 +24,8 @@ Params = Sequence[Array]
 #: Keras adapter's TensorFlow namespace is tested against this set).
 ARRAY_API_SUBSET = frozenset({
     "abs", "all", "asarray", "astype", "cos", "expm1", "float32", "floor", "full_like", "int32",
-    "isdtype", "isfinite", "maximum", "mean", "minimum", "ones", "pow", "reshape", "result_type",
-    "sqrt", "sum", "where", "zeros", "zeros_like",
+    "isdtype", "isfinite", "matmul", "matrix_transpose", "maximum", "mean", "minimum", "ones",
+    "permute_dims", "pow", "reshape", "result_type", "sqrt", "sum", "where", "zeros", "zeros_like",
 })
 
 

@@ -1,0 +1,251 @@
+"""Muon: momentum orthogonalized by Newton-Schulz, with an Adam for the other params."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from polyopt import hyper
+from polyopt.rules import _base, _state
+from polyopt.rules._base import Rule
+from polyopt.rules._state import Slot
+
+
+class MuonState(NamedTuple):
+    count: Any
+    momentum: list  # Muon params: the momentum buffer; the others: shape (0,)
+    adam: Any  # the Adam rule's state: its slots shaped (0,) for the Muon params
+
+
+def is_muon_param(shape: tuple, muon_params: str) -> bool:
+    """Whether a param of ``shape`` takes the Muon step under ``muon_params``."""
+    if muon_params == "all":
+        return True
+    if muon_params == "none":
+        return False
+    return len(shape) == 2 if muon_params == "2d" else len(shape) >= 2
+
+
+def as_matrix(xp, x, layout):
+    """``x`` as the matrix (output axes, reduction axes), and how to undo it."""
+    output, reduction = _state.matrix_axes(layout, x.ndim)
+    order = (*output, *reduction)
+    shape = tuple(int(d) for d in x.shape)
+    rows = math.prod(shape[a] for a in output)
+    permuted = tuple(shape[a] for a in order)
+    moved = order != tuple(range(x.ndim))
+    matrix = xp.reshape(xp.permute_dims(x, order) if moved else x,
+                        (rows, math.prod(shape) // max(rows, 1)))
+    inverse = tuple(order.index(a) for a in range(x.ndim))
+
+    def back(m):
+        m = xp.reshape(m, permuted)
+        return xp.permute_dims(m, inverse) if moved else m
+
+    return matrix, back
+
+
+def newton_schulz(xp, x, steps: int, coefficients: tuple, eps: float, eps_placement: str,
+                  dtype: Any = None):
+    """The quintic Newton-Schulz iteration X <- a X + (b A + c A A) X, A = X X^T, on a
+    wide matrix (a tall one is transposed and back), after X / ||X||_F; in ``dtype``
+    (None: x's). Returns the result in ``dtype``."""
+    a, b, c = coefficients
+    if dtype is not None and x.dtype != dtype:
+        x = xp.astype(x, dtype)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = xp.matrix_transpose(x)
+    wide = x if dtype is None or x.dtype != _state._named_dtype(xp, "bfloat16") else (
+        xp.astype(x, xp.float32))  # bfloat16: the norm is accumulated in float32 (torch)
+    norm = xp.sqrt(xp.sum(wide * wide))
+    if norm.dtype != x.dtype:
+        norm = xp.astype(norm, x.dtype)
+    if eps_placement == "clamp":
+        x = x / xp.maximum(norm, xp.full_like(norm, eps))
+    else:
+        x = x / (norm + eps)
+    for _ in range(steps):
+        gram = xp.matmul(x, xp.matrix_transpose(x))
+        poly = b * gram + xp.matmul(c * gram, gram)
+        x = a * x + xp.matmul(poly, x)
+    return xp.matrix_transpose(x) if tall else x
+
+
+def _shape_scale(rows: int, cols: int, lr_scale: str, rms_scale: float) -> float:
+    if lr_scale == "spectral":
+        return math.sqrt(max(1.0, rows / cols))
+    if lr_scale == "rms":
+        return rms_scale * math.sqrt(max(rows, cols))
+    return 1.0
+
+
+def _adam_rule(adam_learning_rate, learning_rate, adam_b1, adam_b2, adam_eps, adam_eps_root,
+               adam_eps_placement, adam_weight_decay, adam_nesterov, state_dtype) -> Rule:
+    from polyopt.rules import adam_family
+
+    lr = learning_rate if adam_learning_rate is None else adam_learning_rate
+    common = dict(learning_rate=lr, b1=adam_b1, b2=adam_b2, eps=adam_eps,
+                  eps_root=adam_eps_root, weight_decay=adam_weight_decay,
+                  weight_decay_mode="decoupled", state_dtype=state_dtype)
+    if adam_nesterov:
+        if adam_eps_placement != "outside":
+            raise ValueError(
+                f"muon: adam_nesterov=True takes adam_eps_placement='outside' (optax's "
+                f"Nesterov Adam), got adam_eps_placement={adam_eps_placement!r}")
+        return adam_family.nadam(momentum_schedule=False, **common)
+    return adam_family.adamw(eps_placement=adam_eps_placement, **common)
+
+
+@hyper.MUON.factory
+def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b, ns_c, eps,
+         eps_placement, lr_scale, rms_scale, adaptive, iteration_dtype, weight_decay,
+         muon_params, adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_eps_root,
+         adam_eps_placement, adam_weight_decay, adam_nesterov, state_dtype) -> Rule:
+    r"""Muon (Jordan et al., 2024): momentum, orthogonalized per matrix by Newton-Schulz.
+
+    .. math::
+        \begin{aligned}
+        &B_t = \mu B_{t-1} + (1 - \mu) G_t, \quad
+         \tilde B_t = \mu B_t + (1 - \mu) G_t \ \text{(nesterov)}\ \text{else}\ B_t\\
+        &X_0 = \tilde B_t / (\lVert \tilde B_t \rVert_F + \epsilon), \quad
+         X_{k+1} = a X_k + (b A_k + c A_k^2) X_k, \ A_k = X_k X_k^T\\
+        &\theta_t = \theta_{t-1} - \gamma\,s(\text{rows}, \text{cols})\,X_{n}
+            - \gamma \lambda \theta_{t-1}
+        \end{aligned}
+
+    Per tensor (``uses_layout``): each Muon param is seen as the matrix
+    (output axes, reduction axes) of its layout, so a conv kernel gives the
+    same update in torch's (out, in, kh, kw) and Keras's (kh, kw, in, out)
+    layouts. Params that are not Muon matrices (``muon_params``) take an
+    AdamW step (``polyopt.rules.adamw``, or ``rules.nadam(momentum_schedule=False)``
+    with ``adam_nesterov``) with the ``adam_*`` options, as every native's
+    hybrid does.
+
+    Args:
+      learning_rate: \gamma (default 0.02, the reference's; torch and Keras 1e-3).
+      momentum: \mu in [0, 1) (default 0.95; optax ``beta``).
+      nesterov: use \tilde B_t (default True).
+      momentum_form: 'ema' (the reference, torch: B = lerp(B, G, 1 - mu)), 'sum'
+        (Keras: B = mu B + G, G + mu B: the same matrix times 1/(1 - mu), which
+        only eps sees), 'ema_debiased' (optax: B / (1 - mu^t), Nesterov
+        mu B / (1 - mu^(t+1)) + (1 - mu) G / (1 - mu^t)).
+      ns_steps: Newton-Schulz iterations (default 5).
+      ns_a, ns_b, ns_c: the quintic's coefficients (default 3.4445, -4.7750, 2.0315).
+      eps: \epsilon of the normalization (default 1e-7; optax 1e-8).
+      eps_placement: 'add' (\lVert X \rVert + \epsilon: the reference, Keras, optax)
+        or 'clamp' (\max(\lVert X \rVert, \epsilon): torch).
+      lr_scale: s: 'spectral' (\sqrt{\max(1, rows/cols)}: the reference, torch
+        'original', optax), 'rms' (rms_scale \sqrt{\max(rows, cols)}: torch
+        'match_rms_adamw', Keras, optax consistent_rms) or 'none'.
+      rms_scale: the factor of 'rms' (default 0.2).
+      adaptive: scale the orthogonalized matrix by <\tilde B_t, X_n> (optax).
+      iteration_dtype: the Newton-Schulz dtype: None (the param's) or 'bfloat16'
+        (the reference, torch) or 'float32'.
+      weight_decay: \lambda, decoupled, times the learning rate (all natives).
+      muon_params: which params take the Muon step: 'matrices' (default: 2 or
+        more axes), '2d' (exactly 2: Keras, optax), 'all' (torch.optim.Muon: a
+        0-d or 1-D param is refused), 'none'.
+      adam_learning_rate: the Adam params' learning rate (default 3e-4, the
+        reference's; None: learning_rate, as optax and Keras).
+      adam_b1, adam_b2, adam_eps, adam_eps_root, adam_eps_placement: the Adam
+        step's (defaults: the reference's 0.9, 0.95, 1e-10).
+      adam_weight_decay: decoupled, times the Adam learning rate.
+      adam_nesterov: optax's Adam part follows ``nesterov`` (NAdam).
+      state_dtype: dtype of the momentum and the Adam moments.
+
+    Returns:
+      A :class:`Rule` (``uses_layout``, not elementwise); state
+      :class:`MuonState` (count, momentum, adam).
+
+    Examples:
+      >>> import numpy as np
+      >>> from polyopt import rules
+      >>> rule = rules.muon(learning_rate=0.1, nesterov=False, momentum=0.0)
+      >>> params = [np.zeros((2, 2))]
+      >>> updates, state = rule.update([np.eye(2)], rule.init(params), params)
+      >>> bool(np.allclose(updates[0], -0.1 * np.eye(2), atol=0.2))   # ~ -lr * orthogonal
+      True
+
+    References:
+      Jordan et al., "Muon: An optimizer for hidden layers in neural
+      networks", 2024, https://kellerjordan.github.io/posts/muon/ ;
+      Liu et al., "Muon is Scalable for LLM Training", 2025,
+      https://arxiv.org/abs/2502.16982
+    """
+    adam = _adam_rule(adam_learning_rate, learning_rate, adam_b1, adam_b2, adam_eps,
+                      adam_eps_root, adam_eps_placement, adam_weight_decay, adam_nesterov,
+                      state_dtype)
+    coefficients = (ns_a, ns_b, ns_c)
+
+    def momentum_shape(shape, layout):
+        return shape if is_muon_param(shape, muon_params) else (0,)
+
+    slots = (Slot("momentum", momentum_shape),)
+
+    def placeholders(xp, arrays):
+        """Each Muon param's array replaced by a (0,)-shaped one (the Adam rule's view)."""
+        return [xp.zeros((0,), dtype=a.dtype) if is_muon_param(tuple(a.shape), muon_params)
+                else a for a in arrays]
+
+    def check(owner, params):
+        if muon_params != "all":
+            return
+        for i, p in enumerate(params):
+            if p.ndim < 2:
+                raise ValueError(
+                    f"{owner}: params[{i}] has shape {tuple(p.shape)}: Muon orthogonalizes "
+                    f"matrices (2 or more axes); give it to the Adam part (muon_params="
+                    f"'matrices') or to another optimizer")
+
+    def extra(xp, params):
+        check("muon.init", params)
+        return (adam.init(placeholders(xp, params)),)
+
+    def step(xp, grads, params, state, lr_value, layouts):
+        check("muon.update", params)
+        t = None
+        updates, moms = [], []
+        for i, (g, p) in enumerate(zip(grads, params)):
+            if not is_muon_param(tuple(g.shape), muon_params):
+                updates.append(None)
+                moms.append(state.momentum[i])
+                continue
+            m = state.momentum[i]
+            if momentum_form == "sum":
+                m = momentum * m + g
+                x = g + momentum * m if nesterov else m
+            else:
+                m = momentum * m + (1 - momentum) * g
+                x = momentum * m + (1 - momentum) * g if nesterov else m
+                if momentum_form == "ema_debiased":
+                    if t is None:
+                        t = _base.step_number(xp, state.count, g)
+                    if nesterov:
+                        x = (momentum * m / (1 - momentum ** (t + 1))
+                             + (1 - momentum) * g / (1 - momentum ** t))
+                    else:
+                        x = m / (1 - momentum ** t)
+            moms.append(m)
+            matrix, back = as_matrix(xp, x, layouts[i])
+            dtype = None if iteration_dtype is None else _state._named_dtype(xp, iteration_dtype)
+            o = newton_schulz(xp, matrix, ns_steps, coefficients, eps, eps_placement, dtype)
+            if o.dtype != g.dtype:
+                o = xp.astype(o, g.dtype)
+            if adaptive:
+                o = xp.sum(matrix * o) * o
+            rows, cols = int(matrix.shape[0]), int(matrix.shape[1])
+            lr = _base.scalar(xp, lr_value, g)
+            u = -(lr * _shape_scale(rows, cols, lr_scale, rms_scale)) * back(o)
+            if not _base.is_zero(weight_decay):
+                u = u - (lr * weight_decay) * p
+            updates.append(u)
+        adam_updates, adam_state = adam.update(placeholders(xp, grads), state.adam,
+                                               placeholders(xp, params))
+        updates = [a if u is None else u for u, a in zip(updates, adam_updates)]
+        return updates, (moms, adam_state), 0.0
+
+    return _base.stateful_rule("muon", MuonState, slots, step, learning_rate=learning_rate,
+                               weight_decay=0.0, weight_decay_mode="decoupled",
+                               state_dtype=state_dtype, scalars=extra, uses_layout=True,
+                               elementwise=False)

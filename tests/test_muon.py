@@ -1,0 +1,177 @@
+"""Muon (polyopt.rules.muon): its presets side by side with the real natives, the
+layouts, and the refusals.
+
+torch.optim.Muon runs Newton-Schulz in bfloat16 (torch/optim/_muon.py:55,
+``grad.bfloat16()``). Its algorithm is checked exactly in float64 with that cast
+turned into a copy (``torch.Tensor.bfloat16`` patched for the run: the native's
+own code, every other line as shipped), and as shipped in float32 against the
+preset's bfloat16 iteration, at a bound measured here (the two bfloat16 runs
+round differently: torch fuses b A + c A A in addmm). optax.contrib.muon and
+keras.optimizers.Muon compute in the params' dtype: float64 to 1e-10.
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+from polyopt import native, rules
+from polyopt.rules._state import Layout, out_first, out_last
+
+STEPS = 200
+TORCH_SHAPES = [(6, 4), (3, 5), (5, 5)]
+
+
+def _problem(shapes, seed=0, steps=STEPS):
+    rng = np.random.default_rng(seed)
+    params = [rng.normal(size=s) for s in shapes]
+    grads = [[rng.normal(size=s) for s in shapes] for _ in range(steps)]
+    return params, grads
+
+
+def _run(rule, params, grads, to=np.asarray, layouts=None):
+    params = [to(p) for p in params]
+    state = rules.init_of(rule, params, layouts)
+    for g in grads:
+        updates, state = rules.update_of(rule, [to(x) for x in g], state, params, layouts)
+        params = [p + u for p, u in zip(params, updates)]
+    return params
+
+
+def _relative(got, expected, start) -> float:
+    """The largest difference over the largest movement of the native's params."""
+    out = 0.0
+    for g, e, s in zip(got, expected, start):
+        g, e = np.asarray(g, dtype=np.float64), np.asarray(e, dtype=np.float64)
+        if e.size:
+            out = max(out, float(np.max(np.abs(g - e)) / np.max(np.abs(e - s))))
+    return out
+
+
+def _torch_native(kwargs, dtype, without_bfloat16):
+    params0, grads = _problem(TORCH_SHAPES)
+    params = [torch.tensor(p, dtype=dtype, requires_grad=True) for p in params0]
+    optimizer = torch.optim.Muon(params, **kwargs)
+    patch = (mock.patch.object(torch.Tensor, "bfloat16", lambda self: self.clone())
+             if without_bfloat16 else mock.MagicMock())
+    with patch:
+        for g in grads:
+            for p, gi in zip(params, g):
+                p.grad = torch.tensor(gi, dtype=dtype)
+            optimizer.step()
+    return [p.detach().numpy() for p in params]
+
+
+TORCH_KEYS = [k for k in native.PRESETS if k.startswith("torch.optim.Muon")]
+#: torch.optim.Muon in float32 (its Newton-Schulz in bfloat16) against the preset (its
+#: iteration in bfloat16 too), as a fraction of the largest movement over 200 steps:
+#: measured 1.05e-2 (None, 'original') and 7.3e-3 ('match_rms_adamw'). bfloat16 keeps 8
+#: bits: each step's orthogonalized matrix carries a rounding of up to 2**-8 = 3.9e-3 of
+#: its entries, which the two bfloat16 runs make differently (torch fuses b A + c A A
+#: and a X + B X in addmm); the preset iterating in float32 is as far (8.4e-3, 5.9e-3).
+TORCH_BFLOAT16_BOUND = 2e-2
+
+
+@pytest.mark.parametrize("key", TORCH_KEYS)
+def test_torch_muon_preset_float64_without_its_bfloat16_cast(key):
+    kwargs = eval(f"dict{key[len('torch.optim.Muon'):] or '()'}")  # noqa: S307 - our table
+    params0, grads = _problem(TORCH_SHAPES)
+    expected = _torch_native(kwargs, torch.float64, without_bfloat16=True)
+    rule = native.preset(key, iteration_dtype=None)
+    got = _run(rule, params0, grads, to=torch.tensor)
+    assert _relative([g.numpy() for g in got], expected, params0) <= 1e-10
+
+
+@pytest.mark.parametrize("key", TORCH_KEYS)
+def test_torch_muon_preset_float32_as_shipped(key):
+    kwargs = eval(f"dict{key[len('torch.optim.Muon'):] or '()'}")  # noqa: S307 - our table
+    params0, grads = _problem(TORCH_SHAPES)
+    expected = _torch_native(kwargs, torch.float32, without_bfloat16=False)
+    start = [p.astype(np.float32) for p in params0]
+    got = _run(native.preset(key), start, [[x.astype(np.float32) for x in g] for g in grads],
+               to=torch.tensor)
+    worst = _relative([g.numpy() for g in got], expected, start)
+    assert worst <= TORCH_BFLOAT16_BOUND
+    # the float32 iteration is as far from the native: its bfloat16 shows
+    plain = _run(native.preset(key, iteration_dtype=None), start,
+                 [[x.astype(np.float32) for x in g] for g in grads], to=torch.tensor)
+    assert _relative([g.numpy() for g in plain], expected, start) > 1e-3
+
+
+def test_reference_preset_is_torch_muon_with_the_references_defaults():
+    """The reference (KellerJordan/Muon muon.py) adds eps to the norm where torch clamps
+    it: with a norm far above eps the two coincide; the presets differ in that and in
+    the reference's defaults (lr 0.02, no weight decay)."""
+    params0, grads = _problem(TORCH_SHAPES)
+    expected = _torch_native({"lr": 0.02, "weight_decay": 0.0}, torch.float64, True)
+    same = _run(native.preset("reference:muon", iteration_dtype=None, eps_placement="clamp"),
+                params0, grads, to=torch.tensor)
+    assert _relative([g.numpy() for g in same], expected, params0) <= 1e-10
+    # eps 1e-7 added to a norm of order 1: a relative 1e-7 per step (measured 1.8e-7)
+    got = _run(native.preset("reference:muon", iteration_dtype=None), params0, grads,
+               to=torch.tensor)
+    assert 1e-8 < _relative([g.numpy() for g in got], expected, params0) <= 1e-6
+
+
+def test_a_conv_kernel_gets_the_same_update_in_torch_and_keras_layouts():
+    rng = np.random.default_rng(3)
+    torch_kernel = rng.normal(size=(8, 3, 3, 2))  # (out, in, kh, kw)
+    grads = [rng.normal(size=torch_kernel.shape) for _ in range(20)]
+    to_keras = (2, 3, 1, 0)  # (kh, kw, in, out)
+    rule = rules.muon(learning_rate=0.05, weight_decay=0.01)
+    got_torch = _run(rule, [torch_kernel], [[g] for g in grads], layouts=out_first)[0]
+    got_keras = _run(rule, [np.transpose(torch_kernel, to_keras)],
+                     [[np.transpose(g, to_keras)] for g in grads], layouts=out_last)[0]
+    np.testing.assert_allclose(np.transpose(got_keras, (3, 2, 0, 1)), got_torch,
+                               rtol=0, atol=1e-13)
+    assert np.max(np.abs(got_torch - torch_kernel)) > 0.1
+    # the layout matters: read as (kh, kw, in) x out the same numbers give another update
+    other = _run(rule, [np.transpose(torch_kernel, to_keras)],
+                 [[np.transpose(g, to_keras)] for g in grads], layouts=out_first)[0]
+    assert np.max(np.abs(np.transpose(other, (3, 2, 0, 1)) - got_torch)) > 1e-3
+
+
+def test_hybrid_steps_vectors_with_the_adam_rule():
+    params0, grads = _problem([(4, 3), (3,), ()], steps=10)
+    rule = rules.muon(learning_rate=0.02, adam_learning_rate=0.01, adam_weight_decay=0.1)
+    got = _run(rule, params0, grads)
+    adam = rules.adamw(learning_rate=0.01, b2=0.95, eps=1e-10, weight_decay=0.1)
+    want = _run(adam, params0[1:], [g[1:] for g in grads])
+    for g, w in zip(got[1:], want):
+        np.testing.assert_array_equal(g, w)
+    state = rule.init(params0)
+    assert [m.shape for m in state.momentum] == [(4, 3), (0,), (0,)]
+    assert [m.shape for m in state.adam.first_moment] == [(0,), (3,), ()]
+
+
+def test_muon_params_all_refuses_a_vector_naming_it():
+    rule = rules.muon(muon_params="all")
+    params = [np.zeros((3, 2)), np.zeros(4)]
+    with pytest.raises(ValueError, match=r"muon.init: params\[1\] has shape \(4,\): Muon "
+                                         r"orthogonalizes matrices"):
+        rule.init(params)
+    with pytest.raises(ValueError, match=r"params\[0\] has shape \(\): Muon"):
+        rule.init([np.zeros(())])
+
+
+def test_a_layout_that_does_not_fit_is_refused_naming_the_tensor():
+    rule = rules.muon()
+    params = [np.zeros((3, 2, 2))]
+    with pytest.raises(ValueError, match=r"muon.init: layout \(\(0,\), \(1,\)\) does not fit "
+                                         r"params\[0\] of shape \(3, 2, 2\)"):
+        rule.init(params, layouts=[Layout((0,), (1,))])
+    state = rule.init(params)
+    before = [np.copy(m) for m in state.momentum]
+    with pytest.raises(ValueError, match=r"muon.update: layout .* params\[0\] of shape"):
+        rule.update([np.ones((3, 2, 2))], state, params, layouts=[Layout((0,), (1,))])
+    np.testing.assert_array_equal(state.momentum[0], before[0])
+
+
+def test_bfloat16_iteration_is_refused_by_numpy_naming_it():
+    rule = rules.muon(iteration_dtype="bfloat16")
+    params = [np.zeros((3, 2))]
+    with pytest.raises(TypeError, match=r"bfloat16"):
+        rule.update([np.ones((3, 2))], rule.init(params), params)
