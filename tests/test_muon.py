@@ -175,3 +175,87 @@ def test_bfloat16_iteration_is_refused_by_numpy_naming_it():
     params = [np.zeros((3, 2))]
     with pytest.raises(TypeError, match=r"bfloat16"):
         rule.update([np.ones((3, 2))], rule.init(params), params)
+
+
+def test_polyopt_torch_muon_is_torch_optim_muon_and_takes_vectors_in_its_adam_part():
+    params0, grads = _problem(TORCH_SHAPES)
+    expected = _torch_native({"adjust_lr_fn": "match_rms_adamw"}, torch.float64, True)
+    params = [torch.tensor(p, requires_grad=True) for p in params0]
+    import polyopt.torch as pt
+
+    optimizer = pt.Muon(params, lr=1e-3, weight_decay=0.1, eps_placement="clamp",
+                        lr_scale="rms", muon_params="all")
+    for g in grads:
+        for p, gi in zip(params, g):
+            p.grad = torch.tensor(gi)
+        optimizer.step()
+    assert _relative([p.detach().numpy() for p in params], expected, params0) <= 1e-10
+    with pytest.raises(ValueError, match=r"params\[1\] has shape \(3,\): with "
+                                         r"muon_params='all'"):
+        pt.Muon([torch.zeros(2, 2, requires_grad=True), torch.zeros(3, requires_grad=True)],
+                muon_params="all")
+    bias = torch.zeros(3, requires_grad=True)
+    hybrid = pt.Muon([{"params": [torch.zeros(3, 2, requires_grad=True)]},
+                      {"params": [bias], "muon_params": "none", "adam_learning_rate": 0.1}])
+    bias.grad = torch.ones(3)
+    hybrid.step()
+    assert set(hybrid.state[bias]) >= {"exp_avg", "exp_avg_sq"}
+    assert torch.all(bias < 0)
+
+
+def test_polyopt_optax_muon_is_optax_contrib_muon():
+    import jax
+    import optax
+
+    import polyopt.optax as po
+
+    shapes = [(6, 4), (3,), (3, 5), (5, 5), ()]
+    params0, grads = _problem(shapes)
+    # x64 is on (tests/conftest.py)
+
+    def run(transform):
+        params = [jax.numpy.asarray(p) for p in params0]
+        state = transform.init(params)
+
+        @jax.jit
+        def step(params, state, g):
+            updates, state = transform.update(g, state, params)
+            return optax.apply_updates(params, updates), state
+
+        for g in grads:
+            params, state = step(params, state, [jax.numpy.asarray(x) for x in g])
+        return [np.asarray(p) for p in params]
+
+    options = native.PRESETS["optax.contrib.muon"][1]
+    spelled = {po.muon.spec[k].spelling("optax"): v for k, v in options.items()}
+    for extra, mine in (({}, {}), ({"nesterov": False, "weight_decay": 0.1,
+                                    "adam_weight_decay": 0.05, "consistent_rms": 0.3},
+                                   {"nesterov": False, "adam_nesterov": False,
+                                    "weight_decay": 0.1, "adam_weight_decay": 0.05,
+                                    "lr_scale": "rms", "rms_scale": 0.3})):
+        want = run(optax.contrib.muon(0.01, **extra))
+        got = run(po.muon(learning_rate=0.01, **{**spelled, **mine}))
+        assert want[0].dtype == np.float64
+        assert _relative(got, want, params0) <= 1e-10
+        assert max(float(np.max(np.abs(w - p))) for w, p in zip(want, params0)) > 1e-3
+
+
+def test_muon_agrees_across_namespaces(array_namespaces, to_namespace, to_numpy):
+    shapes = [(4, 3), (3,), (2, 3, 2), ()]
+    params0, grads = _problem(shapes, steps=12)
+
+    def run(name):
+        rule = rules.muon(learning_rate=0.05, weight_decay=0.01, momentum_form="ema_debiased",
+                          adaptive=True, adam_learning_rate=0.01)
+        params = [to_namespace(name, p) for p in params0]
+        state = rule.init(params)
+        for g in grads:
+            updates, state = rule.update([to_namespace(name, x) for x in g], state, params)
+            params = [p + u for p, u in zip(params, updates)]
+        return [to_numpy(p) for p in params]
+
+    reference = run("numpy")
+    for name in array_namespaces:
+        for r, g in zip(reference, run(name)):
+            np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-15, err_msg=name)
+    assert max(float(np.max(np.abs(r - p))) for r, p in zip(reference, params0)) > 1e-3

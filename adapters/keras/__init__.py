@@ -4,7 +4,7 @@
 >>> model.compile(optimizer=polyopt.keras.Adam(learning_rate=1e-3), loss="mse")  # doctest: +SKIP
 
 Classes: SGD, Adagrad, RMSprop, Adadelta, Adam, AdamW, Adamax, Nadam, RAdam, Lion,
-Adafactor, Lamb, Lars, ScheduleFreeAdamW (``evaluation_point()`` for x), ADOPT,
+Adafactor, Lamb, Lars, ScheduleFreeAdamW (``evaluation_point()`` for x), ADOPT, Muon,
 Lookahead, Ranger, SkipNonFinite (subclasses of ``keras.optimizers.Optimizer`` through
 :class:`RuleOptimizer`), :class:`SAMModel` for sharpness-aware training in
 ``model.fit``, and :class:`PolyoptSchedule`. Arguments use Keras' spellings
@@ -45,6 +45,7 @@ from polyopt.keras._optimizers import (  # noqa: E402
     Lars,
     Lion,
     Lookahead,
+    Muon,
     Nadam,
     RAdam,
     Ranger,
@@ -57,6 +58,7 @@ from polyopt.keras.nonfinite import SkipNonFinite  # noqa: E402
 __all__ = [
     "BASE_OPTIONS", "PolyoptSchedule", "RuleOptimizer",
     "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "Nadam", "RAdam",
-    "Lion", "Adafactor", "Lamb", "Lars", "ScheduleFreeAdamW", "ADOPT", "Lookahead", "Ranger",
+    "Lion", "Adafactor", "Lamb", "Lars", "ScheduleFreeAdamW", "ADOPT", "Muon", "Lookahead",
+    "Ranger",
     "SAMModel", "SkipNonFinite",
 ]

@@ -169,12 +169,17 @@ class ADOPT(RuleOptimizer):
     spec = hyper.ADOPT
 
 
+@_register
+class Muon(RuleOptimizer):
+    spec = hyper.MUON
+
+
 _KERAS_NATIVE = {SGD: "keras.optimizers.SGD", Adagrad: "keras.optimizers.Adagrad",
                  RMSprop: "keras.optimizers.RMSprop", Adadelta: "keras.optimizers.Adadelta",
                  Adam: "keras.optimizers.Adam", AdamW: "keras.optimizers.AdamW",
                  Adamax: "keras.optimizers.Adamax", Nadam: "keras.optimizers.Nadam",
                  Lion: "keras.optimizers.Lion", Adafactor: "keras.optimizers.Adafactor",
-                 Lamb: "keras.optimizers.Lamb"}
+                 Lamb: "keras.optimizers.Lamb", Muon: "keras.optimizers.Muon"}
 for _cls, _native in _KERAS_NATIVE.items():
     _cls.__doc__ = _doc(f"{_cls.__name__} as a Keras 3 optimizer.", _cls.spec, _native)
 Adafactor.__doc__ += (

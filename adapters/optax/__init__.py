@@ -2,7 +2,7 @@
 
 Each factory (``sgd``, ``adagrad``, ``rmsprop``, ``adadelta``, ``adam``,
 ``adamw``, ``amsgrad``, ``adamax``, ``nadam``, ``radam``, ``lion``,
-``adafactor``, ``lamb``, ``lars``, ``schedule_free_adamw``, ``adopt``,
+``adafactor``, ``lamb``, ``lars``, ``schedule_free_adamw``, ``adopt``, ``muon``,
 ``ranger``) takes optax's argument names with polyopt's defaults (the same in
 every framework), checks them at construction, and returns an
 ``optax.GradientTransformation`` that runs the core rule of
@@ -39,6 +39,7 @@ from polyopt.optax._transforms import (
     lars,
     lion,
     lookahead,
+    muon,
     nadam,
     radam,
     ranger,
@@ -53,6 +54,7 @@ from polyopt.optax._transforms import (
 __all__ = [
     "sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
     "radam", "lion", "adafactor", "lamb", "lars", "schedule_free_adamw",
-    "schedule_free_eval_params", "adopt", "lookahead", "ranger", "sam", "sam_step", "SAMState",
+    "schedule_free_eval_params", "adopt", "muon", "lookahead", "ranger", "sam", "sam_step",
+    "SAMState",
     "apply_if_finite",
 ]

@@ -392,6 +392,14 @@ def _masked_factory(name: str, spec: hyper.Spec, masks: dict, doc: str = ""):
     return factory
 
 
+muon = _make_factory(
+    "muon", hyper.MUON, _rule_factory("muon"),
+    doc="\n\n    ``optax.contrib.muon``'s numbers: ``polyopt.native.PRESETS['optax.contrib.muon']``"
+        "\n    (its 2-D leaves by Muon, seen with Flax's layout (in, out), the others by its"
+        "\n    Adam). Its muon_weight_dimension_numbers are ``layouts=`` (a Layout per leaf;"
+        "\n    no batch axes) with ``muon_params``; its preconditioning is 'frobenius'.")
+
+
 lamb = _masked_factory(
     "lamb", hyper.LAMB, {"mask": (True, {"weight_decay": 0.0})},
     doc="\n\n    ``optax.lamb`` is the defaults (its ``mask`` covers the weight decay only); "

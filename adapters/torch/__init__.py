@@ -6,7 +6,7 @@
 >>> model(torch.ones(3)).sum().backward(); opt.step()
 
 Classes: SGD, Adagrad, RMSprop, Adadelta, Adam, AdamW, Adamax, NAdam, RAdam, Lion,
-Adafactor, Lamb, Lars, ScheduleFreeAdamW (with eval()/train()), ADOPT, Ranger (one
+Adafactor, Lamb, Lars, ScheduleFreeAdamW (with eval()/train()), ADOPT, Muon, Ranger (one
 rule each, argument names generated from ``polyopt.hyper``) and
 the wrappers Lookahead(base_optimizer, k, alpha) and SAM(params,
 base_optimizer, rho, adaptive, **base_kwargs) and
@@ -38,6 +38,7 @@ from polyopt.torch.optimizers import (
     Lamb,
     Lars,
     Lion,
+    Muon,
     NAdam,
     RAdam,
     Ranger,
@@ -48,6 +49,7 @@ from polyopt.torch.wrappers import SAM, Lookahead
 
 __all__ = ["RuleOptimizer", "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax",
            "NAdam", "RAdam", "Lion", "Adafactor", "Lamb", "Lars", "ScheduleFreeAdamW", "ADOPT",
+           "Muon",
            "Ranger", "Lookahead", "SAM",
            "SkipNonFinite", "preset"]
 

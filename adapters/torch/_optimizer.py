@@ -593,7 +593,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         layout = self._layouts.get(key)
         if layout is None:
             rule = type(self).factory(**values)
-            layout = _Layout(rule.init([torch.zeros(1)]), type(self).state_names)
+            layout = _Layout(rule.init([torch.zeros(1, 1)]), type(self).state_names)
             self._layouts[key] = layout
         return layout
 

@@ -240,6 +240,39 @@ class ADOPT(RuleOptimizer):
     factory = staticmethod(rules.adopt)
 
 
+class Muon(RuleOptimizer):
+    """Muon: :func:`polyopt.rules.muon`. Each param's matrix is (output axes, reduction
+    axes) of its layout (a group's ``"layout"``, else torch's: output axis 0), so a
+    Conv2d kernel is (out, in*kh*kw). Params that are not Muon matrices (``muon_params``:
+    0-d and 1-D by default; a param group with ``muon_params="none"`` for e.g. the
+    embeddings and the head, as the reference's ``use_muon=False`` groups) take an AdamW
+    step with the ``adam_*`` options. ``torch.optim.Muon``'s numbers:
+    ``polyopt.native.PRESETS['torch.optim.Muon']``. State: ``step``,
+    ``momentum_buffer`` (Muon params; empty for the others) and the Adam part's
+    ``adam.step``, ``exp_avg``, ``exp_avg_sq`` (empty for the Muon params).
+    """
+
+    spec = hyper.MUON
+    factory = staticmethod(rules.muon)
+    state_names = {"momentum": "momentum_buffer", "adam.count": "adam.step",
+                   "adam.first_moment": "exp_avg", "adam.second_moment": "exp_avg_sq",
+                   "adam.max_second_moment": "max_exp_avg_sq"}
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        values = self._group_values(len(self.param_groups) - 1, group)
+        if values["muon_params"] != "all":
+            return
+        for i, p in enumerate(group["params"]):
+            if p.ndim < 2:
+                raise ValueError(
+                    f"polyopt.torch.Muon: param group {len(self.param_groups) - 1}, params[{i}] "
+                    f"has shape {tuple(p.shape)}: with muon_params='all' every param must be a "
+                    f"matrix (2 or more axes); give the others muon_params='matrices' or "
+                    f"'none' (an AdamW step)")
+
+
 class Ranger(RuleOptimizer):
     """Ranger: Lookahead over RAdam with gradient centralization, one rule
     (:func:`polyopt.rules.ranger`; lessw2020's defaults: betas (0.95, 0.999),
@@ -258,4 +291,5 @@ class Ranger(RuleOptimizer):
 
 OPTIMIZERS = {cls.spec.name: cls for cls in (SGD, Adagrad, RMSprop, Adadelta, Adam, AdamW,
                                              Adamax, NAdam, RAdam, Lion, Adafactor, Lamb,
-                                             Lars, ScheduleFreeAdamW, ADOPT, Ranger)}
+                                             Lars, ScheduleFreeAdamW, ADOPT, Muon,
+                                             Ranger)}
