@@ -16,6 +16,7 @@ import functools
 import itertools
 import math
 import operator
+import sys
 import types
 from typing import Any, NamedTuple
 
@@ -315,39 +316,115 @@ class FlatBucket:
         # as a chain of index tests per element, measured 3x slower)
         flat_p, flat_g = self.params_and_grads(params, grads)
         built = self.flat
-        structure = ("flat", type(opt), opt._structure(values), present, built.shapes,
-                     layouts)
-        entry = _COMPILED_STEPS.get(structure)
-        scalars = [buffers[k][0] for _, k, _ in layout.scalars]
         elementwise = opt._rule(values).elementwise
         if elementwise:
             tensors = [flat_p, flat_g, *[buffers[k] for k in present]]
         else:  # the per-parameter views of the flat buffers
             tensors = [*built.views, *built.grad_views,
                        *[v for k in present for v in self.buffers[k][1]]]
-        if entry is None:
-            names = [h.name for h in opt.spec
-                     if h.runtime and not (h.name != "learning_rate" and _is_zero(values[h.name]))]
-            inputs = [torch.zeros((), dtype=torch.float64, device=params[0].device)
-                      for _ in names]
-            for name, tensor in zip(names, inputs):
-                tensor.fill_(values[name])
-            step = _flat_step(type(opt).factory, values, names, layout, present,
-                              1 if elementwise else len(params), layouts)
-            # the counts go in as stored (float, torch's "step"); the graph casts them
-            entry = (_compile_flat(step, [*tensors, *scalars, *inputs]), names, inputs,
-                     step.created, [None] * len(names))
-            _COMPILED_STEPS[structure] = entry
-        fn, names, inputs, fresh, filled = entry
-        for i, name in enumerate(names):
-            value = values[name]
-            if type(value) is not float or filled[i] != value:  # a float seen last: set
-                inputs[i].fill_(value)
-                filled[i] = value if type(value) is float else None
-        out = fn(*tensors, *scalars, *inputs)
+        structure = ("flat", type(opt), opt._structure(values), present, built.shapes,
+                     layouts)
+        scalars = [buffers[k][0] for _, k, _ in layout.scalars]
+        fresh, news, out = _run_compiled(opt, values, layout, present, structure,
+                                         1 if elementwise else len(params), layouts,
+                                         tensors, scalars)
         # slots the rule started (momentum that became non-zero) come back flat
-        news = out[:len(fresh)]
         for key, buffer in zip(fresh, news):
             self._set_views(key, buffer, states, [p.shape for p in params])
-        for (_, key, _), value in zip(layout.scalars, out[len(news):]):
+        for (_, key, _), value in zip(layout.scalars, out):
             buffers[key].copy_(value)
+
+
+def _run_compiled(opt, values: dict, layout: _Layout, present: tuple, structure: tuple,
+                  count: int, layouts: tuple | None, tensors: list, scalars: list) -> tuple:
+    """Run the compiled step of ``structure`` (traced and compiled at its first
+    use, :func:`_flat_step` with ``count`` tensors per operand) on ``tensors``
+    (params, grads, present slots) and the 0-d state ``scalars``, with the
+    runtime hyperparameters of ``values``. Returns (keys of the slots the rule
+    created, those slots flat, the new 0-d state)."""
+    entry = _COMPILED_STEPS.get(structure)
+    if entry is None:
+        names = [h.name for h in opt.spec
+                 if h.runtime and not (h.name != "learning_rate" and _is_zero(values[h.name]))]
+        inputs = [torch.zeros((), dtype=torch.float64, device=tensors[0].device)
+                  for _ in names]
+        for name, tensor in zip(names, inputs):
+            tensor.fill_(values[name])
+        step = _flat_step(type(opt).factory, values, names, layout, present, count, layouts)
+        # the counts go in as stored (float, torch's "step"); the graph casts them
+        entry = (_compile_flat(step, [*tensors, *scalars, *inputs]), names, inputs,
+                 step.created, [None] * len(names))
+        _COMPILED_STEPS[structure] = entry
+    fn, names, inputs, fresh, filled = entry
+    for i, name in enumerate(names):
+        value = values[name]
+        if type(value) is not float or filled[i] != value:  # a float seen last: set
+            inputs[i].fill_(value)
+            filled[i] = value if type(value) is float else None
+    out = fn(*tensors, *scalars, *inputs)
+    return fresh, out[:len(fresh)], out[len(fresh):]
+
+
+# --------------------------------------------------------------------------
+# DTensor params (FSDP2's fully_shard, tensor parallelism): the local shards
+
+
+def distributed(params: list) -> bool:
+    """Whether any of these params is a DTensor (FSDP2's sharded params)."""
+    module = sys.modules.get("torch.distributed.tensor")  # none exists before its import
+    return module is not None and any(isinstance(p, module.DTensor) for p in params)
+
+
+def check_local(owner: str, rule, params: list, where: str = "") -> None:
+    """The compiled path runs a DTensor param's rule on its local tensor:
+    exact for an elementwise rule, and for any rule when the param is
+    replicated (its local tensor is the whole tensor). A per-tensor rule
+    (centralization, factored statistics, trust-ratio norms) on a sharded
+    param would reduce over its shard only: refused, naming the param and
+    its placements; and the compiled path needs 32- or 64-bit params of at
+    least one axis there."""
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None:
+        return
+    for j, p in enumerate(params):
+        if not isinstance(p, module.DTensor):
+            continue
+        name = f"param group{where}, params[{j}] (shape {tuple(p.shape)}, a DTensor with " \
+               f"placements {tuple(p.placements)})"
+        if p.dtype in _LOW_PRECISION or p.ndim == 0:
+            raise ValueError(f"{owner}: compiled=True runs DTensor params of 32 or 64 bits "
+                             f"and at least one axis; {name} has dtype {p.dtype}; "
+                             f"use compiled=False (the eager path runs DTensor ops)")
+        if not rule.elementwise and not all(pl.is_replicate() for pl in p.placements):
+            raise ValueError(
+                f"{owner}: compiled=True runs the rule on each DTensor's local shard, "
+                f"and with these options the rule takes per-tensor reductions (it is "
+                f"not elementwise), which a shard cannot give; {name} is sharded; use "
+                f"compiled=False (the eager path reduces over the whole DTensor)")
+
+
+def local_step(opt, values: dict, layout: _Layout, params: list, grads: list,
+               states: list, layouts: tuple | None = None) -> None:
+    """One compiled step of a bucket of DTensor params on their local tensors
+    (``to_local()``: views of the shards, updated in place, as the state
+    DTensors' local tensors are). The params' storage stays FSDP's (no flat
+    buffers: FSDP2 all-gathers from it); the step takes each param's local
+    view, as the flat path's per-tensor step does."""
+    present = tuple(k for _, k in layout.slots if k in states[0])
+    local = [p.to_local() for p in params]
+    tensors = [*local, *[g.to_local() for g in grads],
+               *[st[k].to_local() for k in present for st in states]]
+    structure = ("local", type(opt), opt._structure(values), present,
+                 tuple((tuple(t.shape), t.dtype, t.device) for t in local), layouts)
+    scalars = [states[0][k] for _, k, _ in layout.scalars]
+    fresh, news, out = _run_compiled(opt, values, layout, present, structure, len(params),
+                                     layouts, tensors, scalars)
+    module = sys.modules["torch.distributed.tensor"]
+    for key, buffer in zip(fresh, news):  # a slot the rule started: one DTensor per param
+        for st, p, view in zip(states, params, _views(buffer, [t.shape for t in local])):
+            st[key] = module.DTensor.from_local(view, p.device_mesh, p.placements,
+                                                run_check=False, shape=p.shape,
+                                                stride=p.stride())
+    for (_, key, _), value in zip(layout.scalars, out):
+        for st in states:
+            st[key].copy_(value)

@@ -373,7 +373,12 @@ class RuleOptimizer(torch.optim.Optimizer):
                 raise TypeError(
                     f"{self.spec.name}: param group {index}, params[{j}] has dtype {p.dtype}: "
                     f"{kind} parameters are not supported (real floating dtypes only)")
-        self._values({**self.defaults, **param_group}, f" {index}")
+        values = self._values({**self.defaults, **param_group}, f" {index}")
+        if self.compiled:
+            _flat.check_local(f"polyopt.torch.{type(self).__name__}",
+                              type(self).factory(**values),
+                              [p[1] if isinstance(p, tuple) else p for p in tensors],
+                              f" {index}")
         super().add_param_group(param_group)
 
     # -- step ------------------------------------------------------------------
@@ -452,6 +457,12 @@ class RuleOptimizer(torch.optim.Optimizer):
             plans = [self._plan(i, g) for i, g in enumerate(self.param_groups)]
             layouts = [self._param_layouts(values, group, params) if params else None
                        for (values, params, _), group in zip(plans, self.param_groups)]
+            if self.compiled:  # the rule on DTensors' local shards: exact, or refused
+                for index, (values, params, _) in enumerate(plans):
+                    if params and _flat.distributed(params):
+                        _flat.check_local(f"polyopt.torch.{type(self).__name__}",
+                                          self._rule(values), self.param_groups[index]["params"],
+                                          f" {index}")
             for index, (values, params, grads) in enumerate(plans):
                 if params:
                     self._step_group(values, params, grads, layouts[index])
@@ -494,6 +505,9 @@ class RuleOptimizer(torch.optim.Optimizer):
             gs = [g for _, g in members]
             states = [self.state[p] for p in ps]
             own = None if layouts is None else tuple(layouts[where[id(p)]] for p in ps)
+            if self.compiled and _flat.distributed(ps):  # checked in step()
+                _flat.local_step(self, values, layout, ps, gs, states, own)
+                continue
             if self.compiled and _flat.flat_eligible(ps):
                 self._bucket(ps).step(self, values, layout, ps, gs, states, layouts=own)
                 continue
