@@ -257,9 +257,15 @@ BENCHMARKS = {
     "memory-keras": ("tf", "benchmarks/bench_memory.py", {"KERAS_BACKEND": "tensorflow"},
                      "--framework", "keras"),
     "memory-optax": ("jax", "benchmarks/bench_memory.py", {}, "--framework", "optax"),
+    # torch's compiled path under FSDP2 (2 ranks, gloo) beside eager and torch.optim,
+    # and its first step with a cold and a warm inductor cache (tables of their own)
+    "fsdp-torch": ("torch", "benchmarks/bench_torch.py", {}, "--fsdp"),
+    "first-call-torch": ("torch", "benchmarks/bench_torch.py", {}, "--first-call",
+                         "--algorithms", "Adam", "Ranger"),
 }
 #: benchmarks whose results are a table of their own (not step times)
 MEMORY = "memory-"
+OWN_TABLES = (MEMORY, "fsdp-", "first-call-")
 
 
 @nox.session
@@ -286,7 +292,7 @@ def bench(session: nox.Session) -> None:
         session.run("python", script, *args, "--out", str(out), *session.posargs,
                     env={**env, **extra})
         written.append(str(out))
-    timings = [w for w in written if not Path(w).name.startswith(MEMORY)]
+    timings = [w for w in written if not Path(w).name.startswith(OWN_TABLES)]
     memory = [w for w in written if Path(w).name.startswith(MEMORY)]
     if timings:
         session.run("python", "benchmarks/common.py", "--markdown", str(results / "results.md"),

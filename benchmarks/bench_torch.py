@@ -144,12 +144,184 @@ def run(name: str, set_name: str, *, steps: int, rounds: int, fast: bool,
                           steps=steps, rounds=rounds)
 
 
+# --------------------------------------------------------------------------
+# FSDP2: the optimizer step on sharded params (2 ranks, gloo)
+
+#: the FSDP2 step's variants: Adam, float32, lr 1e-3 (polyopt's preset of torch.optim.Adam)
+FSDP_VARIANTS = {
+    "native for-loop": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=False),
+    "native foreach": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
+    "polyopt eager": lambda ps: pt.preset("torch.optim.Adam", ps, lr=1e-3),
+    "polyopt compiled": lambda ps: pt.preset("torch.optim.Adam", ps, lr=1e-3, compiled=True),
+}
+FSDP_WIDTH, FSDP_LAYERS = 512, 4  # 4 Linear(512, 512): 1.05M params, 8 tensors
+
+
+def fsdp_rank(rank: int, world: int, init: str, out: str, steps: int, rounds: int) -> None:
+    """One rank of the FSDP2 benchmark: each variant on its own fully_shard
+    model (the same init), the optimizer step alone (the grads of one
+    backward, kept) and the whole train step (forward, backward, step);
+    medians over ``rounds`` blocks of ``steps`` steps, rank 0 writes them."""
+    import json
+    import statistics
+    import time
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    x = torch.randn(64, FSDP_WIDTH, generator=torch.Generator().manual_seed(rank))
+    results = {}
+    for label, make in FSDP_VARIANTS.items():
+        torch.manual_seed(0)
+        layers = [torch.nn.Linear(FSDP_WIDTH, FSDP_WIDTH) for _ in range(FSDP_LAYERS)]
+        model = torch.nn.Sequential(*[m for layer in layers for m in (layer, torch.nn.Tanh())])
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(model)
+        opt = make(list(model.parameters()))
+
+        def train_step(model=model, opt=opt):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+
+        started = time.perf_counter()
+        train_step()  # the first step (compiled: traces and compiles)
+        first = time.perf_counter() - started
+        for _ in range(3):
+            train_step()
+        times = {"optimizer step": [], "train step": []}
+        for _ in range(rounds):
+            dist.barrier()
+            started = time.perf_counter()
+            for _ in range(steps):
+                opt.step()
+            times["optimizer step"].append((time.perf_counter() - started) / steps)
+            dist.barrier()
+            started = time.perf_counter()
+            for _ in range(steps):
+                train_step()
+            times["train step"].append((time.perf_counter() - started) / steps)
+        results[label] = {"first step s": first,
+                          **{f"{k} ms": 1e3 * statistics.median(v) for k, v in times.items()}}
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank == 0:
+        n = sum(p.numel() for p in model.parameters())
+        Path(out).write_text(json.dumps({
+            "model": f"{FSDP_LAYERS} x Linear({FSDP_WIDTH}, {FSDP_WIDTH}), {n} params, "
+                     f"float32, batch 64 per rank", "world": world, "steps": steps,
+            "rounds": rounds, "torch": torch.__version__, "machine": common.machine(),
+            "results": results}, indent=1))
+
+
+def fsdp_table(data: dict) -> str:
+    reference = data["results"]["native foreach"]
+    lines = [f"FSDP2 (fully_shard, {data['world']} ranks, gloo, 1 thread each): Adam on "
+             f"{data['model']}; median ms over {data['rounds']} blocks of {data['steps']} steps "
+             f"(rank 0); ratio: over torch.optim.Adam foreach", "",
+             "| variant | optimizer step ms | ratio | train step ms | ratio | first step s |",
+             "|---|---|---|---|---|---|"]
+    for label, r in data["results"].items():
+        lines.append(
+            f"| {label} | {r['optimizer step ms']:.2f} | "
+            f"{r['optimizer step ms'] / reference['optimizer step ms']:.2f}x | "
+            f"{r['train step ms']:.2f} | {r['train step ms'] / reference['train step ms']:.2f}x "
+            f"| {r['first step s']:.2f} |")
+    return "\n".join(lines)
+
+
+def fsdp(out: Path, steps: int, rounds: int, world: int = 2) -> None:
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        init = f"file://{tmp}/rendezvous"
+        procs = [subprocess.Popen([sys.executable, __file__, "--fsdp-rank", str(r), str(world),
+                                   init, str(out), str(steps), str(rounds)]) for r in range(world)]
+        codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"FSDP2 benchmark: ranks exited with {codes}")
+    import json
+    print(fsdp_table(json.loads(out.read_text())))
+
+
+# --------------------------------------------------------------------------
+# the compiled path's first call: cold and warm inductor cache
+
+
+def first_call_child(algorithm: str, set_name: str) -> None:
+    """Time the first and the second step of the compiled path (a fresh process)."""
+    import json
+    import time
+
+    torch.set_num_threads(1)
+    _, kwargs, polyopt_name, _ = ALGORITHMS[algorithm]
+    params = make_params(common.PARAM_SETS[set_name])
+    if polyopt_name.startswith("torch.optim."):
+        opt = pt.preset(polyopt_name, params, **kwargs, compiled=True)
+    else:
+        opt = getattr(pt, polyopt_name)(params, **kwargs, compiled=True)
+    times = []
+    for _ in range(2):
+        started = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - started)
+    print("@@" + json.dumps(times))
+
+
+def first_call(out: Path, algorithms: list, set_name: str) -> None:
+    """Each algorithm's first compiled step in a fresh process: with an empty
+    inductor cache (cold), then again with the cache the first run filled (warm)."""
+    import json
+    import subprocess
+
+    results = {}
+    for algorithm in algorithms:
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+            for kind in ("cold", "warm"):
+                done = subprocess.run([sys.executable, __file__, "--first-call-child", algorithm,
+                                       set_name], env=env, capture_output=True, text=True,
+                                      check=True)
+                first, second = json.loads(done.stdout.rsplit("@@", 1)[1])
+                results[f"{algorithm}, {kind} cache"] = {"first step s": first,
+                                                         "second step ms": 1e3 * second}
+                print(algorithm, kind, f"first step {first:.2f} s, second {1e3 * second:.2f} ms",
+                      flush=True)
+    out.write_text(json.dumps({"set": set_name, "torch": torch.__version__,
+                               "machine": common.machine(), "results": results}, indent=1))
+    print(f"compiled=True, first step on {set_name} (a fresh process each):")
+    for label, r in results.items():
+        print(f"| {label} | {r['first step s']:.2f} s | {r['second step ms']:.2f} ms |")
+
+
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--fsdp-rank"]:  # a child of --fsdp
+        rank, world, init, out, steps, rounds = argv[1:7]
+        fsdp_rank(int(rank), int(world), init, out, int(steps), int(rounds))
+        return
+    if argv[:1] == ["--first-call-child"]:  # a child of --first-call
+        first_call_child(argv[1], argv[2])
+        return
     parser = common.parser(__doc__, ALGORITHMS, ROOT / "benchmarks" / "results" / "torch.json")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-fast", action="store_true", help="skip polyopt's compiled path")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="the FSDP2 step instead (2 ranks, gloo): --out gets its JSON")
+    parser.add_argument("--first-call", action="store_true",
+                        help="the compiled path's first step, cold and warm inductor cache "
+                             "(--algorithms, the first of --sets): --out gets its JSON")
     parser.set_defaults(rounds=11)  # more rounds: steps of 2-10 ms move with load
     args = parser.parse_args(argv)
+    if args.fsdp:
+        fsdp(args.out, max(args.steps, 10), args.rounds)
+        return
+    if args.first_call:
+        first_call(args.out, args.algorithms, args.sets[0])
+        return
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     header = f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {common.machine()}"

@@ -142,3 +142,190 @@ def test_jax_two_host_devices_match_one():
                     [np.asarray(out["single"][k]) for k in keys])
     print(f"JAX 2 host devices vs 1 device, adam: max rel diff {diff:.2e}")
     assert diff <= RTOL
+
+
+# --------------------------------------------------------------------------
+# FSDP2 (fully_shard): params are DTensors sharded on dim 0 over 2 ranks
+
+_FSDP_WORKER = r"""
+import json, sys
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
+import polyopt.torch
+rank, world, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+cls, kwargs, steps = sys.argv[5], json.loads(sys.argv[6]), json.loads(sys.argv[7])
+checkpoint, save_after = sys.argv[8], int(sys.argv[9])
+torch.set_num_threads(1)
+torch.set_default_dtype(torch.float64)
+gen = torch.Generator().manual_seed(0)
+x, y = torch.randn(16, 5, generator=gen), torch.randn(16, 1, generator=gen)
+torch.manual_seed(0)
+# uneven shards: the (3, 8) weight splits 2 + 1 rows, the (1, 3) weight and the
+# (1,) bias leave rank 1 an empty shard
+model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3),
+                            torch.nn.Tanh(), torch.nn.Linear(3, 1))
+if world > 1:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    part = slice(rank * 16 // world, (rank + 1) * 16 // world)
+else:
+    part = slice(None)
+opt = getattr(polyopt.torch, cls)(model.parameters(), **kwargs)
+if steps[0] > 0:  # resume: the model and the optimizer from the checkpoint
+    model_state, opt_state = get_state_dict(model, opt)
+    state = {"model": model_state, "optim": opt_state}
+    dcp.load(state, checkpoint_id=checkpoint)
+    set_state_dict(model, opt, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+losses = []
+for t in range(*steps):
+    opt.zero_grad()
+    loss = ((model(x[part]) - y[part]) ** 2).mean()
+    loss.backward()
+    opt.step()
+    loss = loss.detach()
+    if world > 1:  # equal halves: the global batch's loss is the mean
+        dist.all_reduce(loss)
+        loss /= world
+    losses.append(float(loss))
+    if t == save_after:
+        model_state, opt_state = get_state_dict(model, opt)
+        dcp.save({"model": model_state, "optim": opt_state}, checkpoint_id=checkpoint)
+if kwargs.get("compiled") and world > 1:  # the compiled step on the local shards ran
+    assert any(key[0] == "local" for key in polyopt.torch._flat._COMPILED_STEPS)
+full = [p.full_tensor() if world > 1 else p.detach() for p in model.parameters()]
+if world > 1:
+    sharded = [type(p).__name__ for p in model.parameters()]
+    assert sharded == ["DTensor"] * 6, sharded
+    assert [tuple(p.to_local().shape) for p in model.parameters()][2:] == (
+        [(2, 8), (2,), (1, 3), (1,)] if rank == 0 else [(1, 8), (1,), (0, 3), (0,)])
+if rank == 0:
+    with open(out, "w") as f:
+        json.dump({"losses": losses, "params": [p.tolist() for p in full]}, f)
+if world > 1:
+    dist.barrier()
+    dist.destroy_process_group()
+"""
+
+
+def _fsdp_run(tmp_path, name: str, world: int, cls: str, kwargs: dict,
+              steps=(0, STEPS), save_after: int = -1) -> dict:
+    script = tmp_path / "fsdp_worker.py"
+    script.write_text(_FSDP_WORKER)
+    out = tmp_path / f"{name}.json"
+    init = f"file://{tmp_path / f'rendezvous-{name}'}"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), init, str(out),
+                               cls, json.dumps(kwargs), json.dumps(list(steps)),
+                               str(tmp_path / "checkpoint"), str(save_after)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
+    errors = [p.communicate(timeout=400)[1] for p in procs]
+    for p, err in zip(procs, errors):
+        assert p.returncode == 0, err[-3000:]
+    result = json.loads(out.read_text())
+    return {"losses": np.asarray(result["losses"]),
+            "params": [np.asarray(a) for a in result["params"]]}
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.mark.needs("torch")
+def test_torch_fsdp2_compiled_matches_unsharded_and_eager_and_resumes_exactly(tmp_path):
+    """float64 AdamW under fully_shard (2 ranks, gloo, uneven and empty
+    shards): the compiled path (the rule on each DTensor's local shard) gives
+    the losses and params of one unsharded process and of the sharded eager
+    path to 1e-12 relative; resumed from a DCP checkpoint after step 5, the
+    compiled run ends bitwise where the uninterrupted one did."""
+    kwargs = {"lr": 0.01, "weight_decay": 0.1}
+    single = _fsdp_run(tmp_path, "single", 1, "AdamW", kwargs)
+    eager = _fsdp_run(tmp_path, "eager", 2, "AdamW", kwargs)
+    compiled = _fsdp_run(tmp_path, "compiled", 2, "AdamW", {**kwargs, "compiled": True},
+                         save_after=5)
+    resumed = _fsdp_run(tmp_path, "resumed", 2, "AdamW", {**kwargs, "compiled": True},
+                        steps=(6, STEPS))
+    assert _rel(single["losses"][-1], single["losses"][0]) > 1e-2  # it trained
+    for name, run in (("eager", eager), ("compiled", compiled)):
+        diff = max(_rel(run["losses"], single["losses"]),
+                   _max_rel(run["params"], single["params"]))
+        print(f"FSDP2 {name} vs unsharded, AdamW float64: max rel diff {diff:.2e}")
+        assert diff <= 1e-12
+    diff = max(_rel(compiled["losses"], eager["losses"]),
+               _max_rel(compiled["params"], eager["params"]))
+    print(f"FSDP2 compiled vs eager: max rel diff {diff:.2e}")
+    assert diff <= 1e-12
+    assert (resumed["losses"] == compiled["losses"][6:]).all()
+    assert all((a == b).all() for a, b in zip(resumed["params"], compiled["params"]))
+
+
+@pytest.mark.needs("torch")
+def test_torch_fsdp2_eager_ranger_matches_unsharded(tmp_path):
+    """Ranger's gradient centralization reduces over the whole tensor: the
+    eager path (DTensor ops) gives the unsharded numbers under fully_shard
+    (float64, 1e-12), the path the compiled path's refusal points to."""
+    single = _fsdp_run(tmp_path, "single", 1, "Ranger", {"lr": 0.05})
+    sharded = _fsdp_run(tmp_path, "sharded", 2, "Ranger", {"lr": 0.05})
+    diff = max(_rel(sharded["losses"], single["losses"]),
+               _max_rel(sharded["params"], single["params"]))
+    print(f"FSDP2 eager Ranger vs unsharded: max rel diff {diff:.2e}")
+    assert diff <= 1e-12
+
+
+_REFUSAL_SCRIPT = """
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+import polyopt.torch as pt
+dist.init_process_group("gloo", init_method=payload["init"], rank=0, world_size=1)
+model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+fully_shard(model)
+errors = {}
+for name, kwargs in (("Ranger", {}), ("Lamb", {}), ("Adafactor", {})):
+    try:
+        getattr(pt, name)(model.parameters(), compiled=True, **kwargs)
+    except ValueError as e:
+        errors[name] = str(e)
+# accepted: the eager path, and compiled elementwise rules
+pt.Ranger(model.parameters())
+pt.Ranger(model.parameters(), gradient_centralization=False, compiled=True)
+# a group changed after construction is refused at the step, nothing moved
+opt = pt.Ranger(model.parameters(), gradient_centralization=False, compiled=True)
+model(torch.ones(1, 4)).sum().backward()
+before = [p.full_tensor().clone() for p in model.parameters()]
+opt.param_groups[0]["gradient_centralization"] = True
+try:
+    opt.step()
+except ValueError as e:
+    errors["step"] = str(e)
+moved = any(not torch.equal(p.full_tensor(), b) for p, b in zip(model.parameters(), before))
+dist.destroy_process_group()
+result = {"errors": errors, "moved": moved, "state": len(opt.state)}
+"""
+
+
+@pytest.mark.needs("torch")
+def test_torch_fsdp2_compiled_refuses_per_tensor_rules_on_shards(tmp_path):
+    """A per-tensor rule (centralization, trust ratios, factored statistics)
+    cannot run on a shard: compiled=True on sharded DTensor params is refused
+    at construction, and at the step when a group's change makes the rule
+    per-tensor, naming the param, its placements and the way out; the eager
+    path and elementwise rules are accepted."""
+    out = run_python(_REFUSAL_SCRIPT, {"init": f"file://{tmp_path / 'rendezvous'}"})
+    errors = out["errors"]
+    assert sorted(errors) == ["Adafactor", "Lamb", "Ranger", "step"]
+    for name, message in errors.items():
+        assert "params[0] (shape (3, 4), a DTensor with placements (Shard(dim=0),))" in message
+        assert "use compiled=False" in message
+        assert message.startswith(f"polyopt.torch.{'Ranger' if name == 'step' else name}:")
+    assert "param group 0" in errors["step"]
+    assert not out["moved"] and out["state"] == 0

@@ -263,3 +263,37 @@ def test_ranger_runs_flat_with_per_tensor_views_for_gradient_centralization(indu
         assert len(storages) == 1
     plain, _ = run(False, gradient_centralization=False)
     assert max_rel_diff(plain, eager) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["Adafactor", "Lamb", "Lars"])
+def test_per_tensor_rules_run_flat_on_per_param_views(inductor_cache, name):
+    """Adafactor (factored statistics, per-tensor RMS) and Lamb/Lars (per-tensor
+    trust-ratio norms) are not elementwise: compiled=True runs them in one
+    compiled step on the per-parameter views of the bucket's flat buffers.
+    float64, 8 steps: the eager numbers to 1e-12, every param in a flat
+    bucket whose state entries are views of its buffers."""
+
+    def run(compiled):
+        params = [torch.tensor(p, requires_grad=True) for p in PARAMS[:3]]
+        opt = getattr(pt, name)(params, lr=0.01, compiled=compiled)
+        for t in range(8):
+            for p, g in zip(params, GRADS[t]):
+                p.grad = torch.tensor(g)
+            opt.step()
+        return params, opt
+
+    eager, eager_opt = run(False)
+    fast, opt = run(True)
+    assert not eager_opt.elementwise(eager_opt._values(eager_opt.param_groups[0]))
+    assert max_rel_diff([p.detach().numpy() for p in fast],
+                        [p.detach().numpy() for p in eager]) <= 1e-12
+    # it moved (Lars: lr times its trust coefficient 0.001 of the param norm)
+    assert max_rel_diff([p.detach().numpy() for p in eager], PARAMS[:3]) > 1e-4
+    covered = set()
+    for ids, bucket in opt._buckets.items():
+        covered |= set(ids)
+        for key, (buffer, views) in bucket.buffers.items():
+            assert all(st[key] is v for st, v in zip(bucket.states, views))
+            assert {v.untyped_storage().data_ptr() for v in views} == {
+                buffer.untyped_storage().data_ptr()}
+    assert covered == set(map(id, fast))

@@ -13,66 +13,33 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import itertools
-import math
-import numbers
 import operator
 import re
-import types
 from collections import defaultdict
-from typing import Any, NamedTuple
+from typing import Any
 
 import array_api_compat.torch as _xp
 import torch
-import torch._inductor
-from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.passes.split_module import split_module
 
 from polyopt import native, rules
 from polyopt.hyper import Spec
-from polyopt.rules import COUNT_LIMIT, _state
-from polyopt.torch import _eager
+from polyopt.rules import _state
+from polyopt.torch import _eager, _flat
+from polyopt.torch._common import (
+    _apply,
+    _is_zero,
+    _Layout,
+    as_count,
+    compute_dtype,
+    step_dtype,
+)
 
 # Torch tensors go straight to array_api_compat's torch namespace: the same
 # namespace array_namespace() returns, found without its introspection (which
 # costs microseconds per call and is slow to trace under torch.compile).
 rules.register_namespace(lambda a: isinstance(a, torch.Tensor), _xp)
 
-#: rule state field -> torch.optim's name for it (so state_dict() reads like torch's)
-TORCH_STATE_NAMES = {
-    "count": "step",
-    "first_moment": "exp_avg",
-    "second_moment": "exp_avg_sq",
-    "max_second_moment": "max_exp_avg_sq",
-    "momentum": "momentum_buffer",
-    "sum_of_squares": "sum",
-    "mean_square": "square_avg",
-    "mean_grad": "grad_avg",
-    "mean_square_grad": "square_avg",
-    "mean_square_delta": "acc_delta",
-    "infinity_norm": "exp_inf",
-    "momentum_product": "mu_product",
-    "slow": "slow_buffer",
-}
-
 _INDEXED = re.compile(r"(\w+)\[(\d+)\]")
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the math and the state use: float32 for 16-bit params."""
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
-
-
-def step_dtype() -> torch.dtype:
-    """torch.optim's dtype for ``state['step']`` (float32, float64 under a float64 default)."""
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-def as_count(step: torch.Tensor) -> torch.Tensor:
-    """torch's float ``state['step']`` as the rule's int32 count, saturating at
-    2**31 - 1 (a float32 or float64 step beyond it would wrap in a plain cast)."""
-    return step.to(torch.float64).clamp(max=COUNT_LIMIT).to(torch.int32)
 
 
 # --------------------------------------------------------------------------
@@ -119,18 +86,6 @@ _MISSING = object()
 _PLAIN = (float, int, bool, str, type(None))
 
 
-class _FlatParams(NamedTuple):
-    """A bucket's params and grads as views of two flat buffers (``__params__``
-    of its flat entry)."""
-
-    flat_p: torch.Tensor
-    flat_g: torch.Tensor
-    pointers: tuple  # data pointers of the param views
-    grad_views: list
-    grad_pointers: tuple
-    shapes: tuple  # (shape, dtype, device) of each param
-    views: list  # the params' .data
-
 
 def _value_key(raw: tuple) -> tuple | None:
     """A key equal for two tuples of group values only when every value is of
@@ -146,12 +101,6 @@ def _value_key(raw: tuple) -> tuple | None:
         else:
             return None
     return tuple(key)
-
-
-def _is_zero(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return False
-    return isinstance(value, numbers.Number) and value == 0
 
 
 # --------------------------------------------------------------------------
@@ -203,190 +152,6 @@ def _check_flags(owner: str, flags: dict, compiled: bool) -> None:
 
 
 # --------------------------------------------------------------------------
-# a rule's state NamedTuple <-> per-parameter torch entries (the core walker's paths)
-
-
-class _Layout:
-    """The shape of a rule's state (from the core walker, :mod:`polyopt.rules._state`):
-    which leaves are per-parameter lists, which are scalars (counts), and the
-    torch state key of each."""
-
-    def __init__(self, template: Any, names: dict | None = None) -> None:
-        self.template = template
-        self.slots: list[tuple[tuple, str]] = []  # (path, key): one tensor per param
-        self.scalars: list[tuple[tuple, str, bool]] = []  # (path, key, is_count)
-        used = set()
-        initial = set()
-        for entry in _state.entries(template):
-            path = entry.path
-            dotted = ".".join(str(p) for p in path)
-            key = (names or {}).get(dotted) or TORCH_STATE_NAMES.get(str(path[-1]))
-            if key is None or key in used:
-                key = dotted
-            used.add(key)
-            if entry.kind == "none":
-                continue
-            if entry.kind == "array":
-                self.scalars.append((path, key, not entry.value.is_floating_point()))
-            else:
-                self.slots.append((path, key))
-                if entry.kind == "slot":
-                    initial.add(key)
-        self.keys = {key for _, key in self.slots} | {key for _, key, _ in self.scalars}
-        # slots a fresh init fills (the others start empty: momentum 0, no amsgrad)
-        self.initial = initial
-
-
-# --------------------------------------------------------------------------
-# the step on one list of params (eager, or under torch.compile)
-
-
-def _apply(update, params: list, grads: list, state: Any, scalars_in_place: bool = True) -> Any:
-    """One rule update: 16-bit params are computed in float32 and cast back.
-
-    With ``scalars_in_place=False`` (under torch.compile) 0-d params are not
-    changed but their new values returned: ``(new_state, new_scalars)``.
-    Inductor (torch 2.13, CPU) drops in-place changes of 0-d input tensors.
-    """
-    work = [p if p.dtype not in _LOW_PRECISION else p.float() for p in params]
-    grads = [g if g.dtype == w.dtype else g.to(w.dtype) for g, w in zip(grads, work)]
-    updates, new_state = update(grads, state, work)
-    scalars = []
-    for p, w, u in zip(params, work, updates):
-        if p.ndim == 0 and not scalars_in_place:
-            scalars.append((w + u).to(p.dtype))
-        elif w is p:
-            p.add_(u)
-        else:
-            p.copy_(w + u)
-    return new_state if scalars_in_place else (new_state, scalars)
-
-
-_compiled_count = itertools.count()
-
-#: (optimizer class, structure) -> (compiled step, its runtime hyperparameter
-#: tensors). Shared by all optimizers of a class: a second optimizer with the
-#: same structure (a resumed run) does not compile again.
-_COMPILED_STEPS: dict = {}
-
-
-def _compile(update) -> Any:
-    """torch.compile of one bucket's per-tensor step (``update``: a rule's
-    update). Each compiled step gets its own code object, so that dynamo's
-    per-code recompile limit counts one entry per (rule, structure) instead of
-    sharing 8 between all of them."""
-    def step(params, grads, state):
-        return _apply(update, params, grads, state, scalars_in_place=False)
-
-    code = step.__code__.replace(co_name=f"polyopt_step_{next(_compiled_count)}")
-    fn = types.FunctionType(code, step.__globals__, code.co_name, None, step.__closure__)
-    return torch.compile(fn, fullgraph=True, dynamic=False)
-
-
-# --------------------------------------------------------------------------
-# the flat fast path: one rule call on the concatenation of a bucket's tensors
-
-
-def _flat_step(factory, values: dict, hyper_names: list, layout: _Layout, present: tuple,
-               count: int = 1, layouts: tuple | None = None):
-    """The step of one bucket on flat state, as a function of positional
-    tensors: ``(*params, *grads, *each present slot, *scalars, *hypers)``,
-    ``count`` tensors each for the params, the grads and every slot.
-
-    ``count`` 1: the rule runs once on the concatenations (flat buffers); valid
-    only for elementwise rules (the rule's ``elementwise``), whose
-    numbers do not depend on how the tensors are split. Otherwise the inputs
-    are the per-parameter views of the flat buffers (so per-tensor reductions,
-    gradient centralization, see their own tensor). The params and the slots
-    are updated in place. Returns ``(*slots the rule created, *new scalars)``,
-    each created slot flat; after tracing, ``step.created`` names them.
-    """
-    slot_paths = [path for path, key in layout.slots if key in present]
-
-    def step(*args):
-        groups = [list(args[i * count:(i + 1) * count]) for i in range(2 + len(slot_paths))]
-        (params, grads), slots = groups[:2], groups[2:]
-        rest = args[len(groups) * count:]
-        scalars, hypers = rest[:len(layout.scalars)], rest[len(layout.scalars):]
-        rule = factory(**{**values, **dict(zip(hyper_names, hypers))})
-        leaves = {path: [] for path, _ in layout.slots}
-        leaves.update(zip(slot_paths, slots))
-        for (path, _, is_count), value in zip(layout.scalars, scalars):
-            leaves[path] = as_count(value) if is_count else value
-        updates, new = rules.update_of(rule, grads, _state.rebuild_from(layout.template, leaves),
-                                       params, None if layouts is None else list(layouts))
-        for p, u in zip(params, updates):
-            p.add_(u)
-        out = _state.by_path(new)
-        created = []
-        step.created = []
-        for path, key in layout.slots:
-            if len(out[path]) == count:
-                if path in slot_paths:
-                    for old, value in zip(slots[slot_paths.index(path)], out[path]):
-                        old.copy_(value)
-                else:
-                    created.append(torch.cat([a.reshape(-1) for a in out[path]]))
-                    step.created.append(key)
-        return (*created, *[out[path] for path, _, _ in layout.scalars])
-
-    return step
-
-
-def _scalar_partition(gm: torch.fx.GraphModule):
-    """Partition of a traced step: 0 for the 0-d computations that depend on 0-d
-    inputs only (bias corrections, the step count, learning rates), 1 for the rest.
-
-    Inductor inlines 0-d computations into the elementwise loop that uses them,
-    so each vector of 16 floats would evaluate ``expm1``/``pow`` again (measured:
-    2.7x slower than torch's fused Adam); computed apart, they are loaded once.
-    """
-    part = {}
-    for node in gm.graph.nodes:
-        val = node.meta.get("val")
-        scalar = isinstance(val, torch.Tensor) and val.ndim == 0
-        if node.op == "placeholder":
-            part[node] = 0 if scalar else 1
-        elif node.op == "output":
-            continue
-        else:
-            inputs = [a for a in node.all_input_nodes]
-            part[node] = 0 if scalar and all(part[a] == 0 for a in inputs) else 1
-    return lambda node: part[node]
-
-
-def _compile_flat(step, example: list):
-    """make_fx (fake tensors: nothing runs) of ``step``, its 0-d part split off
-    (one small compiled graph), the rest one compiled elementwise kernel.
-
-    Both parts go to inductor directly (``torch._inductor.compile``), not
-    through dynamo: the graphs are already captured, and the caller keys them
-    by every shape, dtype and device, so dynamo's guards would only add their
-    cost to every step. Each part's example inputs are recorded by running
-    the split graph once on copies of ``example``.
-    """
-    gm = make_fx(step, tracing_mode="fake")(*example)
-    # the rule's argument checks read 0-d hyperparameters (``.item()``) without
-    # using the result: dead code, which inductor cannot run on fake tensors
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    split = split_module(gm, None, _scalar_partition(gm))
-    children = dict(split.named_children())
-    recorded: dict = {}
-    for name, child in children.items():
-        def record(*args, name=name, child=child):
-            recorded[name] = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-            return child(*args)
-
-        del split._modules[name]  # the generated code calls self.<name>(...)
-        object.__setattr__(split, name, record)
-    split(*[a.clone() for a in example])
-    for name, child in children.items():
-        object.__setattr__(split, name, torch._inductor.compile(child, recorded[name]))
-    return split
-
-
-# --------------------------------------------------------------------------
 # the optimizer
 
 
@@ -397,25 +162,17 @@ class RuleOptimizer(torch.optim.Optimizer):
     (the rule factory in :mod:`polyopt.rules`); the constructor's arguments
     (torch spellings), their defaults and their checks come from the spec.
 
-    ``compiled=True`` is the fast path. For groups of same-dtype, non-16-bit,
-    non-0-d params the state is flat: the params' ``.data`` become views of
-    one flat buffer (as apex's/FSDP's flat parameters), the grads are
-    gathered into one flat buffer whose views become the params' ``.grad``,
-    and each state slot is one flat tensor whose views are
-    ``self.state[p][...]`` (so ``state_dict`` keeps torch's per-parameter
-    format). Elementwise rules (:meth:`elementwise`: all but Ranger with
-    gradient centralization) run ONCE on the flat tensors; Ranger's per-tensor
-    means run on their per-parameter views, in the same compiled step. The
-    traced step goes straight to inductor (no dynamo guards per call) as two
-    graphs: the 0-d part (bias corrections, counts) and the elementwise
-    kernel. Other groups (16-bit or 0-d params) run one torch.compile graph
-    per bucket of params. Hyperparameters that schedulers change are 0-d
-    tensor inputs: a changing lr never recompiles. Compiling takes a few
-    seconds (flat path) to a minute (per-bucket graphs) on a CPU, once per
-    structure. The
-    default eager path runs the same rule op by op: an elementwise rule on
-    cache-sized pieces of the params (:mod:`polyopt.torch._eager`), any other
-    per tensor.
+    ``compiled=True`` is the fast path (:mod:`polyopt.torch._flat`): params
+    of one dtype (not 16-bit, not 0-d) form a ``FlatBucket`` whose params,
+    grads and state slots are views of flat buffers (``state_dict`` keeps
+    torch's per-parameter format), stepped by one compiled kernel: elementwise
+    rules (:meth:`elementwise`) run once on the flat tensors, per-tensor rules
+    (Ranger's centralization, Adafactor, trust ratios) on the per-parameter
+    views. Other params (16-bit or 0-d) run one torch.compile graph per
+    bucket. Hyperparameters that schedulers change are 0-d tensor inputs: a
+    changing lr never recompiles. The default eager path runs the same rule
+    op by op: an elementwise rule on cache-sized pieces of the params
+    (:mod:`polyopt.torch._eager`), any other per tensor.
     """
 
     spec: Spec
@@ -486,7 +243,7 @@ class RuleOptimizer(torch.optim.Optimizer):
 
     def _reset_caches(self) -> None:
         self._layouts: dict = {}
-        self._flats: dict = {}  # bucket's param ids -> {state key: (buffer, views)}
+        self._buckets: dict = {}  # param ids -> their _flat.FlatBucket
         self._group_checks: dict = {}  # group index -> (value key, checked values)
         self._steady: dict = {}  # group index -> (params, their grads) after a flat step
         self._derived: dict = {}  # id(values) -> (values, {"structure"/"rule": ...})
@@ -616,7 +373,12 @@ class RuleOptimizer(torch.optim.Optimizer):
                 raise TypeError(
                     f"{self.spec.name}: param group {index}, params[{j}] has dtype {p.dtype}: "
                     f"{kind} parameters are not supported (real floating dtypes only)")
-        self._values({**self.defaults, **param_group}, f" {index}")
+        values = self._values({**self.defaults, **param_group}, f" {index}")
+        if self.compiled:
+            _flat.check_local(f"polyopt.torch.{type(self).__name__}",
+                              type(self).factory(**values),
+                              [p[1] if isinstance(p, tuple) else p for p in tensors],
+                              f" {index}")
         super().add_param_group(param_group)
 
     # -- step ------------------------------------------------------------------
@@ -695,6 +457,12 @@ class RuleOptimizer(torch.optim.Optimizer):
             plans = [self._plan(i, g) for i, g in enumerate(self.param_groups)]
             layouts = [self._param_layouts(values, group, params) if params else None
                        for (values, params, _), group in zip(plans, self.param_groups)]
+            if self.compiled:  # the rule on DTensors' local shards: exact, or refused
+                for index, (values, params, _) in enumerate(plans):
+                    if params and _flat.distributed(params):
+                        _flat.check_local(f"polyopt.torch.{type(self).__name__}",
+                                          self._rule(values), self.param_groups[index]["params"],
+                                          f" {index}")
             for index, (values, params, grads) in enumerate(plans):
                 if params:
                     self._step_group(values, params, grads, layouts[index])
@@ -707,7 +475,8 @@ class RuleOptimizer(torch.optim.Optimizer):
         if not self.compiled or index in self._steady:
             return
         group = self.param_groups[index]["params"]
-        built = self._flats.get(tuple(map(id, params)), {}).get("__params__")
+        bucket = self._buckets.get(tuple(map(id, params)))
+        built = None if bucket is None else bucket.flat
         if (built is not None and len(group) == len(params)
                 and all(map(operator.is_, map(_GRAD, params), built.grad_views))):
             self._steady[index] = (list(params), list(built.grad_views))
@@ -719,10 +488,9 @@ class RuleOptimizer(torch.optim.Optimizer):
             # the steady state of the flat path: the same params as the last
             # step, their state still the views of its flat buffers (so their
             # counts are equal): no bucketing, no lookups per param
-            entry = self._flats.get(tuple(map(id, params)))
-            if entry is not None and self._intact(entry, layout):
-                self._step_flat(values, layout, params, grads, entry["__states__"], entry,
-                                layouts)
+            bucket = self._buckets.get(tuple(map(id, params)))
+            if bucket is not None and bucket.intact(layout):
+                bucket.step(self, values, layout, params, grads, bucket.states, True, layouts)
                 return
         where = {id(p): i for i, p in enumerate(params)}
         self._init_missing(values, layout, params, layouts)
@@ -737,8 +505,11 @@ class RuleOptimizer(torch.optim.Optimizer):
             gs = [g for _, g in members]
             states = [self.state[p] for p in ps]
             own = None if layouts is None else tuple(layouts[where[id(p)]] for p in ps)
-            if self.compiled and self._flat_eligible(ps):
-                self._step_flat(values, layout, ps, gs, states, layouts=own)
+            if self.compiled and _flat.distributed(ps):  # checked in step()
+                _flat.local_step(self, values, layout, ps, gs, states, own)
+                continue
+            if self.compiled and _flat.flat_eligible(ps):
+                self._bucket(ps).step(self, values, layout, ps, gs, states, layouts=own)
                 continue
             rule = self._rule(values)
             if not self.compiled and _eager.eligible(rule):
@@ -747,7 +518,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                 continue
             tree = self._tree(layout, states)
             if self.compiled:
-                fn = self._compiled_step(values, ps, states, own)
+                fn = _flat.compiled_step(self, values, ps, states, own)
                 new, scalars = fn(ps, gs, tree)
                 for p, value in zip([p for p in ps if p.ndim == 0], scalars):
                     p.copy_(value)
@@ -757,6 +528,17 @@ class RuleOptimizer(torch.optim.Optimizer):
                     update = functools.partial(update, layouts=list(own))
                 new = _apply(update, ps, gs, tree)
             self._write(layout, states, new)
+
+    def _bucket(self, params: list) -> _flat.FlatBucket:
+        """The flat bucket of exactly these params (buckets that share a param
+        with them are dropped: their params regrouped)."""
+        ids = tuple(map(id, params))
+        bucket = self._buckets.get(ids)
+        if bucket is None:
+            for other in [k for k in self._buckets if set(k) & set(ids)]:
+                del self._buckets[other]
+            bucket = self._buckets[ids] = _flat.FlatBucket()
+        return bucket
 
     def _rule(self, values: dict):
         """The rule of these values (kept with them, :meth:`_derive`)."""
@@ -811,180 +593,6 @@ class RuleOptimizer(torch.optim.Optimizer):
             for st in states:
                 st[key].copy_(value)
 
-    def _flat_eligible(self, params: list) -> bool:
-        first = params[0]
-        return (first.dtype not in _LOW_PRECISION
-                and all(p.ndim > 0 and p.dtype == first.dtype and p.device == first.device
-                        for p in params))
-
-    @staticmethod
-    def _intact(entry: dict, layout: _Layout) -> bool:
-        states = entry.get("__states__")
-        if states is None:
-            return False
-        keys = [k for _, k in layout.slots if k in states[0]] + [k for _, k, _ in layout.scalars]
-        if not layout.initial <= set(keys):
-            return False
-        for key in keys:
-            built = entry.get(key)
-            if built is None or not all(map(operator.is_, map(dict.get, states,
-                                                                itertools.repeat(key)), built[1])):
-                return False
-        return True
-
-    def _flat_buffers(self, layout: _Layout, params: list, states: list) -> dict:
-        """{state key: flat buffer} for a bucket: every per-param state entry
-        (slots, and the 0-d counts) becomes a view of one flat tensor per key, so
-        that ``self.state`` (and state_dict) stays per-parameter. Rebuilt when an
-        entry is no longer the view (first step, load_state_dict)."""
-        ids = tuple(map(id, params))
-        entry = self._flats.get(ids)
-        if entry is None:
-            for other in [k for k in self._flats if set(k) & set(ids)]:
-                del self._flats[other]
-            entry = self._flats[ids] = {}
-        first = states[0]
-        keys = [k for _, k in layout.slots if k in first] + [k for _, k, _ in layout.scalars]
-        for key in keys:
-            built = entry.get(key)
-            if built is None or any(st[key] is not v for st, v in zip(states, built[1])):
-                buffer = torch.cat([st[key].reshape(-1) for st in states])
-                self._set_views(entry, key, buffer, states, [st[key].shape for st in states])
-        entry["__states__"] = states
-        return {key: entry[key][0] for key in keys}
-
-    def _flat_params(self, entry: dict, params: list, grads: list) -> tuple:
-        """The bucket's params and grads as two flat tensors, without copies in
-        the steady state: the params' ``.data`` are views of one flat buffer
-        (as apex's and FSDP's flat parameters; re-made if something replaced a
-        param's data), and the grads are gathered into a flat grad buffer
-        whose views then become the ``.grad`` of each param, so that autograd
-        accumulates straight into it while grads are zeroed with
-        ``zero_grad(set_to_none=False)``; fresh grads (set_to_none=True, the
-        default) cost one ``torch.cat``. ``entry``: the bucket's flat entry."""
-        built = entry.get("__params__")
-        pointers = tuple(map(torch.Tensor.data_ptr, params))
-        if built is None or pointers != built.pointers:
-            flat_p = torch.cat([p.detach().reshape(-1) for p in params])
-            views = self._views(flat_p, params)
-            for p, v in zip(params, views):
-                p.data = v
-            flat_g = flat_p.new_empty(flat_p.shape)
-            grad_views = self._views(flat_g, params)
-            pointer = torch.Tensor.data_ptr
-            shapes = tuple((tuple(p.shape), p.dtype, p.device) for p in params)
-            built = entry["__params__"] = _FlatParams(
-                flat_p, flat_g, tuple(map(pointer, views)), grad_views,
-                tuple(map(pointer, grad_views)), shapes, views)
-        if tuple(map(torch.Tensor.data_ptr, grads)) != built.grad_pointers:
-            torch.cat([g.reshape(-1) for g in grads], out=built.flat_g)
-            for p, v in zip(params, built.grad_views):
-                p.grad = v
-        return built.flat_p, built.flat_g
-
-    @staticmethod
-    def _views(buffer: torch.Tensor, params: list) -> list:
-        views, offset = [], 0
-        for p in params:
-            views.append(buffer[offset:offset + p.numel()].view(p.shape))
-            offset += p.numel()
-        return views
-
-    @staticmethod
-    def _set_views(entry: dict, key: str, buffer: torch.Tensor, states: list,
-                   shapes: list) -> None:
-        """``st[key]`` = the views of ``buffer`` with ``shapes``, one per state."""
-        views, offset = [], 0
-        for shape in shapes:
-            n = math.prod(shape)
-            views.append(buffer[offset:offset + n].view(shape))
-            offset += n
-        for st, v in zip(states, views):
-            st[key] = v
-        entry[key] = (buffer, views)
-
-    def _step_flat(self, values: dict, layout: _Layout, params: list, grads: list,
-                   states: list, intact: dict | None = None,
-                   layouts: tuple | None = None) -> None:
-        """One compiled flat step of a bucket; ``intact``: its flat entry, already
-        checked (:meth:`_intact`)."""
-        if intact is None:
-            buffers = self._flat_buffers(layout, params, states)
-        else:
-            buffers = {k: v[0] for k, v in intact.items() if not k.startswith("__")}
-        present = tuple(k for _, k in layout.slots if k in states[0])
-        # params and grads are read into flat tensors (one torch.cat each, outside
-        # the compiled graph: inductor fuses a cat of many inputs into its loop
-        # as a chain of index tests per element, measured 3x slower)
-        flats = intact if intact is not None else self._flats[tuple(map(id, params))]
-        flat_p, flat_g = self._flat_params(flats, params, grads)
-        built = flats["__params__"]
-        structure = ("flat", type(self), self._structure(values), present, built.shapes,
-                     layouts)
-        entry = _COMPILED_STEPS.get(structure)
-        scalars = [buffers[k][0] for _, k, _ in layout.scalars]
-        elementwise = self._rule(values).elementwise
-        if elementwise:
-            tensors = [flat_p, flat_g, *[buffers[k] for k in present]]
-        else:  # the per-parameter views of the flat buffers
-            tensors = [*built.views, *built.grad_views,
-                       *[v for k in present for v in flats[k][1]]]
-        if entry is None:
-            names = [h.name for h in self.spec
-                     if h.runtime and not (h.name != "learning_rate" and _is_zero(values[h.name]))]
-            inputs = [torch.zeros((), dtype=torch.float64, device=params[0].device)
-                      for _ in names]
-            for name, tensor in zip(names, inputs):
-                tensor.fill_(values[name])
-            step = _flat_step(type(self).factory, values, names, layout, present,
-                              1 if elementwise else len(params), layouts)
-            # the counts go in as stored (float, torch's "step"); the graph casts them
-            entry = (_compile_flat(step, [*tensors, *scalars, *inputs]), names, inputs,
-                     step.created, [None] * len(names))
-            _COMPILED_STEPS[structure] = entry
-        fn, names, inputs, fresh, filled = entry
-        for i, name in enumerate(names):
-            value = values[name]
-            if type(value) is not float or filled[i] != value:  # a float seen last: set
-                inputs[i].fill_(value)
-                filled[i] = value if type(value) is float else None
-        out = fn(*tensors, *scalars, *inputs)
-        # slots the rule started (momentum that became non-zero) come back flat
-        news = out[:len(fresh)]
-        for key, buffer in zip(fresh, news):
-            self._set_views(flats, key, buffer, states, [p.shape for p in params])
-        for (_, key, _), value in zip(layout.scalars, out[len(news):]):
-            buffers[key].copy_(value)
-
-    def _compiled_step(self, values: dict, params: list, states: list,
-                       layouts: tuple | None = None):
-        structure = (self._structure(values),
-                     tuple((tuple(p.shape), p.dtype, p.device) for p in params),
-                     tuple(sorted(states[0].keys())), layouts)
-        structure = (type(self), *structure)
-        entry = _COMPILED_STEPS.get(structure)
-        if entry is None:
-            device = params[0].device
-            inputs = {}
-            rule_values = dict(values)
-            for h in self.spec:
-                if h.runtime and not (h.name != "learning_rate" and _is_zero(values[h.name])):
-                    # filled before the rule is built: its checks read the value
-                    inputs[h.name] = torch.zeros((), dtype=torch.float64, device=device)
-                    inputs[h.name].fill_(values[h.name])
-                    rule_values[h.name] = inputs[h.name]
-            rule = type(self).factory(**rule_values)
-            update = rule.update
-            if layouts is not None:
-                update = functools.partial(update, layouts=list(layouts))
-            entry = (_compile(update), inputs)
-            _COMPILED_STEPS[structure] = entry
-        fn, inputs = entry
-        for name, tensor in inputs.items():
-            tensor.fill_(values[name])
-        return fn
-
-    # -- state files and native state (polyopt.torch.interop) --------------------
 
     def export_state(self, file, names=None) -> None:
         """Write the state to a framework-neutral file (:mod:`polyopt.torch.interop`)."""

@@ -26,7 +26,7 @@ import torch
 from polyopt import interop
 from polyopt.interop import StateFileError
 from polyopt.rules import _state
-from polyopt.torch._optimizer import _Layout, as_count, compute_dtype
+from polyopt.torch._common import _Layout, as_count, compute_dtype
 
 __all__ = ["export_state", "import_state", "import_native_state", "StateFileError"]
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from polyopt import hyper, rules
-from polyopt.torch._optimizer import _LOW_PRECISION, RuleOptimizer
+from polyopt.torch._common import _LOW_PRECISION
+from polyopt.torch._optimizer import RuleOptimizer
 
 
 def _positive(value) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from polyopt import hyper, rules
-from polyopt.torch._optimizer import _apply, as_count, compute_dtype, step_dtype
+from polyopt.torch._common import _apply, as_count, compute_dtype, step_dtype
 
 
 def _applied_update(grads, state, params):

@@ -1,0 +1,113 @@
+"""What the torch adapter's paths share: the dtypes the math and the counts
+use, the rule state's torch keys (:class:`_Layout`), and one rule update on
+a list of params (:func:`_apply`)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+
+from polyopt.rules import COUNT_LIMIT, _state
+
+#: rule state field -> torch.optim's name for it (so state_dict() reads like torch's)
+TORCH_STATE_NAMES = {
+    "count": "step",
+    "first_moment": "exp_avg",
+    "second_moment": "exp_avg_sq",
+    "max_second_moment": "max_exp_avg_sq",
+    "momentum": "momentum_buffer",
+    "sum_of_squares": "sum",
+    "mean_square": "square_avg",
+    "mean_grad": "grad_avg",
+    "mean_square_grad": "square_avg",
+    "mean_square_delta": "acc_delta",
+    "infinity_norm": "exp_inf",
+    "momentum_product": "mu_product",
+    "slow": "slow_buffer",
+}
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math and the state use: float32 for 16-bit params."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def step_dtype() -> torch.dtype:
+    """torch.optim's dtype for ``state['step']`` (float32, float64 under a float64 default)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def as_count(step: torch.Tensor) -> torch.Tensor:
+    """torch's float ``state['step']`` as the rule's int32 count, saturating at
+    2**31 - 1 (a float32 or float64 step beyond it would wrap in a plain cast)."""
+    return step.to(torch.float64).clamp(max=COUNT_LIMIT).to(torch.int32)
+
+
+# --------------------------------------------------------------------------
+# a rule's state NamedTuple <-> per-parameter torch entries (the core walker's paths)
+
+
+class _Layout:
+    """The shape of a rule's state (from the core walker, :mod:`polyopt.rules._state`):
+    which leaves are per-parameter lists, which are scalars (counts), and the
+    torch state key of each."""
+
+    def __init__(self, template: Any, names: dict | None = None) -> None:
+        self.template = template
+        self.slots: list[tuple[tuple, str]] = []  # (path, key): one tensor per param
+        self.scalars: list[tuple[tuple, str, bool]] = []  # (path, key, is_count)
+        used = set()
+        initial = set()
+        for entry in _state.entries(template):
+            path = entry.path
+            dotted = ".".join(str(p) for p in path)
+            key = (names or {}).get(dotted) or TORCH_STATE_NAMES.get(str(path[-1]))
+            if key is None or key in used:
+                key = dotted
+            used.add(key)
+            if entry.kind == "none":
+                continue
+            if entry.kind == "array":
+                self.scalars.append((path, key, not entry.value.is_floating_point()))
+            else:
+                self.slots.append((path, key))
+                if entry.kind == "slot":
+                    initial.add(key)
+        self.keys = {key for _, key in self.slots} | {key for _, key, _ in self.scalars}
+        # slots a fresh init fills (the others start empty: momentum 0, no amsgrad)
+        self.initial = initial
+
+
+# --------------------------------------------------------------------------
+# the step on one list of params (eager, or under torch.compile)
+
+
+def _apply(update, params: list, grads: list, state: Any, scalars_in_place: bool = True) -> Any:
+    """One rule update: 16-bit params are computed in float32 and cast back.
+
+    With ``scalars_in_place=False`` (under torch.compile) 0-d params are not
+    changed but their new values returned: ``(new_state, new_scalars)``.
+    Inductor (torch 2.13, CPU) drops in-place changes of 0-d input tensors.
+    """
+    work = [p if p.dtype not in _LOW_PRECISION else p.float() for p in params]
+    grads = [g if g.dtype == w.dtype else g.to(w.dtype) for g, w in zip(grads, work)]
+    updates, new_state = update(grads, state, work)
+    scalars = []
+    for p, w, u in zip(params, work, updates):
+        if p.ndim == 0 and not scalars_in_place:
+            scalars.append((w + u).to(p.dtype))
+        elif w is p:
+            p.add_(u)
+        else:
+            p.copy_(w + u)
+    return new_state if scalars_in_place else (new_state, scalars)
+
+
+def _is_zero(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return False
+    return isinstance(value, numbers.Number) and value == 0
