@@ -337,9 +337,10 @@ def lookahead(inner: Rule, sync_period, slow_step_size, reset_state) -> Rule:
         for p, u, s in zip(params, fast_updates, state.slow):
             synced = s + _base.scalar(xp, slow_step_size, p) * ((p + u) - s)
             new_slow = xp.where(sync, synced, s)
-            # the update reads the new slow weights, not s and the inner update again:
-            # compiled (XLA), writing the slow weights in place then leaves nothing to
-            # copy first (docs/performance.md, "Ranger and Lookahead compiled")
+            # the update reads new_slow, not s (the same numbers): under XLA with a
+            # donated state, the loop that writes the slow weights in place then no
+            # longer needs s and p copied first for the params' loop
+            # (docs/performance.md, "Ranger and Lookahead under XLA")
             updates.append(xp.where(sync, new_slow - p, u))
             slow.append(new_slow)
         if reset_state:
