@@ -233,11 +233,19 @@ class Result:
 DEFAULT = "native default"
 
 
-def write(results: list[Result], path: Path) -> None:
-    """Append results to a JSON file (a list of Result dicts; created if absent)."""
+def write(results: list[Result], path: Path, replace: bool = False) -> None:
+    """Append results to a JSON file (a list of Result dicts; created if absent); with
+    ``replace``, a result takes the place of the file's one of the same algorithm and
+    parameter set (appended if there is none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(path.read_text()) if path.exists() else []
-    existing += [asdict(r) for r in results]
+    for r in map(asdict, results):
+        same = [i for i, old in enumerate(existing) if replace and (
+            old["algorithm"], old["param_set"]) == (r["algorithm"], r["param_set"])]
+        if same:
+            existing[same[0]] = r
+        else:
+            existing.append(r)
     files.write_text(path, json.dumps(existing, indent=1))
 
 
@@ -367,6 +375,9 @@ def parser(doc: str, algorithms: dict, out: Path) -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the rows measured (--algorithms on --sets) in --out "
+                             "and keep its others (default: --out is rewritten)")
     return parser
 
 
@@ -374,15 +385,15 @@ def run_all(args: argparse.Namespace, header: str, copy_bandwidth: Callable[[int
             run: Callable[[str, str, float], Result]) -> None:
     """Every algorithm of ``args`` on every set: ``run(algorithm, set, bandwidth)``, the
     bandwidth measured per set with ``copy_bandwidth(n_params)``; results to ``args.out``
-    (replaced), then the markdown table."""
+    (replaced; with ``--update`` only the rows measured), then the markdown table."""
     print(header, flush=True)
-    if args.out.exists():
+    if args.out.exists() and not args.update:
         args.out.unlink()
     for set_name in args.sets:
         n, _ = sizes(PARAM_SETS[set_name])
         bw = copy_bandwidth(n)
         print(f"{set_name}: copy bandwidth {bw / 1e9:.2f} GB/s", flush=True)
-        write([run(a, set_name, bw) for a in args.algorithms], args.out)
+        write([run(a, set_name, bw) for a in args.algorithms], args.out, replace=args.update)
     print(markdown(args.out))
 
 

@@ -71,3 +71,29 @@ def test_changing_a_traced_learning_rate_does_not_recompile():
     for lr in (0.1, 0.01, 0.001):
         params, state = step(params, state, [jnp.ones(3)], jnp.asarray(lr))
     assert len(traces) == 1
+
+
+@pytest.mark.parametrize("inner", ["radam", "ranger"])
+def test_lookahead_compiled_with_donated_state_copies_nothing(inner):
+    """Lookahead writes the slow weights and the params in place: XLA copies no param
+    and no slow weight first (the formulation before issue 18 read s and the inner
+    update in both outputs' loops, and XLA copied both arrays of every param: 25
+    passes over the params per step for Ranger instead of 21)."""
+    shapes = [(16, 8, 3, 3), (32, 16), (16,)]
+    rule = (rules.ranger() if inner == "ranger"
+            else rules.lookahead(rules.radam(), sync_period=6, slow_step_size=0.5))
+    params = [jnp.full(s, 0.5, jnp.float32) for s in shapes]
+    grads = [jnp.full(s, 1e-3, jnp.float32) for s in shapes]
+
+    def step(params, state, grads):
+        updates, state = rule.update(grads, state, params)
+        return [p + u for p, u in zip(params, updates)], state
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+        params, rule.init(params), grads).compile().as_text()
+    copied = [line.strip() for line in compiled.splitlines()
+              if " copy(" in line and any(f"f32[{','.join(map(str, s))}]" in line
+                                          for s in shapes)]
+    assert copied == []
+    # the step still ran the lookahead: the slow weights are outputs the program writes
+    assert compiled.count("select") > 0

@@ -335,10 +335,14 @@ def lookahead(inner: Rule, sync_period, slow_step_size, reset_state) -> Rule:
         sync = (count % sync_period) == 0
         updates, slow = [], []
         for p, u, s in zip(params, fast_updates, state.slow):
-            fast = p + u
-            synced = s + _base.scalar(xp, slow_step_size, p) * (fast - s)
-            updates.append(xp.where(sync, synced - p, u))
-            slow.append(xp.where(sync, synced, s))
+            synced = s + _base.scalar(xp, slow_step_size, p) * ((p + u) - s)
+            new_slow = xp.where(sync, synced, s)
+            # the update reads new_slow, not s (the same numbers): under XLA with a
+            # donated state, the loop that writes the slow weights in place then no
+            # longer needs s and p copied first for the params' loop
+            # (docs/performance.md, "Ranger and Lookahead under XLA")
+            updates.append(xp.where(sync, new_slow - p, u))
+            slow.append(new_slow)
         if reset_state:
             inner_state = _state.select(xp, sync, _base.init_of(inner, params, layouts),
                                         inner_state)
