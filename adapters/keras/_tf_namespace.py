@@ -3,7 +3,7 @@
 TensorFlow has no array_api_compat support, so the Keras adapter registers
 this namespace (``polyopt.rules.register_namespace``) for ``tf.Tensor`` and
 ``tf.Variable`` when Keras runs on the TensorFlow backend. It covers the
-24 names the rules and schedules call, with Array API semantics, built from
+27 names the rules and schedules call, with Array API semantics, built from
 plain TensorFlow ops, so it runs eagerly, in ``tf.function`` and under
 ``jit_compile=True`` (XLA). Operators (``+ - * / ** %``, comparisons) are
 tf.Tensor's own: a Python number meets a tensor in the tensor's dtype, so a
@@ -18,14 +18,15 @@ from __future__ import annotations
 import types
 from typing import Any
 
+import ml_dtypes
 import tensorflow as tf
 
 __all__ = ["is_tf_array", "namespace", "NAMES"]
 
 NAMES = frozenset({
-    "abs", "all", "asarray", "astype", "cos", "expm1", "float32", "floor", "full_like", "int32",
-    "isdtype", "isfinite", "maximum", "mean", "minimum", "ones", "pow", "reshape", "result_type",
-    "sqrt", "sum", "where", "zeros", "zeros_like",
+    "abs", "all", "asarray", "astype", "cos", "expm1", "finfo", "float32", "floor", "full_like",
+    "imag", "int32", "isdtype", "isfinite", "maximum", "mean", "minimum", "ones", "pow", "real",
+    "reshape", "result_type", "sqrt", "sum", "where", "zeros", "zeros_like",
 })
 
 _KINDS = {
@@ -148,6 +149,22 @@ def floor(x, /):
 def sqrt(x, /):
     return tf.sqrt(x)
 
+
+def real(x, /):
+    return tf.math.real(x)
+
+
+def imag(x, /):
+    return tf.math.imag(x)
+
+
+def finfo(type, /):  # noqa: A002 - Array API name
+    """The Array API's finfo; ``.dtype`` is the real dtype (of a complex one too)."""
+    dtype = tf.as_dtype(type.dtype if hasattr(type, "dtype") else type).real_dtype
+    numbers = ml_dtypes.finfo(dtype.as_numpy_dtype)
+    return types.SimpleNamespace(bits=int(numbers.bits), eps=float(numbers.eps),
+                                 max=float(numbers.max), min=float(numbers.min),
+                                 smallest_normal=float(numbers.smallest_normal), dtype=dtype)
 
 
 def reshape(x, /, shape, *, copy=None):
