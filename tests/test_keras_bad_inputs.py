@@ -166,3 +166,36 @@ def test_weight_decay_none_and_empty_build_are_keras():
     optimizer = pk.Nadam()
     optimizer.build([])  # Keras allows it: the base's variables only
     assert optimizer.built
+
+
+def _complex_subject():
+    """A fresh optimizer and a model variable holding complex numbers."""
+    return {"opt": pk.Adam(learning_rate=0.1),
+            "variables": [keras.Variable(np.array([1 + 2j, 3 - 1j], dtype=np.complex64),
+                                         name="z")]}
+
+
+def _apply_complex(s):
+    grad = keras.ops.convert_to_tensor(np.array([1 - 1j, 2j], dtype=np.complex64))
+    s["opt"].apply_gradients([(grad, s["variables"][0])])
+
+
+def test_complex_variables_are_refused_before_anything_is_built():
+    """Keras's own Adam squares a complex gradient as it is (g*g, no |g|^2, no real
+    view): neither optax's nor torch's convention, which polyopt implements. The
+    Keras adapter refuses complex variables, naming the variable, and builds nothing."""
+    s = _complex_subject()
+    before = _snap(s)
+    with pytest.raises(TypeError, match=r"polyopt.keras.Adam: variable .*z has dtype complex64: "
+                                        r"complex variables are not supported"):
+        _apply_complex(s)
+    assert not s["opt"].built
+    after = _snap(s)
+    for a, b in zip(before[0], after[0]):
+        np.testing.assert_array_equal(a, b)
+    # what Keras itself does: v = g*g, so g / sqrt(g*g) is +-1 (here 1), not g / |g|
+    native = keras.optimizers.Adam(learning_rate=0.1)
+    z = keras.Variable(np.array([1 + 2j, 3 - 1j], dtype=np.complex64))
+    native.apply_gradients([(keras.ops.convert_to_tensor(
+        np.array([1 - 1j, 2j], dtype=np.complex64)), z)])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(z), [0.9 + 2j, 2.9 - 1j], atol=1e-5)

@@ -86,6 +86,7 @@ def test_per_variable_path_matches_whole_list(name):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
         assert np.max(np.abs(a - s)) > 1e-3
 
+
 if keras.backend.backend() == "tensorflow":
 
     @pytest.fixture(scope="module")

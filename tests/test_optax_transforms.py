@@ -404,8 +404,8 @@ def test_state_for_other_params_is_refused_naming_the_difference():
                                          r"float32, params\['scale'\] has shape \(\) and "
                                          r"dtype float64"):
         opt.update({**params, "scale": jnp.asarray(1.0, jnp.float32)}, state, params)
-    with pytest.raises(TypeError, match=r"adam.init: params\['n'\] must have a real floating "
-                                        r"dtype, got int"):
+    with pytest.raises(TypeError, match=r"adam.init: params\['n'\] must have a real or complex "
+                                        r"floating dtype, got int"):
         opt.init({"n": jnp.arange(3)})
 
 

@@ -33,6 +33,7 @@ def inductor_cache(tmp_path_factory):
     yield
     del os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
+
 STEPS = 40
 # torch's own compile machinery warns about its deprecated torch.jit internals
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")

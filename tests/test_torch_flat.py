@@ -27,6 +27,8 @@ from tests.test_torch_parity import GRADS, PARAMS, max_rel_diff
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
 
 CLASSES = {name: cls for name, cls in pt.OPTIMIZERS.items()}
+
+
 # with their defaults: gradient centralization (a per-tensor mean), factored
 # statistics, trust ratios (per-tensor norms)
 def _values(cls, **overrides):

@@ -182,6 +182,14 @@ class RuleOptimizer(keras.optimizers.Optimizer):
     def build(self, variables):
         if self.built:
             return
+        for v in variables:
+            if np.issubdtype(_numpy_dtype(v.dtype), np.complexfloating):
+                raise TypeError(
+                    f"polyopt.keras.{type(self).__name__}: variable "
+                    f"{getattr(v, 'path', v.name)} has dtype {_numpy_dtype(v.dtype)}: complex "
+                    f"variables are not supported (Keras's own optimizers square a complex "
+                    f"gradient as it is, g*g, where optax uses |g|^2 and torch the real view: "
+                    f"docs/conventions.md, Complex parameters)")
         super().build(variables)
         if not variables:  # Keras allows it: the base's variables only, no state
             self._state_layout = _Layout(None, [])

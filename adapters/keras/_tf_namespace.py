@@ -18,14 +18,16 @@ from __future__ import annotations
 import types
 from typing import Any
 
+import ml_dtypes
 import tensorflow as tf
 
 __all__ = ["is_tf_array", "namespace", "NAMES"]
 
 NAMES = frozenset({
-    "abs", "all", "asarray", "astype", "cos", "expm1", "float32", "floor", "full_like", "int32",
-    "isdtype", "isfinite", "matmul", "matrix_transpose", "maximum", "mean", "minimum", "ones",
-    "permute_dims", "pow", "reshape", "result_type", "sqrt", "sum", "where", "zeros", "zeros_like",
+    "abs", "all", "asarray", "astype", "cos", "expm1", "finfo", "float32", "floor", "full_like",
+    "imag", "int32", "isdtype", "isfinite", "matmul", "matrix_transpose", "maximum", "mean",
+    "minimum", "ones", "permute_dims", "pow", "real", "reshape", "result_type", "sqrt", "sum",
+    "where", "zeros", "zeros_like",
 })
 
 _KINDS = {
@@ -159,6 +161,23 @@ def matrix_transpose(x, /):
 
 def permute_dims(x, /, axes):
     return tf.transpose(x, perm=list(axes))
+
+
+def real(x, /):
+    return tf.math.real(x)
+
+
+def imag(x, /):
+    return tf.math.imag(x)
+
+
+def finfo(type, /):  # noqa: A002 - Array API name
+    """The Array API's finfo; ``.dtype`` is the real dtype (of a complex one too)."""
+    dtype = tf.as_dtype(type.dtype if hasattr(type, "dtype") else type).real_dtype
+    numbers = ml_dtypes.finfo(dtype.as_numpy_dtype)
+    return types.SimpleNamespace(bits=int(numbers.bits), eps=float(numbers.eps),
+                                 max=float(numbers.max), min=float(numbers.min),
+                                 smallest_normal=float(numbers.smallest_normal), dtype=dtype)
 
 
 def reshape(x, /, shape, *, copy=None):

@@ -28,7 +28,8 @@ def _paths(treedef, what: str) -> list[str]:
 
 
 def flatten(owner: str, tree: Tree, what: str) -> tuple[list, Any]:
-    """The leaves of ``tree`` as jax arrays of a real floating dtype, and its treedef."""
+    """The leaves of ``tree`` as jax arrays of a floating dtype (real or complex: the
+    rule refuses complex params if it does not step them), and its treedef."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     out = []
     for i, leaf in enumerate(leaves):
@@ -37,9 +38,9 @@ def flatten(owner: str, tree: Tree, what: str) -> tuple[list, Any]:
         except TypeError:
             raise TypeError(f"{owner}: {_paths(treedef, what)[i]} must be an array, "
                             f"got {type(leaf).__name__}") from None
-        if not jnp.issubdtype(array.dtype, jnp.floating):
-            raise TypeError(f"{owner}: {_paths(treedef, what)[i]} must have a real floating "
-                            f"dtype, got {array.dtype}")
+        if not jnp.issubdtype(array.dtype, jnp.inexact):
+            raise TypeError(f"{owner}: {_paths(treedef, what)[i]} must have a real or complex "
+                            f"floating dtype, got {array.dtype}")
         out.append(array)
     return out, treedef
 

@@ -86,7 +86,6 @@ _MISSING = object()
 _PLAIN = (float, int, bool, str, type(None))
 
 
-
 def _value_key(raw: tuple) -> tuple | None:
     """A key equal for two tuples of group values only when every value is of
     the same type and equal (so 1, 1.0 and True differ), or None when a value
@@ -179,6 +178,10 @@ class RuleOptimizer(torch.optim.Optimizer):
     factory: Any
     #: state path (dotted) -> state key, where TORCH_STATE_NAMES is not enough
     state_names: dict = {}
+    #: complex params are stepped as torch.optim steps them: as their real view
+    #: (torch.view_as_real), the state kept complex like the param. False (or a
+    #: rule that uses layouts) refuses them at the step, as torch.optim.Adafactor.
+    complex_params: bool = True
     _args: list[_Arg] = []
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -368,11 +371,11 @@ class RuleOptimizer(torch.optim.Optimizer):
         tensors = [params] if isinstance(params, torch.Tensor) else params
         for j, p in enumerate(tensors):
             p = p[1] if isinstance(p, tuple) and len(p) == 2 else p
-            if isinstance(p, torch.Tensor) and not p.is_floating_point():
-                kind = "complex" if p.is_complex() else "non-floating"
+            if isinstance(p, torch.Tensor) and not (p.is_floating_point() or p.is_complex()):
                 raise TypeError(
                     f"{self.spec.name}: param group {index}, params[{j}] has dtype {p.dtype}: "
-                    f"{kind} parameters are not supported (real floating dtypes only)")
+                    f"non-floating parameters are not supported (real or complex floating "
+                    f"dtypes only)")
         values = self._values({**self.defaults, **param_group}, f" {index}")
         if self.compiled:
             _flat.check_local(f"polyopt.torch.{type(self).__name__}",
@@ -441,9 +444,25 @@ class RuleOptimizer(torch.optim.Optimizer):
                     f"{self.spec.name}: param group {index}, params[{j}] has shape "
                     f"{tuple(p.shape)} and dtype {p.dtype} but its grad has shape "
                     f"{tuple(g.shape)} and dtype {g.dtype}")
+            if p.is_complex():
+                self._check_complex(values, index, j)
             params.append(p)
             grads.append(-g if maximize else g)  # p.grad itself stays as it was
         return values, params, grads
+
+    def _check_complex(self, values: dict, index: int, j: int) -> None:
+        """A complex param is stepped as its real view, or refused before any change."""
+        name = type(self).__name__
+        if not type(self).complex_params or self._rule(values).uses_layout:
+            # torch.optim.Adafactor's words and type (RuntimeError at the step)
+            raise RuntimeError(f"{name} does not support complex parameters "
+                               f"(param group {index}, params[{j}])")
+        state_dtype = values.get("state_dtype")
+        if state_dtype is not None and state_dtype not in _COMPLEX_OF:
+            raise TypeError(
+                f"polyopt.torch.{name}: state_dtype={state_dtype!r} cannot hold the state of "
+                f"a complex param (param group {index}, params[{j}]): there is no complex "
+                f"{state_dtype}; give 'float32', 'float64' or None")
 
     def step(self, closure=None):
         """Perform one optimization step (``closure`` re-evaluates the loss)."""
@@ -482,9 +501,12 @@ class RuleOptimizer(torch.optim.Optimizer):
             self._steady[index] = (list(params), list(built.grad_views))
 
     def _step_group(self, values: dict, params: list, grads: list,
-                    layouts: tuple | None = None) -> None:
+                    layouts: tuple | None = None, eager: bool = False) -> None:
+        if not eager and any(p.is_complex() for p in params):
+            self._step_real_view(values, params, grads, layouts)
+            return
         layout = self._layout(values)
-        if self.compiled:
+        if self.compiled and not eager:
             # the steady state of the flat path: the same params as the last
             # step, their state still the views of its flat buffers (so their
             # counts are equal): no bucketing, no lookups per param
@@ -505,10 +527,10 @@ class RuleOptimizer(torch.optim.Optimizer):
             gs = [g for _, g in members]
             states = [self.state[p] for p in ps]
             own = None if layouts is None else tuple(layouts[where[id(p)]] for p in ps)
-            if self.compiled and _flat.distributed(ps):  # checked in step()
+            if self.compiled and not eager and _flat.distributed(ps):  # checked in step()
                 _flat.local_step(self, values, layout, ps, gs, states, own)
                 continue
-            if self.compiled and _flat.flat_eligible(ps):
+            if self.compiled and not eager and _flat.flat_eligible(ps):
                 self._bucket(ps).step(self, values, layout, ps, gs, states, layouts=own)
                 continue
             rule = self._rule(values)
@@ -517,7 +539,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                             self._scalars(layout, states))
                 continue
             tree = self._tree(layout, states)
-            if self.compiled:
+            if self.compiled and not eager:
                 fn = _flat.compiled_step(self, values, ps, states, own)
                 new, scalars = fn(ps, gs, tree)
                 for p, value in zip([p for p in ps if p.ndim == 0], scalars):
@@ -539,6 +561,35 @@ class RuleOptimizer(torch.optim.Optimizer):
                 del self._buckets[other]
             bucket = self._buckets[ids] = _flat.FlatBucket()
         return bucket
+
+    def _step_real_view(self, values: dict, params: list, grads: list,
+                        layouts: tuple | None) -> None:
+        """torch.optim's convention for complex params: each is stepped as its real
+        view (``torch.view_as_real``: a trailing axis of its real and imaginary
+        parts), so every moment is per component (Adam's v holds re(g)^2 and
+        im(g)^2, not |g|^2 as optax's); its state stays complex and shaped like the
+        param, as torch.optim keeps it. The group runs the eager per-tensor path
+        (not the flat compiled one). The state is read and written through real
+        views of the complex tensors, kept under the view for this step only."""
+        views, view_grads, pairs = [], [], []
+        for p, g in zip(params, grads):
+            if not p.is_complex():
+                views.append(p)
+                view_grads.append(g)
+                continue
+            v = torch.view_as_real(p)
+            if p in self.state:
+                self.state[v] = {k: torch.view_as_real(t) if _complex_tensor(t) else t
+                                 for k, t in self.state[p].items()}
+            pairs.append((p, v))
+            views.append(v)
+            view_grads.append(torch.view_as_real(g))
+        try:
+            self._step_group(values, views, view_grads, layouts, eager=True)
+        finally:
+            for p, v in pairs:
+                if v in self.state:
+                    self.state[p] = {k: _as_complex(t, p) for k, t in self.state.pop(v).items()}
 
     def _rule(self, values: dict):
         """The rule of these values (kept with them, :meth:`_derive`)."""
@@ -593,7 +644,6 @@ class RuleOptimizer(torch.optim.Optimizer):
             for st in states:
                 st[key].copy_(value)
 
-
     def export_state(self, file, names=None) -> None:
         """Write the state to a framework-neutral file (:mod:`polyopt.torch.interop`)."""
         from polyopt.torch import interop
@@ -628,11 +678,16 @@ class RuleOptimizer(torch.optim.Optimizer):
         slot descriptions with the param's layout: Adafactor's row and column
         statistics are not param-shaped)."""
         rule = self._rule(values)
-        like = [torch.zeros(p.shape, dtype=compute_dtype(p.dtype))]
+        if p.is_complex():  # stepped as its real view; the state is complex, like p
+            like = [torch.view_as_real(torch.zeros(p.shape, dtype=p.dtype))]
+        else:
+            like = [torch.zeros(p.shape, dtype=compute_dtype(p.dtype))]
         layouts = self._param_layouts(values, group, like)
         init = _state.by_path(rules.init_of(rule, like, None if layouts is None
                                             else list(layouts)))
-        return {key: tuple(init[path][0].shape) for path, key in layout.slots if init[path]}
+        cut = 1 if p.is_complex() else 0
+        return {key: tuple(init[path][0].shape)[:init[path][0].ndim - cut]
+                for path, key in layout.slots if init[path]}
 
     def _checked(self, state_dict: dict):
         name = f"polyopt.torch.{type(self).__name__}.load_state_dict"
@@ -706,7 +761,26 @@ def _slot_dtype(values: dict, p: torch.Tensor) -> torch.dtype:
     """The dtype a param's moments are kept in: the group's state_dtype, else the
     dtype its math runs in."""
     name = values.get("state_dtype")
+    if p.is_complex():
+        return getattr(torch, _COMPLEX_OF[name]) if name is not None else p.dtype
     return getattr(torch, name) if name is not None else compute_dtype(p.dtype)
+
+
+#: a complex param's state in a state_dtype's precision (torch has no complex bfloat16)
+_COMPLEX_OF = {"float32": "complex64", "float64": "complex128"}
+
+
+def _complex_tensor(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_complex()
+
+
+def _as_complex(t: Any, p: torch.Tensor) -> Any:
+    """A slot computed on ``p``'s real view (shape ``p.shape + (2,)``) as the complex
+    tensor torch.optim keeps; other entries (the 0-d step) as they are."""
+    if (isinstance(t, torch.Tensor) and not t.is_complex()
+            and tuple(t.shape) == (*p.shape, 2)):
+        return torch.view_as_complex(t if t.stride(-1) == 1 else t.contiguous())
+    return t
 
 
 def _arguments_doc(cls) -> str:

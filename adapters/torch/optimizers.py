@@ -136,6 +136,7 @@ class Adafactor(RuleOptimizer):
     spec = hyper.ADAFACTOR
     factory = staticmethod(rules.adafactor)
     state_names = {"v_row": "row_var", "v_col": "col_var", "v": "variance"}
+    complex_params = False  # torch.optim.Adafactor refuses them (RuntimeError at the step)
 
 
 class Lamb(RuleOptimizer):

@@ -23,9 +23,10 @@ Params = Sequence[Array]
 #: ndim, dtype and device. A namespace providing these runs every rule (the
 #: Keras adapter's TensorFlow namespace is tested against this set).
 ARRAY_API_SUBSET = frozenset({
-    "abs", "all", "asarray", "astype", "cos", "expm1", "float32", "floor", "full_like", "int32",
-    "isdtype", "isfinite", "matmul", "matrix_transpose", "maximum", "mean", "minimum", "ones",
-    "permute_dims", "pow", "reshape", "result_type", "sqrt", "sum", "where", "zeros", "zeros_like",
+    "abs", "all", "asarray", "astype", "cos", "expm1", "finfo", "float32", "floor", "full_like",
+    "imag", "int32", "isdtype", "isfinite", "matmul", "matrix_transpose", "maximum", "mean",
+    "minimum", "ones", "permute_dims", "pow", "real", "reshape", "result_type", "sqrt", "sum",
+    "where", "zeros", "zeros_like",
 })
 
 
@@ -87,8 +88,9 @@ def _device(x: Array):
     return _state.device_of(x)
 
 
-def check_params(owner: str, params: Params) -> list[Array]:
-    """Check ``params`` for ``init``: a non-empty list of floating arrays."""
+def check_params(owner: str, params: Params, complex_params: bool = False) -> list[Array]:
+    """Check ``params`` for ``init``: a non-empty list of floating arrays (real,
+    or also complex for a rule that steps complex params: ``complex_params``)."""
     if isinstance(params, (str, bytes)) or not isinstance(params, Sequence):
         raise TypeError(
             f"{owner}.init: params must be a list of arrays, got {type(params).__name__}")
@@ -97,10 +99,17 @@ def check_params(owner: str, params: Params) -> list[Array]:
         raise ValueError(f"{owner}.init: params must not be empty")
     xp = namespace(*params)
     for i, p in enumerate(params):
-        if not xp.isdtype(p.dtype, "real floating"):
+        if xp.isdtype(p.dtype, "real floating"):
+            continue
+        if complex_params and xp.isdtype(p.dtype, "complex floating"):
+            continue
+        if xp.isdtype(p.dtype, "complex floating"):
             raise TypeError(
-                f"{owner}.init: params[{i}] must have a real floating dtype, got {p.dtype}"
-            )
+                f"{owner}.init: params[{i}] must have a real floating dtype, got {p.dtype}: "
+                f"{owner} does not support complex parameters")
+        allowed = "a real or complex floating dtype" if complex_params else (
+            "a real floating dtype")
+        raise TypeError(f"{owner}.init: params[{i}] must have {allowed}, got {p.dtype}")
     return params
 
 
@@ -165,6 +174,34 @@ def check_state(owner: str, state: Any, state_type: type) -> None:
 # scalars
 
 
+def is_complex(xp, x: Array) -> bool:
+    """Whether ``x`` has a complex floating dtype."""
+    return xp.isdtype(x.dtype, "complex floating")
+
+
+def real_dtype(xp, dtype: Any) -> Any:
+    """The real floating dtype of ``dtype``'s precision (complex64 -> float32)."""
+    if xp.isdtype(dtype, "complex floating"):
+        real = xp.finfo(dtype).dtype
+        return getattr(xp, real) if isinstance(real, str) else real  # torch's finfo: a name
+    return dtype
+
+
+def abs_sq(xp, x: Array) -> Array:
+    """|x|^2, elementwise and real: x * x for real arrays (the same numbers as
+    ever), re(x)^2 + im(x)^2 for complex ones (optax's ``numerics.abs_sq``)."""
+    if not is_complex(xp, x):
+        return x * x
+    re, im = xp.real(x), xp.imag(x)
+    return re * re + im * im
+
+
+def real_part(xp, x: Array) -> Array:
+    """``x`` itself when real; its real part when complex (a real statistic kept
+    in a complex slot, as optax keeps its second moments for complex params)."""
+    return xp.real(x) if is_complex(xp, x) else x
+
+
 def is_zero(value: Any) -> bool:
     """True only for a Python/numpy number equal to 0 (an array is never 'zero')."""
     return isinstance(value, numbers.Number) and value == 0
@@ -175,16 +212,17 @@ def scalar(xp, value: Any, like: Array) -> Any:
 
     Python numbers stay Python numbers (weakly typed: they take the array's
     dtype exactly, so float64 runs keep float64 hyperparameters); 0-d arrays
-    are cast to ``like``'s dtype so that a float64 learning rate never
-    promotes float32 params.
+    are cast to ``like``'s (real) dtype so that a float64 learning rate never
+    promotes float32 params (a hyperparameter of complex params stays real).
     """
     if isinstance(value, numbers.Number):
         return float(value)
     if hasattr(value, "shape"):
         if not _same_namespace(xp, value):
             value = xp.asarray(value, device=_device(like))
-        if value.dtype != like.dtype:
-            value = xp.astype(value, like.dtype)
+        dtype = real_dtype(xp, like.dtype)
+        if value.dtype != dtype:
+            value = xp.astype(value, dtype)
         return value
     return value
 
@@ -205,8 +243,8 @@ def evaluate(value: Any, count: Array) -> Any:
 
 def step_number(xp, count: Array, like: Array) -> Array:
     """t = count + 1 (saturating, see :func:`increment`) as a float array of
-    ``like``'s dtype (for b ** t)."""
-    return xp.astype(increment(count), like.dtype)
+    ``like``'s (real) dtype (for b ** t)."""
+    return xp.astype(increment(count), real_dtype(xp, like.dtype))
 
 
 def increment(count: Array) -> Array:
@@ -249,7 +287,8 @@ def apply_decoupled(xp, updates: list[Array], params: list[Array], weight_decay:
 def stateful_rule(name: str, state_type: type, slots: tuple, step: Callable, *,
                   learning_rate: Any, weight_decay: Any, weight_decay_mode: str,
                   state_dtype: Any = None, scalars: Callable | None = None,
-                  uses_layout: bool = False, elementwise: bool = True) -> Rule:
+                  uses_layout: bool = False, elementwise: bool = True,
+                  complex_params: bool = False) -> Rule:
     """A Rule from its slots and its per-step math; the checks, the state's dtypes
     and weight decay are done here, once.
 
@@ -268,11 +307,15 @@ def stateful_rule(name: str, state_type: type, slots: tuple, step: Callable, *,
     :func:`polyopt.rules._state.layouts_for`; default: output axis first), the
     slots are built and checked with them, and ``step`` gets them as a sixth
     argument.
+
+    With ``complex_params`` the rule also steps complex params (as optax
+    does: its real statistics, such as |g|^2, are kept in slots of the
+    params' complex dtype); without, init refuses them.
     """
     n_slots = len(slots)
 
     def init(params, layouts=None):
-        params = check_params(name, params)
+        params = check_params(name, params, complex_params)
         xp = namespace(*params)
         extra = scalars(xp, params) if scalars is not None else ()
         lays = _state.layouts_for(f"{name}.init", params, layouts) if uses_layout else ()

@@ -136,7 +136,8 @@ class Slot(NamedTuple):
     shape: :data:`PARAM`, :data:`ROWS`, :data:`COLS`, :data:`SCALAR`,
       :data:`NONE`, or a function ``(shape, layout) -> shape`` (None: no array).
     dtype: ``"param"`` (the parameter's), ``"float32"``, or ``"state"`` (the
-      user's ``state_dtype``, else the parameter's).
+      user's ``state_dtype``, else the parameter's; for a complex parameter
+      the complex dtype of ``state_dtype``'s precision, see :func:`storage_dtype`).
     init: the initial value, a number, or ``"param"`` (a copy of the parameter).
     """
 
@@ -181,11 +182,29 @@ def device_of(x: Any) -> Any:
         return None
 
 
+#: the complex dtype of each state_dtype's precision (complex params keep their
+#: moments complex, as optax does; a real state_dtype names the precision)
+_COMPLEX_OF = {"float32": "complex64", "float64": "complex128"}
+
+
 def storage_dtype(xp, slot: Slot, param: Any, state_dtype: str | None) -> Any:
-    """The dtype ``slot`` is stored in, next to ``param``."""
+    """The dtype ``slot`` is stored in, next to ``param``.
+
+    A complex param's ``"state"`` slots are complex (optax keeps even the
+    second moment |g|^2 in the param's complex dtype): a ``state_dtype`` names
+    their precision, ``"float32"`` stores them as complex64 and ``"float64"``
+    as complex128; bfloat16 and float16 have no complex dtype and are refused.
+    """
     if slot.dtype == "float32":
         return xp.float32
     if slot.dtype == "state" and state_dtype is not None:
+        if xp.isdtype(param.dtype, "complex floating"):
+            if state_dtype not in _COMPLEX_OF:
+                raise TypeError(
+                    f"state_dtype={state_dtype!r} cannot hold the state of a complex param "
+                    f"(dtype {param.dtype}): there is no complex {state_dtype}; give "
+                    f"'float32' (complex64 state), 'float64' (complex128) or None")
+            return _named_dtype(xp, _COMPLEX_OF[state_dtype])
         return _named_dtype(xp, state_dtype)
     return param.dtype
 

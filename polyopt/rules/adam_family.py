@@ -19,9 +19,10 @@ class AdamState(NamedTuple):
     max_second_moment: list  # empty unless amsgrad
 
 
-def _moments(b1, b2, g, m, v):
-    """m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2."""
-    return b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * (g * g)
+def _moments(xp, b1, b2, g, m, v):
+    """m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) |g|^2 (real for complex g:
+    optax's ``abs_sq``; a complex slot holds it as its real part)."""
+    return b1 * m + (1 - b1) * g, b2 * _base.real_part(xp, v) + (1 - b2) * _base.abs_sq(xp, g)
 
 
 def _one_minus_power(xp, b, t):
@@ -83,15 +84,15 @@ def _adam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad, am
         updates, ms, vs, maxes = [], [], [], []
         for i, g in enumerate(grads):
             beta1, bc1, bc2, lr = scalars(g)
-            m, v = _moments(beta1, b2, g, state.first_moment[i], state.second_moment[i])
+            m, v = _moments(xp, beta1, b2, g, state.first_moment[i], state.second_moment[i])
             ms.append(m)
             vs.append(v)
             # v_hat = v_raw / c2: the bias-corrected second moment (c2 None: uncorrected)
             if amsgrad and amsgrad_form == "corrected":
-                v_max = xp.maximum(state.max_second_moment[i], v / bc2)
+                v_max = xp.maximum(_base.real_part(xp, state.max_second_moment[i]), v / bc2)
                 v_hat, v_raw, c2 = v_max, v_max * bc2, bc2
             elif amsgrad:
-                v_max = xp.maximum(state.max_second_moment[i], v)
+                v_max = xp.maximum(_base.real_part(xp, state.max_second_moment[i]), v)
                 if amsgrad_form == "uncorrected":
                     v_hat, v_raw, c2 = v_max, v_max, None
                 else:
@@ -109,7 +110,8 @@ def _adam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad, am
 
     return _base.stateful_rule(name, AdamState, _moment_slots(amsgrad), step,
                                learning_rate=learning_rate, weight_decay=weight_decay,
-                               weight_decay_mode=weight_decay_mode, state_dtype=state_dtype)
+                               weight_decay_mode=weight_decay_mode, state_dtype=state_dtype,
+                               complex_params=True)
 
 
 _ADAM_DOC = r"""
@@ -242,10 +244,10 @@ def adamax(learning_rate, b1, b2, eps, eps_placement, weight_decay, weight_decay
             beta1, step = step_size(g)
             m = beta1 * m + (1 - beta1) * g
             if eps_placement == "inside":
-                u = xp.maximum(b2 * u, xp.abs(g) + eps)
+                u = xp.maximum(b2 * _base.real_part(xp, u), xp.abs(g) + eps)
                 updates.append(-step * (m / u))
             else:
-                u = xp.maximum(b2 * u, xp.abs(g))
+                u = xp.maximum(b2 * _base.real_part(xp, u), xp.abs(g))
                 updates.append(-step * (m / (u + eps)))
             ms.append(m)
             us.append(u)
@@ -253,7 +255,7 @@ def adamax(learning_rate, b1, b2, eps, eps_placement, weight_decay, weight_decay
 
     return _base.stateful_rule("adamax", AdamaxState,
                                (Slot("first_moment"), Slot("infinity_norm")), update_step,
-                               state_dtype=state_dtype,
+                               state_dtype=state_dtype, complex_params=True,
                                learning_rate=learning_rate, weight_decay=weight_decay,
                                weight_decay_mode=weight_decay_mode)
 
@@ -310,7 +312,7 @@ def nadam(learning_rate, b1, b2, eps, eps_root, momentum_decay, momentum_schedul
     """
 
     def momentum_product(xp, params):
-        dtype = (xp.result_type(*params) if momentum_product_dtype is None
+        dtype = (_base.real_dtype(xp, xp.result_type(*params)) if momentum_product_dtype is None
                  else getattr(xp, momentum_product_dtype))
         return (xp.ones((), dtype=dtype, device=_base._device(params[0])),)
 
@@ -319,7 +321,7 @@ def nadam(learning_rate, b1, b2, eps, eps_root, momentum_decay, momentum_schedul
         if momentum_schedule:
             # mu in the product's dtype, or in the params' when the product has its own
             ref = product if momentum_product_dtype is None else xp.astype(
-                product, xp.result_type(*grads))
+                product, _base.real_dtype(xp, xp.result_type(*grads)))
             t = _base.step_number(xp, state.count, ref)
             beta1 = _base.scalar(xp, b1, ref)
             mu = beta1 * (1 - 0.5 * 0.96 ** (t * momentum_decay))
@@ -344,7 +346,7 @@ def nadam(learning_rate, b1, b2, eps, eps_root, momentum_decay, momentum_schedul
         updates, ms, vs = [], [], []
         for g, m, v in zip(grads, state.first_moment, state.second_moment):
             beta1, bc2, grad_coef, moment_coef = scalars(g)
-            m, v = _moments(beta1, b2, g, m, v)
+            m, v = _moments(xp, beta1, b2, g, m, v)
             denom = xp.sqrt(v / bc2 + eps_root) + eps
             updates.append(-(grad_coef * g + moment_coef * m) / denom)
             ms.append(m)
@@ -354,6 +356,7 @@ def nadam(learning_rate, b1, b2, eps, eps_root, momentum_decay, momentum_schedul
     return _base.stateful_rule("nadam", NAdamState,
                                (Slot("first_moment"), Slot("second_moment")), step,
                                scalars=momentum_product, state_dtype=state_dtype,
+                               complex_params=True,
                                learning_rate=learning_rate, weight_decay=weight_decay,
                                weight_decay_mode=weight_decay_mode)
 
@@ -370,7 +373,6 @@ def _radam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, threshold,
            weight_decay_mode, state_dtype) -> Rule:
     rho_inf = 2.0 / (1.0 - b2) - 1.0
 
-
     def step(xp, grads, params, state, lr_value):
         @_base.per_dtype
         def scalars(like):
@@ -379,13 +381,14 @@ def _radam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, threshold,
             bc1, bc2 = _one_minus_power(xp, beta1, t), _one_minus_power(xp, b2, t)
             rho = _radam_rho(xp, b2, rho_inf, t)
             rectify = rho >= threshold
-            safe_rho = xp.where(rectify, rho, xp.asarray(threshold, dtype=like.dtype))
+            real = _base.real_dtype(xp, like.dtype)
+            safe_rho = xp.where(rectify, rho, xp.asarray(threshold, dtype=real))
             # rho_t < rho_inf: when rectifying, rho_inf > threshold > 4. Otherwise
             # (b2 < 0.67 gives rho_inf <= 5: never rectified) any value > 4 keeps
             # the unused branch free of 0/0 and sqrt(-x) (and of their warnings).
             inf = _base.scalar(xp, rho_inf, like)
             if isinstance(inf, float):
-                inf = xp.asarray(inf, dtype=like.dtype, device=_base._device(like))
+                inf = xp.asarray(inf, dtype=real, device=_base._device(like))
             safe_inf = xp.where(inf > threshold, inf, safe_rho + 1)
             rect = xp.sqrt((safe_rho - 4) * (safe_rho - 2) * safe_inf
                            / ((safe_inf - 4) * (safe_inf - 2) * safe_rho))
@@ -397,18 +400,18 @@ def _radam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, threshold,
                 warm = lr * t / warmup if warmup > 0 else lr
                 lr = xp.where(t <= warmup, warm,
                               lr + rate * xp.minimum(t - warmup, xp.asarray(
-                                  decay_steps, dtype=like.dtype)))
+                                  decay_steps, dtype=real)))
             bc1_next = _one_minus_power(xp, beta1, t + 1) if nesterov else None
             return beta1, bc1, bc1_next, bc2, rectify, rect, lr
 
         updates, ms, vs, maxes, lrs = [], [], [], [], []
         for i, g in enumerate(grads):
             beta1, bc1, bc1_next, bc2, rectify, rect, lr = scalars(g)
-            m, v = _moments(beta1, b2, g, state.first_moment[i], state.second_moment[i])
+            m, v = _moments(xp, beta1, b2, g, state.first_moment[i], state.second_moment[i])
             ms.append(m)
             vs.append(v)
             if amsgrad:
-                v = xp.maximum(state.max_second_moment[i], v)
+                v = xp.maximum(_base.real_part(xp, state.max_second_moment[i]), v)
                 maxes.append(v)
             if nesterov:
                 m_hat = beta1 * m / bc1_next + (1 - beta1) * g / bc1
@@ -426,8 +429,9 @@ def _radam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, threshold,
         return updates, (ms, vs, maxes), lrs
 
     return _base.stateful_rule(name, RAdamState, _moment_slots(amsgrad), step,
-                               state_dtype=state_dtype, learning_rate=learning_rate,
-                               weight_decay=weight_decay, weight_decay_mode=weight_decay_mode)
+                               state_dtype=state_dtype, complex_params=True,
+                               learning_rate=learning_rate, weight_decay=weight_decay,
+                               weight_decay_mode=weight_decay_mode)
 
 
 @hyper.RADAM.factory

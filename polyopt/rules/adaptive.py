@@ -47,18 +47,17 @@ def adagrad(learning_rate, initial_accumulator_value, eps, eps_placement, lr_dec
       [-0.5, 0.5]
     """
 
-
     def step(xp, grads, params, state, lr_value):
         @_base.per_dtype
         def step_size(like):
             lr = _base.scalar(xp, lr_value, like)
             if _base.is_zero(lr_decay):
                 return lr
-            return lr / (1 + xp.astype(state.count, like.dtype) * lr_decay)
+            return lr / (1 + xp.astype(state.count, _base.real_dtype(xp, like.dtype)) * lr_decay)
 
         updates, sums = [], []
         for g, s in zip(grads, state.sum_of_squares):
-            s = s + g * g
+            s = _base.real_part(xp, s) + _base.abs_sq(xp, g)
             if eps_placement == "outside":
                 denom = xp.sqrt(s) + eps
             else:
@@ -69,7 +68,7 @@ def adagrad(learning_rate, initial_accumulator_value, eps, eps_placement, lr_dec
 
     return _base.stateful_rule("adagrad", AdagradState,
                                (Slot("sum_of_squares", init=initial_accumulator_value),), step,
-                               state_dtype=state_dtype,
+                               state_dtype=state_dtype, complex_params=True,
                                learning_rate=learning_rate, weight_decay=weight_decay,
                                weight_decay_mode=weight_decay_mode)
 
@@ -138,14 +137,15 @@ def rmsprop(learning_rate, decay, eps, eps_placement, initial_scale, centered, m
         buffers, _ = _base.momentum_buffers(xp, state.momentum, grads, use_momentum, state.count)
         updates, squares, means, slots = [], [], [], []
         for i, g in enumerate(grads):
-            v = decay * state.mean_square[i] + (1 - decay) * (g * g)
+            v = (decay * _base.real_part(xp, state.mean_square[i])
+                 + (1 - decay) * _base.abs_sq(xp, g))
             squares.append(v)
             v_hat = v / correction(g) if bias_correction else v
             if centered:
                 mg = decay * state.mean_grad[i] + (1 - decay) * g
                 means.append(mg)
                 mg_hat = mg / correction(g) if bias_correction else mg
-                v_hat = v_hat - mg_hat * mg_hat
+                v_hat = v_hat - _base.abs_sq(xp, mg_hat)
             if eps_placement == "inside":
                 direction = g / xp.sqrt(v_hat + eps)
             else:
@@ -164,6 +164,7 @@ def rmsprop(learning_rate, decay, eps, eps_placement, initial_scale, centered, m
         return updates, (squares, means, slots), lr_value
 
     return _base.stateful_rule("rmsprop", RMSpropState, slots, step, state_dtype=state_dtype,
+                               complex_params=True,
                                learning_rate=learning_rate, weight_decay=weight_decay,
                                weight_decay_mode=weight_decay_mode)
 
@@ -203,7 +204,6 @@ def adadelta(learning_rate, rho, eps, weight_decay, weight_decay_mode, state_dty
       >>> round(float(updates[0][0]), 8)   # -sqrt(eps) / sqrt(0.1 + eps)
       -0.00316226
     """
-
 
     def step(xp, grads, params, state, lr_value):
         updates, grad_sq, delta_sq = [], [], []

@@ -12,7 +12,7 @@ from polyopt.rules._state import NONE, Slot
 
 #: the machine epsilon of each floating dtype (``eps=None``, as torch's finfo(dtype).eps)
 _MACHINE_EPS = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10,
-                "bfloat16": 2.0**-7}
+                "bfloat16": 2.0**-7, "complex128": 2.0**-52, "complex64": 2.0**-23}
 
 
 class AdafactorState(NamedTuple):
@@ -71,7 +71,7 @@ def _slots(factoring: str, min_size: int, momentum: bool) -> tuple:
 
 
 def _rms(xp, x):
-    return xp.sqrt(xp.mean(x * x))
+    return xp.sqrt(xp.mean(_base.abs_sq(xp, x)))
 
 
 @hyper.ADAFACTOR.factory
@@ -176,18 +176,21 @@ def adafactor(learning_rate, relative_step, beta2_decay, decay_offset, eps, eps_
             keep = decay_t ** beta2_decay  # 1 - beta2_t
             beta2 = 1 - keep
             e = _MACHINE_EPS[_state.dtype_name(g)] if eps is None else eps
-            g2 = g * g + e if inside else g * g
+            g2 = _base.abs_sq(xp, g)
+            g2 = g2 + e if inside else g2
             axes = factor_axes(shape, layouts[i], factoring, min_dim_size_to_factor)
             if axes is None:
-                v = beta2 * state.v[i] + keep * g2
+                v = beta2 * _base.real_part(xp, state.v[i]) + keep * g2
                 estimate = v
                 rows.append(state.v_row[i])
                 cols.append(state.v_col[i])
                 fulls.append(v)
             else:
                 over_rows, over_cols = axes
-                r = beta2 * state.v_row[i] + keep * xp.mean(g2, axis=over_rows)
-                c = beta2 * state.v_col[i] + keep * xp.mean(g2, axis=over_cols)
+                r = (beta2 * _base.real_part(xp, state.v_row[i])
+                     + keep * xp.mean(g2, axis=over_rows))
+                c = (beta2 * _base.real_part(xp, state.v_col[i])
+                     + keep * xp.mean(g2, axis=over_cols))
                 left = [a for a in range(len(shape)) if a not in over_rows]
                 norm = xp.mean(r, axis=tuple(left.index(a) for a in over_cols), keepdims=True)
                 if not inside:
@@ -227,4 +230,4 @@ def adafactor(learning_rate, relative_step, beta2_decay, decay_offset, eps, eps_
     return _base.stateful_rule("adafactor", AdafactorState, slots, step,
                                learning_rate=learning_rate, weight_decay=weight_decay,
                                weight_decay_mode=weight_decay_mode, state_dtype=state_dtype,
-                               uses_layout=True, elementwise=False)
+                               uses_layout=True, elementwise=False, complex_params=True)

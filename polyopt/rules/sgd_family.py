@@ -60,7 +60,6 @@ def sgd(learning_rate, momentum, dampening, nesterov, weight_decay, weight_decay
     """
     use_momentum = not _base.is_zero(momentum)
 
-
     def step(xp, grads, params, state, lr_value):
         buffers, first = _base.momentum_buffers(xp, state.momentum, grads, use_momentum,
                                                 state.count)
@@ -82,5 +81,6 @@ def sgd(learning_rate, momentum, dampening, nesterov, weight_decay, weight_decay
 
     slots = (Slot("momentum", PARAM if use_momentum else NONE),)
     return _base.stateful_rule("sgd", SGDState, slots, step, state_dtype=state_dtype,
+                               complex_params=True,
                                learning_rate=learning_rate, weight_decay=weight_decay,
                                weight_decay_mode=weight_decay_mode)

@@ -29,8 +29,8 @@ class LarsState(NamedTuple):
 
 
 def _norm(xp, x):
-    """The Euclidean norm of a whole tensor (a 0-d array)."""
-    return xp.sqrt(xp.sum(x * x))
+    """The Euclidean norm of a whole tensor (a 0-d real array, also for complex x)."""
+    return xp.sqrt(xp.sum(_base.abs_sq(xp, x)))
 
 
 def _trust_ratio(xp, param_norm, norm, coefficient, eps, denominator=None):
@@ -121,7 +121,7 @@ def lamb(learning_rate, b1, b2, eps, eps_root, weight_decay, weight_decay_mode,
         updates, ms, vs = [], [], []
         for g, p, m, v in zip(grads, params, state.first_moment, state.second_moment):
             beta1, bc1, bc2, lr = scalars(g)
-            m, v = _moments(beta1, b2, g, m, v)
+            m, v = _moments(xp, beta1, b2, g, m, v)
             ms.append(m)
             vs.append(v)
             r = (m / bc1) / (xp.sqrt(v / bc2 + eps_root) + eps)
@@ -146,7 +146,8 @@ def lamb(learning_rate, b1, b2, eps, eps_root, weight_decay, weight_decay_mode,
 
     rule = _base.stateful_rule("lamb", LambState, (Slot("first_moment"), Slot("second_moment")),
                                step, learning_rate=learning_rate, weight_decay=0.0,
-                               weight_decay_mode="l2", state_dtype=state_dtype)
+                               weight_decay_mode="l2", state_dtype=state_dtype,
+                               complex_params=True)
     return rule._replace(elementwise=not trust_ratio)
 
 
@@ -249,5 +250,5 @@ def lars(learning_rate, momentum, nesterov, momentum_form, weight_decay, trust_r
     slots = (Slot("momentum", PARAM if use_momentum else NONE),)
     rule = _base.stateful_rule("lars", LarsState, slots, step, learning_rate=learning_rate,
                                weight_decay=0.0, weight_decay_mode="l2",
-                               state_dtype=state_dtype)
+                               state_dtype=state_dtype, complex_params=True)
     return rule._replace(elementwise=not trust_ratio)
