@@ -1,12 +1,13 @@
 """The eager default replays an elementwise rule's recorded operations on
 cache-sized pieces of the params (polyopt.torch._eager): tensors larger than a
 piece split into 1-d views, results in reused buffers, new state written in
-place. Its numbers are the per-tensor step's, bit for bit: each optimizer is
-run twice side by side, once replayed with pieces of 8 elements (every tensor
-below but the 0-d one, 16-bit and float64 params, a non-contiguous param that
-goes whole) and once with the replay switched off (one rule call on the whole
-tensors, the adapter's per-tensor step), and params and state must be equal
-after every step. The parity of the eager path with torch.optim itself is
+place, small tensors replayed together (gathered into one piece). Its numbers
+are the per-tensor step's, bit for bit: each optimizer is run side by side
+replayed with pieces of 8 elements (tensors split, three small ones gathered,
+16-bit and float64 params, a non-contiguous param that goes whole), replayed
+with pieces larger than all params, and with the replay switched off (one rule
+call on the whole tensors, the adapter's per-tensor step), and params and state
+must be equal after every step. The parity of the eager path with torch.optim itself is
 tests/test_torch_parity.py's.
 """
 
@@ -19,8 +20,9 @@ import polyopt.torch as pt
 from polyopt.torch import _eager
 from polyopt.torch.optimizers import OPTIMIZERS
 
-SHAPES = [(6, 5), (40,), (3,), (), (4, 3, 2, 2)]
-DTYPES = [torch.float32, torch.float32, torch.float64, torch.float32, torch.float16]
+SHAPES = [(6, 5), (40,), (3,), (), (4, 3, 2, 2), (2,), (5,)]
+DTYPES = [torch.float32, torch.float32, torch.float64, torch.float32, torch.float16,
+          torch.float32, torch.float32]
 EXTRA = {"sgd": {"momentum": 0.9, "nesterov": True}}
 ELIGIBLE = _eager.eligible
 

@@ -44,6 +44,10 @@ from polyopt.rules import _state
 #: the ~1 us a torch call costs too often, larger ones leave the caches
 #: (measured: docs/performance.md).
 CHUNK = 1 << 17
+#: Tensors of at most this many elements are replayed together: gathered into
+#: one piece and scattered back, which costs less than a replay each (~15
+#: torch calls of ~1 us for Adam).
+SMALL = 1 << 12
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -58,6 +62,19 @@ _OUT = {name: getattr(torch, name) for name in (
 _OUT_FUNCS = {f: name for name, f in _OUT.items()}
 _OUT_FUNCS.update({getattr(torch.Tensor, name): name for name in _OUT
                    if hasattr(torch.Tensor, name)})
+
+#: Binary operations whose Python-number operand becomes a 0-d tensor of the
+#: result's dtype when recorded (the conversion torch makes at every call).
+_SCALAR_OPS = (torch.add, torch.sub, torch.mul, torch.div)
+
+
+def _number_operand(args: tuple, result: torch.Tensor) -> bool:
+    """``(x, number)`` with x and the result of one dtype, float32 or float64
+    (16-bit kernels read the number in float32, so those keep it as it is)."""
+    return (len(args) == 2 and isinstance(args[1], (int, float)) and not isinstance(args[1], bool)
+            and isinstance(args[0], torch.Tensor) and args[0].dtype == result.dtype
+            and result.dtype in (torch.float32, torch.float64))
+
 
 #: Calls on a recorded tensor that only read its metadata (the stand-in's:
 #: shape (1,), the dtype and device of the real tensors).
@@ -121,6 +138,10 @@ class _Recorder(TorchFunctionMode):
                     out(*args, **kwargs, out=torch.empty_like(result))
                 except (TypeError, RuntimeError):
                     out = None
+            if out is not None and out in _SCALAR_OPS and _number_operand(args, result):
+                # x * 0.9: torch casts the Python number to x's dtype (a 0-d
+                # tensor made per call, ~1.5 us); made once here, the same value
+                targs[1] = torch.tensor(args[1], dtype=result.dtype, device=result.device)
         self.ops.append((func, targs, tkwargs, index, out))
         return result
 
@@ -155,9 +176,15 @@ class _Program:
         direct = {}  # op index -> position in the direct list
         self.direct_inputs = []
         self.copies = []  # the outputs a piece's replay copies into the state
+        self.changed = []  # the outputs that are not an input as it was
+        # the inputs changed in place (the param: p.add_(update))
+        self.written = sorted({index for func, _, kwargs, index, _ in ops if index < n_inputs
+                               and (getattr(func, "__name__", "").endswith("_")
+                                    or "out" in kwargs)})
         for k, (v, t) in enumerate(zip(outputs, targets)):
             if v == t:  # the state unchanged
                 continue
+            self.changed.append(k)
             j = maker.get(v)
             if (t is None or j is None or j in direct
                     or any(ops[r][4] is None or r > j for r in readers[t])):
@@ -220,12 +247,12 @@ class _Program:
 _SCRATCH = threading.local()
 
 
-def _scratch(dtypes: list, n: int, device) -> list:
+def _scratch(dtypes: list, n: int, device, use: str = "ops") -> list:
     """One buffer of ``n`` elements per entry of ``dtypes``, reused across steps."""
     cache = _SCRATCH.__dict__.setdefault("buffers", {})
     out, used = [], defaultdict(int)
     for dtype in dtypes:
-        key = (device, dtype, used[dtype])
+        key = (use, device, dtype, used[dtype])
         used[dtype] += 1
         buf = cache.get(key)
         if buf is None or buf.numel() < n:
@@ -245,12 +272,11 @@ def _pieces(tensors: tuple, chunk: int) -> list[tuple] | None:
     """The 1-d pieces of ``tensors`` (a param, its grad, its state) of at most
     ``chunk`` elements, in step; None when one of them has no flat view."""
     flats = tuple(map(_flat_view, tensors))
-    if None in flats:
+    if any(f is None for f in flats):
         return None
-    n = flats[0].numel()
-    if n <= chunk:
+    if flats[0].numel() <= chunk:
         return [flats]
-    return [tuple(f[start:start + chunk] for f in flats) for start in range(0, n, chunk)]
+    return list(zip(*(f.split(chunk) for f in flats)))
 
 
 def step(apply, update, layout, params: list, grads: list, states: list,
@@ -325,10 +351,12 @@ def _replay(program: _Program, started: list, outputs: list, params: list, grads
             states: list, present: list, members: list, chunk: int) -> None:
     run, constants = program.run, program.constants
     device = params[members[0]].device
-    full = _scratch(program.buffers, min(chunk, max(params[i].numel() for i in members)),
-                    device)
-    chunk = full[0].numel() if full else chunk
+    chunk = min(chunk, sum(params[i].numel() for i in members))
+    full = _scratch(program.buffers, chunk, device)
     none_buffers = [None] * len(program.buffers)
+    n_in = 2 + len(present)
+    small: list = []  # pieces of small tensors, replayed together
+    size = 0
     for i in members:
         st = states[i]
         for key, dtype in started:  # a slot the rule started (momentum set at run time)
@@ -342,13 +370,40 @@ def _replay(program: _Program, started: list, outputs: list, params: list, grads
                 if new is not target:
                     target.copy_(new)
             continue
+        n = inputs[0].numel()
+        if n <= SMALL and n < chunk:
+            if size + n > chunk:
+                _replay_gathered(program, small, size, n_in, full, device)
+                small, size = [], 0
+            small.append(pieces[0])
+            size += n
+            continue
         for piece in pieces:
-            ins, outs = piece[:len(inputs)], piece[len(inputs):]
+            ins, outs = piece[:n_in], piece[n_in:]
             n = ins[0].numel()
             buffers = full if n == chunk else [b[:n] for b in full]
             news = run(constants, *ins, *buffers, *[ins[t] for t in program.direct_inputs])
             for k in program.copies:
                 outs[k].copy_(news[k])
+    if small:
+        _replay_gathered(program, small, size, n_in, full, device)
+
+
+def _replay_gathered(program: _Program, pieces: list, size: int, n_in: int, full: list,
+                     device) -> None:
+    """The pieces of several small tensors as one: gathered into scratch
+    buffers, replayed, the changed inputs and the new state scattered back."""
+    sizes = [piece[0].numel() for piece in pieces]
+    gathered = [torch.cat([piece[k] for piece in pieces], out=buf)
+                for k, buf in enumerate(_scratch([t.dtype for t in pieces[0][:n_in]], size,
+                                                 device, "gather"))]
+    buffers = [b[:size] for b in full]
+    news = program.run(program.constants, *gathered, *buffers,
+                       *[gathered[t] for t in program.direct_inputs])
+    for k in program.written:
+        torch._foreach_copy_([piece[k] for piece in pieces], gathered[k].split(sizes))
+    for k in program.changed:
+        torch._foreach_copy_([piece[n_in + k] for piece in pieces], news[k].split(sizes))
 
 
 def eligible(rule: Any) -> bool:
