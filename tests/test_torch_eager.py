@@ -1,11 +1,14 @@
-"""The eager default runs an elementwise rule on cache-sized pieces
-(polyopt.torch._eager): small tensors grouped into one rule call, large ones
-split into 1-d views. Its numbers are the one-call step's, bit for bit: each
-optimizer is run twice side by side, once with pieces of 8 elements (every
-tensor below but the 0-d one is split or grouped, two pieces a call) and
-once with pieces larger than all params together (one rule call on the whole tensors, the per-tensor
-arithmetic), and params and state must be equal after every step. The
-parity of the eager path with torch.optim itself is tests/test_torch_parity.py's.
+"""The eager default replays an elementwise rule's recorded operations on
+cache-sized pieces of the params (polyopt.torch._eager): tensors larger than a
+piece split into 1-d views, results in reused buffers, new state written in
+place, small tensors replayed together (gathered into one piece). Its numbers
+are the per-tensor step's, bit for bit: each optimizer is run side by side
+replayed with pieces of 8 elements (tensors split, three small ones gathered,
+16-bit and float64 params, a non-contiguous param that goes whole), replayed
+with pieces larger than all params, and with the replay switched off (one rule
+call on the whole tensors, the adapter's per-tensor step), and params and state
+must be equal after every step. The parity of the eager path with torch.optim itself is
+tests/test_torch_parity.py's.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import polyopt.torch as pt
 from polyopt.torch import _eager
 from polyopt.torch.optimizers import OPTIMIZERS
 
-SHAPES = [(6, 5), (40,), (3,), (), (4, 3, 2, 2)]
-DTYPES = [torch.float32, torch.float32, torch.float64, torch.float32, torch.float16]
+SHAPES = [(6, 5), (40,), (3,), (), (4, 3, 2, 2), (2,), (5,)]
+DTYPES = [torch.float32, torch.float32, torch.float64, torch.float32, torch.float16,
+          torch.float32, torch.float32]
 EXTRA = {"sgd": {"momentum": 0.9, "nesterov": True}}
+ELIGIBLE = _eager.eligible
 
 
 def make_params(seed: int = 0) -> list[torch.Tensor]:
@@ -32,9 +37,14 @@ def make_params(seed: int = 0) -> list[torch.Tensor]:
     return params
 
 
-def run(make, chunk: int, monkeypatch, steps: int = 6) -> list:
-    monkeypatch.setattr(_eager, "CHUNK", chunk)
-    monkeypatch.setattr(_eager, "CALL", 2 * chunk)
+def run(make, chunk: int | None, monkeypatch, steps: int = 6) -> list:
+    """Snapshots of params and state after each step; ``chunk`` None: the
+    per-tensor step (no replay)."""
+    if chunk is None:
+        monkeypatch.setattr(_eager, "eligible", lambda rule: False)
+    else:
+        monkeypatch.setattr(_eager, "eligible", ELIGIBLE)
+        monkeypatch.setattr(_eager, "CHUNK", chunk)
     params = make_params()
     opt = make(params)
     gen = torch.Generator().manual_seed(1)
@@ -67,9 +77,16 @@ def test_pieces_give_the_one_call_numbers_bitwise(name, monkeypatch):
     def make(params):
         return cls(params, **EXTRA.get(name, {}))
 
+    whole = run(make, None, monkeypatch)
+    replayed = []
+    step = _eager.step
+    monkeypatch.setattr(_eager, "step", lambda *a, **k: replayed.append(step(*a, **k))
+                        or replayed[-1])
     pieces = run(make, 8, monkeypatch)
-    whole = run(make, 1 << 40, monkeypatch)
+    # every elementwise rule is replayed (the others run per tensor)
+    assert (replayed and all(replayed)) if ELIGIBLE(cls.factory()) else not replayed
     assert_bitwise(pieces, whole, name)
+    assert_bitwise(run(make, 1 << 40, monkeypatch), whole, name)
     # the params moved (a step that does nothing would pass the comparison)
     assert not torch.equal(pieces[-1][0][0], make_params()[0].detach())
 
@@ -96,22 +113,70 @@ def test_a_slot_started_at_run_time_and_presets(monkeypatch):
     }
     for where, make in makers.items():
         pieces = run(make, 8, monkeypatch)
-        whole = run(make, 1 << 40, monkeypatch)
+        whole = run(make, None, monkeypatch)
         assert_bitwise(pieces, whole, where)
         assert "momentum_buffer" in dict(pieces[-1][1][0]) or where != "sgd momentum at run time"
 
 
 def test_the_pieces_of_a_step():
-    """Tensors of more than CHUNK elements are cut into views of CHUNK elements,
-    consecutive pieces share a call up to CALL elements, tensors without a flat
-    view go whole."""
-    params = [torch.zeros(3), torch.zeros(4), torch.zeros(20), torch.zeros(5, 4).t(),
-              torch.zeros(2)]
-    grads = [torch.zeros_like(p) for p in params]
-    calls = _eager._pieces(params, grads, [], 8, 12)
-    assert calls == [
-        [(0, None), (1, None)],
-        [(2, slice(0, 8))], [(2, slice(8, 16)), (2, slice(16, 20))],
-        [(3, None)],
-        [(4, None)],
-    ]
+    """A param, its grad and its state are cut into 1-d views of at most CHUNK
+    elements, in step; tensors without a flat view go whole (None)."""
+    a, b = torch.arange(20.0).reshape(4, 5), torch.zeros(20)
+    pieces = _eager._pieces((a, b), 8)
+    assert [tuple(t.numel() for t in piece) for piece in pieces] == [(8, 8), (8, 8), (4, 4)]
+    assert torch.equal(torch.cat([p for p, _ in pieces]), a.view(-1))
+    assert pieces[1][0].data_ptr() == a.view(-1)[8:].data_ptr()  # views, not copies
+    (whole,) = _eager._pieces((a, b), 20)
+    assert whole[0].shape == (20,) and whole[1] is b
+    assert _eager._pieces((a.t(), b), 8) is None
+
+
+def test_adam_is_replayed_with_its_state_written_in_place(monkeypatch):
+    """torch.optim.Adam's preset: one recording a step, the moments written by
+    the operations that make them (no copies), two scratch buffers."""
+    programs = []
+    original = _eager._Program.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        programs.append(self)
+
+    monkeypatch.setattr(_eager._Program, "__init__", spy)
+    params = [torch.randn(50, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    opt = pt.preset("torch.optim.Adam", params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.step()
+    assert len(programs) == 2
+    assert programs[-1].copies == [] and len(programs[-1].direct_inputs) == 2
+    assert programs[-1].buffers == [torch.float32, torch.float32]
+
+
+def test_a_rule_that_cannot_be_replayed_runs_per_tensor(monkeypatch):
+    """Python control flow on a param's values: the step is not replayed, the
+    per-tensor step runs (and gives its numbers)."""
+    def factory(**values):
+        rule = pt.SGD.factory(**values)
+
+        def update(grads, state, params):
+            if bool((grads[0] > 0).all()):  # a value the stand-ins cannot give
+                pass
+            return rule.update(grads, state, params)
+        return rule._replace(update=update)
+
+    class Branchy(pt.SGD):
+        pass
+    Branchy.factory = staticmethod(factory)
+    results = []
+    original = _eager.step
+    monkeypatch.setattr(_eager, "step", lambda *a, **k: results.append(original(*a, **k))
+                        or results[-1])
+
+    def make(params):
+        return Branchy(params, momentum=0.9)
+
+    pieces = run(make, 8, monkeypatch)
+    assert results and not any(results)
+    whole = run(make, None, monkeypatch)
+    assert_bitwise(pieces, whole, "branchy")

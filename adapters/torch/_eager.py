@@ -1,129 +1,412 @@
-"""The eager default step of an elementwise rule: the rule, op by op, on
-cache-sized pieces of the params.
+"""The eager default step of an elementwise rule: the rule's own operations,
+replayed on cache-sized pieces of the params into preallocated buffers.
 
 A rule is a sequence of array operations, each one pass over its operands.
 Run on whole tensors, every pass streams the tensor through memory (about 15
-passes for Adam, against torch's 7 fused ones in its for-loop). Run on
-pieces of at most :data:`CHUNK` elements, a piece's temporaries stay in the
-CPU's cache, and only the params, grads and state cross memory once per
-step. For a rule that declares itself ``elementwise`` (``Rule.elementwise``:
-every element is treated alone) the numbers of one element do not depend on
-which piece it is in, so this is the per-tensor step's arithmetic exactly,
-op for op (docs/performance.md has the measurements that chose it).
+passes for Adam, against torch's 7 fused ones in its for-loop). Run on pieces
+of at most :data:`CHUNK` elements, a piece's temporaries stay in the CPU's
+caches, and only params, grads and state cross memory once per step.
 
-Tensors of more than :data:`CHUNK` elements are split into 1-d views;
-consecutive pieces share one rule call up to :data:`CALL` elements. The
-params are updated in place, each state tensor is written in place
-(``copy_`` into its views), and the 0-d state (counts) once, after every
-piece has read the old value. Tensors that cannot be viewed flat
-(non-contiguous, or a tensor subclass such as DTensor) go whole.
+Calling the rule once per piece costs its Python work (argument checks, the
+state tree, its 0-d scalar part) hundreds of times a step, and every
+operation allocates its result. So the rule is called once per step on
+1-element stand-ins for a param, its grad and its state, under a
+``TorchFunctionMode`` that records every torch call touching them
+(:class:`_Recorder`); the 0-d part (bias corrections, counts) runs for real,
+once. The recorded calls are then replayed on every piece: the same torch
+functions with the same arguments, so the same kernels and the same
+rounding, with ``out=`` into a few reused scratch buffers, and the new state
+written straight into the state tensors where nothing reads the old value
+afterwards. For a rule that declares itself ``elementwise`` (every element
+treated alone) the numbers of an element do not depend on its piece, so this
+is the per-tensor step's arithmetic bit for bit (tests/test_torch_eager.py;
+docs/performance.md has the measurements that chose it).
+
+A rule whose operations on the stand-ins cannot be replayed (Python control
+flow on their values, results that are not tensors) is reported by
+:func:`step` returning False; the adapter then runs its per-tensor step.
+Tensors that have no flat view (non-contiguous, a subclass such as DTensor)
+are replayed whole, without buffers.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import defaultdict
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from polyopt.rules import _state
 
-#: Elements per piece. 64k float32 (256 KiB per operand) keeps a step's
-#: few live temporaries inside a 1-2 MiB L2 cache; larger pieces spill to L3,
-#: smaller ones pay the rule's Python cost (~0.2 ms a call) too often
+#: Elements per piece: 128k float32 (512 KiB per operand); smaller pieces pay
+#: the ~1 us a torch call costs too often, larger ones leave the caches
 #: (measured: docs/performance.md).
-CHUNK = 1 << 16
-#: Elements per rule call (several pieces): the rule's scalar work (bias
-#: corrections, counts: ~0.2 ms of 0-d tensor ops) is done once per call.
-CALL = 1 << 18
+CHUNK = 1 << 17
+#: Tensors of at most this many elements are replayed together: gathered into
+#: one piece and scattered back, which costs less than a replay each (~15
+#: torch calls of ~1 us for Adam).
+SMALL = 1 << 12
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+#: torch functions whose results are fresh tensors (never views) and that take
+#: ``out=``: a recorded call of the function or of the Tensor method of that
+#: name is replayed as ``torch.<name>(..., out=buffer)``, the same kernel.
+_OUT = {name: getattr(torch, name) for name in (
+    "add", "sub", "mul", "div", "neg", "abs", "sqrt", "rsqrt", "exp", "expm1", "log",
+    "log1p", "sign", "maximum", "minimum", "where", "clamp", "pow", "reciprocal",
+    "lt", "le", "gt", "ge", "eq", "ne", "logical_and", "logical_or", "logical_not",
+    "isfinite", "sin", "cos", "tanh", "floor", "square")}
+_OUT_FUNCS = {f: name for name, f in _OUT.items()}
+_OUT_FUNCS.update({getattr(torch.Tensor, name): name for name in _OUT
+                   if hasattr(torch.Tensor, name)})
+
+#: Binary operations whose Python-number operand becomes a 0-d tensor of the
+#: result's dtype when recorded (the conversion torch makes at every call).
+_SCALAR_OPS = (torch.add, torch.sub, torch.mul, torch.div)
+
+
+def _number_operand(args: tuple, result: torch.Tensor) -> bool:
+    """``(x, number)`` with x and the result of one dtype, float32 or float64
+    (16-bit kernels read the number in float32, so those keep it as it is)."""
+    return (len(args) == 2 and isinstance(args[1], (int, float)) and not isinstance(args[1], bool)
+            and isinstance(args[0], torch.Tensor) and args[0].dtype == result.dtype
+            and result.dtype in (torch.float32, torch.float64))
+
+
+#: Calls on a recorded tensor that only read its metadata (the stand-in's:
+#: shape (1,), the dtype and device of the real tensors).
+_METADATA = frozenset({"__get__", "dim", "size", "numel", "is_floating_point", "is_complex",
+                       "is_contiguous", "element_size", "__hash__", "result_type",
+                       "get_device", "__len__"})
+
+
+class _Untraceable(Exception):
+    """The rule did something with a recorded tensor that a replay cannot repeat."""
+
+
+class _Ref:
+    """A recorded tensor in an argument list: variable ``index`` of the program."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+class _Recorder(TorchFunctionMode):
+    """Records the torch calls that touch the stand-ins (and what they return)."""
+
+    def __init__(self, inputs: list) -> None:
+        super().__init__()
+        self.tensors = list(inputs)  # variable i; kept alive so that ids stay unique
+        self.index = {id(t): i for i, t in enumerate(inputs)}
+        # (function, args, kwargs, result variable, torch function taking out= or None)
+        self.ops: list[tuple] = []
+
+    def _template(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and id(value) in self.index:
+            return _Ref(self.index[id(value)])
+        if isinstance(value, (list, tuple)) and any(
+                isinstance(v, torch.Tensor) and id(v) in self.index for v in value):
+            raise _Untraceable("a recorded tensor inside a list argument")
+        return value
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        targs = [self._template(a) for a in args]
+        tkwargs = {k: self._template(v) for k, v in kwargs.items()}
+        if not any(isinstance(v, _Ref) for v in (*targs, *tkwargs.values())):
+            return result  # the 0-d part: computed once, a constant of the replay
+        name = getattr(func, "__name__", "")
+        if not isinstance(result, torch.Tensor):
+            if name in _METADATA:
+                return result
+            raise _Untraceable(f"{name} of a recorded tensor gives {type(result).__name__}")
+        out = _OUT.get(_OUT_FUNCS.get(func, "")) if "out" not in kwargs else None
+        if id(result) in self.index:  # in place, or an alias (.to of the same dtype)
+            index, out = self.index[id(result)], None
+        else:
+            index = len(self.tensors)
+            self.tensors.append(result)
+            self.index[id(result)] = index
+            if out is not None:
+                try:  # the out= form exists for these arguments (where(c, x, 0.0) has none)
+                    out(*args, **kwargs, out=torch.empty_like(result))
+                except (TypeError, RuntimeError):
+                    out = None
+            if out is not None and out in _SCALAR_OPS and _number_operand(args, result):
+                # x * 0.9: torch casts the Python number to x's dtype (a 0-d
+                # tensor made per call, ~1.5 us); made once here, the same value
+                targs[1] = torch.tensor(args[1], dtype=result.dtype, device=result.device)
+        self.ops.append((func, targs, tkwargs, index, out))
+        return result
+
+
+class _Program:
+    """A recorded step as one generated Python function over the variables.
+
+    ``run(constants, *inputs, *buffers, *direct)``: ``buffers`` the scratch
+    views (or None: fresh results), ``direct`` the state tensors that ops write
+    into (or None); returns the value of each output.
+    """
+
+    _CODE: dict = {}  # source -> code object (the same rule compiles once)
+
+    def __init__(self, rec: _Recorder, n_inputs: int, outputs: list, targets: list) -> None:
+        ops = rec.ops
+        last = {}  # variable -> index of the last op reading it
+        readers = defaultdict(list)
+        for j, (_, args, kwargs, _, _) in enumerate(ops):
+            for v in (*args, *kwargs.values()):
+                if isinstance(v, _Ref):
+                    last[v.index] = j
+                    readers[v.index].append(j)
+        end = len(ops)
+        for v in outputs:
+            last[v] = end
+        # an output written straight into its state tensor (targets[k]: the
+        # input variable of that state, or None): by the op making it, with
+        # out=, when every reader of the old state uses out= too (no views) and
+        # comes no later
+        maker = {index: j for j, (_, _, _, index, out) in enumerate(ops) if out is not None}
+        direct = {}  # op index -> position in the direct list
+        self.direct_inputs = []
+        self.copies = []  # the outputs a piece's replay copies into the state
+        self.changed = []  # the outputs that are not an input as it was
+        # the inputs changed in place (the param: p.add_(update))
+        self.written = sorted({index for func, _, kwargs, index, _ in ops if index < n_inputs
+                               and (getattr(func, "__name__", "").endswith("_")
+                                    or "out" in kwargs)})
+        for k, (v, t) in enumerate(zip(outputs, targets)):
+            if v == t:  # the state unchanged
+                continue
+            self.changed.append(k)
+            j = maker.get(v)
+            if (t is None or j is None or j in direct
+                    or any(ops[r][4] is None or r > j for r in readers[t])):
+                self.copies.append(k)
+                continue
+            direct[j] = len(self.direct_inputs)
+            self.direct_inputs.append(t)
+        # scratch buffers for the other out= results, reused once read for the last time
+        free: dict = defaultdict(list)
+        self.buffers: list = []  # dtype of each buffer
+        holder = {}  # variable -> buffer
+        assign = {}  # op index -> buffer
+        for j, (_, args, kwargs, index, out) in enumerate(ops):
+            for v in {a.index for a in (*args, *kwargs.values()) if isinstance(a, _Ref)}:
+                if last.get(v) == j and v in holder:
+                    free[rec.tensors[v].dtype].append(holder.pop(v))
+            if out is None or j in direct:
+                continue
+            dtype = rec.tensors[index].dtype
+            if not free[dtype]:
+                free[dtype].append(len(self.buffers))
+                self.buffers.append(dtype)
+            assign[j] = holder[index] = free[dtype].pop()
+            if index not in last:  # never read: free again at once
+                free[dtype].append(holder.pop(index))
+        # the source
+        constants: list = []
+
+        def const(value: Any) -> str:
+            constants.append(value)
+            return f"c{len(constants) - 1}"
+
+        def arg(value: Any) -> str:
+            return f"v{value.index}" if isinstance(value, _Ref) else const(value)
+
+        n_buf, n_dir = len(self.buffers), len(self.direct_inputs)
+        params = ([f"v{i}" for i in range(n_inputs)] + [f"b{i}" for i in range(n_buf)]
+                  + [f"d{i}" for i in range(n_dir)])
+        body = []
+        for j, (func, args, kwargs, index, out) in enumerate(ops):
+            items = [arg(a) for a in args] + [f"{k}={arg(v)}" for k, v in kwargs.items()]
+            if j in direct:
+                items.append(f"out=d{direct[j]}")
+            elif j in assign:
+                items.append(f"out=b{assign[j]}")
+            body.append(f"    v{index} = {const(out or func)}({', '.join(items)})")
+        head = f"def run(C, {', '.join(params)}):\n"
+        unpack = f"    ({''.join(f'c{i}, ' for i in range(len(constants)))}) = C\n"
+        returns = f"    return ({''.join(f'v{v}, ' for v in outputs)})\n"
+        source = head + unpack + "\n".join(body) + "\n" + returns
+        code = self._CODE.get(source)
+        if code is None:
+            code = self._CODE[source] = compile(source, "<polyopt eager step>", "exec")
+        scope: dict = {}
+        exec(code, scope)  # noqa: S102 - our own generated source
+        self.run = scope["run"]
+        self.constants = tuple(constants)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(dtypes: list, n: int, device, use: str = "ops") -> list:
+    """One buffer of ``n`` elements per entry of ``dtypes``, reused across steps."""
+    cache = _SCRATCH.__dict__.setdefault("buffers", {})
+    out, used = [], defaultdict(int)
+    for dtype in dtypes:
+        key = (use, device, dtype, used[dtype])
+        used[dtype] += 1
+        buf = cache.get(key)
+        if buf is None or buf.numel() < n:
+            buf = cache[key] = torch.empty(n, dtype=dtype, device=device)
+        out.append(buf[:n])
+    return out
 
 
 def _flat_view(t: torch.Tensor) -> torch.Tensor | None:
     """``t`` as a 1-d view, or None when it has none (non-contiguous, a subclass)."""
     if type(t) not in _PLAIN or not t.is_contiguous():
         return None
-    return t.view(-1)
+    return t if t.ndim == 1 else t.view(-1)
 
 
-def _pieces(params: list, grads: list, slots: list, chunk: int, call: int) -> list[list[tuple]]:
-    """The rule calls of one step: lists of (param index, slice or None).
-
-    Tensors of more than ``chunk`` elements are cut into 1-d views of
-    ``chunk`` elements (where they have flat views); consecutive pieces share
-    a call up to ``call`` elements. ``slots``: the present state lists (one
-    tensor per param each). None as the slice means the whole tensor, as it is.
-    """
-    calls: list[list[tuple]] = []
-    current: list[tuple] = []
-    size = 0
-
-    def add(item: tuple, n: int) -> None:
-        nonlocal current, size
-        if current and size + n > call:
-            calls.append(current)
-            current, size = [], 0
-        current.append(item)
-        size += n
-
-    for i, (p, g) in enumerate(zip(params, grads)):
-        n = p.numel()
-        if (n > chunk and _flat_view(p) is not None and _flat_view(g) is not None
-                and all(_flat_view(s[i]) is not None for s in slots)):
-            for start in range(0, n, chunk):
-                add((i, slice(start, min(n, start + chunk))), min(chunk, n - start))
-        else:
-            add((i, None), n)
-    if current:
-        calls.append(current)
-    return calls
-
-
-def _take(t: torch.Tensor, where: slice | None) -> torch.Tensor:
-    return t if where is None else t.view(-1)[where]
+def _pieces(tensors: tuple, chunk: int) -> list[tuple] | None:
+    """The 1-d pieces of ``tensors`` (a param, its grad, its state) of at most
+    ``chunk`` elements, in step; None when one of them has no flat view."""
+    flats = tuple(map(_flat_view, tensors))
+    if any(f is None for f in flats):
+        return None
+    if flats[0].numel() <= chunk:
+        return [flats]
+    return list(zip(*(f.split(chunk) for f in flats)))
 
 
 def step(apply, update, layout, params: list, grads: list, states: list,
-         scalars: dict, chunk: int | None = None, call: int | None = None) -> None:
-    """One step of an elementwise rule on a bucket (same counts, same present slots).
+         scalars: dict, chunk: int | None = None) -> bool:
+    """One step of an elementwise rule on a bucket (same counts, same present
+    slots); False (and nothing changed) when the rule cannot be replayed.
 
     ``apply(update, params, grads, state)``: the adapter's one-call step (16-bit
     params computed in float32, params updated in place; returns the new state).
     ``scalars``: {path: value} of the bucket's 0-d state, as the rule reads it.
-    ``chunk``, ``call``: elements per piece and per call (default :data:`CHUNK`,
-    :data:`CALL`).
+    ``chunk``: elements per piece (default :data:`CHUNK`).
     """
+    if torch.is_grad_enabled():  # differentiable=True: out= does not record autograd
+        return False
     chunk = CHUNK if chunk is None else chunk
-    call = CALL if call is None else call
     present = [(path, key) for path, key in layout.slots if key in states[0]]
-    lists = {path: [st[key] for st in states] for path, key in present}
-    new_scalars = None
-    for pieces in _pieces(params, grads, list(lists.values()), chunk, call):
-        leaves = {path: [] for path, _ in layout.slots}
-        for path, tensors in lists.items():
-            leaves[path] = [_take(tensors[i], where) for i, where in pieces]
-        leaves.update(scalars)
-        tree = _state.rebuild_from(layout.template, leaves)
-        ps = [_take(params[i], where) for i, where in pieces]
-        gs = [_take(grads[i], where) for i, where in pieces]
-        new = _state.by_path(apply(update, ps, gs, tree))
-        for path, key in layout.slots:
-            arrays = new[path]
-            if len(arrays) != len(pieces):
-                continue
-            for (i, where), value in zip(pieces, arrays):
-                st = states[i]
-                if key not in st:  # a slot the rule started (momentum set at run time)
-                    st[key] = value.new_empty(params[i].shape)
-                _take(st[key], where).copy_(value)
-        new_scalars = new
+    groups = defaultdict(list)  # one recording per combination of dtypes
+    for i, (p, g) in enumerate(zip(params, grads)):
+        tensors = (p, g, *(states[i][key] for _, key in present))
+        groups[tuple((t.dtype, t.device) for t in tensors)].append(i)
+    plans = []
+    for kinds, members in groups.items():
+        plan = _record(apply, update, layout, present, scalars, kinds)
+        if plan is None:
+            return False
+        plans.append((plan, members))
+    for (program, started, outputs, _), members in plans:
+        _replay(program, started, outputs, params, grads, states, present, members, chunk)
+    new_scalars = plans[-1][0][3]
     for path, key, _ in layout.scalars:
-        value = new_scalars[path]
         for st in states:
-            st[key].copy_(value)
+            st[key].copy_(new_scalars[path])
+    return True
+
+
+def _record(apply, update, layout, present: list, scalars: dict, kinds: tuple):
+    """The rule's step on stand-ins of these dtypes: (program, slots it
+    starts, output keys, new 0-d state), or None if it cannot be replayed."""
+    stand_ins = [torch.zeros(1, dtype=dtype, device=device) for dtype, device in kinds]
+    leaves = {path: [] for path, _ in layout.slots}
+    for (path, _), t in zip(present, stand_ins[2:]):
+        leaves[path] = [t]
+    leaves.update(scalars)
+    tree = _state.rebuild_from(layout.template, leaves)
+    recorder = _Recorder(stand_ins)
+    try:
+        with recorder:
+            new = _state.by_path(apply(update, stand_ins[:1], stand_ins[1:2], tree))
+    except _Untraceable:
+        return None
+    keys = dict(present)
+    outputs, targets, started = [], [], []
+    for path, key in layout.slots:
+        arrays = new[path]
+        if not arrays:
+            continue
+        index = recorder.index.get(id(arrays[0]))
+        if index is None:
+            return None  # a state made without the inputs
+        if path not in keys:
+            started.append((key, recorder.tensors[index].dtype))
+        outputs.append((index, key))
+        targets.append(2 + [p for p, _ in present].index(path) if path in keys else None)
+    for path, _, _ in layout.scalars:
+        if id(new[path]) in recorder.index:
+            return None  # 0-d state computed from the pieces
+    program = _Program(recorder, len(stand_ins), [v for v, _ in outputs], targets)
+    return program, started, [key for _, key in outputs], new
+
+
+def _replay(program: _Program, started: list, outputs: list, params: list, grads: list,
+            states: list, present: list, members: list, chunk: int) -> None:
+    run, constants = program.run, program.constants
+    device = params[members[0]].device
+    chunk = min(chunk, sum(params[i].numel() for i in members))
+    full = _scratch(program.buffers, chunk, device)
+    none_buffers = [None] * len(program.buffers)
+    n_in = 2 + len(present)
+    small: list = []  # pieces of small tensors, replayed together
+    size = 0
+    for i in members:
+        st = states[i]
+        for key, dtype in started:  # a slot the rule started (momentum set at run time)
+            st[key] = torch.empty(params[i].shape, dtype=dtype, device=device)
+        inputs = (params[i], grads[i], *(st[key] for _, key in present))
+        targets = [st[key] for key in outputs]
+        pieces = _pieces(inputs + tuple(targets), chunk)
+        if pieces is None:  # whole, without buffers
+            news = run(constants, *inputs, *none_buffers, *[None] * len(program.direct_inputs))
+            for target, new in zip(targets, news):
+                if new is not target:
+                    target.copy_(new)
+            continue
+        n = inputs[0].numel()
+        if n <= SMALL and n < chunk:
+            if size + n > chunk:
+                _replay_gathered(program, small, size, n_in, full, device)
+                small, size = [], 0
+            small.append(pieces[0])
+            size += n
+            continue
+        for piece in pieces:
+            ins, outs = piece[:n_in], piece[n_in:]
+            n = ins[0].numel()
+            buffers = full if n == chunk else [b[:n] for b in full]
+            news = run(constants, *ins, *buffers, *[ins[t] for t in program.direct_inputs])
+            for k in program.copies:
+                outs[k].copy_(news[k])
+    if small:
+        _replay_gathered(program, small, size, n_in, full, device)
+
+
+def _replay_gathered(program: _Program, pieces: list, size: int, n_in: int, full: list,
+                     device) -> None:
+    """The pieces of several small tensors as one: gathered into scratch
+    buffers, replayed, the changed inputs and the new state scattered back."""
+    sizes = [piece[0].numel() for piece in pieces]
+    gathered = [torch.cat([piece[k] for piece in pieces], out=buf)
+                for k, buf in enumerate(_scratch([t.dtype for t in pieces[0][:n_in]], size,
+                                                 device, "gather"))]
+    buffers = [b[:size] for b in full]
+    news = program.run(program.constants, *gathered, *buffers,
+                       *[gathered[t] for t in program.direct_inputs])
+    for k in program.written:
+        torch._foreach_copy_([piece[k] for piece in pieces], gathered[k].split(sizes))
+    for k in program.changed:
+        torch._foreach_copy_([piece[n_in + k] for piece in pieces], news[k].split(sizes))
 
 
 def eligible(rule: Any) -> bool:
-    """Whether the chunked step gives this rule's numbers: it declares itself
+    """Whether the replayed step gives this rule's numbers: it declares itself
     elementwise and takes no per-tensor layouts."""
     return bool(rule.elementwise) and not rule.uses_layout

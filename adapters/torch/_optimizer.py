@@ -534,9 +534,8 @@ class RuleOptimizer(torch.optim.Optimizer):
                 self._bucket(ps).step(self, values, layout, ps, gs, states, layouts=own)
                 continue
             rule = self._rule(values)
-            if not self.compiled and _eager.eligible(rule):
-                _eager.step(_apply, rule.update, layout, ps, gs, states,
-                            self._scalars(layout, states))
+            if not self.compiled and _eager.eligible(rule) and _eager.step(
+                    _apply, rule.update, layout, ps, gs, states, self._scalars(layout, states)):
                 continue
             tree = self._tree(layout, states)
             if self.compiled and not eager:
