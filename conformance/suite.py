@@ -45,7 +45,7 @@ SUMMARY = EXPECTED / "summary.json"
 DOCS = ROOT / "docs" / "conformance.md"
 SITE = Path(sysconfig.get_paths()["purelib"])
 CLASSES = ("missing feature", "deliberate difference", "reads native private internals",
-           "unclassified")
+           "native fails the check", "unclassified")
 
 
 @dataclass

@@ -84,6 +84,8 @@ def _scalar_value(value: Any) -> float | None:
     """
     if isinstance(value, numbers.Real):
         return float(value)
+    if callable(getattr(value, "detach", None)):  # a torch tensor autograd records
+        value = value.detach()
     try:
         return float(value)
     except Exception:  # noqa: BLE001 - tracers raise framework-specific errors

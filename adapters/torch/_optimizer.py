@@ -24,7 +24,7 @@ import torch
 from polyopt import native, rules
 from polyopt.hyper import Spec
 from polyopt.rules import _state
-from polyopt.torch import _eager, _flat
+from polyopt.torch import _differentiable, _eager, _flat
 from polyopt.torch._common import (
     _apply,
     _is_zero,
@@ -345,7 +345,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                 if h.name != "learning_rate":
                     key.append((h.name, _is_zero(v)))
             else:
-                key.append((h.name, float(v) if isinstance(v, torch.Tensor) else v))
+                key.append((h.name, float(v.detach()) if isinstance(v, torch.Tensor) else v))
         return tuple(key)
 
     def _layout(self, values: dict) -> _Layout:
@@ -534,6 +534,13 @@ class RuleOptimizer(torch.optim.Optimizer):
                 self._bucket(ps).step(self, values, layout, ps, gs, states, layouts=own)
                 continue
             rule = self._rule(values)
+            if self.defaults["differentiable"]:  # recorded by autograd (never compiled)
+                update = rule.update
+                if own is not None:
+                    update = functools.partial(update, layouts=list(own))
+                _differentiable.write(layout, states, _differentiable.apply(
+                    update, ps, gs, self._tree(layout, states)))
+                continue
             if not self.compiled and _eager.eligible(rule) and _eager.step(
                     _apply, rule.update, layout, ps, gs, states, self._scalars(layout, states)):
                 continue
