@@ -27,6 +27,14 @@ Where things live:
 - every other hyperparameter: a Python number, exact in float64 (the rule
   combines it with the tensors in their dtype; nothing is cast through float32).
 
+Sparse gradients (TensorFlow's ``tf.IndexedSlices``, JAX's ``BCOO``) are
+densified for the rule (duplicate entries summed). Where the rule says a zero
+gradient leaves an element alone (``rule.sparse``: SGD, AdaGrad, RMSprop
+without momentum, AdaDelta, Adafactor), the new values are written back only
+at the gradient's entries, as sparse values (TensorFlow's ``scatter_update``;
+on JAX this class's :meth:`assign` of a ``BCOO`` sets its entries): the
+params for ``"updates"``, the params and the slots for ``"updates_and_state"``.
+
 Weight decay is the rule's own (``weight_decay`` and ``weight_decay_mode``
 from the spec); Keras' base-class decay is never used (it is always passed
 ``weight_decay=None``). ``exclude_from_weight_decay`` still works: excluded
@@ -264,11 +272,15 @@ class RuleOptimizer(keras.optimizers.Optimizer):
         return _state.rebuild(template, leaves)
 
     def _write(self, new: Any, indices: list[int], write_globals: bool,
-               write_slots: bool = True) -> None:
+               write_slots: bool = True, entries: list | None = None) -> None:
+        """Assign the state ``new`` of the variables at ``indices``; a slot of the
+        variable ``indices[j]`` only at ``entries[j]`` when that is not None."""
+        entries = entries or [None] * len(indices)
         for (kind, *index), entry in zip(self._where, _state.entries(new)):
             if kind == "slot" and write_slots:
-                for i, value in zip(indices, entry.value):
-                    self.assign(self._slot_variables[index[0]][i], value)
+                for i, value, at in zip(indices, entry.value, entries):
+                    variable = self._slot_variables[index[0]][i]
+                    self.assign(variable, value if at is None else at.sparse(at.take(value)))
             elif kind == "global" and write_globals:
                 self.assign(self._global_variables[index[0]], entry.value)
 
@@ -288,6 +300,18 @@ class RuleOptimizer(keras.optimizers.Optimizer):
             with torch.no_grad():
                 return self._update(grads, trainable_variables, learning_rate)
         return self._update(grads, trainable_variables, learning_rate)
+
+    def assign(self, variable, value):
+        """Keras's ``assign``; on JAX a ``BCOO`` value sets only its entries (as
+        TensorFlow's ``scatter_update`` does for ``IndexedSlices``)."""
+        if _BACKEND == "jax":
+            from jax.experimental import sparse as jax_sparse
+
+            if isinstance(value, jax_sparse.BCOO):
+                current = _read(variable)
+                value = current.at[tuple(value.indices.T)].set(
+                    value.data.astype(current.dtype), mode="drop")
+        super().assign(variable, value)
 
     def update_step(self, gradient, variable, learning_rate):
         # One variable at a time (tf.distribute). Scalar state is written by
@@ -309,10 +333,16 @@ class RuleOptimizer(keras.optimizers.Optimizer):
             state = self._rebuild(self._template, ids, count, globals_)
             layouts = self._param_layouts(rule, [variables[k] for k in group])
             updates, new_state = rules.update_of(rule, gs, state, params, layouts)
-            for k, u in zip(group, updates):
-                # p + u, written in place: no copy of the variable read as params
-                self.assign_add(variables[k], u)
-            self._write(new_state, ids, write_globals=False)
+            sparse = getattr(rule, "sparse", "dense")
+            entries = [None if sparse == "dense" else _Entries.of(grads[k]) for k in group]
+            for k, p, u, at in zip(group, params, updates, entries):
+                if at is None:
+                    # p + u, written in place: no copy of the variable read as params
+                    self.assign_add(variables[k], u)
+                else:  # u is zero elsewhere: p + u at the gradient's entries only
+                    self.assign(variables[k], at.sparse(at.take(p) + at.take(u)))
+            self._write(new_state, ids, write_globals=False,
+                        entries=entries if sparse == "updates_and_state" else None)
             if new_globals is None:
                 new_globals = new_state
         if write_globals and self._global_variables:
@@ -535,14 +565,57 @@ def _read(variable: Any) -> Any:
 
 
 def _as_dtype(gradient: Any, dtype: Any) -> Any:
-    """A dense gradient tensor of ``dtype`` (TensorFlow's IndexedSlices are densified:
-    every row's moments decay, as in keras.optimizers on dense math)."""
+    """A dense gradient tensor of ``dtype``: TensorFlow's IndexedSlices and JAX's
+    BCOO are densified, duplicate entries summed (every row's moments decay, as
+    in keras.optimizers on dense math)."""
     if _BACKEND == "tensorflow":
         import tensorflow as tf
 
         gradient = tf.convert_to_tensor(gradient)
-    gradient = ops.convert_to_tensor(gradient)
+    gradient = ops.convert_to_tensor(gradient, sparse=False)
     return gradient if gradient.dtype == dtype else ops.cast(gradient, dtype)
+
+
+class _Entries:
+    """The entries a sparse gradient holds: the rows of a TensorFlow
+    ``IndexedSlices``, the indices of a JAX ``BCOO`` (duplicates allowed: the
+    values written there are the same each time)."""
+
+    def __init__(self, indices: Any, shape: tuple | None, kind: str) -> None:
+        self.indices, self.shape, self.kind = indices, shape, kind
+
+    @classmethod
+    def of(cls, gradient: Any) -> _Entries | None:
+        """The entries of a sparse gradient; None for a dense one."""
+        if _BACKEND == "tensorflow":
+            import tensorflow as tf
+
+            if isinstance(gradient, tf.IndexedSlices):
+                return cls(gradient.indices, None, "rows")
+        elif _BACKEND == "jax":
+            from jax.experimental import sparse as jax_sparse
+
+            if isinstance(gradient, jax_sparse.BCOO) and gradient.n_batch == 0:
+                return cls(gradient.indices, tuple(gradient.shape), "bcoo")
+        return None
+
+    def take(self, value: Any) -> Any:
+        """``value`` at the entries."""
+        if self.kind == "rows":
+            import tensorflow as tf
+
+            return tf.gather(value, self.indices)
+        return value[tuple(self.indices.T)]
+
+    def sparse(self, values: Any) -> Any:
+        """``values`` (as :meth:`take` gives) as a sparse tensor of the gradient's kind."""
+        if self.kind == "rows":
+            import tensorflow as tf
+
+            return tf.IndexedSlices(values, self.indices)
+        from jax.experimental import sparse as jax_sparse
+
+        return jax_sparse.BCOO((values, self.indices), shape=self.shape)
 
 
 def _runtime(value: Any) -> Any:

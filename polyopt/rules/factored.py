@@ -161,7 +161,8 @@ def adafactor(learning_rate, relative_step, beta2_decay, decay_offset, eps, eps_
       both are >= 128, momentum, weight_decay_rate unscaled, its decay
       schedule computed in float32.
     """
-    slots = _slots(factoring, min_dim_size_to_factor, momentum is not None and momentum != 0)
+    use_momentum = momentum is not None and momentum != 0
+    slots = _slots(factoring, min_dim_size_to_factor, use_momentum)
     inside = eps_placement == "inside"
 
     def step(xp, grads, params, state, lr_value, layouts):
@@ -227,4 +228,6 @@ def adafactor(learning_rate, relative_step, beta2_decay, decay_offset, eps, eps_
     return _base.stateful_rule("adafactor", AdafactorState, slots, step,
                                learning_rate=learning_rate, weight_decay=weight_decay,
                                weight_decay_mode=weight_decay_mode, state_dtype=state_dtype,
-                               uses_layout=True, elementwise=False)
+                               uses_layout=True, elementwise=False,
+                               # G / sqrt(V) is zero where G is; the statistics decay everywhere
+                               sparse="dense" if use_momentum else "updates")

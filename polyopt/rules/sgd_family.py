@@ -83,4 +83,5 @@ def sgd(learning_rate, momentum, dampening, nesterov, weight_decay, weight_decay
     slots = (Slot("momentum", PARAM if use_momentum else NONE),)
     return _base.stateful_rule("sgd", SGDState, slots, step, state_dtype=state_dtype,
                                learning_rate=learning_rate, weight_decay=weight_decay,
-                               weight_decay_mode=weight_decay_mode)
+                               weight_decay_mode=weight_decay_mode,
+                               sparse="dense" if use_momentum else "updates_and_state")
