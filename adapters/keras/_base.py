@@ -52,6 +52,7 @@ import numpy as np
 from keras import ops
 
 from polyopt import hyper, rules, schedules
+from polyopt._namespace import namespace
 from polyopt.rules import COUNT_LIMIT, _state
 
 _BACKEND = keras.backend.backend()
@@ -191,6 +192,9 @@ class RuleOptimizer(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(variables)
+        #: the state copies values TensorFlow could not read in build() (a model built
+        #: inside the traced first step): the first step makes it from the params
+        self._init_at_first_step = False
         if not variables:  # Keras allows it: the base's variables only, no state
             self._state_layout = _Layout(None, [])
             self._slot_variables, self._global_variables = [], []
@@ -332,6 +336,9 @@ class RuleOptimizer(keras.optimizers.Optimizer):
             ids = [indices[k] for k in group]
             state = self._rebuild(self._template, ids, count, globals_)
             layouts = self._param_layouts(rule, [variables[k] for k in group])
+            if self._init_at_first_step:
+                state = _state.select(namespace(*params), count == 0,
+                                      rules.init_of(rule, params, layouts), state)
             updates, new_state = rules.update_of(rule, gs, state, params, layouts)
             sparse = getattr(rule, "sparse", "dense")
             entries = [None if sparse == "dense" else _Entries.of(grads[k]) for k in group]
@@ -482,8 +489,11 @@ class _InitialState:
         layouts = self.optimizer._param_layouts(rule, self.variables)
         # A variable that TensorFlow creates inside the traced first step (a model
         # built lazily by fit) has no value to read yet. Its state does not need
-        # one unless the rule copies the params (Lookahead's slow weights): then
-        # the state from zeros and from ones differ, and building needs the values.
+        # one unless the rule copies the params (Lookahead's slow weights,
+        # Schedule-Free's z): then the state from zeros and from ones differ, and
+        # the first step makes the state from the params, in the graph (Keras's
+        # natives assign the copy in build(), which TensorFlow then records into
+        # the traced step: the copy is made again at every step).
         unread = [i for i, (v, a) in enumerate(zip(self.variables, values))
                   if a.shape != tuple(v.shape)]
         for i in unread:
@@ -493,13 +503,9 @@ class _InitialState:
         if unread:
             ones = [np.ones_like(a) if i in unread else a for i, a in enumerate(values)]
             other = rules.init_of(rule, ones, layouts)
-            if any(not np.array_equal(np.asarray(x), np.asarray(y))
-                   for x, y in zip(_leaves(state), _leaves(other))):
-                raise ValueError(
-                    f"{self.optimizer.spec.name}: the state copies the variables' values, "
-                    f"which TensorFlow cannot read while it traces the first step "
-                    f"({self.variables[unread[0]].path}); build the optimizer first: "
-                    f"optimizer.build(model.trainable_variables)")
+            self.optimizer._init_at_first_step = any(
+                not np.array_equal(np.asarray(x), np.asarray(y))
+                for x, y in zip(_leaves(state), _leaves(other)))
         entries = _state.entries(state, len(values))
         self.slots = [e.value for e in entries if e.kind == "slot"]
         self.globals = [e.value for e, (kind, *_) in zip(entries, self.optimizer._where)
