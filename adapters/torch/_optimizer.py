@@ -211,8 +211,19 @@ class _Layout:
     which leaves are per-parameter lists, which are scalars (counts), and the
     torch state key of each."""
 
-    def __init__(self, template: Any, names: dict | None = None) -> None:
+    def __init__(self, template: Any, names: dict | None = None,
+                 float64_template: Any = None) -> None:
+        """``float64_template``: the same state for a float64 param (``template``'s is
+        float32): a slot whose dtype is the same in both is stored in that dtype
+        whatever the param's (state_dtype, Adafactor's momentum_dtype)."""
         self.template = template
+        fixed = {}
+        if float64_template is not None:
+            for a, b in zip(_state.entries(template), _state.entries(float64_template)):
+                if a.kind == "slot" and a.value[0].dtype == b.value[0].dtype:
+                    fixed[a.path] = a.value[0].dtype
+        #: torch key -> the dtype a slot is stored in whatever the param's
+        self.fixed_dtypes: dict[str, torch.dtype] = {}
         self.slots: list[tuple[tuple, str]] = []  # (path, key): one tensor per param
         self.scalars: list[tuple[tuple, str, bool]] = []  # (path, key, is_count)
         used = set()
@@ -232,6 +243,8 @@ class _Layout:
                 self.slots.append((path, key))
                 if entry.kind == "slot":
                     initial.add(key)
+                if path in fixed:
+                    self.fixed_dtypes[key] = fixed[path]
         self.keys = {key for _, key in self.slots} | {key for _, key, _ in self.scalars}
         # slots a fresh init fills (the others start empty: momentum 0, no amsgrad)
         self.initial = initial
@@ -544,8 +557,9 @@ class RuleOptimizer(torch.optim.Optimizer):
                                  f"both Tensors, got {arg.name}={value!r}")
             for index, h in arg.hypers:
                 values[h.name] = value[index]
-        if isinstance(values.get("state_dtype"), torch.dtype):  # torch.bfloat16 -> "bfloat16"
-            values["state_dtype"] = str(values["state_dtype"]).rsplit(".", 1)[-1]
+        for name in ("state_dtype", "momentum_dtype"):  # torch.bfloat16 -> "bfloat16"
+            if isinstance(values.get(name), torch.dtype):
+                values[name] = str(values[name]).rsplit(".", 1)[-1]
         for h in self.spec:
             if h.runtime and callable(values[h.name]) and not hasattr(values[h.name], "shape"):
                 raise TypeError(
@@ -593,7 +607,8 @@ class RuleOptimizer(torch.optim.Optimizer):
         layout = self._layouts.get(key)
         if layout is None:
             rule = type(self).factory(**values)
-            layout = _Layout(rule.init([torch.zeros(1)]), type(self).state_names)
+            layout = _Layout(rule.init([torch.zeros(1)]), type(self).state_names,
+                             rule.init([torch.zeros(1, dtype=torch.float64)]))
             self._layouts[key] = layout
         return layout
 
@@ -1084,7 +1099,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                         f"{name}: state of param {saved_id}: {key} has shape "
                         f"{tuple(value.shape)}, expected {want}")
                 if key in slot_keys:
-                    dtype = _slot_dtype(group_values[saved_id], p)
+                    dtype = layout.fixed_dtypes.get(key) or compute_dtype(p.dtype)
                 elif any(k == key and c for _, k, c in layout.scalars):
                     dtype = step_dtype()
                 else:
@@ -1092,13 +1107,6 @@ class RuleOptimizer(torch.optim.Optimizer):
                 converted[key] = value.to(dtype=dtype, device=p.device, copy=True)
             state[p] = converted
         return state, groups
-
-
-def _slot_dtype(values: dict, p: torch.Tensor) -> torch.dtype:
-    """The dtype a param's moments are kept in: the group's state_dtype, else the
-    dtype its math runs in."""
-    name = values.get("state_dtype")
-    return getattr(torch, name) if name is not None else compute_dtype(p.dtype)
 
 
 def _arguments_doc(cls) -> str:

@@ -135,8 +135,10 @@ class Slot(NamedTuple):
 
     shape: :data:`PARAM`, :data:`ROWS`, :data:`COLS`, :data:`SCALAR`,
       :data:`NONE`, or a function ``(shape, layout) -> shape`` (None: no array).
-    dtype: ``"param"`` (the parameter's), ``"float32"``, or ``"state"`` (the
-      user's ``state_dtype``, else the parameter's).
+    dtype: ``"param"`` (the parameter's), ``"state"`` (the user's
+      ``state_dtype``, else the parameter's), or a dtype name of
+      :data:`STATE_DTYPES` (that dtype whatever the params': Adafactor's
+      momentum with ``momentum_dtype``).
     init: the initial value, a number, or ``"param"`` (a copy of the parameter).
     """
 
@@ -183,17 +185,17 @@ def device_of(x: Any) -> Any:
 
 def storage_dtype(xp, slot: Slot, param: Any, state_dtype: str | None) -> Any:
     """The dtype ``slot`` is stored in, next to ``param``."""
-    if slot.dtype == "float32":
-        return xp.float32
-    if slot.dtype == "state" and state_dtype is not None:
-        return _named_dtype(xp, state_dtype)
-    return param.dtype
+    if slot.dtype == "param" or (slot.dtype == "state" and state_dtype is None):
+        return param.dtype
+    if slot.dtype == "state":
+        return _named_dtype(xp, state_dtype, f"state_dtype={state_dtype!r}")
+    return _named_dtype(xp, slot.dtype, f"the {slot.name} slot's dtype {slot.dtype!r}")
 
 
-def _named_dtype(xp, name: str) -> Any:
+def _named_dtype(xp, name: str, what: str) -> Any:
     dtype = getattr(xp, name, None)
     if dtype is None:
-        raise TypeError(f"state_dtype={name!r}: the arrays' namespace has no {name} "
+        raise TypeError(f"{what}: the arrays' namespace has no {name} "
                         f"(numpy and array_api_strict have no bfloat16)")
     return dtype
 
