@@ -524,8 +524,9 @@ ADAFACTOR = Spec("adafactor", (
     Hyper("beta2_decay", -0.8, allowed=Interval(-math.inf, 0.0, lo_closed=False, hi_closed=True),
           keras="beta_2_decay",
           doc="second-moment decay 1 - t^beta2_decay (optax decay_rate=0.8 is beta2_decay=-0.8)"),
-    Hyper("decay_offset", 0, kind="int", allowed=NONNEG,
-          doc="the decay's t counts from this step (optax, for fine-tuning)"),
+    Hyper("decay_offset", 0, allowed=NONNEG,
+          doc="the decay's t counts from this step (optax, for fine-tuning; a number or a "
+          "0-d array, as optax.inject_hyperparams passes it)"),
     Hyper("eps", 1e-30, allowed=NONNEG, optional=True, torch="eps[0]", keras="epsilon_1",
           doc="epsilon_1: added to g^2 ('inside') or a floor ('floor'); None: the machine "
           "epsilon of the params' dtype (torch)"),
@@ -551,6 +552,10 @@ ADAFACTOR = Spec("adafactor", (
           doc="factor only when both factored sizes are at least this (optax: 128)"),
     Hyper("momentum", None, allowed=UNIT_OPEN, optional=True,
           doc="decay of an exponential average of the steps (optax); None: no momentum slot"),
+    Hyper("momentum_dtype", None, kind="choice", allowed=STATE_DTYPES, optional=True,
+          optax="dtype_momentum",
+          doc="dtype the momentum is stored in (None: as the statistics, state_dtype else "
+          "the param's); the math runs in the param's dtype (optax: float32 by default)"),
     replace(weight_decay(0.0)[0], optax="weight_decay_rate"),
     replace(weight_decay(0.0, "decoupled")[1],
             doc="'decoupled': p -= lr*weight_decay*p, lr the learning rate before the relative "

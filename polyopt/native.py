@@ -86,10 +86,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "optax.nadam": ("nadam", {"momentum_schedule": False}),
     "optax.radam": ("radam", {"eps_placement": "outside"}),
     "optax.lion": ("lion", {"weight_decay": 1e-3}),
-    # optax.adafactor's learning_rate=None (its default) scales by nothing: 1.0
+    # optax.adafactor's learning_rate=None (its default) scales by nothing: 1.0;
+    # its momentum is kept in float32 (dtype_momentum) whatever the params' dtype
     "optax.adafactor": ("adafactor", {"learning_rate": 1.0, "relative_step": False,
                                       "factoring": "largest_two",
                                       "min_dim_size_to_factor": 128,
+                                      "momentum_dtype": "float32",
                                       "weight_decay_mode": "decoupled_unscaled"}),
     "optax.lamb": ("lamb", {}),
     "optax.lars": ("lars", {"trust_norm": "combined"}),

@@ -94,6 +94,8 @@ CASES: list[Case] = [
                        "beta2_decay": -0.5, "param_scale_after_decay": True}),
     Case("adafactor", {"weight_decay": 0.05, "param_scale_after_decay": True,
                        "state_dtype": "float32"}),
+    Case("adafactor", {"learning_rate": 0.01, "relative_step": False, "momentum": 0.9,
+                       "momentum_dtype": "float32"}),
     Case("lamb", {"learning_rate": 0.01}),
     Case("lamb", {"learning_rate": 0.01, "weight_decay": 0.1, "eps_root": 1e-8}),
     Case("lamb", {"learning_rate": 0.01, "weight_decay": 0.1, "weight_decay_mode": "decoupled",
@@ -176,6 +178,9 @@ ERRORS: list[ErrorCase] = [
     ErrorCase("adafactor", {"min_dim_size_to_factor": 1.5}, TypeError,
               r"adafactor: min_dim_size_to_factor must be an integer in \[0, inf\)"),
     ErrorCase("adafactor", {"decay_offset": -1}, ValueError, r"got decay_offset=-1"),
+    ErrorCase("adafactor", {"momentum": 0.9, "momentum_dtype": "int8"}, ValueError,
+              r"adafactor: momentum_dtype must be one of 'float32', 'float64', 'bfloat16', "
+              r"'float16' or None, got momentum_dtype='int8'"),
     ErrorCase("adafactor", {"momentum": 1.0}, ValueError,
               r"adafactor: momentum must be a number in \[0, 1\) or None, got momentum=1.0"),
     ErrorCase("adafactor", {"relative_step": "yes"}, TypeError,

@@ -539,3 +539,27 @@ def test_differentiable_step_is_recorded_by_autograd_as_torchs():
 def test_torch_flag_errors_are_torchs(make, exception, match):
     with pytest.raises(exception, match=match):
         make([torch.nn.Parameter(torch.ones(2))])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_adafactor_momentum_dtype_survives_load_state_dict(dtype, compiled):
+    """Each slot keeps its storage dtype through state_dict/load_state_dict: the
+    momentum its momentum_dtype (torch.bfloat16 accepted), the statistics the
+    params' (or state_dtype), whatever the params' dtype."""
+    w = torch.nn.Parameter(torch.linspace(-1, 1, 12, dtype=dtype).reshape(4, 3))
+    for options, momentum, statistics in (
+            ({"momentum_dtype": torch.bfloat16}, torch.bfloat16, dtype),
+            ({"momentum_dtype": "float64", "state_dtype": "float16"}, torch.float64,
+             torch.float16)):
+        opt = pt.Adafactor([w], momentum=0.9, compiled=compiled, **options)
+        for _ in range(2):
+            w.grad = torch.ones_like(w)
+            opt.step()
+        saved = opt.state_dict()
+        other = pt.Adafactor([w], momentum=0.9, compiled=compiled, **options)
+        other.load_state_dict(saved)
+        for state in (opt.state[w], other.state[w]):
+            assert state["momentum_buffer"].dtype == momentum
+            assert state["row_var"].dtype == state["col_var"].dtype == statistics
+        assert torch.equal(other.state[w]["momentum_buffer"], opt.state[w]["momentum_buffer"])

@@ -27,6 +27,14 @@ Where things live:
 - every other hyperparameter: a Python number, exact in float64 (the rule
   combines it with the tensors in their dtype; nothing is cast through float32).
 
+Sparse gradients (TensorFlow's ``tf.IndexedSlices``, JAX's ``BCOO``) are
+densified for the rule (duplicate entries summed). Where the rule says a zero
+gradient leaves an element alone (``rule.sparse``: SGD, AdaGrad, RMSprop
+without momentum, AdaDelta, Adafactor), the new values are written back only
+at the gradient's entries, as sparse values (TensorFlow's ``scatter_update``;
+on JAX this class's :meth:`assign` of a ``BCOO`` sets its entries): the
+params for ``"updates"``, the params and the slots for ``"updates_and_state"``.
+
 Weight decay is the rule's own (``weight_decay`` and ``weight_decay_mode``
 from the spec); Keras' base-class decay is never used (it is always passed
 ``weight_decay=None``). ``exclude_from_weight_decay`` still works: excluded
@@ -44,6 +52,7 @@ import numpy as np
 from keras import ops
 
 from polyopt import hyper, rules, schedules
+from polyopt._namespace import namespace
 from polyopt.rules import COUNT_LIMIT, _state
 
 _BACKEND = keras.backend.backend()
@@ -191,6 +200,9 @@ class RuleOptimizer(keras.optimizers.Optimizer):
                     f"gradient as it is, g*g, where optax uses |g|^2 and torch the real view: "
                     f"docs/conventions.md, Complex parameters)")
         super().build(variables)
+        #: the state copies values TensorFlow could not read in build() (a model built
+        #: inside the traced first step): the first step makes it from the params
+        self._init_at_first_step = False
         if not variables:  # Keras allows it: the base's variables only, no state
             self._state_layout = _Layout(None, [])
             self._slot_variables, self._global_variables = [], []
@@ -272,11 +284,15 @@ class RuleOptimizer(keras.optimizers.Optimizer):
         return _state.rebuild(template, leaves)
 
     def _write(self, new: Any, indices: list[int], write_globals: bool,
-               write_slots: bool = True) -> None:
+               write_slots: bool = True, entries: list | None = None) -> None:
+        """Assign the state ``new`` of the variables at ``indices``; a slot of the
+        variable ``indices[j]`` only at ``entries[j]`` when that is not None."""
+        entries = entries or [None] * len(indices)
         for (kind, *index), entry in zip(self._where, _state.entries(new)):
             if kind == "slot" and write_slots:
-                for i, value in zip(indices, entry.value):
-                    self.assign(self._slot_variables[index[0]][i], value)
+                for i, value, at in zip(indices, entry.value, entries):
+                    variable = self._slot_variables[index[0]][i]
+                    self.assign(variable, value if at is None else at.sparse(at.take(value)))
             elif kind == "global" and write_globals:
                 self.assign(self._global_variables[index[0]], entry.value)
 
@@ -297,6 +313,18 @@ class RuleOptimizer(keras.optimizers.Optimizer):
                 return self._update(grads, trainable_variables, learning_rate)
         return self._update(grads, trainable_variables, learning_rate)
 
+    def assign(self, variable, value):
+        """Keras's ``assign``; on JAX a ``BCOO`` value sets only its entries (as
+        TensorFlow's ``scatter_update`` does for ``IndexedSlices``)."""
+        if _BACKEND == "jax":
+            from jax.experimental import sparse as jax_sparse
+
+            if isinstance(value, jax_sparse.BCOO):
+                current = _read(variable)
+                value = current.at[tuple(value.indices.T)].set(
+                    value.data.astype(current.dtype), mode="drop")
+        super().assign(variable, value)
+
     def update_step(self, gradient, variable, learning_rate):
         # One variable at a time (tf.distribute). Scalar state is written by
         # the call for the last variable only: every earlier call reads it first.
@@ -316,11 +344,20 @@ class RuleOptimizer(keras.optimizers.Optimizer):
             ids = [indices[k] for k in group]
             state = self._rebuild(self._template, ids, count, globals_)
             layouts = self._param_layouts(rule, [variables[k] for k in group])
+            if self._init_at_first_step:
+                state = _state.select(namespace(*params), count == 0,
+                                      rules.init_of(rule, params, layouts), state)
             updates, new_state = rules.update_of(rule, gs, state, params, layouts)
-            for k, u in zip(group, updates):
-                # p + u, written in place: no copy of the variable read as params
-                self.assign_add(variables[k], u)
-            self._write(new_state, ids, write_globals=False)
+            sparse = getattr(rule, "sparse", "dense")
+            entries = [None if sparse == "dense" else _Entries.of(grads[k]) for k in group]
+            for k, p, u, at in zip(group, params, updates, entries):
+                if at is None:
+                    # p + u, written in place: no copy of the variable read as params
+                    self.assign_add(variables[k], u)
+                else:  # u is zero elsewhere: p + u at the gradient's entries only
+                    self.assign(variables[k], at.sparse(at.take(p) + at.take(u)))
+            self._write(new_state, ids, write_globals=False,
+                        entries=entries if sparse == "updates_and_state" else None)
             if new_globals is None:
                 new_globals = new_state
         if write_globals and self._global_variables:
@@ -460,8 +497,11 @@ class _InitialState:
         layouts = self.optimizer._param_layouts(rule, self.variables)
         # A variable that TensorFlow creates inside the traced first step (a model
         # built lazily by fit) has no value to read yet. Its state does not need
-        # one unless the rule copies the params (Lookahead's slow weights): then
-        # the state from zeros and from ones differ, and building needs the values.
+        # one unless the rule copies the params (Lookahead's slow weights,
+        # Schedule-Free's z): then the state from zeros and from ones differ, and
+        # the first step makes the state from the params, in the graph (Keras's
+        # natives assign the copy in build(), which TensorFlow then records into
+        # the traced step: the copy is made again at every step).
         unread = [i for i, (v, a) in enumerate(zip(self.variables, values))
                   if a.shape != tuple(v.shape)]
         for i in unread:
@@ -471,13 +511,9 @@ class _InitialState:
         if unread:
             ones = [np.ones_like(a) if i in unread else a for i, a in enumerate(values)]
             other = rules.init_of(rule, ones, layouts)
-            if any(not np.array_equal(np.asarray(x), np.asarray(y))
-                   for x, y in zip(_leaves(state), _leaves(other))):
-                raise ValueError(
-                    f"{self.optimizer.spec.name}: the state copies the variables' values, "
-                    f"which TensorFlow cannot read while it traces the first step "
-                    f"({self.variables[unread[0]].path}); build the optimizer first: "
-                    f"optimizer.build(model.trainable_variables)")
+            self.optimizer._init_at_first_step = any(
+                not np.array_equal(np.asarray(x), np.asarray(y))
+                for x, y in zip(_leaves(state), _leaves(other)))
         entries = _state.entries(state, len(values))
         self.slots = [e.value for e in entries if e.kind == "slot"]
         self.globals = [e.value for e, (kind, *_) in zip(entries, self.optimizer._where)
@@ -543,14 +579,57 @@ def _read(variable: Any) -> Any:
 
 
 def _as_dtype(gradient: Any, dtype: Any) -> Any:
-    """A dense gradient tensor of ``dtype`` (TensorFlow's IndexedSlices are densified:
-    every row's moments decay, as in keras.optimizers on dense math)."""
+    """A dense gradient tensor of ``dtype``: TensorFlow's IndexedSlices and JAX's
+    BCOO are densified, duplicate entries summed (every row's moments decay, as
+    in keras.optimizers on dense math)."""
     if _BACKEND == "tensorflow":
         import tensorflow as tf
 
         gradient = tf.convert_to_tensor(gradient)
-    gradient = ops.convert_to_tensor(gradient)
+    gradient = ops.convert_to_tensor(gradient, sparse=False)
     return gradient if gradient.dtype == dtype else ops.cast(gradient, dtype)
+
+
+class _Entries:
+    """The entries a sparse gradient holds: the rows of a TensorFlow
+    ``IndexedSlices``, the indices of a JAX ``BCOO`` (duplicates allowed: the
+    values written there are the same each time)."""
+
+    def __init__(self, indices: Any, shape: tuple | None, kind: str) -> None:
+        self.indices, self.shape, self.kind = indices, shape, kind
+
+    @classmethod
+    def of(cls, gradient: Any) -> _Entries | None:
+        """The entries of a sparse gradient; None for a dense one."""
+        if _BACKEND == "tensorflow":
+            import tensorflow as tf
+
+            if isinstance(gradient, tf.IndexedSlices):
+                return cls(gradient.indices, None, "rows")
+        elif _BACKEND == "jax":
+            from jax.experimental import sparse as jax_sparse
+
+            if isinstance(gradient, jax_sparse.BCOO) and gradient.n_batch == 0:
+                return cls(gradient.indices, tuple(gradient.shape), "bcoo")
+        return None
+
+    def take(self, value: Any) -> Any:
+        """``value`` at the entries."""
+        if self.kind == "rows":
+            import tensorflow as tf
+
+            return tf.gather(value, self.indices)
+        return value[tuple(self.indices.T)]
+
+    def sparse(self, values: Any) -> Any:
+        """``values`` (as :meth:`take` gives) as a sparse tensor of the gradient's kind."""
+        if self.kind == "rows":
+            import tensorflow as tf
+
+            return tf.IndexedSlices(values, self.indices)
+        from jax.experimental import sparse as jax_sparse
+
+        return jax_sparse.BCOO((values, self.indices), shape=self.shape)
 
 
 def _runtime(value: Any) -> Any:

@@ -77,15 +77,33 @@ def _validate(owner: str, spec: hyper.Spec, arguments: dict, none_defaults: bool
                  for h in spec}
     values = {name: _static_int(owner, spec[name], value) if spec[name].kind == "int"
               else value for name, value in arguments.items()}
-    if "state_dtype" in values:
-        values["state_dtype"] = _dtype_name(values["state_dtype"])
+    for name in ("state_dtype", "momentum_dtype"):
+        if name in values:
+            values[name] = _dtype_name(values[name])
+    if _is_array(values.get("momentum_dtype")):
+        # optax.inject_hyperparams takes a dtype's scalar type (optax.adafactor's
+        # default jnp.float32) for a schedule and passes its value, an array. With no
+        # momentum nothing is stored in that dtype: ignored, as optax ignores it.
+        spelled = spec["momentum_dtype"].spelling("optax")
+        if values.get("momentum") is not None:
+            raise TypeError(
+                f"{owner}: {spelled} must be {spec['momentum_dtype'].allowed_text()} (or a "
+                f"JAX dtype), got {spelled}={values['momentum_dtype']!r}; "
+                f"optax.inject_hyperparams turns a dtype such as jnp.float32 into an array: "
+                f"pass static_args=({spelled!r},)")
+        values["momentum_dtype"] = None
     return spec.validate(values, framework="optax")
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, (jax.Array, np.ndarray))
 
 
 def _dtype_name(value: Any) -> Any:
     """A dtype given the JAX way (``jnp.bfloat16``, ``np.dtype('float32')``) as its name;
-    anything else is left for the spec's check to refuse."""
-    if value is None or isinstance(value, str):
+    anything else (an array too: np.dtype would take its dtype) is left for the spec's
+    check to refuse."""
+    if value is None or isinstance(value, str) or _is_array(value):
         return value
     try:
         return np.dtype(value).name

@@ -56,8 +56,19 @@ class _Layout:
     which leaves are per-parameter lists, which are scalars (counts), and the
     torch state key of each."""
 
-    def __init__(self, template: Any, names: dict | None = None) -> None:
+    def __init__(self, template: Any, names: dict | None = None,
+                 float64_template: Any = None) -> None:
+        """``float64_template``: the same state for a float64 param (``template``'s is
+        float32): a slot whose dtype is the same in both is stored in that dtype
+        whatever the param's (state_dtype, Adafactor's momentum_dtype)."""
         self.template = template
+        fixed = {}
+        if float64_template is not None:
+            for a, b in zip(_state.entries(template), _state.entries(float64_template)):
+                if a.kind == "slot" and a.value[0].dtype == b.value[0].dtype:
+                    fixed[a.path] = a.value[0].dtype
+        #: torch key -> the dtype a slot is stored in whatever the param's
+        self.fixed_dtypes: dict[str, torch.dtype] = {}
         self.slots: list[tuple[tuple, str]] = []  # (path, key): one tensor per param
         self.scalars: list[tuple[tuple, str, bool]] = []  # (path, key, is_count)
         used = set()
@@ -77,6 +88,8 @@ class _Layout:
                 self.slots.append((path, key))
                 if entry.kind == "slot":
                     initial.add(key)
+                if path in fixed:
+                    self.fixed_dtypes[key] = fixed[path]
         self.keys = {key for _, key in self.slots} | {key for _, key, _ in self.scalars}
         # slots a fresh init fills (the others start empty: momentum 0, no amsgrad)
         self.initial = initial

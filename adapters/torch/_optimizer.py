@@ -304,8 +304,9 @@ class RuleOptimizer(torch.optim.Optimizer):
                                  f"both Tensors, got {arg.name}={value!r}")
             for index, h in arg.hypers:
                 values[h.name] = value[index]
-        if isinstance(values.get("state_dtype"), torch.dtype):  # torch.bfloat16 -> "bfloat16"
-            values["state_dtype"] = str(values["state_dtype"]).rsplit(".", 1)[-1]
+        for name in ("state_dtype", "momentum_dtype"):  # torch.bfloat16 -> "bfloat16"
+            if isinstance(values.get(name), torch.dtype):
+                values[name] = str(values[name]).rsplit(".", 1)[-1]
         for h in self.spec:
             if h.runtime and callable(values[h.name]) and not hasattr(values[h.name], "shape"):
                 raise TypeError(
@@ -353,7 +354,8 @@ class RuleOptimizer(torch.optim.Optimizer):
         layout = self._layouts.get(key)
         if layout is None:
             rule = type(self).factory(**values)
-            layout = _Layout(rule.init([torch.zeros(1, 1)]), type(self).state_names)
+            layout = _Layout(rule.init([torch.zeros(1, 1)]), type(self).state_names,
+                             rule.init([torch.zeros(1, 1, dtype=torch.float64)]))
             self._layouts[key] = layout
         return layout
 
@@ -753,7 +755,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                         f"{name}: state of param {saved_id}: {key} has shape "
                         f"{tuple(value.shape)}, expected {want}")
                 if key in slot_keys:
-                    dtype = _slot_dtype(group_values[saved_id], p)
+                    dtype = _slot_dtype(layout, key, p)
                 elif any(k == key and c for _, k, c in layout.scalars):
                     dtype = step_dtype()
                 else:
@@ -763,13 +765,16 @@ class RuleOptimizer(torch.optim.Optimizer):
         return state, groups
 
 
-def _slot_dtype(values: dict, p: torch.Tensor) -> torch.dtype:
-    """The dtype a param's moments are kept in: the group's state_dtype, else the
-    dtype its math runs in."""
-    name = values.get("state_dtype")
+def _slot_dtype(layout: _Layout, key: str, p: torch.Tensor) -> torch.dtype:
+    """The dtype a param's state entry ``key`` is kept in: a dtype the rule fixes
+    (state_dtype, Adafactor's momentum_dtype; its complex dtype of that precision
+    for a complex param), else the dtype the param's math runs in."""
+    fixed = layout.fixed_dtypes.get(key)
+    if fixed is None:
+        return compute_dtype(p.dtype)
     if p.is_complex():
-        return getattr(torch, _COMPLEX_OF[name]) if name is not None else p.dtype
-    return getattr(torch, name) if name is not None else compute_dtype(p.dtype)
+        return getattr(torch, _COMPLEX_OF[str(fixed).rsplit(".", 1)[-1]])
+    return fixed
 
 
 #: a complex param's state in a state_dtype's precision (torch has no complex bfloat16)

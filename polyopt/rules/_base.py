@@ -49,7 +49,13 @@ class Rule(NamedTuple):
       param; default: the core's, output axis first);
     - ``needs_closure``: each step needs the loss re-evaluated (SAM);
     - ``eval_params``: None, or ``eval_params(params, state) -> params`` for a
-      rule whose point to evaluate differs from the point it steps (Schedule-Free).
+      rule whose point to evaluate differs from the point it steps (Schedule-Free);
+    - ``sparse``: what an element whose gradient is zero gets, for adapters
+      given sparse gradients (Keras's ``tf.IndexedSlices`` and JAX ``BCOO``):
+      ``"dense"`` (it may still move: momentum, weight decay, Adam's moments),
+      ``"updates"`` (a zero update; the state may change everywhere: RMSprop's
+      decaying average) or ``"updates_and_state"`` (a zero update and every
+      slot unchanged: SGD, AdaGrad). The rule itself always runs on dense arrays.
     """
 
     init: Callable[[Params], Any]
@@ -59,6 +65,11 @@ class Rule(NamedTuple):
     uses_layout: bool = False
     needs_closure: bool = False
     eval_params: Callable | None = None
+    sparse: str = "dense"
+
+
+#: The values of :attr:`Rule.sparse`, from the weakest promise to the strongest.
+SPARSE_LEVELS = ("dense", "updates", "updates_and_state")
 
 
 def init_of(rule: Any, params: Params, layouts: Any = None) -> Any:
@@ -288,7 +299,7 @@ def stateful_rule(name: str, state_type: type, slots: tuple, step: Callable, *,
                   learning_rate: Any, weight_decay: Any, weight_decay_mode: str,
                   state_dtype: Any = None, scalars: Callable | None = None,
                   uses_layout: bool = False, elementwise: bool = True,
-                  complex_params: bool = False) -> Rule:
+                  complex_params: bool = False, sparse: str = "dense") -> Rule:
     """A Rule from its slots and its per-step math; the checks, the state's dtypes
     and weight decay are done here, once.
 
@@ -311,8 +322,16 @@ def stateful_rule(name: str, state_type: type, slots: tuple, step: Callable, *,
     With ``complex_params`` the rule also steps complex params (as optax
     does: its real statistics, such as |g|^2, are kept in slots of the
     params' complex dtype); without, init refuses them.
+
+    ``sparse`` is what ``step`` gives an element whose gradient is zero
+    (:attr:`Rule.sparse`); weight decay moves every element, so with a
+    nonzero ``weight_decay`` the rule is ``"dense"``.
     """
     n_slots = len(slots)
+    if sparse not in SPARSE_LEVELS:
+        raise ValueError(f"{name}: sparse must be one of {SPARSE_LEVELS}, got {sparse!r}")
+    if not is_zero(weight_decay):
+        sparse = "dense"
 
     def init(params, layouts=None):
         params = check_params(name, params, complex_params)
@@ -348,8 +367,9 @@ def stateful_rule(name: str, state_type: type, slots: tuple, step: Callable, *,
     if not uses_layout:  # the Rule contract: only a rule using layouts takes them
         return Rule(lambda params: init(params),
                     lambda grads, state, params: update(grads, state, params),
-                    slots=tuple(slots), elementwise=elementwise)
-    return Rule(init, update, slots=tuple(slots), elementwise=elementwise, uses_layout=True)
+                    slots=tuple(slots), elementwise=elementwise, sparse=sparse)
+    return Rule(init, update, slots=tuple(slots), elementwise=elementwise, uses_layout=True,
+                sparse=sparse)
 
 
 def _check_slots(owner: str, slots: tuple, fields: list, params: list,

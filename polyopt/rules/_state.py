@@ -135,9 +135,11 @@ class Slot(NamedTuple):
 
     shape: :data:`PARAM`, :data:`ROWS`, :data:`COLS`, :data:`SCALAR`,
       :data:`NONE`, or a function ``(shape, layout) -> shape`` (None: no array).
-    dtype: ``"param"`` (the parameter's), ``"float32"``, or ``"state"`` (the
-      user's ``state_dtype``, else the parameter's; for a complex parameter
-      the complex dtype of ``state_dtype``'s precision, see :func:`storage_dtype`).
+    dtype: ``"param"`` (the parameter's), ``"state"`` (the user's
+      ``state_dtype``, else the parameter's), or a dtype name of
+      :data:`STATE_DTYPES` (that dtype whatever the params': Adafactor's
+      momentum with ``momentum_dtype``); for a complex parameter the complex
+      dtype of that precision, see :func:`storage_dtype`.
     init: the initial value, a number, or ``"param"`` (a copy of the parameter).
     """
 
@@ -190,29 +192,30 @@ _COMPLEX_OF = {"float32": "complex64", "float64": "complex128"}
 def storage_dtype(xp, slot: Slot, param: Any, state_dtype: str | None) -> Any:
     """The dtype ``slot`` is stored in, next to ``param``.
 
-    A complex param's ``"state"`` slots are complex (optax keeps even the
-    second moment |g|^2 in the param's complex dtype): a ``state_dtype`` names
-    their precision, ``"float32"`` stores them as complex64 and ``"float64"``
-    as complex128; bfloat16 and float16 have no complex dtype and are refused.
+    A complex param's slots are complex (optax keeps even the second moment
+    |g|^2 in the param's complex dtype): a ``state_dtype`` or a slot's dtype
+    name gives their precision, ``"float32"`` stores them as complex64 and
+    ``"float64"`` as complex128; bfloat16 and float16 have no complex dtype and
+    are refused.
     """
-    if slot.dtype == "float32":
-        return xp.float32
-    if slot.dtype == "state" and state_dtype is not None:
-        if xp.isdtype(param.dtype, "complex floating"):
-            if state_dtype not in _COMPLEX_OF:
-                raise TypeError(
-                    f"state_dtype={state_dtype!r} cannot hold the state of a complex param "
-                    f"(dtype {param.dtype}): there is no complex {state_dtype}; give "
-                    f"'float32' (complex64 state), 'float64' (complex128) or None")
-            return _named_dtype(xp, _COMPLEX_OF[state_dtype])
-        return _named_dtype(xp, state_dtype)
-    return param.dtype
+    if slot.dtype == "param" or (slot.dtype == "state" and state_dtype is None):
+        return param.dtype
+    name, what = ((state_dtype, f"state_dtype={state_dtype!r}") if slot.dtype == "state"
+                  else (slot.dtype, f"the {slot.name} slot's dtype {slot.dtype!r}"))
+    if xp.isdtype(param.dtype, "complex floating"):
+        if name not in _COMPLEX_OF:
+            raise TypeError(
+                f"{what} cannot hold the state of a complex param (dtype {param.dtype}): "
+                f"there is no complex {name}; give 'float32' (complex64 state), 'float64' "
+                f"(complex128) or None")
+        name = _COMPLEX_OF[name]
+    return _named_dtype(xp, name, what)
 
 
-def _named_dtype(xp, name: str) -> Any:
+def _named_dtype(xp, name: str, what: str | None = None) -> Any:
     dtype = getattr(xp, name, None)
     if dtype is None:
-        raise TypeError(f"state_dtype={name!r}: the arrays' namespace has no {name} "
+        raise TypeError(f"{what or name}: the arrays' namespace has no {name} "
                         f"(numpy and array_api_strict have no bfloat16)")
     return dtype
 

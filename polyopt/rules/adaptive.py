@@ -70,7 +70,7 @@ def adagrad(learning_rate, initial_accumulator_value, eps, eps_placement, lr_dec
                                (Slot("sum_of_squares", init=initial_accumulator_value),), step,
                                state_dtype=state_dtype, complex_params=True,
                                learning_rate=learning_rate, weight_decay=weight_decay,
-                               weight_decay_mode=weight_decay_mode)
+                               weight_decay_mode=weight_decay_mode, sparse="updates_and_state")
 
 
 class RMSpropState(NamedTuple):
@@ -163,10 +163,12 @@ def rmsprop(learning_rate, decay, eps, eps_placement, initial_scale, centered, m
             slots = list(state.momentum)  # momentum 0 (a number) leaves buffers as they are
         return updates, (squares, means, slots), lr_value
 
+    # without momentum a zero gradient gives a zero step; the averages decay everywhere
     return _base.stateful_rule("rmsprop", RMSpropState, slots, step, state_dtype=state_dtype,
                                complex_params=True,
                                learning_rate=learning_rate, weight_decay=weight_decay,
-                               weight_decay_mode=weight_decay_mode)
+                               weight_decay_mode=weight_decay_mode,
+                               sparse="dense" if use_momentum else "updates")
 
 
 class AdadeltaState(NamedTuple):
@@ -220,4 +222,4 @@ def adadelta(learning_rate, rho, eps, weight_decay, weight_decay_mode, state_dty
                                (Slot("mean_square_grad"), Slot("mean_square_delta")), step,
                                state_dtype=state_dtype,
                                learning_rate=learning_rate, weight_decay=weight_decay,
-                               weight_decay_mode=weight_decay_mode)
+                               weight_decay_mode=weight_decay_mode, sparse="updates")

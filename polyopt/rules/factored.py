@@ -54,7 +54,7 @@ def _without(shape: tuple, axes: tuple) -> tuple:
     return tuple(d for i, d in enumerate(shape) if i not in axes)
 
 
-def _slots(factoring: str, min_size: int, momentum: bool) -> tuple:
+def _slots(factoring: str, min_size: int, momentum: bool, momentum_dtype: str | None) -> tuple:
     def row(shape, layout):
         axes = factor_axes(shape, layout, factoring, min_size)
         return (0,) if axes is None else _without(shape, axes[0])
@@ -67,7 +67,8 @@ def _slots(factoring: str, min_size: int, momentum: bool) -> tuple:
         return shape if factor_axes(shape, layout, factoring, min_size) is None else (0,)
 
     return (Slot("v_row", row), Slot("v_col", col), Slot("v", full),
-            Slot("momentum") if momentum else Slot("momentum", NONE))
+            Slot("momentum", dtype=momentum_dtype or "state") if momentum
+            else Slot("momentum", NONE))
 
 
 def _rms(xp, x):
@@ -77,8 +78,8 @@ def _rms(xp, x):
 @hyper.ADAFACTOR.factory
 def adafactor(learning_rate, relative_step, beta2_decay, decay_offset, eps, eps_placement, eps2,
               clipping_threshold, multiply_by_parameter_scale, param_scale_after_decay,
-              factoring, min_dim_size_to_factor, momentum, weight_decay, weight_decay_mode,
-              state_dtype) -> Rule:
+              factoring, min_dim_size_to_factor, momentum, momentum_dtype, weight_decay,
+              weight_decay_mode, state_dtype) -> Rule:
     r"""Adafactor (Shazeer & Stern, 2018): Adam's second moment, factored.
 
     .. math::
@@ -126,10 +127,12 @@ def adafactor(learning_rate, relative_step, beta2_decay, decay_offset, eps, eps_
         least this (default 0; optax 128).
       momentum: None (default) or \beta_1: the step is an exponential average
         of the steps above (optax, without debiasing).
+      momentum_dtype: the momentum's storage dtype (optax ``dtype_momentum``;
+        default None: the statistics' dtype, ``state_dtype`` else the param's).
       weight_decay, weight_decay_mode: decoupled (default: times the learning
         rate, not the relative step; torch, Keras), 'decoupled_unscaled' (optax
         weight_decay_rate) or 'l2'.
-      state_dtype: dtype of the statistics and the momentum.
+      state_dtype: dtype of the statistics (and of the momentum without momentum_dtype).
 
     Returns:
       A :class:`Rule` (``uses_layout``, not elementwise); state
@@ -161,7 +164,8 @@ def adafactor(learning_rate, relative_step, beta2_decay, decay_offset, eps, eps_
       both are >= 128, momentum, weight_decay_rate unscaled, its decay
       schedule computed in float32.
     """
-    slots = _slots(factoring, min_dim_size_to_factor, momentum is not None and momentum != 0)
+    use_momentum = momentum is not None and not _base.is_zero(momentum)  # an array: on
+    slots = _slots(factoring, min_dim_size_to_factor, use_momentum, momentum_dtype)
     inside = eps_placement == "inside"
 
     def step(xp, grads, params, state, lr_value, layouts):
@@ -171,8 +175,9 @@ def adafactor(learning_rate, relative_step, beta2_decay, decay_offset, eps, eps_
             shape = tuple(int(d) for d in g.shape)
             t = _base.step_number(xp, state.count, g)
             one = xp.full_like(t, 1.0)
-            # steps before the offset count as its first (optax's state turns NaN there)
-            decay_t = xp.maximum(t - decay_offset, one) if decay_offset else t
+            # steps before the offset count as its first (optax's state turns NaN there);
+            # with no offset max(t, 1) is t (t >= 1): one formula, the offset may be traced
+            decay_t = xp.maximum(t - _base.scalar(xp, decay_offset, t), one)
             keep = decay_t ** beta2_decay  # 1 - beta2_t
             beta2 = 1 - keep
             e = _MACHINE_EPS[_state.dtype_name(g)] if eps is None else eps
@@ -230,4 +235,6 @@ def adafactor(learning_rate, relative_step, beta2_decay, decay_offset, eps, eps_
     return _base.stateful_rule("adafactor", AdafactorState, slots, step,
                                learning_rate=learning_rate, weight_decay=weight_decay,
                                weight_decay_mode=weight_decay_mode, state_dtype=state_dtype,
-                               uses_layout=True, elementwise=False, complex_params=True)
+                               uses_layout=True, elementwise=False, complex_params=True,
+                               # G / sqrt(V) is zero where G is; the statistics decay everywhere
+                               sparse="dense" if use_momentum else "updates")

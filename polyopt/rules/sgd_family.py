@@ -83,4 +83,5 @@ def sgd(learning_rate, momentum, dampening, nesterov, weight_decay, weight_decay
     return _base.stateful_rule("sgd", SGDState, slots, step, state_dtype=state_dtype,
                                complex_params=True,
                                learning_rate=learning_rate, weight_decay=weight_decay,
-                               weight_decay_mode=weight_decay_mode)
+                               weight_decay_mode=weight_decay_mode,
+                               sparse="dense" if use_momentum else "updates_and_state")
