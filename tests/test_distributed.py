@@ -157,7 +157,16 @@ from torch.distributed.fsdp import fully_shard
 import polyopt.torch
 rank, world, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 cls, kwargs, steps = sys.argv[5], json.loads(sys.argv[6]), json.loads(sys.argv[7])
-checkpoint, save_after = sys.argv[8], int(sys.argv[9])
+checkpoint, save_after, options = sys.argv[8], int(sys.argv[9]), json.loads(sys.argv[10])
+from polyopt.torch import _eager
+if options.get("whole"):  # the per-tensor step on the whole DTensors (DTensor ops)
+    _eager.eligible = lambda rule: False
+replayed = set()  # the types of the params the eager replay ran on
+_replay = _eager._replay
+def spy(program, started, outputs, params, *args):
+    replayed.update(type(p).__name__ for p in params)
+    return _replay(program, started, outputs, params, *args)
+_eager._replay = spy
 torch.set_num_threads(1)
 torch.set_default_dtype(torch.float64)
 gen = torch.Generator().manual_seed(0)
@@ -185,6 +194,9 @@ if steps[0] > 0:  # resume: the model and the optimizer from the checkpoint
                    optim_state_dict=state["optim"])
 losses = []
 for t in range(*steps):
+    for key, value in options.get("later", {}).items():  # set from step 2 on
+        if t >= 2:
+            opt.param_groups[0][key] = value
     opt.zero_grad()
     loss = ((model(x[part]) - y[part]) ** 2).mean()
     loss.backward()
@@ -207,7 +219,11 @@ if world > 1:
         [(2, 8), (2,), (1, 3), (1,)] if rank == 0 else [(1, 8), (1,), (0, 3), (0,)])
 if rank == 0:
     with open(out, "w") as f:
-        json.dump({"losses": losses, "params": [p.tolist() for p in full]}, f)
+        json.dump({"losses": losses, "params": [p.tolist() for p in full],
+                   "replayed": sorted(replayed),
+                   "slots": sorted({f"{key} {type(v).__name__} {tuple(v.shape) == p.shape}"
+                                    for p, st in opt.state.items() for key, v in st.items()
+                                    if v.ndim > 0})}, f)
 if world > 1:
     dist.barrier()
     dist.destroy_process_group()
@@ -215,7 +231,8 @@ if world > 1:
 
 
 def _fsdp_run(tmp_path, name: str, world: int, cls: str, kwargs: dict,
-              steps=(0, STEPS), save_after: int = -1) -> dict:
+              steps=(0, STEPS), save_after: int = -1, checkpoint: str = "checkpoint",
+              **options) -> dict:
     script = tmp_path / "fsdp_worker.py"
     script.write_text(_FSDP_WORKER)
     out = tmp_path / f"{name}.json"
@@ -226,7 +243,8 @@ def _fsdp_run(tmp_path, name: str, world: int, cls: str, kwargs: dict,
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), init, str(out),
                                cls, json.dumps(kwargs), json.dumps(list(steps)),
-                               str(tmp_path / "checkpoint"), str(save_after)],
+                               str(tmp_path / checkpoint), str(save_after),
+                               json.dumps(options)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(world)]
     errors = [p.communicate(timeout=400)[1] for p in procs]
@@ -234,28 +252,43 @@ def _fsdp_run(tmp_path, name: str, world: int, cls: str, kwargs: dict,
         assert p.returncode == 0, err[-3000:]
     result = json.loads(out.read_text())
     return {"losses": np.asarray(result["losses"]),
-            "params": [np.asarray(a) for a in result["params"]]}
+            "params": [np.asarray(a) for a in result["params"]], "replayed": result["replayed"],
+            "slots": result["slots"]}
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+def _same(a: dict, b: dict) -> bool:
+    """Bitwise the same losses and params."""
+    return bool((a["losses"] == b["losses"]).all()) and all(
+        (x == y).all() for x, y in zip(a["params"], b["params"]))
+
+
 @pytest.mark.needs("torch")
-def test_torch_fsdp2_compiled_matches_unsharded_and_eager_and_resumes_exactly(tmp_path):
+def test_torch_fsdp2_eager_and_compiled_match_unsharded_and_resume_exactly(tmp_path):
     """float64 AdamW under fully_shard (2 ranks, gloo, uneven and empty
-    shards): the compiled path (the rule on each DTensor's local shard) gives
-    the losses and params of one unsharded process and of the sharded eager
-    path to 1e-12 relative; resumed from a DCP checkpoint after step 5, the
-    compiled run ends bitwise where the uninterrupted one did."""
+    shards). The eager default replays the rule on each DTensor's local shard
+    (it ran on plain tensors only) and gives bitwise the numbers of the
+    per-tensor step on the whole DTensors (DTensor ops); it, and the compiled
+    path (the rule on the local shards too), give the losses and params of one
+    unsharded process to 1e-12 relative. Resumed from a DCP checkpoint after
+    step 5, each ends bitwise where its uninterrupted run did."""
     kwargs = {"lr": 0.01, "weight_decay": 0.1}
+    compiled_kwargs = {**kwargs, "compiled": True}
     single = _fsdp_run(tmp_path, "single", 1, "AdamW", kwargs)
-    eager = _fsdp_run(tmp_path, "eager", 2, "AdamW", kwargs)
-    compiled = _fsdp_run(tmp_path, "compiled", 2, "AdamW", {**kwargs, "compiled": True},
-                         save_after=5)
-    resumed = _fsdp_run(tmp_path, "resumed", 2, "AdamW", {**kwargs, "compiled": True},
-                        steps=(6, STEPS))
+    eager = _fsdp_run(tmp_path, "eager", 2, "AdamW", kwargs, save_after=5,
+                      checkpoint="checkpoint-eager")
+    eager_resumed = _fsdp_run(tmp_path, "eager-resumed", 2, "AdamW", kwargs, steps=(6, STEPS),
+                              checkpoint="checkpoint-eager")
+    whole = _fsdp_run(tmp_path, "whole", 2, "AdamW", kwargs, whole=True)
+    compiled = _fsdp_run(tmp_path, "compiled", 2, "AdamW", compiled_kwargs, save_after=5)
+    resumed = _fsdp_run(tmp_path, "resumed", 2, "AdamW", compiled_kwargs, steps=(6, STEPS))
     assert _rel(single["losses"][-1], single["losses"][0]) > 1e-2  # it trained
+    assert eager["replayed"] == eager_resumed["replayed"] == ["Tensor"]  # the local shards
+    assert whole["replayed"] == compiled["replayed"] == []
+    assert _same(eager, whole)
     for name, run in (("eager", eager), ("compiled", compiled)):
         diff = max(_rel(run["losses"], single["losses"]),
                    _max_rel(run["params"], single["params"]))
@@ -265,8 +298,28 @@ def test_torch_fsdp2_compiled_matches_unsharded_and_eager_and_resumes_exactly(tm
                _max_rel(compiled["params"], eager["params"]))
     print(f"FSDP2 compiled vs eager: max rel diff {diff:.2e}")
     assert diff <= 1e-12
-    assert (resumed["losses"] == compiled["losses"][6:]).all()
-    assert all((a == b).all() for a, b in zip(resumed["params"], compiled["params"]))
+    for run, resumed_run in ((eager, eager_resumed), (compiled, resumed)):
+        assert (resumed_run["losses"] == run["losses"][6:]).all()
+        assert all((a == b).all() for a, b in zip(resumed_run["params"], run["params"]))
+
+
+@pytest.mark.needs("torch")
+def test_torch_fsdp2_eager_starts_a_slot_on_the_local_shards(tmp_path):
+    """SGD whose momentum is set from step 2 on: the eager replay starts the
+    momentum buffers on the local shards and keeps them as DTensors laid out
+    as their params; bitwise the per-tensor step on the whole DTensors, and
+    the unsharded numbers to 1e-12 relative (float64)."""
+    kwargs, later = {"lr": 0.05}, {"momentum": 0.9}
+    single = _fsdp_run(tmp_path, "single", 1, "SGD", kwargs, later=later)
+    eager = _fsdp_run(tmp_path, "eager", 2, "SGD", kwargs, later=later)
+    whole = _fsdp_run(tmp_path, "whole", 2, "SGD", kwargs, later=later, whole=True)
+    assert eager["replayed"] == ["Tensor"] and whole["replayed"] == []
+    assert eager["slots"] == whole["slots"] == ["momentum_buffer DTensor True"]
+    assert _same(eager, whole)
+    diff = max(_rel(eager["losses"], single["losses"]),
+               _max_rel(eager["params"], single["params"]))
+    print(f"FSDP2 eager SGD (momentum from step 2) vs unsharded: max rel diff {diff:.2e}")
+    assert diff <= 1e-12
 
 
 @pytest.mark.needs("torch")
@@ -276,6 +329,7 @@ def test_torch_fsdp2_eager_ranger_matches_unsharded(tmp_path):
     (float64, 1e-12), the path the compiled path's refusal points to."""
     single = _fsdp_run(tmp_path, "single", 1, "Ranger", {"lr": 0.05})
     sharded = _fsdp_run(tmp_path, "sharded", 2, "Ranger", {"lr": 0.05})
+    assert sharded["replayed"] == []  # not elementwise: not replayed, whole DTensors
     diff = max(_rel(sharded["losses"], single["losses"]),
                _max_rel(sharded["params"], single["params"]))
     print(f"FSDP2 eager Ranger vs unsharded: max rel diff {diff:.2e}")

@@ -25,12 +25,17 @@ docs/performance.md has the measurements that chose it).
 A rule whose operations on the stand-ins cannot be replayed (Python control
 flow on their values, results that are not tensors) is reported by
 :func:`step` returning False; the adapter then runs its per-tensor step.
-Tensors that have no flat view (non-contiguous, a subclass such as DTensor)
-are replayed whole, without buffers.
+A DTensor param (FSDP2's ``fully_shard``, tensor parallelism) whose grad and
+state are DTensors laid out as it is is replayed on its local tensors
+(``to_local()``: views of the shards, written in place), the same numbers
+for an elementwise rule as the whole DTensor's ops (:func:`_local`).
+Tensors that have no flat view (non-contiguous, other subclasses) are
+replayed whole, without buffers.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import defaultdict
 from typing import Any
@@ -293,6 +298,9 @@ def step(apply, update, layout, params: list, grads: list, states: list,
         return False
     chunk = CHUNK if chunk is None else chunk
     present = [(path, key) for path, key in layout.slots if key in states[0]]
+    shards = _local(params, grads, states, present)
+    if shards is not None:
+        params, grads, states = shards[:3]
     groups = defaultdict(list)  # one recording per combination of dtypes
     for i, (p, g) in enumerate(zip(params, grads)):
         tensors = (p, g, *(states[i][key] for _, key in present))
@@ -305,11 +313,64 @@ def step(apply, update, layout, params: list, grads: list, states: list,
         plans.append((plan, members))
     for (program, started, outputs, _), members in plans:
         _replay(program, started, outputs, params, grads, states, present, members, chunk)
+    if shards is not None:
+        _wrap_started(shards[3], states, {key for plan, _ in plans for key, _ in plan[1]})
     new_scalars = plans[-1][0][3]
     for path, key, _ in layout.scalars:
         for st in states:
             st[key].copy_(new_scalars[path])
     return True
+
+
+def _local(params: list, grads: list, states: list, present: list) -> tuple | None:
+    """The DTensor members of a bucket as their local tensors: ``(params,
+    grads, states, originals)``, where ``states`` are per-param dicts holding
+    the slots' local tensors (the 0-d state entries the same objects) and
+    ``originals`` maps a member's index to (its DTensor param, its state
+    dict); None when no member is a DTensor.
+
+    A DTensor member is taken locally when its grad and every present slot
+    are DTensors of its mesh, placements and local shape, and no placement is
+    Partial (pending sums, which an elementwise rule cannot take term by
+    term): then element i of every local tensor is the same element of the
+    whole tensors, so an elementwise rule's numbers are those of the whole
+    DTensor's ops, replicated or sharded. Other members stay as they are.
+    """
+    module = sys.modules.get("torch.distributed.tensor")  # none exists before its import
+    if module is None:
+        return None
+    dtensor = module.DTensor
+    params, grads, states = list(params), list(grads), list(states)
+    originals = {}
+    for i, (p, g, st) in enumerate(zip(params, grads, states)):
+        if type(p) is not dtensor:
+            continue
+        tensors = (g, *(st[key] for _, key in present))
+        if not all(type(t) is dtensor and t.device_mesh == p.device_mesh
+                   and t.placements == p.placements for t in tensors):
+            continue
+        if any(pl.is_partial() for pl in p.placements):
+            continue
+        local = p.to_local()
+        locals_ = [t.to_local() for t in tensors]
+        if any(t.shape != local.shape for t in locals_):
+            continue
+        originals[i] = (p, st)
+        params[i], grads[i] = local, locals_[0]
+        states[i] = {**st, **{key: t for (_, key), t in zip(present, locals_[1:])}}
+    return None if not originals else (params, grads, states, originals)
+
+
+def _wrap_started(originals: dict, states: list, started: set) -> None:
+    """The slots the rule started on local tensors become DTensors laid out as
+    their params, in the params' own state dicts."""
+    if not started:
+        return
+    dtensor = sys.modules["torch.distributed.tensor"].DTensor
+    for i, (p, st) in originals.items():
+        for key in started & states[i].keys():
+            st[key] = dtensor.from_local(states[i][key], p.device_mesh, p.placements,
+                                         run_check=False, shape=p.shape, stride=p.stride())
 
 
 def _record(apply, update, layout, present: list, scalars: dict, kinds: tuple):
