@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
+import re
 from typing import Any
 
 import keras
 from keras import ops
 
 from polyopt import hyper, native, rules
-from polyopt.keras._base import BASE_OPTIONS, RuleOptimizer, _read, step_count
+from polyopt.keras._base import (
+    BASE_OPTIONS,
+    RuleOptimizer,
+    _generated_init,
+    _read,
+    hyper_is_zero,
+    step_count,
+)
 
 _register = keras.saving.register_keras_serializable(package="polyopt")
 
@@ -172,6 +181,62 @@ class ADOPT(RuleOptimizer):
 @_register
 class Muon(RuleOptimizer):
     spec = hyper.MUON
+
+    def __init__(self, *args: Any, exclude_layers: Any = None, exclude_embeddings: bool = False,
+                 **kwargs: Any) -> None:
+        if not isinstance(exclude_embeddings, bool):
+            raise TypeError(f"muon: exclude_embeddings must be True or False, got "
+                            f"exclude_embeddings={exclude_embeddings!r}")
+        patterns = [] if exclude_layers is None else exclude_layers
+        if isinstance(patterns, str) or not isinstance(patterns, (list, tuple)):
+            raise TypeError(f"muon: exclude_layers must be a list of regular expressions "
+                            f"(searched in each variable's path), got "
+                            f"exclude_layers={exclude_layers!r}")
+        for p in patterns:
+            try:
+                re.compile(p)
+            except (TypeError, re.error) as e:
+                raise ValueError(f"muon: exclude_layers holds {p!r}, which is not a regular "
+                                 f"expression ({e}); each is searched in the variables' "
+                                 f"paths") from None
+        _MUON_INIT(self, *args, **kwargs)
+        self.exclude_layers = tuple(patterns)
+        self.exclude_embeddings = exclude_embeddings
+
+    def uses_adam(self, variable) -> bool:
+        """Whether ``variable`` takes the Adam step whatever its shape, as
+        keras.optimizers.Muon decides: its path holds 'embedding' (any case) with
+        ``exclude_embeddings``, or one of ``exclude_layers`` matches it (re.search)."""
+        if self.exclude_embeddings and "embedding" in variable.path.lower():
+            return True
+        return any(re.search(p, variable.path) for p in self.exclude_layers)
+
+    def _param_layouts(self, rule: Any, variables: list) -> list | None:
+        layouts = super()._param_layouts(rule, variables)
+        return [rules.NOT_A_MATRIX if self.uses_adam(v) else layout
+                for v, layout in zip(variables, layouts)]
+
+    def _weight_decay(self) -> Any:
+        decay = self._hypers["weight_decay"]
+        return self._hypers["adam_weight_decay"] if hyper_is_zero(decay) else decay
+
+    def _groups(self, variables) -> list[tuple[list[int], dict]]:
+        # exclude_from_weight_decay: neither decay (keras.optimizers.Muon's)
+        return [(group, {**overrides, "adam_weight_decay": 0.0} if overrides else overrides)
+                for group, overrides in super()._groups(variables)]
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(exclude_layers=list(self.exclude_layers),
+                      exclude_embeddings=self.exclude_embeddings)
+        return config
+
+
+_MUON_INIT = _generated_init(hyper.MUON)
+Muon.__init__.__signature__ = inspect.signature(_MUON_INIT).replace(parameters=[
+    *inspect.signature(_MUON_INIT).parameters.values(),
+    inspect.Parameter("exclude_layers", inspect.Parameter.KEYWORD_ONLY, default=None),
+    inspect.Parameter("exclude_embeddings", inspect.Parameter.KEYWORD_ONLY, default=False)])
 
 
 _KERAS_NATIVE = {SGD: "keras.optimizers.SGD", Adagrad: "keras.optimizers.Adagrad",
