@@ -446,3 +446,24 @@ def test_muon_chooses_each_variable_as_keras_does(case, dtype):
     assert [m.shape == (0,) for m in template.momentum] == theirs
     assert [m.shape != (0,) for m in template.adam.first_moment] == theirs
     assert 0 < sum(theirs) < len(theirs)
+
+
+def test_muon_refuses_excludes_that_do_not_fit():
+    with pytest.raises(TypeError, match=r"muon: exclude_layers must be a list of regular "
+                                        r"expressions .*got exclude_layers='head'"):
+        pk.Muon(exclude_layers="head")
+    with pytest.raises(ValueError, match=r"muon: exclude_layers holds '\(head', which is not a "
+                                         r"regular expression"):
+        pk.Muon(exclude_layers=["(head"])
+    with pytest.raises(TypeError, match=r"muon: exclude_embeddings must be True or False, got "
+                                        r"exclude_embeddings='yes'"):
+        pk.Muon(exclude_embeddings="yes")
+    opt = pk.Muon(exclude_layers=["haed"])
+    with pytest.raises(ValueError, match=r"muon: exclude_layers holds 'haed', which matches no "
+                                         r"variable's path \(the paths: \['sequential"):
+        opt.build(_hybrid_model("float32"))
+    assert not opt.built
+    again = pk.Muon.from_config(pk.Muon(exclude_layers=["head"], adam_lr_ratio=0.1,
+                                        exclude_embeddings=True).get_config())
+    assert (again.exclude_layers, again.exclude_embeddings) == (("head",), True)
+    assert again.hyperparameters["adam_lr_ratio"] == 0.1

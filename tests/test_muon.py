@@ -384,3 +384,55 @@ def test_polyopt_torch_muon_steps_a_conv_kernel_and_adam_groups_as_torch_muon_an
         print(f"\nPARITY torch.optim.Muon+AdamW hybrid {group} | float64 | {worst:.2g}")
         assert worst <= 1e-10
     assert max(float(np.max(np.abs(w - s))) for w, s in zip(want, start)) > 1e-2
+
+
+def test_dimension_numbers_and_masks_that_do_not_fit_are_refused_naming_the_leaf():
+    import jax
+    from optax import contrib
+
+    import polyopt.optax as po
+
+    params = {"w": jax.numpy.zeros((3, 4, 5)), "b": jax.numpy.zeros(5)}
+    D = contrib.MuonDimensionNumbers
+    cases = [
+        ({"w": D(0, 2), "b": None}, r"muon.init: muon_weight_dimension_numbers .* leaves axes "
+                                    r"\[1\] of params\['w'\] \(shape \(3, 4, 5\)\) as batch axes"),
+        ({"w": D((0, 1), 2), "b": D()}, r"muon.init: muon_weight_dimension_numbers gives "
+                                        r"params\['b'\] of shape \(5,\) .*give it None"),
+        ({"w": D((0, 1), 1), "b": None}, r"muon.init: layout \(\(0, 1\), \(1,\)\) does not fit "
+                                         r"params\['w'\] of shape \(3, 4, 5\)"),
+        ({"w": D((0, 1), 5), "b": None}, r"does not fit params\['w'\] of shape \(3, 4, 5\)"),
+        ({"w": D((0, 1), 2)}, r"muon.init: muon_weight_dimension_numbers must be a tree like "
+                              r"\(or a prefix of\) the params"),
+        ({"w": "0,1", "b": None}, r"must hold optax.contrib.MuonDimensionNumbers or None, "
+                                  r"got '0,1'"),
+    ]
+    for dims, match in cases:
+        with pytest.raises((ValueError, TypeError), match=match):
+            po.muon(muon_weight_dimension_numbers=dims).init(params)
+    good = po.muon(muon_weight_dimension_numbers={"w": D((0, 1), 2), "b": None},
+                   weight_decay=0.1, weight_decay_mask={"w": True})
+    state = good.init(params)
+    before = jax.tree.map(np.asarray, state)
+    grads = jax.tree.map(jax.numpy.ones_like, params)
+    with pytest.raises(ValueError, match=r"muon.update: weight_decay_mask must be a bool or a "
+                                         r"tree like \(or a prefix of\) the params"):
+        good.update(grads, state, params)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state), before)
+    with pytest.raises(TypeError, match=r"muon: weight_decay_mask must be a bool"):
+        po.muon(weight_decay_mask={})
+    with pytest.raises(ValueError, match=r"muon: muon_weight_dimension_numbers decides which "
+                                         r"leaves .* got muon_params='none'"):
+        po.muon(muon_params="none", muon_weight_dimension_numbers={"w": None})
+    with pytest.raises(TypeError, match=r"layouts or muon_weight_dimension_numbers, not both"):
+        po.muon(layouts=rules.Layout((0,), (1,)), muon_weight_dimension_numbers={"w": None})
+
+
+def test_torch_muon_all_refuses_a_group_that_is_not_a_matrix_at_construction():
+    import polyopt.torch as pt
+
+    with pytest.raises(ValueError, match=r"param group 0, params\[0\] has shape \(3, 2\) and "
+                                         r"the group's layout NOT_A_MATRIX: with "
+                                         r"muon_params='all'"):
+        pt.Muon([{"params": [torch.zeros(3, 2, requires_grad=True)],
+                  "layout": rules.NOT_A_MATRIX}], muon_params="all")

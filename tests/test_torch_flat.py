@@ -28,8 +28,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is dep
 
 CLASSES = {name: cls for name, cls in pt.OPTIMIZERS.items()}
 # with their defaults: gradient centralization (a per-tensor mean), factored
-# statistics, trust ratios (per-tensor norms)
-PER_TENSOR = {"ranger", "adafactor", "lamb", "lars"}
+# statistics, trust ratios (per-tensor norms), Newton-Schulz (per-tensor matrices)
+PER_TENSOR = {"ranger", "adafactor", "lamb", "lars", "muon"}
 
 
 def _values(cls, **overrides):

@@ -203,7 +203,7 @@ class Muon(RuleOptimizer):
         self.exclude_layers = tuple(patterns)
         self.exclude_embeddings = exclude_embeddings
 
-    def uses_adam(self, variable) -> bool:
+    def excluded(self, variable) -> bool:
         """Whether ``variable`` takes the Adam step whatever its shape, as
         keras.optimizers.Muon decides: its path holds 'embedding' (any case) with
         ``exclude_embeddings``, or one of ``exclude_layers`` matches it (re.search)."""
@@ -211,9 +211,18 @@ class Muon(RuleOptimizer):
             return True
         return any(re.search(p, variable.path) for p in self.exclude_layers)
 
+    def build(self, variables):
+        if not self.built and variables:
+            paths = [v.path for v in variables]
+            for p in self.exclude_layers:
+                if not any(re.search(p, path) for path in paths):
+                    raise ValueError(f"muon: exclude_layers holds {p!r}, which matches no "
+                                     f"variable's path (the paths: {paths[:10]})")
+        super().build(variables)
+
     def _param_layouts(self, rule: Any, variables: list) -> list | None:
         layouts = super()._param_layouts(rule, variables)
-        return [rules.NOT_A_MATRIX if self.uses_adam(v) else layout
+        return [rules.NOT_A_MATRIX if self.excluded(v) else layout
                 for v, layout in zip(variables, layouts)]
 
     def _weight_decay(self) -> Any:
@@ -252,6 +261,13 @@ Adafactor.__doc__ += (
     "    output and reduction axes' means of g^2 from its layout, Keras's by default),\n"
     "    ``v`` for the others: keras.optimizers.Adafactor keeps a full-size velocity for\n"
     "    every variable besides its factors.\n")
+Muon.__doc__ += (
+    "\n    Which variables take the Muon step (keras.optimizers.Muon's choice): 2-D ones with\n"
+    "    the preset's ``muon_params='2d'``, except those ``exclude_layers`` (regular\n"
+    "    expressions, ``re.search`` in the variable's path) or ``exclude_embeddings``\n"
+    "    ('embedding' in the lower-cased path; default False, Keras's True) name: they get\n"
+    "    the layout ``polyopt.rules.NOT_A_MATRIX`` and the Adam step. ``adam_lr_ratio``\n"
+    "    multiplies the Adam step's learning rate, not its weight decay's (Keras's).\n")
 Lamb.__doc__ += ("\n    ``exclude_from_weight_decay`` and ``exclude_from_trust_ratio`` leave "
                   "variables (e.g. biases) out of the decay and the trust ratio.\n")
 Lars.__doc__ = _doc(

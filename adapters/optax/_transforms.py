@@ -438,14 +438,14 @@ def _dimension_layouts(owner: str, dimension_numbers: Any, tree: Any) -> Any:
         axes = [(a,) if isinstance(a, int) else tuple(a)
                 for a in (dims.reduction_axis, dims.output_axis)]
         if len(shape) < 2:
-            raise ValueError(f"{owner}: muon_weight_dimension_dims gives {name} of shape "
+            raise ValueError(f"{owner}: muon_weight_dimension_numbers gives {name} of shape "
                              f"{shape} {dims}, but Muon steps tensors of 2 or more axes; "
                              f"give it None (the Adam part)")
         named = {int(a) % len(shape) for group in axes for a in group
                  if -len(shape) <= int(a) < len(shape)}
         batch = sorted(set(range(len(shape))) - named)
         if batch and len(named) == sum(len(group) for group in axes):
-            raise ValueError(f"{owner}: muon_weight_dimension_dims {dims} leaves axes "
+            raise ValueError(f"{owner}: muon_weight_dimension_numbers {dims} leaves axes "
                              f"{batch} of {name} (shape {shape}) as batch axes, which "
                              f"polyopt's layouts do not have: name every axis as a reduction "
                              f"or output axis, or give it None (the Adam part)")
