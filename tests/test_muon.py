@@ -436,3 +436,28 @@ def test_torch_muon_all_refuses_a_group_that_is_not_a_matrix_at_construction():
                                          r"muon_params='all'"):
         pt.Muon([{"params": [torch.zeros(3, 2, requires_grad=True)],
                   "layout": rules.NOT_A_MATRIX}], muon_params="all")
+
+
+def test_optax_muon_with_dimension_numbers_under_inject_hyperparams_and_chain():
+    """The per-leaf choice survives optax's wrappers: inject_hyperparams (every number
+    traced, adam_lr_ratio too) and chain give the plain transformation's numbers."""
+    import jax
+    import optax
+    from optax import contrib
+
+    import polyopt.optax as po
+
+    params0, grads = _optax_tree_problem(steps=8)
+    dims = {"conv": {"kernel": contrib.MuonDimensionNumbers((0, 1, 2), 3), "bias": None},
+            "dense": {"kernel": contrib.MuonDimensionNumbers(), "bias": None},
+            "cube": contrib.MuonDimensionNumbers((2, 0), 1), "embed": None, "scale": None}
+    kw = dict(learning_rate=0.01, weight_decay=0.1, adam_lr_ratio=0.5, adam_weight_decay=0.05,
+              muon_weight_dimension_numbers=dims,
+              weight_decay_mask={"conv": False, "dense": True, "cube": True, "embed": True,
+                                 "scale": True})  # a callable would be a schedule there
+    plain = _run_optax(po.muon(**kw), params0, grads)
+    injected = _run_optax(optax.inject_hyperparams(po.muon)(**kw), params0, grads)
+    chained = _run_optax(optax.chain(optax.identity(), po.muon(**kw)), params0, grads)
+    start = [np.asarray(p) for p in jax.tree.leaves(params0)]
+    assert _relative(injected, plain, start) <= 1e-12
+    assert _relative(chained, plain, start) == 0.0

@@ -81,8 +81,9 @@ def _shape_scale(rows: int, cols: int, lr_scale: str, rms_scale: float) -> float
 
 
 def _times(value: Any, factor: float) -> Any:
-    """A learning rate (a number, a 0-d array or a schedule) times ``factor``."""
-    if factor == 1:
+    """A learning rate (a number, a 0-d array or a schedule) times ``factor`` (a number
+    or a 0-d array: optax.inject_hyperparams traces it)."""
+    if isinstance(factor, (int, float)) and factor == 1:
         return value
     if callable(value) and not hasattr(value, "shape"):
         return lambda count: value(count) * factor
