@@ -691,6 +691,9 @@ MUON = Spec("muon", (
     Hyper("adam_learning_rate", 3e-4, allowed=NONNEG, schedule=True, optional=True,
           doc="learning rate of the Adam params (the reference's 3e-4; None: learning_rate, "
           "optax and Keras)"),
+    Hyper("adam_lr_ratio", 1.0, allowed=NONNEG,
+          doc="the Adam step's learning rate is adam_learning_rate times this, its weight "
+          "decay's is not (Keras)"),
     Hyper("adam_b1", 0.9, allowed=UNIT_OPEN, keras="adam_beta_1", doc="Adam's b1"),
     Hyper("adam_b2", 0.95, allowed=UNIT_OPEN, keras="adam_beta_2",
           doc="Adam's b2 (the reference's 0.95; Keras, optax 0.999)"),

@@ -59,6 +59,8 @@ OPTIMIZERS = {
     "Lookahead": lambda: pk.Lookahead(pk.RAdam(learning_rate=0.01), sync_period=6,
                                       slow_step_size=0.5),
     "Ranger": lambda: pk.Ranger(learning_rate=0.01),
+    "Muon": lambda: pk.Muon(learning_rate=0.01, adam_learning_rate=None, adam_lr_ratio=0.5,
+                            exclude_layers=["bias"], exclude_embeddings=True),
 }
 
 
@@ -72,7 +74,7 @@ def test_fit_lowers_the_loss(name):
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 3 * 8
 
 
-@pytest.mark.parametrize("name", ["Adam", "Ranger"])
+@pytest.mark.parametrize("name", ["Adam", "Ranger", "Muon"])
 def test_fit_with_jit_compile_true(name):
     """jit_compile=True on every backend (torch: torch.compile, slow: two optimizers only)."""
     model, history = _fit(OPTIMIZERS[name](), epochs=2, jit_compile=True)
@@ -80,7 +82,7 @@ def test_fit_with_jit_compile_true(name):
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
 
 
-@pytest.mark.parametrize("name", ["Adam", "Lookahead", "Ranger", "Nadam"])
+@pytest.mark.parametrize("name", ["Adam", "Lookahead", "Ranger", "Nadam", "Muon"])
 def test_save_load_resumes_exactly(name, tmp_path):
     x, y = _data()
     full, _ = _fit(OPTIMIZERS[name](), epochs=2)

@@ -259,3 +259,205 @@ def test_muon_agrees_across_namespaces(array_namespaces, to_namespace, to_numpy)
         for r, g in zip(reference, run(name)):
             np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-15, err_msg=name)
     assert max(float(np.max(np.abs(r - p))) for r, p in zip(reference, params0)) > 1e-3
+
+
+def _optax_tree_problem(steps=STEPS):
+    rng = np.random.default_rng(7)
+    shapes = {"conv": {"kernel": (3, 3, 4, 8), "bias": (8,)},
+              "dense": {"kernel": (12, 6), "bias": (6,)},
+              "cube": (4, 5, 6), "embed": (10, 4), "scale": ()}
+    import jax
+
+    params = jax.tree.map(lambda s: rng.normal(size=s), shapes,
+                          is_leaf=lambda x: isinstance(x, tuple))
+    grads = [jax.tree.map(lambda p: rng.normal(size=np.shape(p)), params)
+             for _ in range(steps)]
+    return params, grads
+
+
+def _run_optax(transform, params0, grads):
+    import jax
+    import optax
+
+    params = jax.tree.map(jax.numpy.asarray, params0)
+    state = transform.init(params)
+
+    @jax.jit
+    def step(params, state, g):
+        updates, state = transform.update(g, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for g in grads:
+        params, state = step(params, state, jax.tree.map(jax.numpy.asarray, g))
+    return [np.asarray(p) for p in jax.tree.leaves(params)]
+
+
+def test_polyopt_optax_muon_takes_optax_dimension_numbers_and_weight_decay_mask():
+    """optax.contrib.muon side by side on a pytree of a conv kernel (every axis named),
+    a 3-D leaf (two reduction axes), a Dense kernel, an embedding given None (Adam),
+    vectors and a scalar (Adam); a callable dimension-numbers tree; weight_decay_mask."""
+    import jax
+    from optax import contrib
+
+    import polyopt.optax as po
+
+    params0, grads = _optax_tree_problem()
+    dims = {"conv": {"kernel": contrib.MuonDimensionNumbers((0, 1, 2), 3), "bias": None},
+            "dense": {"kernel": contrib.MuonDimensionNumbers(), "bias": None},
+            "cube": contrib.MuonDimensionNumbers((2, 0), 1), "embed": None, "scale": None}
+    mask = {"conv": False, "dense": True, "cube": True, "embed": True, "scale": True}
+    options = native.PRESETS["optax.contrib.muon"][1]
+    spelled = {po.muon.spec[k].spelling("optax"): v for k, v in options.items()}
+    start = [np.asarray(p) for p in jax.tree.leaves(params0)]
+    for extra, mine in (
+            ({"muon_weight_dimension_numbers": dims}, {}),
+            ({"muon_weight_dimension_numbers": lambda p: dims, "weight_decay": 0.1,
+              "weight_decay_mask": mask, "adam_weight_decay": 0.05, "nesterov": False,
+              "consistent_rms": 0.2},
+             {"adam_nesterov": False, "lr_scale": "rms", "rms_scale": 0.2}),
+            ({"weight_decay": 0.1, "weight_decay_mask": lambda p: jax.tree.map(
+                lambda x: x.ndim == 2, p)}, {})):
+        want = _run_optax(contrib.muon(0.01, **extra), params0, grads)
+        ours = {k: v for k, v in extra.items() if k not in ("consistent_rms",)}
+        got = _run_optax(po.muon(learning_rate=0.01, **{**spelled, **ours, **mine}),
+                         params0, grads)
+        worst = _relative(got, want, start)
+        print(f"\nPARITY optax.contrib.muon {sorted(extra)} | float64 | {worst:.2g}")
+        assert worst <= 1e-10
+        assert max(float(np.max(np.abs(w - s))) for w, s in zip(want, start)) > 1e-2
+    # the conv kernel and the cube took the Muon step: they move otherwise under Adam
+    adam_all = _run_optax(po.muon(learning_rate=0.01, **{**spelled, "muon_weight_dimension_numbers":
+                                                         jax.tree.map(lambda _: None, params0)}),
+                          params0, grads)
+    assert _relative(adam_all, want, start) > 1e-2
+
+
+def test_polyopt_torch_muon_steps_a_conv_kernel_and_adam_groups_as_torch_muon_and_adamw():
+    """torch.optim.Muon refuses a conv kernel; polyopt.torch.Muon steps it as the matrix
+    (out, in*kh*kw) of torch's layout, which is torch.optim.Muon on the kernel viewed as
+    that matrix. A param group with muon_params='none' (or the layout NOT_A_MATRIX) is
+    torch.optim.AdamW: the hybrid side by side with the two natives, float64 (bfloat16
+    cast patched out as above)."""
+    import polyopt.torch as pt
+
+    with pytest.raises(ValueError, match=r"Muon only supports 2D parameters"):
+        torch.optim.Muon([torch.zeros(4, 2, 3, 3, requires_grad=True)])
+    rng = np.random.default_rng(4)
+    shapes = [(6, 5), (4, 2, 3, 3), (7,), (9, 3)]  # matrix, conv kernel, bias, embedding
+    start = [rng.normal(size=s) for s in shapes]
+    grads = [[rng.normal(size=s) for s in shapes] for _ in range(100)]
+    muon_kw = {"lr": 0.01, "weight_decay": 0.1}
+    adam_kw = {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-10, "weight_decay": 0.05}
+
+    def natives():
+        ps = [torch.tensor(p.reshape(p.shape[0], -1) if p.ndim > 2 else p, requires_grad=True)
+              for p in start]
+        muon = torch.optim.Muon(ps[:2], **muon_kw)
+        adam = torch.optim.AdamW(ps[2:], **adam_kw)
+        with mock.patch.object(torch.Tensor, "bfloat16", lambda self: self.clone()):
+            for g in grads:
+                for p, gi in zip(ps, g):
+                    p.grad = torch.tensor(gi.reshape(p.shape))
+                muon.step()
+                adam.step()
+        return [p.detach().numpy().reshape(s) for p, s in zip(ps, shapes)]
+
+    def ours(adam_group):
+        ps = [torch.tensor(p, requires_grad=True) for p in start]
+        optimizer = pt.Muon([{"params": ps[:2]}, {"params": ps[2:], **adam_group}],
+                            lr=0.01, weight_decay=0.1, eps_placement="clamp",
+                            muon_params="all", adam_learning_rate=3e-3, adam_b2=0.95,
+                            adam_eps=1e-10, adam_weight_decay=0.05)
+        for g in grads:
+            for p, gi in zip(ps, g):
+                p.grad = torch.tensor(gi)
+            optimizer.step()
+        assert [tuple(optimizer.state[p]["momentum_buffer"].shape) for p in ps] == [
+            shapes[0], shapes[1], (0,), (0,)]
+        return [p.detach().numpy() for p in ps]
+
+    want = natives()
+    for group in ({"muon_params": "none"},
+                  {"muon_params": "matrices", "layout": rules.NOT_A_MATRIX}):
+        got = ours(group)
+        worst = _relative(got, want, start)
+        print(f"\nPARITY torch.optim.Muon+AdamW hybrid {group} | float64 | {worst:.2g}")
+        assert worst <= 1e-10
+    assert max(float(np.max(np.abs(w - s))) for w, s in zip(want, start)) > 1e-2
+
+
+def test_dimension_numbers_and_masks_that_do_not_fit_are_refused_naming_the_leaf():
+    import jax
+    from optax import contrib
+
+    import polyopt.optax as po
+
+    params = {"w": jax.numpy.zeros((3, 4, 5)), "b": jax.numpy.zeros(5)}
+    D = contrib.MuonDimensionNumbers
+    cases = [
+        ({"w": D(0, 2), "b": None}, r"muon.init: muon_weight_dimension_numbers .* leaves axes "
+                                    r"\[1\] of params\['w'\] \(shape \(3, 4, 5\)\) as batch axes"),
+        ({"w": D((0, 1), 2), "b": D()}, r"muon.init: muon_weight_dimension_numbers gives "
+                                        r"params\['b'\] of shape \(5,\) .*give it None"),
+        ({"w": D((0, 1), 1), "b": None}, r"muon.init: layout \(\(0, 1\), \(1,\)\) does not fit "
+                                         r"params\['w'\] of shape \(3, 4, 5\)"),
+        ({"w": D((0, 1), 5), "b": None}, r"does not fit params\['w'\] of shape \(3, 4, 5\)"),
+        ({"w": D((0, 1), 2)}, r"muon.init: muon_weight_dimension_numbers must be a tree like "
+                              r"\(or a prefix of\) the params"),
+        ({"w": "0,1", "b": None}, r"must hold optax.contrib.MuonDimensionNumbers or None, "
+                                  r"got '0,1'"),
+    ]
+    for dims, match in cases:
+        with pytest.raises((ValueError, TypeError), match=match):
+            po.muon(muon_weight_dimension_numbers=dims).init(params)
+    good = po.muon(muon_weight_dimension_numbers={"w": D((0, 1), 2), "b": None},
+                   weight_decay=0.1, weight_decay_mask={"w": True})
+    state = good.init(params)
+    before = jax.tree.map(np.asarray, state)
+    grads = jax.tree.map(jax.numpy.ones_like, params)
+    with pytest.raises(ValueError, match=r"muon.update: weight_decay_mask must be a bool or a "
+                                         r"tree like \(or a prefix of\) the params"):
+        good.update(grads, state, params)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state), before)
+    with pytest.raises(TypeError, match=r"muon: weight_decay_mask must be a bool"):
+        po.muon(weight_decay_mask={})
+    with pytest.raises(ValueError, match=r"muon: muon_weight_dimension_numbers decides which "
+                                         r"leaves .* got muon_params='none'"):
+        po.muon(muon_params="none", muon_weight_dimension_numbers={"w": None})
+    with pytest.raises(TypeError, match=r"layouts or muon_weight_dimension_numbers, not both"):
+        po.muon(layouts=rules.Layout((0,), (1,)), muon_weight_dimension_numbers={"w": None})
+
+
+def test_torch_muon_all_refuses_a_group_that_is_not_a_matrix_at_construction():
+    import polyopt.torch as pt
+
+    with pytest.raises(ValueError, match=r"param group 0, params\[0\] has shape \(3, 2\) and "
+                                         r"the group's layout NOT_A_MATRIX: with "
+                                         r"muon_params='all'"):
+        pt.Muon([{"params": [torch.zeros(3, 2, requires_grad=True)],
+                  "layout": rules.NOT_A_MATRIX}], muon_params="all")
+
+
+def test_optax_muon_with_dimension_numbers_under_inject_hyperparams_and_chain():
+    """The per-leaf choice survives optax's wrappers: inject_hyperparams (every number
+    traced, adam_lr_ratio too) and chain give the plain transformation's numbers."""
+    import jax
+    import optax
+    from optax import contrib
+
+    import polyopt.optax as po
+
+    params0, grads = _optax_tree_problem(steps=8)
+    dims = {"conv": {"kernel": contrib.MuonDimensionNumbers((0, 1, 2), 3), "bias": None},
+            "dense": {"kernel": contrib.MuonDimensionNumbers(), "bias": None},
+            "cube": contrib.MuonDimensionNumbers((2, 0), 1), "embed": None, "scale": None}
+    kw = dict(learning_rate=0.01, weight_decay=0.1, adam_lr_ratio=0.5, adam_weight_decay=0.05,
+              muon_weight_dimension_numbers=dims,
+              weight_decay_mask={"conv": False, "dense": True, "cube": True, "embed": True,
+                                 "scale": True})  # a callable would be a schedule there
+    plain = _run_optax(po.muon(**kw), params0, grads)
+    injected = _run_optax(optax.inject_hyperparams(po.muon)(**kw), params0, grads)
+    chained = _run_optax(optax.chain(optax.identity(), po.muon(**kw)), params0, grads)
+    start = [np.asarray(p) for p in jax.tree.leaves(params0)]
+    assert _relative(injected, plain, start) <= 1e-12
+    assert _relative(chained, plain, start) == 0.0

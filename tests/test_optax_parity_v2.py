@@ -366,7 +366,7 @@ def test_every_factory_carries_its_spec():
     from polyopt import hyper
 
     for name in ("sgd", "adam", "lion", "adafactor", "lamb", "lars", "schedule_free_adamw",
-                 "adopt"):
+                 "adopt", "muon"):
         assert getattr(po, name).spec is hyper.spec(name), name
 
 

@@ -63,8 +63,9 @@ def _with_drawn(case: Case, data: st.DataObject) -> Case:
 def _without_decay(case: Case) -> Case:
     """The case with weight decay off (the inner rule's for wrappers)."""
     name, options = case.inner if case.inner else (case.rule, case.options)
-    if "weight_decay" in hyper.spec(name):
-        options = {**options, "weight_decay": 0.0}
+    for h in hyper.spec(name):  # weight_decay, and Muon's adam_weight_decay
+        if h.name.endswith("weight_decay"):
+            options = {**options, h.name: 0.0}
     if case.inner:
         return dataclasses.replace(case, inner=(name, options))
     return dataclasses.replace(case, options=options)

@@ -29,8 +29,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is dep
 CLASSES = {name: cls for name, cls in pt.OPTIMIZERS.items()}
 
 
-# with their defaults: gradient centralization (a per-tensor mean), factored
-# statistics, trust ratios (per-tensor norms)
 def _values(cls, **overrides):
     opt = cls([torch.zeros(1, requires_grad=True)], **overrides)
     return opt._values(opt.param_groups[0])

@@ -26,7 +26,7 @@ from polyopt.torch._optimizer import TORCH_FLAGS
 from tests.test_torch_parity import GRADS, PARAMS, max_rel_diff
 
 CLASSES = [pt.SGD, pt.Adagrad, pt.RMSprop, pt.Adadelta, pt.Adam, pt.AdamW, pt.Adamax, pt.NAdam,
-           pt.RAdam, pt.Ranger]
+           pt.RAdam, pt.Ranger, pt.Muon]
 # options that give every class its full state (momentum buffers, amsgrad, ...)
 FULL = {
     pt.SGD: {"momentum": 0.9, "dampening": 0.1},
@@ -39,6 +39,7 @@ FULL = {
     pt.NAdam: {},
     pt.RAdam: {},
     pt.Ranger: {"k": 3, "reset_state": True},
+    pt.Muon: {"weight_decay": 0.1, "adam_weight_decay": 0.05, "adam_lr_ratio": 0.5},
 }
 
 

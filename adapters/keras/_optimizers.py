@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
+import re
 from typing import Any
 
 import keras
 from keras import ops
 
 from polyopt import hyper, native, rules
-from polyopt.keras._base import BASE_OPTIONS, RuleOptimizer, _read, step_count
+from polyopt.keras._base import (
+    BASE_OPTIONS,
+    RuleOptimizer,
+    _generated_init,
+    _read,
+    hyper_is_zero,
+    step_count,
+)
 
 _register = keras.saving.register_keras_serializable(package="polyopt")
 
@@ -173,6 +182,71 @@ class ADOPT(RuleOptimizer):
 class Muon(RuleOptimizer):
     spec = hyper.MUON
 
+    def __init__(self, *args: Any, exclude_layers: Any = None, exclude_embeddings: bool = False,
+                 **kwargs: Any) -> None:
+        if not isinstance(exclude_embeddings, bool):
+            raise TypeError(f"muon: exclude_embeddings must be True or False, got "
+                            f"exclude_embeddings={exclude_embeddings!r}")
+        patterns = [] if exclude_layers is None else exclude_layers
+        if isinstance(patterns, str) or not isinstance(patterns, (list, tuple)):
+            raise TypeError(f"muon: exclude_layers must be a list of regular expressions "
+                            f"(searched in each variable's path), got "
+                            f"exclude_layers={exclude_layers!r}")
+        for p in patterns:
+            try:
+                re.compile(p)
+            except (TypeError, re.error) as e:
+                raise ValueError(f"muon: exclude_layers holds {p!r}, which is not a regular "
+                                 f"expression ({e}); each is searched in the variables' "
+                                 f"paths") from None
+        _MUON_INIT(self, *args, **kwargs)
+        self.exclude_layers = tuple(patterns)
+        self.exclude_embeddings = exclude_embeddings
+
+    def excluded(self, variable) -> bool:
+        """Whether ``variable`` takes the Adam step whatever its shape, as
+        keras.optimizers.Muon decides: its path holds 'embedding' (any case) with
+        ``exclude_embeddings``, or one of ``exclude_layers`` matches it (re.search)."""
+        if self.exclude_embeddings and "embedding" in variable.path.lower():
+            return True
+        return any(re.search(p, variable.path) for p in self.exclude_layers)
+
+    def build(self, variables):
+        if not self.built and variables:
+            paths = [v.path for v in variables]
+            for p in self.exclude_layers:
+                if not any(re.search(p, path) for path in paths):
+                    raise ValueError(f"muon: exclude_layers holds {p!r}, which matches no "
+                                     f"variable's path (the paths: {paths[:10]})")
+        super().build(variables)
+
+    def _param_layouts(self, rule: Any, variables: list) -> list | None:
+        layouts = super()._param_layouts(rule, variables)
+        return [rules.NOT_A_MATRIX if self.excluded(v) else layout
+                for v, layout in zip(variables, layouts)]
+
+    def _weight_decay(self) -> Any:
+        decay = self._hypers["weight_decay"]
+        return self._hypers["adam_weight_decay"] if hyper_is_zero(decay) else decay
+
+    def _groups(self, variables) -> list[tuple[list[int], dict]]:
+        # exclude_from_weight_decay: neither decay (keras.optimizers.Muon's)
+        return [(group, {**overrides, "adam_weight_decay": 0.0} if overrides else overrides)
+                for group, overrides in super()._groups(variables)]
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(exclude_layers=list(self.exclude_layers),
+                      exclude_embeddings=self.exclude_embeddings)
+        return config
+
+
+_MUON_INIT = _generated_init(hyper.MUON)
+Muon.__init__.__signature__ = inspect.signature(_MUON_INIT).replace(parameters=[
+    *inspect.signature(_MUON_INIT).parameters.values(),
+    inspect.Parameter("exclude_layers", inspect.Parameter.KEYWORD_ONLY, default=None),
+    inspect.Parameter("exclude_embeddings", inspect.Parameter.KEYWORD_ONLY, default=False)])
+
 
 _KERAS_NATIVE = {SGD: "keras.optimizers.SGD", Adagrad: "keras.optimizers.Adagrad",
                  RMSprop: "keras.optimizers.RMSprop", Adadelta: "keras.optimizers.Adadelta",
@@ -187,6 +261,13 @@ Adafactor.__doc__ += (
     "    output and reduction axes' means of g^2 from its layout, Keras's by default),\n"
     "    ``v`` for the others: keras.optimizers.Adafactor keeps a full-size velocity for\n"
     "    every variable besides its factors.\n")
+Muon.__doc__ += (
+    "\n    Which variables take the Muon step (keras.optimizers.Muon's choice): 2-D ones with\n"
+    "    the preset's ``muon_params='2d'``, except those ``exclude_layers`` (regular\n"
+    "    expressions, ``re.search`` in the variable's path) or ``exclude_embeddings``\n"
+    "    ('embedding' in the lower-cased path; default False, Keras's True) name: they get\n"
+    "    the layout ``polyopt.rules.NOT_A_MATRIX`` and the Adam step. ``adam_lr_ratio``\n"
+    "    multiplies the Adam step's learning rate, not its weight decay's (Keras's).\n")
 Lamb.__doc__ += ("\n    ``exclude_from_weight_decay`` and ``exclude_from_trust_ratio`` leave "
                   "variables (e.g. biases) out of the decay and the trust ratio.\n")
 Lars.__doc__ = _doc(

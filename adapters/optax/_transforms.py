@@ -333,6 +333,44 @@ def _mask_flags(owner: str, name: str, mask: Any, params: Any, n_leaves: int) ->
     return flags
 
 
+def _grouped_update(name: str, rule: Any, values: dict, given: dict, masks: dict,
+                    updates: Any, state: Any, params: Any, layouts: Any = None):
+    """optax's mask arguments: the leaves are grouped by their flags (``given[arg]``,
+    a mask per argument of ``masks``); each group is stepped by the rule built with
+    the overrides of the masks that mark it False, on its part of the state."""
+    where = f"{name}.update"
+    if params is None:
+        raise ValueError(f"{where}: params is None, but the masks are given params: "
+                         f"{_NO_PARAMS}")
+    grads, treedef = _tree.flatten(where, updates, "updates")
+    if not grads:
+        return updates, state
+    leaves, params_treedef = _tree.flatten(where, params, "params")
+    _tree.check_like(where, grads, treedef, leaves, params_treedef, "updates", "params")
+    flags = [_mask_flags(where, arg, mask, params, len(leaves)) for arg, mask in given.items()]
+    found = _layouts(where, rule, layouts, leaves, treedef)
+    groups: dict = {}
+    for i, key in enumerate(zip(*flags)):
+        groups.setdefault(key, []).append(i)
+    template = jax.eval_shape(lambda x: rules.init_of(rule, x, found), leaves)
+    core = _tree.to_core(where, state, template, treedef)
+    out = [None] * len(grads)
+    parts = []
+    for key, indices in groups.items():
+        overrides = {}
+        for on, (_, off) in zip(key, masks.values()):
+            if not on:
+                overrides.update(off)
+        group_rule = getattr(rules, name)(**{**values, **overrides})
+        new_updates, new = rules.update_of(
+            group_rule, [grads[i] for i in indices], _state.subset(core, indices),
+            [leaves[i] for i in indices], None if found is None else [found[i] for i in indices])
+        for i, u in zip(indices, new_updates):
+            out[i] = u
+        parts.append((indices, new))
+    return treedef.unflatten(out), _tree.to_tree(_state.merge(parts, len(grads)), treedef)
+
+
 def _masked_factory(name: str, spec: hyper.Spec, masks: dict, doc: str = ""):
     """A factory like :func:`_make_factory`'s with optax's mask arguments:
     ``masks[argument] = (default, overrides)``; the leaves a mask marks False are
@@ -360,38 +398,7 @@ def _masked_factory(name: str, spec: hyper.Spec, masks: dict, doc: str = ""):
         rule = inner.init.polyopt_rule
 
         def update(updates, state, params=None):
-            where = f"{name}.update"
-            if params is None:
-                raise ValueError(f"{where}: params is None, but the masks are given params: "
-                                 f"{_NO_PARAMS}")
-            grads, treedef = _tree.flatten(where, updates, "updates")
-            if not grads:
-                return updates, state
-            leaves, params_treedef = _tree.flatten(where, params, "params")
-            _tree.check_like(where, grads, treedef, leaves, params_treedef, "updates", "params")
-            flags = [_mask_flags(where, arg, mask, params, len(leaves))
-                     for arg, mask in given.items()]
-            groups: dict = {}
-            for i, key in enumerate(zip(*flags)):
-                groups.setdefault(key, []).append(i)
-            template = jax.eval_shape(rule.init, leaves)
-            core = _tree.to_core(where, state, template, treedef)
-            out = [None] * len(grads)
-            parts = []
-            for key, indices in groups.items():
-                overrides = {}
-                for on, (_, off) in zip(key, masks.values()):
-                    if not on:
-                        overrides.update(off)
-                group_rule = getattr(rules, name)(**{**values, **overrides})
-                new_updates, new = group_rule.update(
-                    [grads[i] for i in indices], _state.subset(core, indices),
-                    [leaves[i] for i in indices])
-                for i, u in zip(indices, new_updates):
-                    out[i] = u
-                parts.append((indices, new))
-            return (treedef.unflatten(out),
-                    _tree.to_tree(_state.merge(parts, len(grads)), treedef))
+            return _grouped_update(name, rule, values, given, masks, updates, state, params)
 
         def init(params):  # no ``polyopt_rule``: wrappers treat it as any transformation
             return inner.init(params)
@@ -410,12 +417,119 @@ def _masked_factory(name: str, spec: hyper.Spec, masks: dict, doc: str = ""):
     return factory
 
 
-muon = _make_factory(
+_muon = _make_factory(
     "muon", hyper.MUON, _rule_factory("muon"),
     doc="\n\n    ``optax.contrib.muon``'s numbers: ``polyopt.native.PRESETS['optax.contrib.muon']``"
         "\n    (its 2-D leaves by Muon, seen with Flax's layout (in, out), the others by its"
-        "\n    Adam). Its muon_weight_dimension_numbers are ``layouts=`` (a Layout per leaf;"
-        "\n    no batch axes) with ``muon_params``; its preconditioning is 'frobenius'.")
+        "\n    Adam); its preconditioning is 'frobenius'.")
+
+
+def _dimension_layouts(owner: str, dimension_numbers: Any, tree: Any) -> Any:
+    """optax's ``muon_weight_dimension_numbers`` (a tree like, or a prefix of, ``tree``
+    of MuonDimensionNumbers or None, or a callable tree -> such a tree) as a tree of
+    layouts: ``Layout(reduction_axes, output_axes)``, ``NOT_A_MATRIX`` for None."""
+    from optax.contrib import MuonDimensionNumbers
+
+    given = dimension_numbers(tree) if callable(dimension_numbers) else dimension_numbers
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    flat: list = []
+
+    def spread(numbers, subtree):
+        if not (numbers is None or isinstance(numbers, MuonDimensionNumbers)):
+            raise TypeError(f"{owner}: muon_weight_dimension_numbers must hold "
+                            f"optax.contrib.MuonDimensionNumbers or None, got {numbers!r:.80}")
+        flat.extend([numbers] * len(jax.tree_util.tree_leaves(subtree)))
+
+    try:
+        jax.tree.map(spread, given, tree,
+                     is_leaf=lambda x: x is None or isinstance(x, MuonDimensionNumbers))
+    except ValueError as e:
+        raise ValueError(f"{owner}: muon_weight_dimension_numbers must be a tree like (or a "
+                         f"prefix of) the params: {e}") from None
+    names = _tree._paths(treedef, "params")
+    out = []
+    for dims, leaf, name in zip(flat, leaves, names):
+        if dims is None:
+            out.append(rules.NOT_A_MATRIX)
+            continue
+        shape = tuple(leaf.shape)
+        axes = [(a,) if isinstance(a, int) else tuple(a)
+                for a in (dims.reduction_axis, dims.output_axis)]
+        if len(shape) < 2:
+            raise ValueError(f"{owner}: muon_weight_dimension_numbers gives {name} of shape "
+                             f"{shape} {dims}, but Muon steps tensors of 2 or more axes; "
+                             f"give it None (the Adam part)")
+        named = {int(a) % len(shape) for group in axes for a in group
+                 if -len(shape) <= int(a) < len(shape)}
+        batch = sorted(set(range(len(shape))) - named)
+        if batch and len(named) == sum(len(group) for group in axes):
+            raise ValueError(f"{owner}: muon_weight_dimension_numbers {dims} leaves axes "
+                             f"{batch} of {name} (shape {shape}) as batch axes, which "
+                             f"polyopt's layouts do not have: name every axis as a reduction "
+                             f"or output axis, or give it None (the Adam part)")
+        out.append(rules.Layout(*axes))
+    return treedef.unflatten(out)
+
+
+def muon(*args: Any, muon_weight_dimension_numbers: Any = None, weight_decay_mask: Any = None,
+         **kwargs: Any) -> optax.GradientTransformation:
+    dimension_numbers, mask = muon_weight_dimension_numbers, weight_decay_mask
+    if dimension_numbers is not None:
+        if kwargs.get("layouts") is not None:
+            raise TypeError("muon: give layouts or muon_weight_dimension_numbers, not both")
+        chosen = kwargs.get("muon_params", "2d")
+        if chosen not in ("2d", "matrices"):
+            raise ValueError(f"muon: muon_weight_dimension_numbers decides which leaves take "
+                             f"the Muon step (muon_params='matrices'); got muon_params="
+                             f"{chosen!r} too")
+        kwargs["muon_params"] = "matrices"
+    if not (mask is None or mask is True or callable(mask) or isinstance(mask, (bool, np.bool_))
+            or jax.tree.leaves(mask)):
+        raise TypeError(f"muon: weight_decay_mask must be a bool, a tree of bools or a callable "
+                        f"params -> tree, got weight_decay_mask={mask!r:.80}")
+    plain = _muon(*args, **kwargs)
+    masked = not (mask is None or mask is True)
+    if dimension_numbers is None and not masked:
+        return plain
+    values, rule = plain.init.polyopt_values, plain.init.polyopt_rule
+    uses_params = _uses_params(values)
+
+    def layouts_for(where, tree):
+        if dimension_numbers is None:
+            return kwargs.get("layouts")
+        return _dimension_layouts(where, dimension_numbers, tree)
+
+    def init(params):
+        return _transformation("muon", rule, uses_params,
+                               layouts_for("muon.init", params)).init(params)
+
+    def update(updates, state, params=None, **extra_args):
+        layouts = layouts_for("muon.update", updates if params is None else params)
+        if masked:
+            return _grouped_update("muon", rule, values, {"weight_decay_mask": mask},
+                                   {"weight_decay_mask": (True, {"weight_decay": 0.0})},
+                                   updates, state, params, layouts)
+        return _transformation("muon", rule, uses_params, layouts).update(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
+muon.__signature__ = _muon.__signature__.replace(parameters=[  # type: ignore[attr-defined]
+    *_muon.__signature__.parameters.values(),
+    inspect.Parameter("muon_weight_dimension_numbers", inspect.Parameter.KEYWORD_ONLY,
+                      default=None),
+    inspect.Parameter("weight_decay_mask", inspect.Parameter.KEYWORD_ONLY, default=None)])
+muon.spec = hyper.MUON  # type: ignore[attr-defined]
+muon.__module__ = "polyopt.optax"
+muon.__doc__ = _muon.__doc__.rstrip("\n") + (
+    "\n      muon_weight_dimension_numbers: optax.contrib.muon's: a tree like (or a prefix "
+    "of)\n        the params of optax.contrib.MuonDimensionNumbers(reduction_axis, "
+    "output_axis)\n        (a leaf's layout: every axis named, no batch axes) or None (the "
+    "Adam part),\n        or a callable params -> such a tree; given, it decides which leaves "
+    "take\n        the Muon step (muon_params='matrices').\n"
+    "      weight_decay_mask: optax's mask of the Muon part's weight_decay (a bool, a "
+    "tree\n        of bools like the params, or a callable params -> such a tree; None: "
+    "all).\n")
 
 
 lamb = _masked_factory(

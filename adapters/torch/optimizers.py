@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from polyopt import hyper, rules
+from polyopt.rules import _state
 from polyopt.torch._common import _LOW_PRECISION
 from polyopt.torch._optimizer import RuleOptimizer
 
@@ -245,11 +246,13 @@ class ADOPT(RuleOptimizer):
 class Muon(RuleOptimizer):
     """Muon: :func:`polyopt.rules.muon`. Each param's matrix is (output axes, reduction
     axes) of its layout (a group's ``"layout"``, else torch's: output axis 0), so a
-    Conv2d kernel is (out, in*kh*kw). Params that are not Muon matrices (``muon_params``:
-    0-d and 1-D by default; a param group with ``muon_params="none"`` for e.g. the
-    embeddings and the head, as the reference's ``use_muon=False`` groups) take an AdamW
-    step with the ``adam_*`` options. ``torch.optim.Muon``'s numbers:
-    ``polyopt.native.PRESETS['torch.optim.Muon']``. State: ``step``,
+    Conv2d kernel is (out, in*kh*kw) (torch.optim.Muon refuses it; on the kernel's
+    (out, -1) view it gives the same numbers). Params that are not Muon matrices take
+    an AdamW step with the ``adam_*`` options: 0-d and 1-D params, and every param of
+    a group with ``muon_params="none"`` (or ``"layout": polyopt.rules.NOT_A_MATRIX``)
+    for e.g. the embeddings and the head, as the reference's ``use_muon=False`` groups;
+    what torch needs two optimizers for (torch.optim.Muon and AdamW) is one here.
+    ``torch.optim.Muon``'s numbers: ``polyopt.native.PRESETS['torch.optim.Muon']``. State: ``step``,
     ``momentum_buffer`` (Muon params; empty for the others) and the Adam part's
     ``adam.step``, ``exp_avg``, ``exp_avg_sq`` (empty for the Muon params).
     """
@@ -266,13 +269,15 @@ class Muon(RuleOptimizer):
         values = self._group_values(len(self.param_groups) - 1, group)
         if values["muon_params"] != "all":
             return
+        vector = group.get("layout") is not None and _state.is_not_a_matrix(group["layout"])
         for i, p in enumerate(group["params"]):
-            if p.ndim < 2:
+            if p.ndim < 2 or vector:
+                said = " and the group's layout NOT_A_MATRIX" if vector else ""
                 raise ValueError(
                     f"polyopt.torch.Muon: param group {len(self.param_groups) - 1}, params[{i}] "
-                    f"has shape {tuple(p.shape)}: with muon_params='all' every param must be a "
-                    f"matrix (2 or more axes); give the others muon_params='matrices' or "
-                    f"'none' (an AdamW step)")
+                    f"has shape {tuple(p.shape)}{said}: with muon_params='all' every param "
+                    f"must be a matrix (2 or more axes); give the others muon_params="
+                    f"'matrices' or 'none' (an AdamW step)")
 
 
 class Ranger(RuleOptimizer):

@@ -21,7 +21,7 @@ array_api_compat does not know (TensorFlow's, in the Keras adapter).
 
 from polyopt._namespace import register_namespace
 from polyopt.rules._base import ARRAY_API_SUBSET, COUNT_LIMIT, Rule, init_of, update_of
-from polyopt.rules._state import Layout, Slot, StateError
+from polyopt.rules._state import NOT_A_MATRIX, Layout, Slot, StateError
 from polyopt.rules.adam_family import (
     AdamaxState,
     AdamState,
@@ -74,7 +74,8 @@ from polyopt.rules.wrappers import (
 )
 
 __all__ = [
-    "ARRAY_API_SUBSET", "COUNT_LIMIT", "Rule", "SAMRule", "Slot", "Layout", "StateError",
+    "ARRAY_API_SUBSET", "COUNT_LIMIT", "Rule", "SAMRule", "Slot", "Layout", "NOT_A_MATRIX",
+    "StateError",
     "register_namespace", "init_of", "update_of",
     "sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "amsgrad", "adamax", "nadam",
     "radam", "lion", "adafactor", "lamb", "lars", "schedule_free_adamw", "muon",

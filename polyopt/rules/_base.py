@@ -306,7 +306,8 @@ def stateful_rule(name: str, state_type: type, slots: tuple, step: Callable, *,
     ``state_type`` is a NamedTuple ``(count, *slots, *scalars)``: one list
     field per :class:`~polyopt.rules._state.Slot` of ``slots`` (built by the
     core walker; an empty list for a slot whose shape is NONE), then the
-    0-d arrays ``scalars(xp, params)`` returns. ``step(xp, grads, params,
+    arrays ``scalars(xp, params)`` returns (``scalars(xp, params, layouts)`` for
+    a rule with ``uses_layout``). ``step(xp, grads, params,
     state, lr)`` returns ``(updates, fields, decay_lr)``, where grads already
     carry L2 decay ('l2' mode), the slots of ``state`` are in the grads'
     dtypes (``state_dtype`` storage is converted here, both ways), ``lr`` is
@@ -336,8 +337,9 @@ def stateful_rule(name: str, state_type: type, slots: tuple, step: Callable, *,
     def init(params, layouts=None):
         params = check_params(name, params, complex_params)
         xp = namespace(*params)
-        extra = scalars(xp, params) if scalars is not None else ()
         lays = _state.layouts_for(f"{name}.init", params, layouts) if uses_layout else ()
+        extra = () if scalars is None else scalars(xp, params, lays) if uses_layout else (
+            scalars(xp, params))
         return state_type(zeros_count(xp, params[0]),
                           *_state.build(name, slots, params, lays, state_dtype), *extra)
 

@@ -30,7 +30,7 @@ from polyopt._namespace import namespace
 
 __all__ = [
     "PARAM", "ROWS", "COLS", "SCALAR", "NONE", "STATE_DTYPES",
-    "Layout", "Slot", "Entry", "StateError",
+    "Layout", "NOT_A_MATRIX", "Slot", "Entry", "StateError",
     "out_first", "out_last", "layouts_for", "matrix_axes", "slot_shape", "build",
     "entries", "rebuild", "pair", "check", "check_leaf", "select", "path_text", "nbytes",
     "dtype_name", "is_array", "by_path", "rebuild_from", "map_arrays",
@@ -69,6 +69,13 @@ class Layout(NamedTuple):
     output_axes: tuple
 
 
+#: The layout that says a tensor is not a matrix, whatever its axes: a per-tensor rule
+#: treats it as it treats a 0-d or 1-D tensor (one row; :func:`layouts_for` keeps it: it
+#: stays itself, so a checked list can be checked again): Muon steps it by its Adam,
+#: Adafactor keeps its full second moment, ``centralize`` averages over all its axes.
+NOT_A_MATRIX = Layout((), ())
+
+
 def out_first(shape: Sequence[int]) -> Layout | None:
     """torch's default: axis 0 is the output, the others the input (None below 2-D)."""
     n = len(shape)
@@ -87,8 +94,9 @@ def layouts_for(owner: str, params: Sequence[Any], layouts: Any,
 
     ``layouts`` is None (``default`` for every param), a list with one entry
     per param (None entries take the default), or a callable
-    ``shape -> Layout``. A layout that does not fit its tensor (an axis out
-    of range, repeated, or missing) is refused naming the tensor and shape.
+    ``shape -> Layout``. :data:`NOT_A_MATRIX` stays (the tensor is not a
+    matrix; None for a 0-d or 1-D one). A layout that does not fit its tensor (an axis out of range,
+    repeated, or missing) is refused naming the tensor and shape.
     """
     if layouts is None:
         layouts = [None] * len(params)
@@ -104,6 +112,9 @@ def layouts_for(owner: str, params: Sequence[Any], layouts: Any,
         shape = tuple(int(d) for d in p.shape)
         if layout is None:
             out.append(default(shape))
+            continue
+        if is_not_a_matrix(layout):
+            out.append(NOT_A_MATRIX if len(shape) >= 2 else None)
             continue
         name = names[i] if names is not None else f"params[{i}]"
         try:
@@ -123,9 +134,18 @@ def layouts_for(owner: str, params: Sequence[Any], layouts: Any,
     return out
 
 
+def is_not_a_matrix(layout: Any) -> bool:
+    """Whether a layout is :data:`NOT_A_MATRIX` (None, for 0-d and 1-D tensors, is not)."""
+    try:
+        return len(layout) == 2 and not len(layout[0]) and not len(layout[1])
+    except TypeError:
+        return False
+
+
 def matrix_axes(layout: Layout | None, ndim: int) -> tuple[tuple, tuple]:
-    """(output axes, reduction axes) of a tensor; a 1-D tensor is one row."""
-    if layout is None:
+    """(output axes, reduction axes) of a tensor; a 1-D tensor, or one whose layout
+    is :data:`NOT_A_MATRIX`, is one row."""
+    if layout is None or is_not_a_matrix(layout):
         return (), tuple(range(ndim))
     return tuple(layout.output_axes), tuple(layout.reduction_axes)
 

@@ -40,6 +40,8 @@ def factor_axes(shape: tuple, layout: Any, factoring: str,
         return None
     if factoring == "layout":
         output, reduction = _state.matrix_axes(layout, n)
+        if not output:  # NOT_A_MATRIX: not factored
+            return None
         axes = (tuple(reduction), tuple(output))
     elif factoring == "last_two":
         axes = ((n - 1,), (n - 2,))

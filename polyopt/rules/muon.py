@@ -17,13 +17,13 @@ class MuonState(NamedTuple):
     adam: Any  # the Adam rule's state: its slots shaped (0,) for the Muon params
 
 
-def is_muon_param(shape: tuple, muon_params: str) -> bool:
-    """Whether a param of ``shape`` takes the Muon step under ``muon_params``."""
-    if muon_params == "all":
-        return True
-    if muon_params == "none":
+def is_muon_param(shape: tuple, layout: Any, muon_params: str) -> bool:
+    """Whether a param of ``shape`` and (checked) ``layout`` takes the Muon step under
+    ``muon_params``: a layout of None (0-d and 1-D params) or ``NOT_A_MATRIX`` says
+    it is not a matrix, and it takes the Adam step."""
+    if muon_params == "none" or layout is None or _state.is_not_a_matrix(layout):
         return False
-    return len(shape) == 2 if muon_params == "2d" else len(shape) >= 2
+    return len(shape) == 2 if muon_params == "2d" else True
 
 
 def as_matrix(xp, x, layout):
@@ -80,14 +80,22 @@ def _shape_scale(rows: int, cols: int, lr_scale: str, rms_scale: float) -> float
     return 1.0
 
 
-def _adam_rule(adam_learning_rate, learning_rate, adam_b1, adam_b2, adam_eps, adam_eps_root,
-               adam_eps_placement, adam_weight_decay, adam_nesterov, state_dtype) -> Rule:
+def _times(value: Any, factor: float) -> Any:
+    """A learning rate (a number, a 0-d array or a schedule) times ``factor`` (a number
+    or a 0-d array: optax.inject_hyperparams traces it)."""
+    if isinstance(factor, (int, float)) and factor == 1:
+        return value
+    if callable(value) and not hasattr(value, "shape"):
+        return lambda count: value(count) * factor
+    return value * factor
+
+
+def _adam_rule(lr, adam_b1, adam_b2, adam_eps, adam_eps_root, adam_eps_placement,
+               adam_nesterov, state_dtype) -> Rule:
     from polyopt.rules import adam_family
 
-    lr = learning_rate if adam_learning_rate is None else adam_learning_rate
     common = dict(learning_rate=lr, b1=adam_b1, b2=adam_b2, eps=adam_eps,
-                  eps_root=adam_eps_root, weight_decay=adam_weight_decay,
-                  weight_decay_mode="decoupled", state_dtype=state_dtype)
+                  eps_root=adam_eps_root, weight_decay=0.0, state_dtype=state_dtype)
     if adam_nesterov:
         if adam_eps_placement != "outside":
             raise ValueError(
@@ -100,8 +108,8 @@ def _adam_rule(adam_learning_rate, learning_rate, adam_b1, adam_b2, adam_eps, ad
 @hyper.MUON.factory
 def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b, ns_c, eps,
          eps_placement, lr_scale, rms_scale, adaptive, iteration_dtype, weight_decay,
-         muon_params, adam_learning_rate, adam_b1, adam_b2, adam_eps, adam_eps_root,
-         adam_eps_placement, adam_weight_decay, adam_nesterov, state_dtype) -> Rule:
+         muon_params, adam_learning_rate, adam_lr_ratio, adam_b1, adam_b2, adam_eps,
+         adam_eps_root, adam_eps_placement, adam_weight_decay, adam_nesterov, state_dtype) -> Rule:
     r"""Muon (Jordan et al., 2024): momentum, orthogonalized per matrix by Newton-Schulz.
 
     .. math::
@@ -145,9 +153,14 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
       weight_decay: \lambda, decoupled, times the learning rate (all natives).
       muon_params: which params take the Muon step: 'matrices' (default: 2 or
         more axes), '2d' (exactly 2: Keras, optax), 'all' (torch.optim.Muon: a
-        0-d or 1-D param is refused), 'none'.
+        0-d or 1-D param is refused), 'none'. Per param, a layout
+        ``NOT_A_MATRIX`` (``layouts=``) gives it to the Adam part whatever its
+        axes: Keras's ``exclude_layers`` and ``exclude_embeddings``, optax's
+        ``None`` dimension numbers, a torch param group's ``"layout"``.
       adam_learning_rate: the Adam params' learning rate (default 3e-4, the
         reference's; None: learning_rate, as optax and Keras).
+      adam_lr_ratio: the Adam step's learning rate is adam_learning_rate times
+        this; their weight decay is not (Keras's ``adam_lr_ratio``; default 1).
       adam_b1, adam_b2, adam_eps, adam_eps_root, adam_eps_placement: the Adam
         step's (defaults: the reference's 0.9, 0.95, 1e-10).
       adam_weight_decay: decoupled, times the Adam learning rate.
@@ -173,41 +186,44 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
       Liu et al., "Muon is Scalable for LLM Training", 2025,
       https://arxiv.org/abs/2502.16982
     """
-    adam = _adam_rule(adam_learning_rate, learning_rate, adam_b1, adam_b2, adam_eps,
-                      adam_eps_root, adam_eps_placement, adam_weight_decay, adam_nesterov,
-                      state_dtype)
+    adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
+    # the Adam part's decay is applied below, times adam_lr (not times adam_lr_ratio)
+    adam = _adam_rule(_times(adam_lr, adam_lr_ratio), adam_b1, adam_b2, adam_eps, adam_eps_root,
+                      adam_eps_placement, adam_nesterov, state_dtype)
     coefficients = (ns_a, ns_b, ns_c)
 
     def momentum_shape(shape, layout):
-        return shape if is_muon_param(shape, muon_params) else (0,)
+        return shape if is_muon_param(shape, layout, muon_params) else (0,)
 
     slots = (Slot("momentum", momentum_shape),)
 
-    def placeholders(xp, arrays):
+    def placeholders(xp, arrays, layouts):
         """Each Muon param's array replaced by a (0,)-shaped one (the Adam rule's view)."""
-        return [xp.zeros((0,), dtype=a.dtype) if is_muon_param(tuple(a.shape), muon_params)
-                else a for a in arrays]
+        return [xp.zeros((0,), dtype=a.dtype)
+                if is_muon_param(tuple(a.shape), layout, muon_params) else a
+                for a, layout in zip(arrays, layouts)]
 
-    def check(owner, params):
+    def check(owner, params, layouts):
         if muon_params != "all":
             return
-        for i, p in enumerate(params):
-            if p.ndim < 2:
+        for i, (p, layout) in enumerate(zip(params, layouts)):
+            if p.ndim < 2 or _state.is_not_a_matrix(layout):
+                said = "" if p.ndim < 2 else " and its layout NOT_A_MATRIX"
                 raise ValueError(
-                    f"{owner}: params[{i}] has shape {tuple(p.shape)}: Muon orthogonalizes "
-                    f"matrices (2 or more axes); give it to the Adam part (muon_params="
-                    f"'matrices') or to another optimizer")
+                    f"{owner}: params[{i}] has shape {tuple(p.shape)}{said}: Muon "
+                    f"orthogonalizes matrices (2 or more axes); give it to the Adam part "
+                    f"(muon_params='matrices') or to another optimizer")
 
-    def extra(xp, params):
-        check("muon.init", params)
-        return (adam.init(placeholders(xp, params)),)
+    def extra(xp, params, layouts):
+        check("muon.init", params, layouts)
+        return (adam.init(placeholders(xp, params, layouts)),)
 
     def step(xp, grads, params, state, lr_value, layouts):
-        check("muon.update", params)
+        check("muon.update", params, layouts)
         t = None
         updates, moms = [], []
         for i, (g, p) in enumerate(zip(grads, params)):
-            if not is_muon_param(tuple(g.shape), muon_params):
+            if not is_muon_param(tuple(g.shape), layouts[i], muon_params):
                 updates.append(None)
                 moms.append(state.momentum[i])
                 continue
@@ -240,8 +256,13 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
             if not _base.is_zero(weight_decay):
                 u = u - (lr * weight_decay) * p
             updates.append(u)
-        adam_updates, adam_state = adam.update(placeholders(xp, grads), state.adam,
-                                               placeholders(xp, params))
+        adam_updates, adam_state = adam.update(placeholders(xp, grads, layouts), state.adam,
+                                               placeholders(xp, params, layouts))
+        if not _base.is_zero(adam_weight_decay):  # decoupled, times adam_lr
+            rate = _base.evaluate(adam_lr, state.count)
+            adam_updates = [a if u is not None else
+                            a - (_base.scalar(xp, rate, p) * adam_weight_decay) * p
+                            for u, a, p in zip(updates, adam_updates, params)]
         updates = [a if u is None else u for u, a in zip(updates, adam_updates)]
         return updates, (moms, adam_state), 0.0
 
