@@ -11,7 +11,10 @@ Ranger (optax.lookahead takes LookaheadParams and there is no gradient
 centralization): Ranger's reference row is optax.radam, the same RAdam step
 alone. The copy bandwidth is a jitted, donated ``x + 1`` in the same process;
 ``vs bound`` is time / (minimum bytes per step / bandwidth). The optimizer
-state's bytes (every array leaf) are recorded too. XLA's CPU threads are
+state's bytes (every array leaf) are recorded too. Muon: optax.contrib.muon
+against polyopt.optax.muon with the preset ``optax.contrib.muon`` on the
+transformer set (its 12 matrices by Muon, its 24 vectors by the Adam part;
+Newton-Schulz in float32 in both), one step per round. XLA's CPU threads are
 left at their default (set XLA_FLAGS to pin them). Not a test.
 """
 
@@ -30,7 +33,16 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import polyopt.optax as po  # noqa: E402
-from polyopt import rules  # noqa: E402
+from polyopt import hyper, native, rules  # noqa: E402
+
+
+def _preset(factory, spec, name: str, **values):
+    """A maker of polyopt.optax ``factory`` with the options of ``PRESETS[name]`` and
+    ``values`` (canonical names)."""
+    _, options = native.PRESETS[name]
+    return lambda: factory(**{spec[k].spelling("optax"): v
+                              for k, v in {**options, **values}.items()})
+
 
 #: algorithm -> (polyopt.optax transform, optax transform, polyopt rule for the slot count)
 ALGORITHMS = {
@@ -42,6 +54,10 @@ ALGORITHMS = {
     "RAdam": (lambda: po.radam(1e-3, eps_placement="outside"), lambda: optax.radam(1e-3),
               lambda: rules.radam()),
     "Ranger": (lambda: po.ranger(1e-3), lambda: optax.radam(1e-3), lambda: rules.ranger()),
+    # the transformer set: 2-D leaves by Muon (Newton-Schulz in float32 in both), the
+    # vectors by the Adam part
+    "Muon": (_preset(po.muon, hyper.MUON, "optax.contrib.muon", learning_rate=1e-3),
+             lambda: optax.contrib.muon(1e-3), lambda: rules.muon()),
 }
 
 
@@ -74,7 +90,7 @@ def copy_bandwidth(n: int) -> float:
     return common.bandwidth(copy, 2 * 4 * n)
 
 
-def run(name: str, set_name: str, *, steps: int, rounds: int, bandwidth: float) -> common.Result:
+def run(name: str, set_name: str, steps: int, rounds: int, *, bandwidth: float) -> common.Result:
     shapes = common.PARAM_SETS[set_name]
     ours, theirs, rule = ALGORITHMS[name]
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), make_params(shapes, 1))
@@ -106,7 +122,7 @@ def main(argv=None) -> None:
     header = (f"jax {jax.__version__}, optax {optax.__version__}, {jax.devices()[0].platform}, "
               f"{common.machine()}")
     common.run_all(args, header, copy_bandwidth, lambda a, s, bw: run(
-        a, s, steps=args.steps, rounds=args.rounds, bandwidth=bw))
+        a, s, *common.length(a, args), bandwidth=bw))
 
 
 if __name__ == "__main__":

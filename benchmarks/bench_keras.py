@@ -17,7 +17,10 @@ rectification, Lookahead and gradient centralization). The copy bandwidth is
 a jit-compiled ``x.assign_add(1)`` on a variable of n floats in the same
 process; ``vs bound`` is time / (minimum bytes per step / bandwidth). The
 optimizer state's bytes (``optimizer.variables`` without the iteration
-counter) are recorded too. Not a test.
+counter) are recorded too. Muon: keras.optimizers.Muon against
+polyopt.keras.Muon with the preset ``keras.optimizers.Muon`` on the
+transformer set (matrices by Muon, vectors by the Adam part; float32), one
+step per round. Not a test.
 """
 
 from __future__ import annotations
@@ -61,6 +64,10 @@ ALGORITHMS = {
     "RAdam": (lambda: pk.RAdam(1e-3), lambda: keras.optimizers.Adam(1e-3), lambda: rules.radam()),
     "Ranger": (lambda: pk.Ranger(1e-3), lambda: keras.optimizers.Adam(1e-3),
                lambda: rules.ranger()),
+    # the transformer set: 2-D variables by Muon (Newton-Schulz in float32 in both), the
+    # vectors by the Adam part
+    "Muon": (_preset(pk.Muon, "keras.optimizers.Muon", learning_rate=1e-3),
+             lambda: keras.optimizers.Muon(1e-3), lambda: rules.muon()),
 }
 MODES = {"jit_compile": True, "tf.function": False}
 
@@ -103,7 +110,7 @@ def copy_bandwidth(n: int) -> float:
     return common.bandwidth(copy, 2 * 4 * n)
 
 
-def run(name: str, set_name: str, *, steps: int, rounds: int, bandwidth: float) -> common.Result:
+def run(name: str, set_name: str, steps: int, rounds: int, *, bandwidth: float) -> common.Result:
     shapes = common.PARAM_SETS[set_name]
     ours, theirs, rule = ALGORITHMS[name]
     grads = [tf.constant(np.full(keras_shape(s), 1e-3, np.float32)) for s in shapes]
@@ -135,7 +142,7 @@ def main(argv=None) -> None:
     header = (f"keras {keras.__version__} ({keras.backend.backend()}), tensorflow "
               f"{tf.__version__}, {common.machine()}")
     common.run_all(args, header, copy_bandwidth, lambda a, s, bw: run(
-        a, s, steps=args.steps, rounds=args.rounds, bandwidth=bw))
+        a, s, *common.length(a, args), bandwidth=bw))
 
 
 if __name__ == "__main__":

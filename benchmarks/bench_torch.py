@@ -17,6 +17,12 @@ torch in the same process; ``vs bound`` is time / (minimum bytes per step /
 bandwidth). The optimizer state memory of each variant (bytes of the
 distinct storages of ``optimizer.state``) is recorded too.
 
+Muon: torch.optim.Muon (its one flavour, without flags) against the preset
+``torch.optim.Muon`` (fast and default) on the 12 matrices of the
+transformer set (torch.optim.Muon takes 2-D params only), both iterating
+Newton-Schulz in bfloat16; one step per round (seconds each), the script's
+rounds. The bandwidth bound means nothing there (15 matrix products per matrix).
+
 Threads: one intra-op thread by default (``--threads``). On a small shared
 CPU, torch's spinning worker threads under oversubscription make steps up to
 100x slower, and a one-thread run compares the algorithms, not the scheduler.
@@ -49,6 +55,9 @@ ALGORITHMS = {
                      ("fused", "foreach", "for-loop")),
     "RAdam": ("RAdam", {"lr": 1e-3}, "torch.optim.RAdam", ("foreach", "for-loop")),
     "Ranger": ("RAdam", {"lr": 1e-3}, "Ranger", ("foreach",)),
+    # torch.optim.Muon: one flavour (a loop over params), 2-D params only: timed on the
+    # matrices of the set; Newton-Schulz in bfloat16 in both (the preset's iteration_dtype)
+    "Muon": ("Muon", {"lr": 1e-3}, "torch.optim.Muon", ("for-loop",)),
 }
 FLAGS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
@@ -107,6 +116,8 @@ def default_flavour() -> str:
 
 def slots(name: str) -> int:
     _, _, polyopt_name, _ = ALGORITHMS[name]
+    if name == "Muon":  # the preset refuses the vector slot_count makes
+        return common.slot_count(rules.muon())
     if polyopt_name.startswith("torch.optim."):
         rule_name, options = native.PRESETS[polyopt_name]
         extra = {"momentum": 0.9} if name == "SGD momentum" else {}
@@ -124,9 +135,11 @@ def copy_bandwidth(n: int) -> float:
     return common.bandwidth(copy, 2 * 4 * n)
 
 
-def run(name: str, set_name: str, *, steps: int, rounds: int, fast: bool,
+def run(name: str, set_name: str, steps: int, rounds: int, *, fast: bool,
         bandwidth: float) -> common.Result:
     shapes = common.PARAM_SETS[set_name]
+    if name == "Muon":
+        shapes = common.matrices(shapes)
     opts = {}
     for label, make in builders(name, fast).items():
         opts[label] = make(make_params(shapes))
@@ -326,7 +339,7 @@ def main(argv=None) -> None:
     torch.set_num_interop_threads(1)
     header = f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {common.machine()}"
     common.run_all(args, header, copy_bandwidth, lambda a, s, bw: run(
-        a, s, steps=args.steps, rounds=args.rounds, fast=not args.no_fast, bandwidth=bw))
+        a, s, *common.length(a, args), fast=not args.no_fast, bandwidth=bw))
 
 
 if __name__ == "__main__":

@@ -62,10 +62,44 @@ def _resnet18() -> list[tuple]:
     return shapes
 
 
+def _transformer(blocks: int = 2, width: int = 768) -> list[tuple]:
+    """Two GPT-2-small blocks (torch's (out, in)): per block the attention's q, k, v and
+    output projections (768x768), the MLP's 3072x768 and 768x3072, their biases and two
+    layer norms' scale and shift: 12 matrices (14.2M params) and 24 vectors."""
+    shapes: list[tuple] = []
+    for _ in range(blocks):
+        shapes += [(width, width)] * 4 + [(4 * width, width), (width, 4 * width)]
+        shapes += [(width,)] * 8 + [(4 * width,), (width,)] + [(width,)] * 2
+    return shapes
+
+
 PARAM_SETS: dict[str, list[tuple]] = {
     "resnet20-wide": _resnet_cifar(),
     "resnet18": _resnet18(),
+    "transformer": _transformer(),
 }
+#: the sets each algorithm runs on (default: the two ResNets). Muon (per-matrix
+#: Newton-Schulz: 5 x 3 matrix products per matrix) runs on the transformer's matrices
+ALGORITHM_SETS = {"Muon": ("transformer",)}
+DEFAULT_SETS = ("resnet20-wide", "resnet18")
+#: steps per round of an algorithm whose step takes seconds on a CPU (the arguments'
+#: are for the elementwise ones; the rounds are the arguments')
+ALGORITHM_STEPS = {"Muon": 1}
+
+
+def sets_of(algorithm: str) -> tuple[str, ...]:
+    """The parameter sets ``algorithm`` is timed on."""
+    return ALGORITHM_SETS.get(algorithm, DEFAULT_SETS)
+
+
+def length(algorithm: str, args: argparse.Namespace) -> tuple[int, int]:
+    """(steps, rounds) of ``algorithm``: its own steps (ALGORITHM_STEPS) or the arguments'."""
+    return ALGORITHM_STEPS.get(algorithm, args.steps), args.rounds
+
+
+def matrices(shapes: list[tuple]) -> list[tuple]:
+    """The 2-D shapes of ``shapes`` (what torch.optim.Muon takes)."""
+    return [s for s in shapes if len(s) == 2]
 
 
 def sizes(shapes: list[tuple]) -> tuple[int, int]:
@@ -390,10 +424,13 @@ def run_all(args: argparse.Namespace, header: str, copy_bandwidth: Callable[[int
     if args.out.exists() and not args.update:
         args.out.unlink()
     for set_name in args.sets:
+        algorithms = [a for a in args.algorithms if set_name in sets_of(a)]
+        if not algorithms:
+            continue
         n, _ = sizes(PARAM_SETS[set_name])
         bw = copy_bandwidth(n)
         print(f"{set_name}: copy bandwidth {bw / 1e9:.2f} GB/s", flush=True)
-        write([run(a, set_name, bw) for a in args.algorithms], args.out, replace=args.update)
+        write([run(a, set_name, bw) for a in algorithms], args.out, replace=args.update)
     print(markdown(args.out))
 
 

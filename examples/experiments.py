@@ -71,9 +71,10 @@ EXPERIMENTS = {e.name: e for e in [
 
 
 #: One experiment per model family for each rule beyond the seed set: not in the
-#: main command's matrix (which trains the seed posts' experiments), but run in
-#: float64 by the tests in every framework, where the three must agree exactly
-#: (``python -m examples.matrix --experiments mnist-lion,...`` runs them in full).
+#: main command's matrix (which trains the seed posts' experiments; cifar-muon is the
+#: exception, below), but run in float64 by the tests in every framework, where the
+#: three must agree exactly (``python -m examples.matrix --experiments mnist-lion,...``
+#: runs them in full).
 #: Schedule-Free is evaluated at its training point y in every framework (as
 #: keras.optimizers.ScheduleFreeAdamW does under ``fit``/``evaluate``).
 RULE_CHECKS = {e.name: e for e in [
@@ -85,10 +86,17 @@ RULE_CHECKS = {e.name: e for e in [
         ("lars", {"learning_rate": 1.0, "weight_decay": 1e-4}),
         ("adopt", {"learning_rate": 1e-3}),
         ("schedule_free_adamw", {"learning_rate": 2.5e-3}),
+        # the reference's learning rates (Muon 0.02, its AdamW 3e-4 for the biases),
+        # Newton-Schulz in the params' dtype (float64 runs iterate in float64)
+        ("muon", {"learning_rate": 0.02}),
     ]
     for prefix, model, data, batch, epochs in [("mnist", "mlp", "mnist", 128, 12),
                                                ("cifar", "cnn", "cifar10", 100, 10)]
 ]}
+
+#: Muon is also a row of the main command's matrix, on the seed CIFAR CNN (its float32
+#: accuracy beside Adam's and Ranger's): the same experiment as its rule check
+EXPERIMENTS["cifar-muon"] = RULE_CHECKS["cifar-muon"]
 
 KNOWN = {**EXPERIMENTS, **RULE_CHECKS}
 

@@ -85,3 +85,15 @@ def test_polyopt_default_gets_a_column_against_the_native_default(tmp_path):
                                      "torch default vs native default |")
     assert table.splitlines()[2] == ("| Adam | resnet18 | 5.00x (5000.0 / 1000.0) | "
                                      "1.25x (5000.0 / 4000.0) |")
+
+
+def test_muon_is_timed_on_the_transformer_set_alone_one_step_per_round():
+    shapes = common.PARAM_SETS["transformer"]
+    assert common.sizes(shapes) == (14_178_816, 36)
+    assert sorted(set(common.matrices(shapes))) == [(768, 768), (768, 3072), (3072, 768)]
+    assert common.sizes(common.matrices(shapes)) == (14_155_776, 12)
+    assert common.sets_of("Muon") == ("transformer",)
+    assert "transformer" not in common.sets_of("Adam")
+    args = common.parser("x", {"Adam": 0, "Muon": 0}, Path("out.json")).parse_args([])
+    assert common.length("Muon", args) == (1, args.rounds)
+    assert common.length("Adam", args) == (args.steps, args.rounds)

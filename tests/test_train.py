@@ -22,7 +22,8 @@ def test_cli_rejects_bad_arguments(capsys):
 def test_experiments_registry():
     assert list(experiments.EXPERIMENTS) == [
         "mnist-adadelta", "mnist-adam", "cifar-ranger", "cifar-adam", "cifar-onecycle",
-        "cifar-rampup", "resnet20-sam", "resnet20-adam"]
+        "cifar-rampup", "resnet20-sam", "resnet20-adam", "cifar-muon"]
+    assert experiments.get("cifar-muon") is experiments.RULE_CHECKS["cifar-muon"]
     assert experiments.get("mnist-adam").batch_size == 128
     assert experiments.get("cifar-adam").batch_size == 100
     assert experiments.base_learning_rate(experiments.get("mnist-adadelta")) == 1.0
