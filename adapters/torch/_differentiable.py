@@ -37,8 +37,10 @@ def apply(update, params: list, grads: list, state: Any) -> Any:
     return new_state
 
 
-def write(layout, states: list, new: Any) -> None:
-    """Put the new state in each param's entry, replacing (never writing into) tensors."""
+def write(layout, states: list, new: Any, recorded: bool = True) -> None:
+    """Put the new state in each param's entry: slots replaced, counts written in
+    place; the other 0-d state replaced by a copy when ``recorded`` (never writing
+    into a tensor autograd recorded), else written in place."""
     leaves = _state.by_path(new)
     for path, key in layout.slots:
         arrays = leaves[path]
@@ -48,7 +50,7 @@ def write(layout, states: list, new: Any) -> None:
     for path, key, is_count in layout.scalars:
         value = leaves[path]
         for st in states:
-            if is_count:
+            if is_count or not recorded:
                 st[key].copy_(value)
             else:
                 st[key] = value.to(dtype=st[key].dtype, copy=True)

@@ -557,7 +557,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                 if own is not None:
                     update = functools.partial(update, layouts=list(own))
                 new = _apply(update, ps, gs, tree)
-            self._write(layout, states, new)
+            _differentiable.write(layout, states, new, recorded=False)
 
     def _bucket(self, params: list) -> _flat.FlatBucket:
         """The flat bucket of exactly these params (buckets that share a param
@@ -639,18 +639,6 @@ class RuleOptimizer(torch.optim.Optimizer):
         first = states[0]
         return {path: as_count(first[key]) if is_count else first[key]
                 for path, key, is_count in layout.scalars}
-
-    def _write(self, layout: _Layout, states: list, new: Any) -> None:
-        leaves = _state.by_path(new)
-        for path, key in layout.slots:
-            arrays = leaves[path]
-            if len(arrays) == len(states):
-                for st, a in zip(states, arrays):
-                    st[key] = a
-        for path, key, _ in layout.scalars:
-            value = leaves[path]
-            for st in states:
-                st[key].copy_(value)
 
     def export_state(self, file, names=None) -> None:
         """Write the state to a framework-neutral file (:mod:`polyopt.torch.interop`)."""
