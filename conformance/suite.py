@@ -43,6 +43,7 @@ HERE = ROOT / "conformance"
 EXPECTED = HERE / "expected"
 SUMMARY = EXPECTED / "summary.json"
 DOCS = ROOT / "docs" / "conformance.md"
+README = ROOT / "README.md"
 SITE = Path(sysconfig.get_paths()["purelib"])
 CLASSES = ("missing feature", "deliberate difference", "reads native private internals",
            "native fails the check", "unclassified")
@@ -241,10 +242,29 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(rows) + "\n\nExpected failures by cause:\n\n" + "\n".join(causes)
 
 
+def readme_markdown(summary: dict) -> str:
+    """The README's table: counts per suite and expected failures per class."""
+    rows = ["| suite | in scope | passed | " + " | ".join(CLASSES[:-1]) + " |",
+            "|---|---:|---:|" + "---:|" * (len(CLASSES) - 1)]
+    for name, entry in summary.items():
+        c = entry["counts"]
+        per_class = {k: 0 for k in CLASSES}
+        for key, n in c["by cause"].items():
+            per_class[entry["causes"][key]["class"]] += n
+        rows.append(f"| {name} | {c['in scope']} | {c['passed']} | "
+                    + " | ".join(str(per_class[k]) for k in CLASSES[:-1]) + " |")
+    return "\n".join(rows)
+
+
+def _replace_between(path: Path, text: str) -> None:
+    old = path.read_text()
+    start, end = old.index(_START) + len(_START), old.index(_END)
+    path.write_text(old[:start] + "\n" + text + "\n" + old[end:])
+
+
 def write_docs(summary: dict) -> None:
-    text = DOCS.read_text()
-    start, end = text.index(_START) + len(_START), text.index(_END)
-    DOCS.write_text(text[:start] + "\n" + summary_markdown(summary) + "\n" + text[end:])
+    _replace_between(DOCS, summary_markdown(summary))
+    _replace_between(README, readme_markdown(summary))
 
 
 def main(argv: list[str] | None = None) -> int:

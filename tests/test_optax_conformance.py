@@ -8,6 +8,8 @@ then the verdict's rules are checked on that run's real results.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conformance import _natives, suite
@@ -83,3 +85,12 @@ def test_presets_select_variants_by_the_natives_arguments():
     assert chosen.key == "keras.optimizers.Adam(amsgrad=True)" and rest == {"beta_1": 0.8}
     chosen, rest = _natives.choose(variants, {"amsgrad": False})
     assert chosen.key == "keras.optimizers.Adam" and rest == {"amsgrad": False}
+
+
+def test_the_readme_and_docs_tables_are_the_committed_summary():
+    summary = json.loads(suite.SUMMARY.read_text())
+    for path, table in ((suite.README, suite.readme_markdown(summary)),
+                        (suite.DOCS, suite.summary_markdown(summary))):
+        text = path.read_text()
+        start = text.index(suite._START) + len(suite._START)
+        assert text[start:text.index(suite._END)].strip() == table.strip(), path
