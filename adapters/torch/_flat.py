@@ -394,7 +394,7 @@ def check_local(owner: str, rule, params: list, where: str = "") -> None:
         if p.dtype in _LOW_PRECISION or p.ndim == 0:
             raise ValueError(f"{owner}: compiled=True runs DTensor params of 32 or 64 bits "
                              f"and at least one axis; {name} has dtype {p.dtype}; "
-                             f"use compiled=False (the eager path runs DTensor ops)")
+                             f"use compiled=False (the eager path steps them)")
         if not rule.elementwise and not all(pl.is_replicate() for pl in p.placements):
             raise ValueError(
                 f"{owner}: compiled=True runs the rule on each DTensor's local shard, "
