@@ -204,7 +204,6 @@ def test_polyopt_torch_muon_is_torch_optim_muon_and_takes_vectors_in_its_adam_pa
 
 
 def test_polyopt_optax_muon_is_optax_contrib_muon():
-    import jax
     import optax
 
     import polyopt.optax as po
@@ -213,19 +212,6 @@ def test_polyopt_optax_muon_is_optax_contrib_muon():
     params0, grads = _problem(shapes)
     # x64 is on (tests/conftest.py)
 
-    def run(transform):
-        params = [jax.numpy.asarray(p) for p in params0]
-        state = transform.init(params)
-
-        @jax.jit
-        def step(params, state, g):
-            updates, state = transform.update(g, state, params)
-            return optax.apply_updates(params, updates), state
-
-        for g in grads:
-            params, state = step(params, state, [jax.numpy.asarray(x) for x in g])
-        return [np.asarray(p) for p in params]
-
     options = native.PRESETS["optax.contrib.muon"][1]
     spelled = {po.muon.spec[k].spelling("optax"): v for k, v in options.items()}
     for extra, mine in (({}, {}), ({"nesterov": False, "weight_decay": 0.1,
@@ -233,8 +219,8 @@ def test_polyopt_optax_muon_is_optax_contrib_muon():
                                    {"nesterov": False, "adam_nesterov": False,
                                     "weight_decay": 0.1, "adam_weight_decay": 0.05,
                                     "lr_scale": "rms", "rms_scale": 0.3})):
-        want = run(optax.contrib.muon(0.01, **extra))
-        got = run(po.muon(learning_rate=0.01, **{**spelled, **mine}))
+        want = _run_optax(optax.contrib.muon(0.01, **extra), params0, grads)
+        got = _run_optax(po.muon(learning_rate=0.01, **{**spelled, **mine}), params0, grads)
         assert want[0].dtype == np.float64
         assert _relative(got, want, params0) <= 1e-10
         assert max(float(np.max(np.abs(w - p))) for w, p in zip(want, params0)) > 1e-3
