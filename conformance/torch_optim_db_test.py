@@ -197,12 +197,17 @@ def test_param_groups(info):
                                           "weight_decay": 0.1}]
 
     (ours, _), (native, _) = _model(torch.float64), _model(torch.float64)
-    if _refused_as_the_native(
-            lambda: info.optim_cls(groups(native), **copy.deepcopy(defaults)),
-            lambda: _polyopt(info, groups(ours), copy.deepcopy(defaults))):
+
+    def make_ours(_=None):
+        return _polyopt(info, groups(ours), copy.deepcopy(defaults))
+
+    def make_native(_=None):
+        return info.optim_cls(groups(native), **copy.deepcopy(defaults))
+
+    if _refused_as_the_native(make_native, make_ours):
         return
-    _train(lambda p: _polyopt(info, groups(ours), copy.deepcopy(defaults)), ours)
-    _train(lambda p: info.optim_cls(groups(native), **copy.deepcopy(defaults)), native)
+    _train(make_ours, ours)
+    _train(make_native, native)
     for a, b in zip(ours, native):
         torch.testing.assert_close(a.detach(), b.detach())
 
