@@ -60,6 +60,18 @@ SF_CASES = [
 ]
 
 
+def _jitted_steps(opt, state, params, grads, steps):
+    """The params after ``steps`` jitted updates with the same grads, as numpy."""
+    import jax
+    import optax
+
+    update = jax.jit(opt.update)
+    for _ in range(steps):
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return [np.asarray(x) for x in params]
+
+
 def _matrices(params):
     """optax's mask form: True for the tensors of 2+ axes (decay and trust ratio
     off for the vector and the scalar, as usual for biases and norms)."""
@@ -262,11 +274,7 @@ def test_adafactor_decay_rate_under_inject_hyperparams_matches_optax():
             **{**options, "learning_rate": 0.1, "decay_rate": 0.5})
         state = opt.init(params)
         assert float(state.hyperparams["decay_rate"]) == 0.5  # injected: an array
-        p = params
-        for _ in range(3):
-            updates, state = jax.jit(opt.update)(grads, state, p)
-            p = optax.apply_updates(p, updates)
-        out.append([np.asarray(x) for x in p])
+        out.append(_jitted_steps(opt, state, params, grads, 3))
     assert problem.max_rel(out[0], out[1]) <= 1e-6  # float32 runs
     assert problem.max_rel(out[1], [np.asarray(x) for x in params]) > 1e-2
 
@@ -328,11 +336,7 @@ def test_adafactor_dtype_momentum_under_inject_hyperparams():
         opt = optax.inject_hyperparams(factory, static_args=static)(learning_rate=0.1,
                                                                     momentum=momentum)
         state = opt.init(params)
-        p = params
-        for _ in range(3):
-            updates, state = jax.jit(opt.update)(grads, state, p)
-            p = optax.apply_updates(p, updates)
-        out.append([np.asarray(x) for x in p])
+        out.append(_jitted_steps(opt, state, params, grads, 3))
     assert problem.max_rel(out[0], out[1]) <= 1e-6  # float32 runs
     assert problem.max_rel(out[2], out[3]) <= 1e-6
     assert problem.max_rel(out[1], [np.asarray(x) for x in params]) > 1e-2
