@@ -5,6 +5,7 @@
     nox -s lab -- --quick        # the optimizer lab: numpy + matplotlib only, no framework
     nox -s lint                  # ruff
     nox -s conformance           # the frameworks' own optimizer tests against polyopt
+    nox -s distributed           # every optimizer sharded: torch FSDP2, JAX meshes, Keras
     nox -s torch tf jax compare  # the cross-framework matrix, then the agreement check
     nox -s torch tf jax compare -- --quick   # a few dozen steps per run
     nox -s bench                 # optimizer step benchmarks, one process per framework
@@ -102,6 +103,11 @@ def _collect(session: nox.Session, marker: str, env: dict[str, str]) -> tuple[in
     session.error(f"cannot read pytest's collection summary:\n{output}")
 
 
+#: the tests session's two selections; the every-optimizer distributed matrix
+#: (marked ``distributed``) has its own session
+MAIN, KERAS = "not keras and not distributed", "keras and not distributed"
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite: the main run, then one process per Keras backend."""
@@ -117,8 +123,8 @@ def tests(session: nox.Session) -> None:
     # whose selections are all empty fails; a legitimately empty one (no test
     # is marked keras yet, or posargs pick Keras tests only) is not started.
     # Collecting the Keras tests runs with KERAS_BACKEND=jax: no tensorflow.
-    main_count, _ = _collect(session, "not keras", env)
-    keras_count, keras_files = _collect(session, "keras", keras_env) if backends else (0, [])
+    main_count, _ = _collect(session, MAIN, env)
+    keras_count, keras_files = _collect(session, KERAS, keras_env) if backends else (0, [])
     if main_count < 0:  # nox --install-only
         return
     session.log(f"selected: {main_count} tests in the main run, {keras_count} Keras tests "
@@ -128,15 +134,42 @@ def tests(session: nox.Session) -> None:
 
     if main_count:
         # pytest's exit code 5 (no tests ran) fails the session here.
-        session.run("pytest", "-m", "not keras", *session.posargs, env=env)
+        session.run("pytest", "-m", MAIN, *session.posargs, env=env)
     for backend in backends if keras_count else []:
         # Only the files that hold Keras tests are imported: a tensorflow
         # process never imports the torch test modules.
         session.log(f"Keras tests, KERAS_BACKEND={backend}")
         files = [f for f in keras_files if f not in session.posargs]
-        session.run("pytest", "-m", "keras", *session.posargs, *files,
+        session.run("pytest", "-m", KERAS, *session.posargs, *files,
                     env={**keras_env, "KERAS_BACKEND": backend})
     session.log(f"tests session done in {time.monotonic() - started:.0f} s")
+
+
+@nox.session
+def distributed(session: nox.Session) -> None:
+    """The every-optimizer distributed matrix (docs/distributed.md): torch FSDP2 / DDP /
+    DCP over gloo and JAX meshes over host devices in one pytest run, the Keras
+    distribution API (JAX backend) in another. Not part of `tests`, which runs a
+    representative few of these settings."""
+    started = time.monotonic()
+    _install(session, "-e", ".[all,dev]")
+    env = _base_env(session)
+    env["POLYOPT_FRAMEWORKS"] = DEFAULT_FRAMEWORKS
+    env["JAX_PLATFORMS"] = "cpu"
+    keras_env = {**env, "POLYOPT_FRAMEWORKS": "keras", "KERAS_BACKEND": "jax"}
+    counts = {marker: _collect(session, marker, run_env)
+              for marker, run_env in (("distributed and not keras", env),
+                                      ("distributed and keras", keras_env))}
+    if any(count < 0 for count, _ in counts.values()):  # nox --install-only
+        return
+    if not any(count for count, _ in counts.values()):
+        session.error("no distributed test selected: nothing would be tested")
+    for (marker, (count, files)), run_env in zip(counts.items(), (env, keras_env)):
+        if count:
+            session.run("pytest", "-m", marker, *session.posargs,
+                        *(files if "keras" in run_env["POLYOPT_FRAMEWORKS"] else []),
+                        env=run_env)
+    session.log(f"distributed session done in {time.monotonic() - started:.0f} s")
 
 
 @nox.session
