@@ -22,6 +22,9 @@ POLYOPT_FRAMEWORKS
 POLYOPT_KERAS_BACKENDS
     Keras backends, one pytest process each, for the tests marked ``keras``
     (default ``tensorflow,jax,torch``; empty to skip them).
+POLYOPT_TEST_LANES
+    2 (default): the Keras processes run one after another beside the main
+    run; 1: everything one after another.
 
 torch and tensorflow must never share a process (it can segfault), so the
 main run deselects the ``keras`` tests and runs with KERAS_BACKEND=jax, and
@@ -33,6 +36,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -103,6 +108,31 @@ def _collect(session: nox.Session, marker: str, env: dict[str, str]) -> tuple[in
     session.error(f"cannot read pytest's collection summary:\n{output}")
 
 
+class _KerasLane(threading.Thread):
+    """The Keras pytest processes, one after another, in the background of the
+    main run; their output goes to ``log``; ``failed`` names the backends
+    whose run did not pass (pytest's exit code 5, no tests, included)."""
+
+    def __init__(self, session: nox.Session, runs: list, log: Path) -> None:
+        super().__init__(daemon=True)
+        self.runs, self.log, self.failed = runs, log, []
+        self.path = session.bin + os.pathsep + os.environ.get("PATH", "")
+        self.virtualenv = session.virtualenv.location
+
+    def run(self) -> None:
+        with open(self.log, "w") as out:
+            for backend, command, env in self.runs:
+                out.write(f"nox > Keras tests, KERAS_BACKEND={backend}\n")
+                out.flush()
+                full_env = {**os.environ, **env, "PATH": self.path,
+                            "VIRTUAL_ENV": self.virtualenv}
+                code = subprocess.call(command, env=full_env, stdout=out,
+                                       stderr=subprocess.STDOUT)
+                if code != 0:
+                    out.write(f"nox > KERAS_BACKEND={backend}: pytest exited with {code}\n")
+                    self.failed.append(backend)
+
+
 #: the tests session's two selections; the every-optimizer distributed matrix
 #: (marked ``distributed``) has its own session
 MAIN, KERAS = "not keras and not distributed", "keras and not distributed"
@@ -110,7 +140,8 @@ MAIN, KERAS = "not keras and not distributed", "keras and not distributed"
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite: the main run, then one process per Keras backend."""
+    """Run the test suite: the main run and, beside it, one process per Keras
+    backend (POLYOPT_TEST_LANES=1: one after another)."""
     started = time.monotonic()
     _install(session, "-e", ".[all,dev]")
     session.log(f"installed in {time.monotonic() - started:.0f} s")
@@ -132,16 +163,34 @@ def tests(session: nox.Session) -> None:
     if main_count == 0 and keras_count == 0:
         session.error("no test selected: nothing would be tested")
 
-    if main_count:
-        # pytest's exit code 5 (no tests ran) fails the session here.
-        session.run("pytest", "-m", MAIN, *session.posargs, env=env)
-    for backend in backends if keras_count else []:
-        # Only the files that hold Keras tests are imported: a tensorflow
-        # process never imports the torch test modules.
-        session.log(f"Keras tests, KERAS_BACKEND={backend}")
-        files = [f for f in keras_files if f not in session.posargs]
-        session.run("pytest", "-m", KERAS, *session.posargs, *files,
-                    env={**keras_env, "KERAS_BACKEND": backend})
+    # Only the files that hold Keras tests are imported: a tensorflow process
+    # never imports the torch test modules.
+    files = [f for f in keras_files if f not in session.posargs]
+    keras_runs = [(backend, ["pytest", "-m", KERAS, *session.posargs, *files],
+                   {**keras_env, "KERAS_BACKEND": backend})
+                  for backend in (backends if keras_count else [])]
+    lanes = int(os.environ.get("POLYOPT_TEST_LANES", "2"))
+    if lanes > 1 and main_count and keras_runs:
+        # Two lanes: the Keras processes (one after another) beside the main
+        # run, each its own process as always; on 2 cores this nearly halves the
+        # wall time. The Keras lane's output is shown when it ends.
+        log = Path(session.create_tmp()) / "keras-lane.log"
+        lane = _KerasLane(session, keras_runs, log)
+        lane.start()
+        try:
+            session.run("pytest", "-m", MAIN, *session.posargs, env=env)
+        finally:
+            lane.join()
+            print(log.read_text(), flush=True)
+        if lane.failed:
+            session.error(f"Keras tests failed: {', '.join(lane.failed)} (output above)")
+    else:
+        if main_count:
+            # pytest's exit code 5 (no tests ran) fails the session here.
+            session.run("pytest", "-m", MAIN, *session.posargs, env=env)
+        for backend, command, run_env in keras_runs:
+            session.log(f"Keras tests, KERAS_BACKEND={backend}")
+            session.run(*command, env=run_env)
     session.log(f"tests session done in {time.monotonic() - started:.0f} s")
 
 
