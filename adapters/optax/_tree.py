@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from polyopt import rules
 from polyopt.rules import _state
 
 Tree = Any
@@ -130,3 +131,87 @@ def to_core(owner: str, state: Any, template: Any, treedef, path: str = "state")
         else:
             leaves.append(value)
     return _state.rebuild(template, leaves)
+
+
+# --------------------------------------------------------------------------
+# params sharded over several devices
+
+
+def _sharded(leaves: list) -> bool:
+    """Whether some leaf is a concrete array placed on more than one device."""
+    for leaf in leaves:
+        sharding = getattr(leaf, "sharding", None) if isinstance(leaf, jax.Array) else None
+        if sharding is not None and len(sharding.device_set) > 1:
+            return True
+    return False
+
+
+def _mesh_of(leaves: list) -> Any:
+    for leaf in leaves:
+        if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding):
+            return leaf.sharding.mesh
+    return None
+
+
+def _spec_for(shape: tuple, param: Any) -> Any:
+    """The PartitionSpec of a state array of ``shape`` made for ``param`` (a
+    NamedSharding): the param's spec on the axes the array keeps (Adafactor's row
+    and column statistics: the param's shape without the reduced axes, or with
+    them kept as 1), None elsewhere; None when the axes kept are ambiguous."""
+    from itertools import combinations
+
+    P = jax.sharding.PartitionSpec
+    dims = tuple(param.shape)
+    spec = tuple(param.sharding.spec) + (None,) * (len(dims) - len(param.sharding.spec))
+    if len(shape) == len(dims) and all(s in (d, 1) for s, d in zip(shape, dims)):
+        return P(*(e if s == d else None for s, d, e in zip(shape, dims, spec)))
+    found = {tuple(spec[a] for a in kept) for kept in combinations(range(len(dims)), len(shape))
+             if tuple(dims[a] for a in kept) == tuple(shape)}
+    return P(*found.pop()) if len(found) == 1 else P()
+
+
+def _shardings(template: Any, leaves: list) -> Any:
+    """``template`` (a core state of ShapeDtypeStructs) with a sharding in place of
+    every array: a slot's array like its param's (a param-shaped one exactly, a
+    reduced one along the axes it keeps), the others replicated over the mesh."""
+    mesh = _mesh_of(leaves)
+    replicated = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+                  if mesh is not None else leaves[0].sharding)
+    out = []
+    for entry in _state.entries(template):
+        if entry.kind == "slot":
+            slot = []
+            for array, param in zip(entry.value, leaves):
+                if tuple(array.shape) == tuple(param.shape):
+                    slot.append(param.sharding)
+                elif (isinstance(param.sharding, jax.sharding.NamedSharding)
+                      and param.sharding.mesh == mesh):
+                    slot.append(jax.sharding.NamedSharding(mesh, _spec_for(array.shape, param)))
+                else:
+                    slot.append(replicated)
+            out.append(slot)
+        elif entry.kind == "array":
+            out.append(replicated)
+        else:
+            out.append(entry.value)
+    return _state.rebuild(template, out)
+
+
+def init_state(rule: Any, leaves: list, layouts: Any) -> Any:
+    """``rules.init_of(rule, leaves, layouts)``; for params sharded over several
+    devices, jitted with the state's shardings derived from the params' (each slot
+    array placed like its param, Adafactor's factored statistics along the axes they
+    keep, the step count replicated), so that no device holds more than its share.
+    A state with parts of a foreign optax transformation is left to jit's placement."""
+    if not _sharded(leaves):
+        return rules.init_of(rule, leaves, layouts)
+
+    def init(x):
+        return rules.init_of(rule, x, layouts)
+
+    template = jax.eval_shape(init, leaves)
+    try:
+        shardings = _shardings(template, leaves)
+    except _state.StateError:
+        return jax.jit(init)(leaves)
+    return jax.jit(init, out_shardings=shardings)(leaves)
