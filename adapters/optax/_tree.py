@@ -153,40 +153,48 @@ def _mesh_of(leaves: list) -> Any:
     return None
 
 
-def _spec_for(shape: tuple, param: Any) -> Any:
-    """The PartitionSpec of a state array of ``shape`` made for ``param`` (a
-    NamedSharding): the param's spec on the axes the array keeps (Adafactor's row
-    and column statistics: the param's shape without the reduced axes, or with
-    them kept as 1), None elsewhere; None when the axes kept are ambiguous."""
-    from itertools import combinations
-
+def _spec_for(kept: tuple | None, param: Any) -> Any:
+    """The PartitionSpec of a state array that keeps the axes ``kept`` of ``param``
+    (a NamedSharding; Adafactor's statistics keep all axes but the ones they average
+    over): the param's spec on those axes; replicated if ``kept`` is None."""
     P = jax.sharding.PartitionSpec
-    dims = tuple(param.shape)
-    spec = tuple(param.sharding.spec) + (None,) * (len(dims) - len(param.sharding.spec))
-    if len(shape) == len(dims) and all(s in (d, 1) for s, d in zip(shape, dims)):
-        return P(*(e if s == d else None for s, d, e in zip(shape, dims, spec)))
-    found = {tuple(spec[a] for a in kept) for kept in combinations(range(len(dims)), len(shape))
-             if tuple(dims[a] for a in kept) == tuple(shape)}
-    return P(*found.pop()) if len(found) == 1 else P()
+    if kept is None:
+        return P()
+    spec = tuple(param.sharding.spec) + (None,) * (param.ndim - len(param.sharding.spec))
+    return P(*(spec[a] for a in kept))
 
 
-def _shardings(template: Any, leaves: list) -> Any:
+def _kept_axes(shape: tuple, probe: tuple, probe_param: tuple) -> tuple | None:
+    """Which axes of its param a state array of ``shape`` keeps, read off the same
+    array of the probe state (made for a param whose axes all differ in size,
+    :func:`_probe_shape`): None if it is not such an array."""
+    axes = tuple(probe_param.index(d) if d in probe_param else None for d in probe)
+    if len(shape) != len(probe) or None in axes or list(axes) != sorted(set(axes)):
+        return None
+    return axes
+
+
+def _shardings(template: Any, probe: Any, leaves: list) -> Any:
     """``template`` (a core state of ShapeDtypeStructs) with a sharding in place of
     every array: a slot's array like its param's (a param-shaped one exactly, a
-    reduced one along the axes it keeps), the others replicated over the mesh."""
+    reduced one along the axes it keeps, which ``probe``, the same state for params
+    of distinct axis sizes, tells), the others replicated over the mesh."""
     mesh = _mesh_of(leaves)
     replicated = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
                   if mesh is not None else leaves[0].sharding)
+    probes = _state.entries(probe)
     out = []
-    for entry in _state.entries(template):
+    for entry, probed in zip(_state.entries(template), probes, strict=True):
         if entry.kind == "slot":
             slot = []
-            for array, param in zip(entry.value, leaves):
+            for array, probe_array, param in zip(entry.value, probed.value, leaves):
                 if tuple(array.shape) == tuple(param.shape):
                     slot.append(param.sharding)
                 elif (isinstance(param.sharding, jax.sharding.NamedSharding)
                       and param.sharding.mesh == mesh):
-                    slot.append(jax.sharding.NamedSharding(mesh, _spec_for(array.shape, param)))
+                    kept = _kept_axes(tuple(array.shape), tuple(probe_array.shape),
+                                      _probe_shape(param.shape))
+                    slot.append(jax.sharding.NamedSharding(mesh, _spec_for(kept, param)))
                 else:
                     slot.append(replicated)
             out.append(slot)
@@ -195,6 +203,13 @@ def _shardings(template: Any, leaves: list) -> Any:
         else:
             out.append(entry.value)
     return _state.rebuild(template, out)
+
+
+def _probe_shape(shape: tuple) -> tuple:
+    """``shape`` with axis i of size d made d * (ndim + 1) + i: every axis differs in
+    size from the others, in the same order (ties broken by position, as a stable
+    sort), none smaller than it was."""
+    return tuple(int(d) * (len(shape) + 1) + i for i, d in enumerate(shape))
 
 
 def init_state(rule: Any, leaves: list, layouts: Any) -> Any:
@@ -210,8 +225,10 @@ def init_state(rule: Any, leaves: list, layouts: Any) -> Any:
         return rules.init_of(rule, x, layouts)
 
     template = jax.eval_shape(init, leaves)
+    probe = jax.eval_shape(init, [jax.ShapeDtypeStruct(_probe_shape(p.shape), p.dtype)
+                                  for p in leaves])
     try:
-        shardings = _shardings(template, leaves)
-    except _state.StateError:
+        shardings = _shardings(template, probe, leaves)
+    except (_state.StateError, ValueError):  # a foreign part; a probe of another structure
         return jax.jit(init)(leaves)
     return jax.jit(init, out_shardings=shardings)(leaves)
