@@ -174,7 +174,7 @@ def _transformation(owner: str, rule: Any, uses_params: bool,
         if not leaves:
             return _tree.layout_without_arrays(rule, params)
         found = _layouts(f"{owner}.init", rule, layouts, leaves, treedef)
-        return _tree.to_tree(rules.init_of(rule, leaves, found), treedef)
+        return _tree.to_tree(_tree.init_state(rule, leaves, found), treedef)
 
     def update(updates, state, params=None, **extra_args):
         # extra_args: optax's GradientTransformationExtraArgs protocol; the rules need none
@@ -666,7 +666,8 @@ def lookahead(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
             if inner_rule is None:
                 return rules.LookaheadState(jnp.zeros((), jnp.int32), [], inner.init(fast))
             return _tree.layout_without_arrays(rule, fast)._replace(slow=[])
-        state = rules.init_of(rule, leaves, _layouts(owner, rule, None, leaves, treedef))
+        found = _layouts(owner, rule, None, leaves, treedef)
+        state = _tree.init_state(rule, leaves, found)
         inner_state = state.inner if inner_rule is None else _tree.to_tree(state.inner, treedef)
         return rules.LookaheadState(state.count, [], inner_state)
 

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from polyopt import rules
 from polyopt.rules import _state
 
 Tree = Any
@@ -130,3 +131,104 @@ def to_core(owner: str, state: Any, template: Any, treedef, path: str = "state")
         else:
             leaves.append(value)
     return _state.rebuild(template, leaves)
+
+
+# --------------------------------------------------------------------------
+# params sharded over several devices
+
+
+def _sharded(leaves: list) -> bool:
+    """Whether some leaf is a concrete array placed on more than one device."""
+    for leaf in leaves:
+        sharding = getattr(leaf, "sharding", None) if isinstance(leaf, jax.Array) else None
+        if sharding is not None and len(sharding.device_set) > 1:
+            return True
+    return False
+
+
+def _mesh_of(leaves: list) -> Any:
+    for leaf in leaves:
+        if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding):
+            return leaf.sharding.mesh
+    return None
+
+
+def _spec_for(kept: tuple | None, param: Any) -> Any:
+    """The PartitionSpec of a state array that keeps the axes ``kept`` of ``param``
+    (a NamedSharding; Adafactor's statistics keep all axes but the ones they average
+    over): the param's spec on those axes; replicated if ``kept`` is None."""
+    P = jax.sharding.PartitionSpec
+    if kept is None:
+        return P()
+    spec = tuple(param.sharding.spec) + (None,) * (param.ndim - len(param.sharding.spec))
+    return P(*(spec[a] for a in kept))
+
+
+def _kept_axes(shape: tuple, probe: tuple, probe_param: tuple) -> tuple | None:
+    """Which axes of its param a state array of ``shape`` keeps, read off the same
+    array of the probe state (made for a param whose axes all differ in size,
+    :func:`_probe_shape`): None if it is not such an array."""
+    axes = tuple(probe_param.index(d) if d in probe_param else None for d in probe)
+    if len(shape) != len(probe) or None in axes or list(axes) != sorted(set(axes)):
+        return None
+    return axes
+
+
+def _shardings(template: Any, probe: Any, leaves: list) -> Any:
+    """``template`` (a core state of ShapeDtypeStructs) with a sharding in place of
+    every array: a slot's array like its param's (a param-shaped one exactly, a
+    reduced one along the axes it keeps, which ``probe``, the same state for params
+    of distinct axis sizes, tells), the others replicated over the mesh."""
+    mesh = _mesh_of(leaves)
+    replicated = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+                  if mesh is not None else leaves[0].sharding)
+    probes = _state.entries(probe)
+    out = []
+    for entry, probed in zip(_state.entries(template), probes, strict=True):
+        if entry.kind == "slot":
+            slot = []
+            for array, probe_array, param in zip(entry.value, probed.value, leaves):
+                if tuple(array.shape) == tuple(param.shape):
+                    slot.append(param.sharding)
+                elif (isinstance(param.sharding, jax.sharding.NamedSharding)
+                      and param.sharding.mesh == mesh):
+                    kept = _kept_axes(tuple(array.shape), tuple(probe_array.shape),
+                                      _probe_shape(param.shape))
+                    slot.append(jax.sharding.NamedSharding(mesh, _spec_for(kept, param)))
+                else:
+                    slot.append(replicated)
+            out.append(slot)
+        elif entry.kind == "array":
+            out.append(replicated)
+        else:
+            out.append(entry.value)
+    return _state.rebuild(template, out)
+
+
+def _probe_shape(shape: tuple) -> tuple:
+    """``shape`` with axis i of size d made d * (ndim + 1) + i: every axis differs in
+    size from the others, in the same order (ties broken by position, as a stable
+    sort), none smaller than it was."""
+    return tuple(int(d) * (len(shape) + 1) + i for i, d in enumerate(shape))
+
+
+def init_state(rule: Any, leaves: list, layouts: Any) -> Any:
+    """``rules.init_of(rule, leaves, layouts)``; for params sharded over several
+    devices, jitted with the state's shardings derived from the params' (each slot
+    array placed like its param, Adafactor's factored statistics along the axes they
+    keep, the step count replicated), so that no device holds more than its share.
+    A state with parts of a foreign optax transformation is left to jit's placement."""
+    if not _sharded(leaves):
+        return rules.init_of(rule, leaves, layouts)
+
+    def init(x):
+        return rules.init_of(rule, x, layouts)
+
+    template = jax.eval_shape(init, leaves)
+    probe = jax.eval_shape(init, [jax.ShapeDtypeStruct(_probe_shape(p.shape), p.dtype)
+                                  for p in leaves])
+    try:
+        shardings = _shardings(template, probe, leaves)
+    except (_state.StateError, ValueError):  # a foreign part; a probe of another structure
+        return jax.jit(init)(leaves)
+    return jax.jit(init, out_shardings=shardings)(leaves)
