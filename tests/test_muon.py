@@ -294,8 +294,9 @@ def test_polyopt_torch_muon_refuses_an_adjust_lr_fn_torch_refuses():
     with pytest.raises(ValueError, match=r"Adjust learning rate function arbitrary"):
         torch.optim.Muon(params, adjust_lr_fn="arbitrary")
     with pytest.raises(ValueError, match=r"muon: adjust_lr_fn must be one of 'spectral', "
-                       r"'rms', 'none', 'spectral_last_two', or torch's None \(lr_scale='spectral'\), 'original' "
-                       r"\(lr_scale='spectral'\), 'match_rms_adamw' \(lr_scale='rms'\), "
+                       r"'rms', 'none', 'spectral_last_two', or torch's None "
+                       r"\(lr_scale='spectral'\), 'original' \(lr_scale='spectral'\), "
+                       r"'match_rms_adamw' \(lr_scale='rms'\), "
                        r"got adjust_lr_fn='arbitrary'"):
         pt.Muon(params, adjust_lr_fn="arbitrary")
     optimizer = pt.Muon(params)
