@@ -51,7 +51,10 @@ def _stand_in(path: str, native: type, variants: list[_natives.Preset]) -> type:
         _record.used(path)
         given = _natives.given_arguments(signature, args, kwargs)
         preset, given = _natives.choose(variants, given)
-        options = {base.spec[k].spelling("keras"): v for k, v in preset.options.items()}
+        names = {h.spelling("keras"): h.name for h in base.spec}
+        kept = base.spec.overridden(  # e.g. Muon's rms_rate=None sets lr_scale='none'
+            preset.options, {names[k]: v for k, v in given.items() if k in names}, "keras")
+        options = {base.spec[k].spelling("keras"): v for k, v in kept.items()}
         base.__init__(self, **{**options, **given})
 
     def __new__(cls, *args, **kwargs):

@@ -8,6 +8,9 @@ spec, so that a default or a range is written exactly once.
 A :class:`Hyper` names one argument. ``torch``, ``keras`` and ``optax`` give
 its spelling in that framework when it differs from the canonical (optax-like)
 name, e.g. ``Hyper("b1", ..., torch="betas[0]", keras="beta_1")``.
+``aliases`` give a framework's spelling of values (:class:`Alias`), e.g. torch's
+``adjust_lr_fn=None`` for Muon's ``lr_scale='spectral'``: ``Spec.validate``
+reads them in that framework and every rule sees the canonical value.
 ``runtime=True`` marks values a framework changes while training (torch
 ``group["lr"]``, a Keras learning-rate variable, OneCycleLR's momentum): rules
 accept them as 0-d arrays and never branch on their value.
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 __all__ = [
+    "Alias",
     "Hyper",
     "Spec",
     "Interval",
@@ -92,6 +96,33 @@ def _scalar_value(value: Any) -> float | None:
         return None
 
 
+def _same(a: Any, b: Any) -> bool:
+    """``a`` is ``b``, or both are the same plain type and equal (1, 1.0 and True differ;
+    an array never equals a plain value)."""
+    plain = (bool, int, float, str, type(None))
+    return a is b or (type(a) in plain and type(a) is type(b) and a == b)
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A framework's spelling of a value: in ``framework``, this argument given
+    ``value`` means the canonical settings ``means`` ((name, value) pairs: this
+    argument's canonical value, or other arguments' values, which it then must not
+    contradict). Build one with :func:`alias`."""
+
+    framework: str
+    value: Any
+    means: tuple[tuple[str, Any], ...]
+
+
+_FRAMEWORK_NAMES = {"keras": "Keras"}
+
+
+def alias(framework: str, value: Any, **means: Any) -> Alias:
+    """``alias("torch", None, lr_scale="spectral")``: torch's None is 'spectral'."""
+    return Alias(framework, value, tuple(means.items()))
+
+
 @dataclass(frozen=True)
 class Hyper:
     """One argument of a rule.
@@ -112,6 +143,18 @@ class Hyper:
     runtime: bool = False
     schedule: bool = False
     optional: bool = False  # None is allowed too (e.g. state_dtype: the params' dtype)
+    aliases: tuple[Alias, ...] = ()  # frameworks' spellings of values
+
+    def alias(self, framework: str | None, value: Any) -> Alias | None:
+        """The alias ``value`` is in ``framework`` (None: not an alias there)."""
+        return next((a for a in self.aliases
+                     if a.framework == framework and _same(a.value, value)), None)
+
+    def spelled_value(self, framework: str | None, value: Any) -> Any:
+        """``framework``'s spelling of this argument's canonical ``value``: the first
+        alias meaning exactly it, else ``value`` itself."""
+        return next((a.value for a in self.aliases if a.framework == framework
+                     and a.means == ((self.name, value),)), value)
 
     def spelling(self, framework: str | None) -> str:
         """This argument's name in ``framework`` (None: the canonical name)."""
@@ -120,7 +163,14 @@ class Hyper:
         own = getattr(self, framework)
         return own if own is not None else self.name
 
-    def allowed_text(self) -> str:
+    def allowed_text(self, framework: str | None = None) -> str:
+        """What this argument may be; in ``framework``, with that framework's aliases."""
+        own = [a for a in self.aliases if a.framework == framework]
+        if own:
+            said = ", ".join(f"{a.value!r} ({', '.join(f'{k}={v!r}' for k, v in a.means)})"
+                             for a in own)
+            who = _FRAMEWORK_NAMES.get(framework, framework)
+            return f"{replace(self, aliases=()).allowed_text()}, or {who}'s {said}"
         if self.optional:
             return replace(self, optional=False).allowed_text() + " or None"
         if self.kind == "bool":
@@ -137,7 +187,8 @@ class Hyper:
         name = self.spelling(framework)
 
         def fail(exc: type[Exception]) -> Exception:
-            return exc(f"{owner}: {name} must be {self.allowed_text()}, got {name}={value!r}")
+            return exc(f"{owner}: {name} must be {self.allowed_text(framework)}, "
+                       f"got {name}={value!r}")
 
         if self.optional and value is None:
             return None
@@ -252,11 +303,48 @@ class Spec:
                 f"{self.name}: unexpected argument(s) {spelled}; "
                 f"allowed: {[h.spelling(framework) for h in self.hypers]}"
             )
+        values = self.canonical(values, framework)
         out = {}
         for h in self.hypers:
             value = values.get(h.name, h.default)
             out[h.name] = h.check(value, self.name, framework)
         return out
+
+    def canonical(self, values: dict[str, Any], framework: str | None) -> dict[str, Any]:
+        """``values`` (canonical names) with ``framework``'s value aliases replaced by
+        what they mean. An alias that sets another argument refuses a different value
+        given for it (ValueError naming both); use :meth:`overridden` to let it win
+        over a preset's."""
+        implied: dict[str, tuple[Any, Hyper, Any]] = {}
+        out = dict(values)
+        for h in self.hypers:
+            a = h.alias(framework, values[h.name]) if h.name in values else None
+            if a is None:
+                continue
+            if h.name not in dict(a.means):
+                out.pop(h.name)
+            for name, value in a.means:
+                implied[name] = (value, h, values[h.name])
+        for name, (value, by, raw) in implied.items():
+            given = values.get(name, _MISSING)
+            if (name != by.name and given is not _MISSING
+                    and self[name].alias(framework, given) is None and not _same(given, value)):
+                spelled = self[name].spelling(framework)
+                raise ValueError(
+                    f"{self.name}: {by.spelling(framework)}={raw!r} means {spelled}={value!r}, "
+                    f"which contradicts {spelled}={given!r}; give one of them")
+            out[name] = value
+        return out
+
+    def overridden(self, options: dict[str, Any], given: dict[str, Any],
+                   framework: str | None) -> dict[str, Any]:
+        """A preset's ``options`` (canonical names) less those that ``given``
+        (canonical names, ``framework``'s values) sets through an alias of another
+        argument: ``given`` overrides them, as it overrides the options it names."""
+        set_by_alias = {name for h in self.hypers if h.name in given
+                        for a in [h.alias(framework, given[h.name])] if a is not None
+                        for name, _ in a.means if name != h.name}
+        return {k: v for k, v in options.items() if k not in set_by_alias}
 
     def factory(self, fn: Callable) -> Callable:
         """Decorate a rule factory: defaults and checks come from this spec.
@@ -669,13 +757,21 @@ MUON = Spec("muon", (
     Hyper("eps_placement", "add", kind="choice", allowed=("add", "clamp"),
           doc="'add': ||X|| + eps (the reference, Keras, optax); 'clamp': max(||X||, eps) "
           "(torch)"),
-    Hyper("lr_scale", "spectral", kind="choice", allowed=("spectral", "rms", "none"),
+    Hyper("lr_scale", "spectral", kind="choice",
+          allowed=("spectral", "rms", "none", "spectral_last_two"),
+          torch="adjust_lr_fn",
+          aliases=(alias("torch", None, lr_scale="spectral"),
+                   alias("torch", "original", lr_scale="spectral"),
+                   alias("torch", "match_rms_adamw", lr_scale="rms")),
           doc="the step's factor from the matrix (rows = outputs, cols = inputs): "
-          "'spectral' sqrt(max(1, rows/cols)) (the reference, torch adjust_lr_fn='original', "
-          "optax); 'rms' rms_scale*sqrt(max(rows, cols)) (torch 'match_rms_adamw', Keras "
-          "rms_rate, optax consistent_rms); 'none'"),
+          "'spectral' sqrt(max(1, rows/cols)) (the reference, torch adjust_lr_fn=None or "
+          "'original', optax); 'rms' rms_scale*sqrt(max(rows, cols)) (torch "
+          "'match_rms_adamw', Keras rms_rate, optax consistent_rms); 'none' (Keras "
+          "rms_rate=None); 'spectral_last_two' sqrt(max(1, shape[-2]/shape[-1])) of the "
+          "param as stored (the reference: a conv kernel (out, in, kh, kw) gets kh/kw)"),
     Hyper("rms_scale", 0.2, allowed=POSITIVE, keras="rms_rate",
-          doc="the factor of lr_scale='rms'"),
+          aliases=(alias("keras", None, lr_scale="none"),),
+          doc="the factor of lr_scale='rms' (Keras: rms_rate=None is lr_scale='none')"),
     Hyper("adaptive", False, kind="bool",
           doc="scale the orthogonalized matrix by <B, X> (optax adaptive)"),
     Hyper("iteration_dtype", None, kind="choice", allowed=("bfloat16", "float32"),

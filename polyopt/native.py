@@ -101,9 +101,11 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "optax.contrib.muon": ("muon", {
         "eps": 1e-8, "momentum_form": "ema_debiased", "muon_params": "2d",
         "adam_learning_rate": None, "adam_b2": 0.999, "adam_eps": 1e-8, "adam_nesterov": True}),
-    # the reference (github KellerJordan/Muon, muon.py: SingleDeviceMuonWithAuxAdam; not
-    # installable: tested against torch.optim.Muon where the two coincide)
-    "reference:muon": ("muon", {"iteration_dtype": "bfloat16"}),
+    # the reference (github KellerJordan/Muon, muon.py: SingleDeviceMuonWithAuxAdam, on
+    # PyPI as muon-optimizer 0.1.0): muon_update scales by max(1, grad.size(-2) /
+    # grad.size(-1)) ** 0.5 of the gradient as stored, so a conv kernel's is kh/kw
+    "reference:muon": ("muon", {"iteration_dtype": "bfloat16",
+                                "lr_scale": "spectral_last_two"}),
 }
 
 

@@ -242,7 +242,8 @@ ERRORS: list[ErrorCase] = [
     ErrorCase("muon", {"eps_placement": "floor"}, ValueError,
               r"muon: eps_placement must be one of 'add', 'clamp', got eps_placement='floor'"),
     ErrorCase("muon", {"lr_scale": "original"}, ValueError,
-              r"muon: lr_scale must be one of 'spectral', 'rms', 'none', got lr_scale="),
+              r"muon: lr_scale must be one of 'spectral', 'rms', 'none', 'spectral_last_two', got "
+              r"lr_scale='original'"),
     ErrorCase("muon", {"rms_scale": 0.0}, ValueError, r"muon: rms_scale .* got rms_scale=0.0"),
     ErrorCase("muon", {"muon_params": "2D"}, ValueError, r"muon: muon_params must be one of"),
     ErrorCase("muon", {"adam_lr_ratio": -1.0}, ValueError,

@@ -54,7 +54,8 @@ CASES = {
                lambda: pk.Ranger(learning_rate=LR, sync_period=3, gradient_centralization=False)),
     # lr_scale 'rms' is symmetric in rows and columns: the (3, 4) weight is (out, in) in
     # torch's layout and (in, out) in Keras's, the same orthogonalized matrix either way
-    "muon": ("Muon", {"lr": LR, "lr_scale": "rms", "adam_learning_rate": LR}, "muon",
+    "muon": ("Muon", {"lr": LR, "adjust_lr_fn": "match_rms_adamw", "adam_learning_rate": LR},
+             "muon",
              {"learning_rate": LR, "lr_scale": "rms", "adam_learning_rate": LR},
              lambda: pk.Muon(learning_rate=LR, lr_scale="rms", adam_learning_rate=LR)),
 }

@@ -116,6 +116,64 @@ def test_reference_preset_is_torch_muon_with_the_references_defaults():
     assert 1e-8 < _relative([g.numpy() for g in got], expected, params0) <= 1e-6
 
 
+REFERENCE_SHAPES = [(8, 3, 3, 2), (6, 4), (3, 5), (5,), ()]
+
+
+def _reference_run(params0, grads, lr, weight_decay, adam_lr):
+    """Keller Jordan's muon.py (PyPI muon-optimizer 0.1.0), its bfloat16 cast made a copy
+    for the run. The matrices and vectors: SingleDeviceMuonWithAuxAdam as shipped (a
+    use_muon group and an Adam group). The conv kernel: 0.1.0's step adds the (out,
+    in*kh*kw) update to the 4-D param, which torch refuses (GitHub's muon.py reshapes it
+    since), so its step is driven here through the module's own muon_update (the view,
+    Newton-Schulz and the scale), then decayed and added reshaped as GitHub's step does."""
+    import muon
+
+    params = [torch.nn.Parameter(torch.tensor(p)) for p in params0]
+    kernel, rest = params[0], params[1:]
+    groups = [dict(params=[p for p in rest if p.ndim == 2], use_muon=True, lr=lr,
+                   weight_decay=weight_decay),
+              dict(params=[p for p in rest if p.ndim < 2], use_muon=False, lr=adam_lr,
+                   weight_decay=weight_decay)]
+    optimizer = muon.SingleDeviceMuonWithAuxAdam(groups)
+    buffer = torch.zeros_like(kernel)
+    with mock.patch.object(torch.Tensor, "bfloat16", lambda self: self.clone()), \
+            torch.no_grad():
+        for g in grads:
+            for p, gi in zip(params, g):
+                p.grad = torch.tensor(gi)
+            optimizer.step()
+            update = muon.muon_update(kernel.grad, buffer, beta=0.95)
+            kernel.mul_(1 - lr * weight_decay)
+            kernel.add_(update.reshape(kernel.shape), alpha=-lr)
+    return [p.detach().numpy() for p in params]
+
+
+def test_reference_preset_is_the_reference_on_a_conv_kernel():
+    """The reference views a conv kernel (out, in, kh, kw) as (out, in*kh*kw) for
+    Newton-Schulz but scales by max(1, grad.size(-2) / grad.size(-1)) ** 0.5 of the
+    gradient as stored (muon.py, muon_update): kh/kw, here 3/2, not out/(in*kh*kw)
+    (lr_scale='spectral_last_two'). Side by side with the reference in float64."""
+    import polyopt.torch as pt
+
+    params0, grads = _problem(REFERENCE_SHAPES, steps=50)
+    expected = _reference_run(params0, grads, lr=0.02, weight_decay=0.01, adam_lr=3e-4)
+    assert np.max(np.abs(expected[0] - params0[0])) > 0.1
+
+    def ours(**overrides):
+        params = [torch.nn.Parameter(torch.tensor(p)) for p in params0]
+        optimizer = pt.preset("reference:muon", params, iteration_dtype=None,
+                              weight_decay=0.01, adam_weight_decay=0.01, **overrides)
+        for g in grads:
+            for p, gi in zip(params, g):
+                p.grad = torch.tensor(gi)
+            optimizer.step()
+        return [p.detach().numpy() for p in params]
+
+    assert _relative(ours(), expected, params0) <= 1e-10
+    # the scale of the (out, in*kh*kw) matrix, 1 here, is another step for the kernel
+    assert _relative(ours(adjust_lr_fn="spectral")[:1], expected[:1], params0[:1]) > 1e-2
+
+
 def test_a_conv_kernel_gets_the_same_update_in_torch_and_keras_layouts():
     rng = np.random.default_rng(3)
     torch_kernel = rng.normal(size=(8, 3, 3, 2))  # (out, in, kh, kw)
@@ -184,7 +242,7 @@ def test_polyopt_torch_muon_is_torch_optim_muon_and_takes_vectors_in_its_adam_pa
     import polyopt.torch as pt
 
     optimizer = pt.Muon(params, lr=1e-3, weight_decay=0.1, eps_placement="clamp",
-                        lr_scale="rms", muon_params="all")
+                        adjust_lr_fn="match_rms_adamw", muon_params="all")
     for g in grads:
         for p, gi in zip(params, g):
             p.grad = torch.tensor(gi)
@@ -201,6 +259,54 @@ def test_polyopt_torch_muon_is_torch_optim_muon_and_takes_vectors_in_its_adam_pa
     hybrid.step()
     assert set(hybrid.state[bias]) >= {"exp_avg", "exp_avg_sq"}
     assert torch.all(bias < 0)
+
+
+@pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw", "unset"])
+def test_polyopt_torch_muon_takes_torchs_adjust_lr_fn(adjust_lr_fn):
+    """torch's spelling of lr_scale (hyper.MUON's value aliases): the same numbers as
+    torch.optim.Muon given the same adjust_lr_fn, and the param group holds what
+    torch's holds."""
+    import polyopt.torch as pt
+
+    given = {} if adjust_lr_fn == "unset" else {"adjust_lr_fn": adjust_lr_fn}
+    params0, grads = _problem(TORCH_SHAPES)
+    expected = _torch_native(given, torch.float64, True)
+    params = [torch.tensor(p, requires_grad=True) for p in params0]
+    optimizer = pt.preset("torch.optim.Muon", params, iteration_dtype=None, **given)
+    native_group = torch.optim.Muon([torch.zeros(2, 2)], **given).param_groups[0]
+    ours = optimizer.state_dict()["param_groups"][0]
+    assert ours["adjust_lr_fn"] == native_group["adjust_lr_fn"]
+    assert {k: ours[k] for k in native_group if k != "params"} == {
+        k: v for k, v in native_group.items() if k != "params"}
+    scale = "rms" if adjust_lr_fn == "match_rms_adamw" else "spectral"
+    assert optimizer._values(optimizer.param_groups[0])["lr_scale"] == scale
+    for g in grads:
+        for p, gi in zip(params, g):
+            p.grad = torch.tensor(gi)
+        optimizer.step()
+    assert _relative([p.detach().numpy() for p in params], expected, params0) <= 1e-10
+
+
+def test_polyopt_torch_muon_refuses_an_adjust_lr_fn_torch_refuses():
+    import polyopt.torch as pt
+
+    params = [torch.zeros(2, 2, requires_grad=True)]
+    with pytest.raises(ValueError, match=r"Adjust learning rate function arbitrary"):
+        torch.optim.Muon(params, adjust_lr_fn="arbitrary")
+    with pytest.raises(ValueError, match=r"muon: adjust_lr_fn must be one of 'spectral', "
+                       r"'rms', 'none', 'spectral_last_two', or torch's None "
+                       r"\(lr_scale='spectral'\), 'original' \(lr_scale='spectral'\), "
+                       r"'match_rms_adamw' \(lr_scale='rms'\), "
+                       r"got adjust_lr_fn='arbitrary'"):
+        pt.Muon(params, adjust_lr_fn="arbitrary")
+    optimizer = pt.Muon(params)
+    with pytest.raises(ValueError, match=r"got adjust_lr_fn='Original' \(param group 1\)"):
+        optimizer.add_param_group({"params": [torch.zeros(3, 2, requires_grad=True)],
+                                   "adjust_lr_fn": "Original"})
+    assert len(optimizer.param_groups) == 1
+    # polyopt's own values are torch-spelled too: 'none' has no torch spelling
+    assert pt.Muon(params, adjust_lr_fn="none")._values(
+        pt.Muon(params, adjust_lr_fn="none").param_groups[0])["lr_scale"] == "none"
 
 
 def test_polyopt_optax_muon_is_optax_contrib_muon():

@@ -87,8 +87,10 @@ def test_signature_is_the_spec_in_torch_spelling(cls):
         if "[" in spelled:
             base, index = spelled[:-1].split("[")
             assert opt.defaults[base][int(index)] == h.default
-        else:
-            assert opt.defaults[spelled] == h.default
+        else:  # a value alias: torch's spelling of the default (Muon's adjust_lr_fn=None)
+            assert opt.defaults[spelled] == h.spelled_value("torch", h.default)
+            assert h.alias("torch", opt.defaults[spelled]) is None or dict(
+                h.alias("torch", opt.defaults[spelled]).means)[h.name] == h.default
     assert pt.Adam in CLASSES and inspect.signature(pt.Adam).parameters["betas"].default == (
         0.9, 0.999)
 

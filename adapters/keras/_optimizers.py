@@ -32,7 +32,8 @@ def _differences(spec: hyper.Spec, keras_native: str) -> str:
 
 def _doc(summary: str, spec: hyper.Spec, keras_native: str | None, notes: str = "") -> str:
     rows = "\n".join(
-        f"      {h.spelling('keras')}={h.default!r}: {h.allowed_text()}. {h.doc}" for h in spec)
+        f"      {h.spelling('keras')}={h.default!r}: {h.allowed_text('keras')}. {h.doc}"
+        for h in spec)
     native = ""
     if keras_native:
         native = (f"\n\n    Defaults are polyopt's (the same in every adapter); they differ from "

@@ -66,4 +66,8 @@ def preset(name: str, params, **kwargs: Any) -> RuleOptimizer:
     except KeyError:
         raise KeyError(f"no preset {name!r}; known: {sorted(native.PRESETS)}") from None
     cls = OPTIMIZERS[rule]
+    # an argument given through a value alias that sets others overrides those too
+    names = {a.name: h.name for a in cls._args for i, h in a.hypers if i is None}
+    options = cls.spec.overridden(options, {names[k]: v for k, v in kwargs.items()
+                                            if k in names}, "torch")
     return cls(params, **{**spelled(cls, options), **kwargs})

@@ -55,8 +55,10 @@ class _Arg:
 
     @property
     def default(self) -> Any:
+        """The default as torch spells it (a value alias: torch's value)."""
         if self.hypers[0][0] is None:
-            return self.hypers[0][1].default
+            h = self.hypers[0][1]
+            return h.spelled_value("torch", h.default)
         return tuple(h.default for _, h in sorted(self.hypers, key=lambda ih: ih[0]))
 
 
@@ -786,7 +788,7 @@ def _arguments_doc(cls) -> str:
     lines = ["", "", "    Arguments (torch spelling, default; generated from the spec "
              f"``polyopt.hyper.{cls.spec.name.upper()}``):", ""]
     for arg in cls._args:
-        docs = "; ".join(f"{h.doc}, {h.allowed_text()}" for _, h in arg.hypers)
+        docs = "; ".join(f"{h.doc}, {h.allowed_text('torch')}" for _, h in arg.hypers)
         lines.append(f"      {arg.name}={arg.default!r}: {docs}")
     lines.append("      compiled=False: the fast path (flat buffers, torch.compile)")
     lines.append("      maximize=False, foreach=None, fused=None, differentiable=False, "
@@ -813,7 +815,7 @@ def spelled(cls, options: dict) -> dict:
         if arg.hypers[0][0] is None:
             h = arg.hypers[0][1]
             if h.name in options:
-                out[arg.name] = options[h.name]
+                out[arg.name] = h.spelled_value("torch", options[h.name])
         elif any(h.name in options for _, h in arg.hypers):
             out[arg.name] = tuple(options.get(h.name, h.default)
                                   for _, h in sorted(arg.hypers, key=lambda ih: ih[0]))

@@ -72,7 +72,10 @@ def newton_schulz(xp, x, steps: int, coefficients: tuple, eps: float, eps_placem
     return xp.matrix_transpose(x) if tall else x
 
 
-def _shape_scale(rows: int, cols: int, lr_scale: str, rms_scale: float) -> float:
+def _shape_scale(rows: int, cols: int, lr_scale: str, rms_scale: float,
+                 shape: tuple = ()) -> float:
+    if lr_scale == "spectral_last_two":  # the reference: the tensor's own last two axes
+        return math.sqrt(max(1.0, shape[-2] / shape[-1]))
     if lr_scale == "spectral":
         return math.sqrt(max(1.0, rows / cols))
     if lr_scale == "rms":
@@ -143,8 +146,10 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
       eps: \epsilon of the normalization (default 1e-7; optax 1e-8).
       eps_placement: 'add' (\lVert X \rVert + \epsilon: the reference, Keras, optax)
         or 'clamp' (\max(\lVert X \rVert, \epsilon): torch).
-      lr_scale: s: 'spectral' (\sqrt{\max(1, rows/cols)}: the reference, torch
-        'original', optax), 'rms' (rms_scale \sqrt{\max(rows, cols)}: torch
+      lr_scale: s: 'spectral' (\sqrt{\max(1, rows/cols)}: torch 'original', optax),
+        'spectral_last_two' (the same of the param's own last two axes, not its
+        matrix's: the reference, whose conv kernel (out, in, kh, kw) gets
+        \sqrt{\max(1, kh/kw)}), 'rms' (rms_scale \sqrt{\max(rows, cols)}: torch
         'match_rms_adamw', Keras, optax consistent_rms) or 'none'.
       rms_scale: the factor of 'rms' (default 0.2).
       adaptive: scale the orthogonalized matrix by <\tilde B_t, X_n> (optax).
@@ -252,7 +257,8 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
                 o = xp.sum(matrix * o) * o
             rows, cols = int(matrix.shape[0]), int(matrix.shape[1])
             lr = _base.scalar(xp, lr_value, g)
-            u = -(lr * _shape_scale(rows, cols, lr_scale, rms_scale)) * back(o)
+            scale = _shape_scale(rows, cols, lr_scale, rms_scale, tuple(int(d) for d in g.shape))
+            u = -(lr * scale) * back(o)
             if not _base.is_zero(weight_decay):
                 u = u - (lr * weight_decay) * p
             updates.append(u)
