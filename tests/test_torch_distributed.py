@@ -1,0 +1,188 @@
+"""polyopt.torch optimizers under torch.distributed (gloo, CPU, float64).
+
+Every setting trains the same MLP (tests/_torch_distributed.py) for 10 steps
+and is compared with one unsharded process run side by side in the same
+spawned group: losses and params to 1e-12 relative.
+
+- FSDP2 (``fully_shard`` per Linear and on the root; 2 ranks, uneven and
+  empty shards), eager and ``compiled=True`` (or the compiled path's refusal
+  of a per-tensor rule on shards, asserted);
+- DDP (2 ranks, half the batch each);
+- checkpoints after step 5: DCP save/load of the sharded state dicts
+  (``get_state_dict`` / ``set_state_dict``), the full state dicts
+  (``full_state_dict=True``, ``torch.save``), and resuming on another number
+  of ranks (2 -> 1, 1 -> 2); a resumed run must end where the uninterrupted
+  run did.
+
+The default run holds a few representative cases in one spawned group; the
+every-optimizer matrix is marked ``distributed`` (``nox -s distributed``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests._native import run_python
+from tests._torch_distributed import SAVE, spawn
+from tests._v2_problem import max_rel
+
+TOLERANCE = 1e-12
+#: settings compared with the unsharded process from the start
+TRAINED = ("fsdp", "whole", "compiled", "ddp")
+#: resumed settings: steps SAVE+1.. from a checkpoint, against the uninterrupted run
+RESUMED = ("resume-sharded", "resume-full", "resume-2to1", "resume-1to2", "resume-compiled")
+#: the uninterrupted run of each resumed setting
+UNINTERRUPTED = {"resume-2to1": "single", "resume-compiled": "compiled"}
+
+
+def case(name: str, optimizer: dict, settings, **extra) -> dict:
+    return {"id": name, "optimizer": optimizer, "settings": ["single", *settings], **extra}
+
+
+ADAM = {"cls": "Adam", "kwargs": {"lr": 0.01, "weight_decay": 0.1}}
+DEFAULT_CASES = [
+    case("Adam", ADAM, ["fsdp", "resume-sharded", "resume-2to1", "compiled",
+                        "resume-compiled"]),
+    # per-tensor (gradient centralization): eager on whole DTensors, compiled refused
+    case("Ranger", {"cls": "Ranger", "kwargs": {"lr": 0.05}}, ["fsdp", "compiled"]),
+    # momentum from step 2 on: the eager replay starts the buffers on the local shards
+    case("SGD(momentum later)", {"cls": "SGD", "kwargs": {"lr": 0.05}}, ["fsdp", "whole", "ddp"],
+         later={"momentum": 0.9}),
+    case("Lookahead(Adam)", {"wrap": "Lookahead", "base": ADAM, "kwargs": {"k": 3}}, ["fsdp"]),
+]
+
+
+@pytest.fixture(scope="module")
+def default_results(tmp_path_factory) -> dict:
+    results = spawn(tmp_path_factory.mktemp("torch-distributed"), DEFAULT_CASES)
+    print(f"\ntorch distributed, default cases: one group of 2 ranks, "
+          f"{results.pop('seconds'):.1f} s")
+    return results
+
+
+def ok(result: dict | None) -> dict:
+    assert result is not None
+    assert "error" not in result, result["error"] + "\n" + result.get("traceback", "")
+    return result
+
+
+def agreement(result: dict, reference: dict, first_step: int = 0) -> float:
+    """max relative difference of the losses (from ``first_step``) and params."""
+    losses = max_rel([result["losses"]], [reference["losses"][first_step:]])
+    return max(losses, max_rel([np.asarray(p) for p in result["params"]],
+                               [np.asarray(p) for p in reference["params"]]))
+
+
+def check(results: dict, name: str, setting: str) -> float:
+    """The run of ``setting`` agrees with the unsharded one (trained settings)
+    or with the uninterrupted run (resumed settings); the difference."""
+    runs = results[name]
+    single = ok(runs["single"])
+    assert single["moved"] > 1e-3, single["moved"]  # it trained
+    run = ok(runs[setting])
+    if setting in RESUMED:
+        uninterrupted = ok(runs[UNINTERRUPTED.get(setting, "fsdp")])
+        diff = agreement(run, uninterrupted, SAVE + 1)
+    else:
+        diff = agreement(run, single)
+    print(f"{name}, {setting}: max rel diff {diff:.2e} ({run['seconds']:.1f} s)")
+    assert diff <= TOLERANCE
+    if setting in ("fsdp", "compiled", "whole") or setting.startswith("resume") and \
+            setting != "resume-2to1":  # the state follows the params: sharded DTensors
+        assert all(slot.endswith(" DTensor") for slot in run["slots"]), run["slots"]
+    if setting == "compiled":  # the compiled step ran on the local shards
+        assert "local" in run["replayed"], run["replayed"]
+    return diff
+
+
+@pytest.mark.needs("torch")
+@pytest.mark.parametrize("name, setting", [(c["id"], s) for c in DEFAULT_CASES
+                                           for s in c["settings"] if s != "single"
+                                           and not (c["id"] == "Ranger" and s == "compiled")])
+def test_agrees_with_one_process(default_results, name, setting):
+    check(default_results, name, setting)
+
+
+@pytest.mark.needs("torch")
+def test_eager_fsdp2_steps_local_shards_or_whole_dtensors(default_results):
+    """An elementwise rule's eager step is replayed on each DTensor's local
+    shard (plain tensors); a per-tensor rule (Ranger's centralization) runs on
+    the whole DTensors (DTensor ops); the replay gives bitwise the numbers of
+    the DTensor ops, and starts a slot (momentum set later) as DTensors."""
+    adam, ranger = default_results["Adam"]["fsdp"], default_results["Ranger"]["fsdp"]
+    sgd, whole = (default_results["SGD(momentum later)"][s] for s in ("fsdp", "whole"))
+    assert ok(adam)["replayed"] == ok(sgd)["replayed"] == ["Tensor"]
+    assert ok(ranger)["replayed"] == ok(whole)["replayed"] == []
+    assert sgd["slots"] == whole["slots"] == ["momentum_buffer DTensor"]
+    assert sgd["losses"] == whole["losses"] and sgd["params"] == whole["params"]
+    # the shards: the (3, 8) weight 2 + 1 rows, the (1, 3) weight empty on rank 1
+    assert adam["local_shapes"][2:] == [[2, 8], [2], [1, 3], [1]]
+
+
+@pytest.mark.needs("torch")
+def test_compiled_refuses_per_tensor_rule_on_shards(default_results):
+    refused = default_results["Ranger"]["compiled"]
+    assert refused is not None and "refused" in refused, refused
+    assert refused["refused"].startswith("ValueError: polyopt.torch.Ranger: compiled=True runs "
+                                         "the rule on each DTensor's local shard")
+    assert "use compiled=False" in refused["refused"]
+
+
+@pytest.mark.needs("torch")
+def test_resumed_on_the_same_ranks_is_bitwise_the_uninterrupted_run(default_results):
+    adam = default_results["Adam"]
+    for resumed, uninterrupted in (("resume-sharded", "fsdp"), ("resume-compiled", "compiled")):
+        resumed, uninterrupted = ok(adam[resumed]), ok(adam[uninterrupted])
+        assert resumed["losses"] == uninterrupted["losses"][SAVE + 1:]
+        assert resumed["params"] == uninterrupted["params"]
+
+
+_REFUSAL_SCRIPT = """
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+import polyopt.torch as pt
+dist.init_process_group("gloo", init_method=payload["init"], rank=0, world_size=1)
+model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+fully_shard(model)
+errors = {}
+for name, kwargs in (("Ranger", {}), ("Lamb", {}), ("Adafactor", {})):
+    try:
+        getattr(pt, name)(model.parameters(), compiled=True, **kwargs)
+    except ValueError as e:
+        errors[name] = str(e)
+# accepted: the eager path, and compiled elementwise rules
+pt.Ranger(model.parameters())
+pt.Ranger(model.parameters(), gradient_centralization=False, compiled=True)
+# a group changed after construction is refused at the step, nothing moved
+opt = pt.Ranger(model.parameters(), gradient_centralization=False, compiled=True)
+model(torch.ones(1, 4)).sum().backward()
+before = [p.full_tensor().clone() for p in model.parameters()]
+opt.param_groups[0]["gradient_centralization"] = True
+try:
+    opt.step()
+except ValueError as e:
+    errors["step"] = str(e)
+moved = any(not torch.equal(p.full_tensor(), b) for p, b in zip(model.parameters(), before))
+dist.destroy_process_group()
+result = {"errors": errors, "moved": moved, "state": len(opt.state)}
+"""
+
+
+@pytest.mark.needs("torch")
+@pytest.mark.distributed
+def test_compiled_refusal_names_the_param_and_the_way_out(tmp_path):
+    """A per-tensor rule (centralization, trust ratios, factored statistics)
+    cannot run on a shard: compiled=True on sharded DTensor params is refused
+    at construction, and at the step when a group's change makes the rule
+    per-tensor, naming the param, its placements and the way out; the eager
+    path and elementwise rules are accepted."""
+    out = run_python(_REFUSAL_SCRIPT, {"init": f"file://{tmp_path / 'rendezvous'}"})
+    errors = out["errors"]
+    assert sorted(errors) == ["Adafactor", "Lamb", "Ranger", "step"]
+    for name, message in errors.items():
+        assert "params[0] (shape (3, 4), a DTensor with placements (Shard(dim=0),))" in message
+        assert "use compiled=False" in message
+        assert message.startswith(f"polyopt.torch.{'Ranger' if name == 'step' else name}:")
+    assert "param group 0" in errors["step"]
+    assert not out["moved"] and out["state"] == 0
