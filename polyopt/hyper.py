@@ -735,6 +735,9 @@ ADOPT = Spec("adopt", (
     state_dtype(),
 ))
 
+#: optax.contrib.muon's preconditionings (what scales X before Newton-Schulz)
+MUON_PRECONDITIONINGS = ("frobenius", "spectral", "aol", "schatten")
+
 MUON = Spec("muon", (
     learning_rate(0.02),
     Hyper("momentum", 0.95, allowed=UNIT_OPEN, optax="beta",
@@ -754,6 +757,12 @@ MUON = Spec("muon", (
           keras="muon_c", doc="the quintic's c"),
     Hyper("eps", 1e-7, allowed=NONNEG, keras="ns_epsilon",
           doc="of the normalization X / (||X||_F + eps) (optax 1e-8; Keras fixes 1e-7)"),
+    Hyper("preconditioning", "frobenius", kind="choice", allowed=MUON_PRECONDITIONINGS,
+          doc="how X is scaled before Newton-Schulz (optax's): 'frobenius' X / (||X||_F + "
+          "eps) (every native); 'spectral' X / (||X||_2 + eps); 'aol' no normalization, "
+          "the first iteration's rows scaled by 1 / sqrt(max(sum_j |A_ij|, 1e-8)) "
+          "(Turbo-Muon); 'schatten' no normalization, the first iteration's X by "
+          "1 / sqrt(max(||X X^T||_F, 1e-8))"),
     Hyper("eps_placement", "add", kind="choice", allowed=("add", "clamp"),
           doc="'add': ||X|| + eps (the reference, Keras, optax); 'clamp': max(||X||, eps) "
           "(torch)"),

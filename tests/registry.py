@@ -123,6 +123,9 @@ CASES: list[Case] = [
     Case("muon", {"learning_rate": 0.01, "momentum_form": "sum", "lr_scale": "rms",
                   "eps_placement": "clamp", "muon_params": "2d", "adam_eps_placement": "hat",
                   "state_dtype": "float32"}),
+    Case("muon", {"learning_rate": 0.01, "preconditioning": "spectral", "nesterov": False}),
+    Case("muon", {"learning_rate": 0.01, "preconditioning": "aol", "adaptive": True}),
+    Case("muon", {"learning_rate": 0.01, "preconditioning": "schatten", "lr_scale": "rms"}),
     Case("radam", {"eps_placement": "outside", "fallback": "none"}),
     Case("radam", {"total_steps": 20, "warmup_proportion": 0.2, "min_lr": 1e-5,
                    "weight_decay": 0.01, "weight_decay_mode": "decoupled"}),
@@ -244,6 +247,9 @@ ERRORS: list[ErrorCase] = [
     ErrorCase("muon", {"lr_scale": "original"}, ValueError,
               r"muon: lr_scale must be one of 'spectral', 'rms', 'none', 'spectral_last_two', got "
               r"lr_scale='original'"),
+    ErrorCase("muon", {"preconditioning": "newton"}, ValueError,
+              r"muon: preconditioning must be one of 'frobenius', 'spectral', 'aol', "
+              r"'schatten', got preconditioning='newton'"),
     ErrorCase("muon", {"rms_scale": 0.0}, ValueError, r"muon: rms_scale .* got rms_scale=0.0"),
     ErrorCase("muon", {"muon_params": "2D"}, ValueError, r"muon: muon_params must be one of"),
     ErrorCase("muon", {"adam_lr_ratio": -1.0}, ValueError,
