@@ -106,6 +106,26 @@ def newton_schulz(xp, x, coefficients, eps: float, eps_placement: str, dtype: An
     return xp.matrix_transpose(x) if flip else x
 
 
+def _coefficients(ns_steps: int, triple: tuple, table: tuple | None) -> tuple:
+    """One (a, b, c) per Newton-Schulz iteration, from the checked ns_* options."""
+    if table is None:
+        return (triple,) * ns_steps
+    standard = tuple(hyper.MUON[name].default for name in ("ns_a", "ns_b", "ns_c"))
+    if triple != standard:
+        raise ValueError(
+            f"muon: ns_table (optax's ns_coeffs) replaces ns_a, ns_b, ns_c, got both "
+            f"ns_table={table!r} and (ns_a, ns_b, ns_c)={triple!r}; give one of them")
+    if isinstance(table[0], float):  # one triple: every iteration
+        return (table,) * ns_steps
+    if len(table) > ns_steps:
+        raise ValueError(
+            f"muon: ns_table (optax's ns_coeffs) holds {len(table)} triples, more than "
+            f"ns_steps={ns_steps}: a table runs one iteration per triple, at most ns_steps "
+            f"(optax refuses a longer one); give at most {ns_steps} triples or "
+            f"ns_steps={len(table)}")
+    return table
+
+
 def _shape_scale(rows: int, cols: int, lr_scale: str, rms_scale: float,
                  shape: tuple = ()) -> float:
     if lr_scale == "spectral_last_two":  # the reference: the tensor's own last two axes
@@ -144,7 +164,7 @@ def _adam_rule(lr, adam_b1, adam_b2, adam_eps, adam_eps_root, adam_eps_placement
 
 @hyper.MUON.factory
 def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b, ns_c,
-         eps, preconditioning, eps_placement, lr_scale, rms_scale, adaptive,
+         ns_table, eps, preconditioning, eps_placement, lr_scale, rms_scale, adaptive,
          iteration_dtype, weight_decay, muon_params, adam_learning_rate, adam_lr_ratio,
          adam_b1, adam_b2, adam_eps, adam_eps_root, adam_eps_placement, adam_weight_decay,
          adam_nesterov, state_dtype) -> Rule:
@@ -178,6 +198,12 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
         mu B / (1 - mu^(t+1)) + (1 - mu) G / (1 - mu^t)).
       ns_steps: Newton-Schulz iterations (default 5).
       ns_a, ns_b, ns_c: the quintic's coefficients (default 3.4445, -4.7750, 2.0315).
+      ns_table: the coefficients per iteration instead (optax's ``ns_coeffs``): None
+        (default: ns_a, ns_b, ns_c), one triple (a, b, c) for each of the ns_steps
+        iterations, or a table of n <= ns_steps triples, row k in iteration k: n
+        iterations, as optax runs them (a longer table is refused). optax's names:
+        ``ns_coeffs='standard'`` (the default triple) and ``'dion'``
+        (``hyper.MUON_DION_TABLE``, Ahn et al.'s five rows).
       eps: \epsilon of the normalization (default 1e-7; optax 1e-8).
       preconditioning: what scales X_0 (optax's ``preconditioning``): 'frobenius'
         (default, every native: the box's), 'spectral' (\lVert \tilde B_t
@@ -238,7 +264,7 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
     # the Adam part's decay is applied below, times adam_lr (not times adam_lr_ratio)
     adam = _adam_rule(_times(adam_lr, adam_lr_ratio), adam_b1, adam_b2, adam_eps, adam_eps_root,
                       adam_eps_placement, adam_nesterov, state_dtype)
-    coefficients = ((ns_a, ns_b, ns_c),) * ns_steps
+    coefficients = _coefficients(ns_steps, (ns_a, ns_b, ns_c), ns_table)
 
     def momentum_shape(shape, layout):
         return shape if is_muon_param(shape, layout, muon_params) else (0,)
