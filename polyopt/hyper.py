@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 __all__ = [
     "Alias",
     "Hyper",
@@ -127,7 +129,9 @@ def alias(framework: str, value: Any, **means: Any) -> Alias:
 class Hyper:
     """One argument of a rule.
 
-    kind: ``"real"`` (number or 0-d array), ``"int"``, ``"bool"``, ``"choice"``.
+    kind: ``"real"`` (number or 0-d array), ``"int"``, ``"bool"``, ``"choice"``,
+    ``"triples"`` (one triple of finite numbers, or a non-empty sequence of them:
+    Muon's Newton-Schulz coefficients, one triple per iteration).
     allowed: an :class:`Interval` for real/int, a tuple of strings for choice.
     schedule: the value may also be a callable ``count -> value``.
     """
@@ -175,6 +179,8 @@ class Hyper:
             return replace(self, optional=False).allowed_text() + " or None"
         if self.kind == "bool":
             return "True or False"
+        if self.kind == "triples":
+            return "a triple of finite numbers (a, b, c) or a non-empty sequence of them"
         if self.kind == "choice":
             return "one of " + ", ".join(repr(c) for c in self.allowed)
         kind = "an integer" if self.kind == "int" else "a number"
@@ -196,6 +202,8 @@ class Hyper:
             if not _is_bool(value):
                 raise fail(TypeError)
             return bool(value)
+        if self.kind == "triples":
+            return _triples(value, fail)
         if self.kind == "choice":
             if not isinstance(value, str) or (self.optional and value == "None"):
                 raise fail(TypeError)
@@ -236,6 +244,24 @@ class Hyper:
         if concrete is not None and concrete not in self.allowed:
             raise fail(ValueError)
         return value
+
+
+def _triples(value: Any, fail: Callable[[type], Exception]) -> tuple:
+    """One triple of finite numbers as a tuple of 3 floats, or a non-empty sequence of
+    triples (a list, a tuple, an (n, 3) array) as a tuple of such tuples."""
+    if isinstance(value, (str, bytes)):  # not one of the names a framework's aliases give
+        raise fail(ValueError)
+    if _is_bool(value):
+        raise fail(TypeError)
+    try:
+        array = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):  # ragged, or not numbers
+        raise fail(TypeError) from None
+    if array.ndim not in (1, 2) or array.shape[-1] != 3 or not array.size or not bool(
+            np.all(np.isfinite(array))):
+        raise fail(ValueError)
+    rows = tuple(tuple(float(v) for v in row) for row in np.atleast_2d(array))
+    return rows[0] if array.ndim == 1 else rows
 
 
 # --------------------------------------------------------------------------
@@ -735,6 +761,16 @@ ADOPT = Spec("adopt", (
     state_dtype(),
 ))
 
+#: optax.contrib.muon's named Newton-Schulz coefficients (optax/contrib/_muon.py, 0.2.8):
+#: 'standard', the default triple, and 'dion' (Ahn et al., 2025), one triple per iteration
+MUON_STANDARD_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+MUON_DION_TABLE = ((4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377),
+                   (3.7418, -5.5913, 2.3037), (2.8769, -3.1427, 1.2046),
+                   (2.8366, -3.0525, 1.2012))
+
+#: optax.contrib.muon's preconditionings (what scales X before Newton-Schulz)
+MUON_PRECONDITIONINGS = ("frobenius", "spectral", "aol", "schatten")
+
 MUON = Spec("muon", (
     learning_rate(0.02),
     Hyper("momentum", 0.95, allowed=UNIT_OPEN, optax="beta",
@@ -752,8 +788,22 @@ MUON = Spec("muon", (
           keras="muon_b", doc="the quintic's b"),
     Hyper("ns_c", 2.0315, allowed=Interval(-math.inf, math.inf), torch="ns_coefficients[2]",
           keras="muon_c", doc="the quintic's c"),
+    Hyper("ns_table", None, kind="triples", optional=True, optax="ns_coeffs",
+          aliases=(alias("optax", "standard", ns_table=MUON_STANDARD_COEFFICIENTS),
+                   alias("optax", "dion", ns_table=MUON_DION_TABLE)),
+          doc="Newton-Schulz coefficients per iteration (optax's ns_coeffs): None (ns_a, "
+          "ns_b, ns_c in each of ns_steps iterations); one triple (a, b, c) in each of "
+          "ns_steps iterations; a table of n <= ns_steps triples, row k in iteration k, n "
+          "iterations (optax: ns_steps is then ignored; a longer table is refused). optax's "
+          "names: 'standard' (the default triple) and 'dion' (Ahn et al.'s 5 rows)"),
     Hyper("eps", 1e-7, allowed=NONNEG, keras="ns_epsilon",
           doc="of the normalization X / (||X||_F + eps) (optax 1e-8; Keras fixes 1e-7)"),
+    Hyper("preconditioning", "frobenius", kind="choice", allowed=MUON_PRECONDITIONINGS,
+          doc="how X is scaled before Newton-Schulz (optax's): 'frobenius' X / (||X||_F + "
+          "eps) (every native); 'spectral' X / (||X||_2 + eps); 'aol' no normalization, "
+          "the first iteration's rows scaled by 1 / sqrt(max(sum_j |A_ij|, 1e-8)) "
+          "(Turbo-Muon); 'schatten' no normalization, the first iteration's X by "
+          "1 / sqrt(max(||X X^T||_F, 1e-8))"),
     Hyper("eps_placement", "add", kind="choice", allowed=("add", "clamp"),
           doc="'add': ||X|| + eps (the reference, Keras, optax); 'clamp': max(||X||, eps) "
           "(torch)"),

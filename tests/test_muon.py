@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from polyopt import native, rules
+from polyopt import hyper, native, rules
 from polyopt.rules._state import Layout, out_first, out_last
 
 STEPS = 200
@@ -45,7 +45,8 @@ def _relative(got, expected, start) -> float:
     """The largest difference over the largest movement of the native's params."""
     out = 0.0
     for g, e, s in zip(got, expected, start):
-        g, e = np.asarray(g, dtype=np.float64), np.asarray(e, dtype=np.float64)
+        wide = np.complex128 if np.iscomplexobj(g) or np.iscomplexobj(e) else np.float64
+        g, e = np.asarray(g, dtype=wide), np.asarray(e, dtype=wide)
         if e.size:
             out = max(out, float(np.max(np.abs(g - e)) / np.max(np.abs(e - s))))
     return out
@@ -330,6 +331,102 @@ def test_polyopt_optax_muon_is_optax_contrib_muon():
         assert want[0].dtype == np.float64
         assert _relative(got, want, params0) <= 1e-10
         assert max(float(np.max(np.abs(w - p))) for w, p in zip(want, params0)) > 1e-3
+
+
+def _optax_spelled_preset() -> dict:
+    import polyopt.optax as po
+
+    options = native.PRESETS["optax.contrib.muon"][1]
+    return {po.muon.spec[k].spelling("optax"): v for k, v in options.items()}
+
+
+#: optax.contrib.muon's own arguments, each combined with every preconditioning
+OPTAX_OPTIONS = [{}, {"nesterov": False, "adaptive": True},
+                 {"weight_decay": 0.1, "consistent_rms": 0.2, "ns_steps": 3}]
+
+
+@pytest.mark.parametrize("options", OPTAX_OPTIONS, ids=str)
+@pytest.mark.parametrize("preconditioning", ["frobenius", "spectral", "aol", "schatten"])
+def test_polyopt_optax_muon_preconditioning_is_optax_contrib_muons(preconditioning, options):
+    """optax.contrib.muon's four preconditionings side by side in float64, on wide,
+    tall and square matrices (AOL's row scaling is not invariant under transposition:
+    a square matrix is scaled as optax's (inputs, outputs); measured 3.8e-2 apart as
+    (outputs, inputs))."""
+    from optax import contrib
+
+    import polyopt.optax as po
+
+    shapes = [(6, 4), (3,), (3, 5), (5, 5), ()]
+    params0, grads = _problem(shapes, steps=50)
+    mine = {"lr_scale": "rms", "rms_scale": options["consistent_rms"]} if (
+        "consistent_rms" in options) else {}
+    if options.get("nesterov") is False:
+        mine["adam_nesterov"] = False
+    ours = {k: v for k, v in options.items() if k != "consistent_rms"}
+    want = _run_optax(contrib.muon(0.01, preconditioning=preconditioning, **options),
+                      params0, grads)
+    got = _run_optax(po.muon(learning_rate=0.01, preconditioning=preconditioning,
+                             **{**_optax_spelled_preset(), **ours, **mine}), params0, grads)
+    worst = _relative(got, want, params0)
+    print(f"\nPARITY optax.contrib.muon {preconditioning} {options} | float64 | {worst:.2g}")
+    assert worst <= 1e-10
+    assert max(float(np.max(np.abs(w - p))) for w, p in zip(want, params0)) > 1e-3
+    if preconditioning != "frobenius":  # the option changes the numbers
+        plain = _run_optax(po.muon(learning_rate=0.01, **{**_optax_spelled_preset(), **ours,
+                                                          **mine}), params0, grads)
+        assert _relative(plain, want, params0) > 1e-6
+
+
+@pytest.mark.parametrize("ns_coeffs, ns_steps", [
+    ("dion", 5), ("standard", 3), ((2.0, -1.5, 0.5), 4),
+    (((3.0, -3.2, 1.2), (2.0, -1.5, 0.5)), 5), (np.asarray(hyper.MUON_DION_TABLE[:4]), 4)],
+    ids=["dion", "standard", "triple", "two-of-five", "array"])
+@pytest.mark.parametrize("preconditioning", ["frobenius", "aol"])
+def test_polyopt_optax_muon_takes_optax_ns_coeffs(ns_coeffs, ns_steps, preconditioning):
+    """optax's ns_coeffs (hyper.MUON's ns_table, optax-spelled, with optax's names
+    'standard' and 'dion' as value aliases): one triple for ns_steps iterations, a
+    table of n <= ns_steps triples for n iterations, side by side in float64."""
+    from optax import contrib
+
+    import polyopt.optax as po
+
+    params0, grads = _problem([(6, 4), (3,), (3, 5), (5, 5)], steps=50)
+    kw = dict(ns_coeffs=ns_coeffs, ns_steps=ns_steps, preconditioning=preconditioning)
+    want = _run_optax(contrib.muon(0.01, **kw), params0, grads)
+    got = _run_optax(po.muon(learning_rate=0.01, **{**_optax_spelled_preset(), **kw}),
+                     params0, grads)
+    worst = _relative(got, want, params0)
+    print(f"\nPARITY optax.contrib.muon ns_coeffs={str(ns_coeffs)[:20]} | float64 | {worst:.2g}")
+    assert worst <= 1e-10
+    default = _run_optax(contrib.muon(0.01, preconditioning=preconditioning), params0, grads)
+    if not isinstance(ns_coeffs, str) or ns_coeffs != "standard":  # the table is used
+        assert _relative(got, default, params0) > 1e-6
+
+
+def test_ns_table_in_the_rule_is_optax_ns_coeffs_and_refusals_name_optax_spelling():
+    import polyopt.optax as po
+
+    params0, grads = _problem([(6, 4), (5, 5)], steps=20)
+    dion = _run(rules.muon(ns_table=hyper.MUON_DION_TABLE), params0, grads)
+    ours = _run(rules.muon(ns_table=[list(row) for row in hyper.MUON_DION_TABLE]),
+                params0, grads)
+    assert _relative(ours, dion, params0) == 0.0
+    triple = _run(rules.muon(ns_table=(2.0, -1.5, 0.5), ns_steps=4), params0, grads)
+    same = _run(rules.muon(ns_a=2.0, ns_b=-1.5, ns_c=0.5, ns_steps=4), params0, grads)
+    assert _relative(triple, same, params0) == 0.0
+    # a table of 2 rows runs 2 iterations whatever ns_steps (>= 2), as optax's
+    two = ((3.0, -3.2, 1.2), (2.0, -1.5, 0.5))
+    assert _relative(_run(rules.muon(ns_table=two, ns_steps=2), params0, grads),
+                     _run(rules.muon(ns_table=two, ns_steps=7), params0, grads), params0) == 0.0
+    with pytest.raises(ValueError, match=r"muon: ns_coeffs must be a triple of finite numbers "
+                                         r"\(a, b, c\) or a non-empty sequence of them or None, "
+                                         r"or optax's 'standard' .*'dion' .*got "
+                                         r"ns_coeffs='muon'"):
+        po.muon(learning_rate=0.01, ns_coeffs="muon")
+    with pytest.raises(ValueError, match=r"holds 5 triples, more than ns_steps=3"):
+        po.muon(learning_rate=0.01, ns_coeffs="dion", ns_steps=3)
+    with pytest.raises(ValueError, match=r"got ns_table='dion'"):
+        rules.muon(ns_table="dion")  # optax's name, in optax's spelling only
 
 
 def test_muon_agrees_across_namespaces(array_namespaces, to_namespace, to_numpy):

@@ -3,7 +3,8 @@
 TensorFlow has no array_api_compat support, so the Keras adapter registers
 this namespace (``polyopt.rules.register_namespace``) for ``tf.Tensor`` and
 ``tf.Variable`` when Keras runs on the TensorFlow backend. It covers the
-27 names the rules and schedules call, with Array API semantics, built from
+names the rules and schedules call (of the ``linalg``
+extension its ``matrix_norm``), with Array API semantics, built from
 plain TensorFlow ops, so it runs eagerly, in ``tf.function`` and under
 ``jit_compile=True`` (XLA). Operators (``+ - * / ** %``, comparisons) are
 tf.Tensor's own: a Python number meets a tensor in the tensor's dtype, so a
@@ -24,10 +25,10 @@ import tensorflow as tf
 __all__ = ["is_tf_array", "namespace", "NAMES"]
 
 NAMES = frozenset({
-    "abs", "all", "asarray", "astype", "cos", "expm1", "finfo", "float32", "floor", "full_like",
-    "imag", "int32", "isdtype", "isfinite", "matmul", "matrix_transpose", "maximum", "mean",
-    "minimum", "ones", "permute_dims", "pow", "real", "reshape", "result_type", "sqrt", "sum",
-    "where", "zeros", "zeros_like",
+    "abs", "all", "asarray", "astype", "cos", "expm1", "finfo", "float32", "floor",
+    "full_like", "imag", "int32", "isdtype", "isfinite", "linalg", "matmul", "matrix_transpose",
+    "maximum", "mean", "minimum", "ones", "permute_dims", "pow", "real", "reshape",
+    "result_type", "sqrt", "sum", "where", "zeros", "zeros_like",
 })
 
 _KINDS = {
@@ -157,6 +158,28 @@ def matmul(x1, x2, /):
 
 def matrix_transpose(x, /):
     return tf.linalg.matrix_transpose(x)
+
+
+def _matrix_norm(x, /, *, keepdims=False, ord="fro"):  # noqa: A002 - Array API name
+    """The Array API's ``linalg.matrix_norm`` over the last two axes (a real result)."""
+    magnitude = tf.abs(x)
+    if ord == "fro":
+        out = tf.sqrt(tf.reduce_sum(magnitude * magnitude, axis=[-2, -1]))
+    elif ord in (2, -2, "nuc"):
+        values = tf.linalg.svd(x, compute_uv=False)
+        values = tf.math.real(values) if values.dtype.is_complex else values
+        out = (tf.reduce_sum(values, axis=-1) if ord == "nuc" else
+               tf.reduce_max(values, axis=-1) if ord == 2 else tf.reduce_min(values, axis=-1))
+    elif ord in (1, -1, float("inf"), -float("inf")):
+        sums = tf.reduce_sum(magnitude, axis=-2 if ord in (1, -1) else -1)
+        out = tf.reduce_max(sums, axis=-1) if ord > 0 else tf.reduce_min(sums, axis=-1)
+    else:
+        raise ValueError(f"matrix_norm: ord must be 'fro', 'nuc', 1, -1, 2, -2, inf or -inf, "
+                         f"got ord={ord!r}")
+    return out[..., None, None] if keepdims else out
+
+
+linalg = types.SimpleNamespace(matrix_norm=_matrix_norm)
 
 
 def permute_dims(x, /, axes):

@@ -421,7 +421,8 @@ _muon = _make_factory(
     "muon", hyper.MUON, _rule_factory("muon"),
     doc="\n\n    ``optax.contrib.muon``'s numbers: ``polyopt.native.PRESETS['optax.contrib.muon']``"
         "\n    (its 2-D leaves by Muon, seen with Flax's layout (in, out), the others by its"
-        "\n    Adam); its preconditioning is 'frobenius'.")
+        "\n    Adam); optax's ``preconditioning`` and ``ns_coeffs`` (``ns_table``, with its"
+        "\n    names 'standard' and 'dion') are the rule's own options.")
 
 
 def _dimension_layouts(owner: str, dimension_numbers: Any, tree: Any) -> Any:

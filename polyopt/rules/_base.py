@@ -21,12 +21,14 @@ Params = Sequence[Array]
 #: The Array API names the core (rules and schedules) calls on a namespace,
 #: besides operators (+ - * / ** %, comparisons) and the attributes shape,
 #: ndim, dtype and device. A namespace providing these runs every rule (the
-#: Keras adapter's TensorFlow namespace is tested against this set).
+#: Keras adapter's TensorFlow namespace is tested against this set). Of the
+#: ``linalg`` extension only ``linalg.matrix_norm`` is called (Muon's 'spectral'
+#: preconditioning, ``ord=2``).
 ARRAY_API_SUBSET = frozenset({
-    "abs", "all", "asarray", "astype", "cos", "expm1", "finfo", "float32", "floor", "full_like",
-    "imag", "int32", "isdtype", "isfinite", "matmul", "matrix_transpose", "maximum", "mean",
-    "minimum", "ones", "permute_dims", "pow", "real", "reshape", "result_type", "sqrt", "sum",
-    "where", "zeros", "zeros_like",
+    "abs", "all", "asarray", "astype", "cos", "expm1", "finfo", "float32", "floor",
+    "full_like", "imag", "int32", "isdtype", "isfinite", "linalg", "matmul", "matrix_transpose",
+    "maximum", "mean", "minimum", "ones", "permute_dims", "pow", "real", "reshape",
+    "result_type", "sqrt", "sum", "where", "zeros", "zeros_like",
 })
 
 

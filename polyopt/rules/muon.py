@@ -45,31 +45,85 @@ def as_matrix(xp, x, layout):
     return matrix, back
 
 
-def newton_schulz(xp, x, steps: int, coefficients: tuple, eps: float, eps_placement: str,
-                  dtype: Any = None):
-    """The quintic Newton-Schulz iteration X <- a X + (b A + c A A) X, A = X X^T, on a
-    wide matrix (a tall one is transposed and back), after X / ||X||_F; in ``dtype``
-    (None: x's). Returns the result in ``dtype``."""
-    a, b, c = coefficients
+def _frobenius(xp, x):
+    """||x||_F of a matrix, or of each matrix of a stack (kept as (..., 1, 1))."""
+    squares = _base.abs_sq(xp, x)
+    return xp.sqrt(xp.sum(squares) if x.ndim == 2 else
+                   xp.sum(squares, axis=(-2, -1), keepdims=True))
+
+
+def _like(xp, x, like):
+    """``x`` (a real norm or scale) in ``like``'s dtype (complex for a complex ``like``)."""
+    return x if x.dtype == like.dtype else xp.astype(x, like.dtype)
+
+
+def _at_least(xp, x, floor: float):
+    return xp.maximum(x, xp.full_like(x, floor))
+
+
+#: the floor of the AOL row sums and of the Schatten norm (optax's, whatever its eps)
+_PRECONDITIONING_FLOOR = 1e-8
+
+
+def newton_schulz(xp, x, coefficients, eps: float, eps_placement: str, dtype: Any = None,
+                  preconditioning: str = "frobenius"):
+    """The quintic Newton-Schulz iteration X <- a X + (b A + c A A) X, A = X X^T, one
+    (a, b, c) of ``coefficients`` per iteration, on the wide orientation of ``x`` (a
+    tall matrix is transposed and back; a square one too with 'aol', whose row
+    scaling is optax's on (inputs, outputs)), after
+    ``preconditioning``: 'frobenius' X / ||X||_F, 'spectral' X / ||X||_2 (``eps``
+    added or clamped), 'aol' and 'schatten' (optax's) scale the first iteration
+    instead. In ``dtype`` (None: x's); returns the result in ``dtype``."""
     if dtype is not None and x.dtype != dtype:
         x = xp.astype(x, dtype)
-    tall = x.shape[0] > x.shape[1]
-    if tall:
+    rows, cols = x.shape[-2], x.shape[-1]
+    flip = rows > cols or (rows == cols and preconditioning == "aol")
+    if flip:
         x = xp.matrix_transpose(x)
-    wide = x if dtype is None or x.dtype != _state._named_dtype(xp, "bfloat16") else (
-        xp.astype(x, xp.float32))  # bfloat16: the norm is accumulated in float32 (torch)
-    norm = xp.sqrt(xp.sum(wide * wide))
-    if norm.dtype != x.dtype:
-        norm = xp.astype(norm, x.dtype)
-    if eps_placement == "clamp":
-        x = x / xp.maximum(norm, xp.full_like(norm, eps))
-    else:
-        x = x / (norm + eps)
-    for _ in range(steps):
+    if preconditioning in ("frobenius", "spectral"):
+        wide = x if dtype is None or x.dtype != _state._named_dtype(xp, "bfloat16") else (
+            xp.astype(x, xp.float32))  # bfloat16: the norm is accumulated in float32 (torch)
+        norm = _frobenius(xp, wide) if preconditioning == "frobenius" else (
+            xp.linalg.matrix_norm(wide, ord=2, keepdims=x.ndim > 2))
+        if eps_placement == "clamp":
+            x = x / _at_least(xp, _like(xp, norm, x), eps)
+        else:
+            x = x / (_like(xp, norm, x) + eps)
+    for k, (a, b, c) in enumerate(coefficients):
         gram = xp.matmul(x, xp.matrix_transpose(x))
+        if k == 0 and preconditioning == "aol":  # each row by 1/sqrt(its row of |A|)
+            scale = _like(xp, 1 / xp.sqrt(_at_least(
+                xp, xp.sum(xp.abs(gram), axis=-1, keepdims=True), _PRECONDITIONING_FLOOR)), x)
+            x = x * scale
+            gram = gram * scale * xp.matrix_transpose(scale)
+        elif k == 0 and preconditioning == "schatten":  # X / ||A||_F^(1/2): ||A||_S4 <= 1
+            scale = _like(xp, 1 / xp.sqrt(_at_least(xp, _frobenius(xp, gram),
+                                                    _PRECONDITIONING_FLOOR)), x)
+            x = x * scale
+            gram = gram * (scale * scale)
         poly = b * gram + xp.matmul(c * gram, gram)
         x = a * x + xp.matmul(poly, x)
-    return xp.matrix_transpose(x) if tall else x
+    return xp.matrix_transpose(x) if flip else x
+
+
+def _coefficients(ns_steps: int, triple: tuple, table: tuple | None) -> tuple:
+    """One (a, b, c) per Newton-Schulz iteration, from the checked ns_* options."""
+    if table is None:
+        return (triple,) * ns_steps
+    standard = tuple(hyper.MUON[name].default for name in ("ns_a", "ns_b", "ns_c"))
+    if triple != standard:
+        raise ValueError(
+            f"muon: ns_table (optax's ns_coeffs) replaces ns_a, ns_b, ns_c, got both "
+            f"ns_table={table!r} and (ns_a, ns_b, ns_c)={triple!r}; give one of them")
+    if isinstance(table[0], float):  # one triple: every iteration
+        return (table,) * ns_steps
+    if len(table) > ns_steps:
+        raise ValueError(
+            f"muon: ns_table (optax's ns_coeffs) holds {len(table)} triples, more than "
+            f"ns_steps={ns_steps}: a table runs one iteration per triple, at most ns_steps "
+            f"(optax refuses a longer one); give at most {ns_steps} triples or "
+            f"ns_steps={len(table)}")
+    return table
 
 
 def _shape_scale(rows: int, cols: int, lr_scale: str, rms_scale: float,
@@ -109,10 +163,11 @@ def _adam_rule(lr, adam_b1, adam_b2, adam_eps, adam_eps_root, adam_eps_placement
 
 
 @hyper.MUON.factory
-def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b, ns_c, eps,
-         eps_placement, lr_scale, rms_scale, adaptive, iteration_dtype, weight_decay,
-         muon_params, adam_learning_rate, adam_lr_ratio, adam_b1, adam_b2, adam_eps,
-         adam_eps_root, adam_eps_placement, adam_weight_decay, adam_nesterov, state_dtype) -> Rule:
+def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b, ns_c,
+         ns_table, eps, preconditioning, eps_placement, lr_scale, rms_scale, adaptive,
+         iteration_dtype, weight_decay, muon_params, adam_learning_rate, adam_lr_ratio,
+         adam_b1, adam_b2, adam_eps, adam_eps_root, adam_eps_placement, adam_weight_decay,
+         adam_nesterov, state_dtype) -> Rule:
     r"""Muon (Jordan et al., 2024): momentum, orthogonalized per matrix by Newton-Schulz.
 
     .. math::
@@ -143,7 +198,21 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
         mu B / (1 - mu^(t+1)) + (1 - mu) G / (1 - mu^t)).
       ns_steps: Newton-Schulz iterations (default 5).
       ns_a, ns_b, ns_c: the quintic's coefficients (default 3.4445, -4.7750, 2.0315).
+      ns_table: the coefficients per iteration instead (optax's ``ns_coeffs``): None
+        (default: ns_a, ns_b, ns_c), one triple (a, b, c) for each of the ns_steps
+        iterations, or a table of n <= ns_steps triples, row k in iteration k: n
+        iterations, as optax runs them (a longer table is refused). optax's names:
+        ``ns_coeffs='standard'`` (the default triple) and ``'dion'``
+        (``hyper.MUON_DION_TABLE``, Ahn et al.'s five rows).
       eps: \epsilon of the normalization (default 1e-7; optax 1e-8).
+      preconditioning: what scales X_0 (optax's ``preconditioning``): 'frobenius'
+        (default, every native: the box's), 'spectral' (\lVert \tilde B_t
+        \rVert_2, the largest singular value, for the Frobenius norm), 'aol' (no
+        normalization; the first iteration scales row i of X_0 by
+        1/\sqrt{\max(\sum_j |A_{ij}|, 10^{-8})} and A_0 on both sides: Turbo-Muon)
+        or 'schatten' (no normalization; the first iteration scales X_0 by
+        1/\sqrt{\max(\lVert A_0 \rVert_F, 10^{-8})}). The 10^{-8} floor is optax's,
+        whatever ``eps``.
       eps_placement: 'add' (\lVert X \rVert + \epsilon: the reference, Keras, optax)
         or 'clamp' (\max(\lVert X \rVert, \epsilon): torch).
       lr_scale: s: 'spectral' (\sqrt{\max(1, rows/cols)}: torch 'original', optax),
@@ -195,7 +264,7 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
     # the Adam part's decay is applied below, times adam_lr (not times adam_lr_ratio)
     adam = _adam_rule(_times(adam_lr, adam_lr_ratio), adam_b1, adam_b2, adam_eps, adam_eps_root,
                       adam_eps_placement, adam_nesterov, state_dtype)
-    coefficients = (ns_a, ns_b, ns_c)
+    coefficients = _coefficients(ns_steps, (ns_a, ns_b, ns_c), ns_table)
 
     def momentum_shape(shape, layout):
         return shape if is_muon_param(shape, layout, muon_params) else (0,)
@@ -250,7 +319,8 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
             moms.append(m)
             matrix, back = as_matrix(xp, x, layouts[i])
             dtype = None if iteration_dtype is None else _state._named_dtype(xp, iteration_dtype)
-            o = newton_schulz(xp, matrix, ns_steps, coefficients, eps, eps_placement, dtype)
+            o = newton_schulz(xp, matrix, coefficients, eps, eps_placement, dtype,
+                              preconditioning)
             if o.dtype != g.dtype:
                 o = xp.astype(o, g.dtype)
             if adaptive:
