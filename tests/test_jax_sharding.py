@@ -32,12 +32,15 @@ The numbers measured are in docs/distributed.md.
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 
 import pytest
 
 from polyopt import native
 from tests._native import run_python
 
+ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
 RTOL = 1e-12
 
@@ -65,7 +68,6 @@ GLOBAL_FLAG = {"apply_if_finite[adam]"}
 STATELESS = {"sgd", "preset:optax.sgd"}
 
 _SCRIPT = r'''
-import re
 import time
 import traceback
 
@@ -76,6 +78,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import polyopt.optax
 from polyopt import native
+from tests._hlo import collectives, summary
 
 assert jax.config.jax_enable_x64 and len(jax.devices()) == 4, jax.devices()
 STEPS, LR = payload["steps"], 0.01
@@ -163,97 +166,7 @@ def start(kind, params):
 
 
 # --------------------------------------------------------------------------
-# the compiled HLO: collectives, their operand bytes per device, loops counted
-
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute",
-               "ragged-all-to-all")
-GATHERS = ("all-gather", "all-to-all", "collective-permute", "ragged-all-to-all")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-
-
-def shape_info(text):
-    """(bytes, [element count of each array]) of an HLO type."""
-    arrays = re.findall(r"\b(pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\]", text)
-    counts = [int(np.prod([int(d) for d in dims.split(",") if d])) for _, dims in arrays]
-    return sum(_BYTES[t] * n for (t, _), n in zip(arrays, counts)), counts
-
-
-def split_type(rest):
-    if rest.startswith("("):
-        depth = 0
-        for i, c in enumerate(rest):
-            depth += {"(": 1, ")": -1}.get(c, 0)
-            if depth == 0:
-                return rest[:i + 1], rest[i + 1:].lstrip()
-    head, _, tail = rest.partition(" ")
-    return head, tail
-
-
-#: the computations an instruction runs (a while's condition and a reduction's
-#: to_apply hold no collective)
-CALLED = re.compile(r"(body|calls|branch_computations|true_computation|false_computation)"
-                    r"=\{?([^,}]+(?:, %[^,}]+)*)")
-
-
-def collectives(text):
-    """Every collective the compiled module runs per call: (opcode, operand bytes per
-    device, operand element counts, times run); instructions in a while loop count
-    its known trip count times."""
-    comps, shapes, current, entry = {}, {}, None, None
-    for line in text.splitlines():
-        if not line.startswith(" ") and line.rstrip().endswith("{"):
-            head = line.split("(")[0].split()
-            current = head[-1].lstrip("%")
-            comps[current] = []
-            if head[0] == "ENTRY":
-                entry = current
-            continue
-        m = re.match(r"\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$", line)
-        if not m or current is None:
-            continue
-        name, rest = m.groups()
-        type_text, rest = split_type(rest)
-        op = re.match(r"([\w\-]+)\((.*)", rest)
-        if not op:
-            continue
-        shapes[name] = type_text
-        comps[current].append((name, type_text, op.group(1), op.group(2)))
-    found = []
-
-    def walk(comp, times):
-        for name, type_text, opcode, rest in comps.get(comp, []):
-            base = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
-            if base in COLLECTIVES:
-                args = rest.split(")")[0]
-                operands = re.findall(r"%([\w.\-]+)", args)
-                infos = [shape_info(shapes.get(o, "")) for o in operands]
-                found.append((base, sum(b for b, _ in infos), sum((c for _, c in infos), []),
-                              times))
-            trip = 1
-            if opcode == "while":
-                t = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
-                trip = int(t.group(1)) if t else -1
-            for attr, called in CALLED.findall(rest):
-                for c in re.findall(r"%?([\w.\-]+)", called):
-                    walk(c, times * (trip if attr == "body" else 1))
-
-    walk(entry, 1)
-    return found
-
-
-def summary(found, param_elements):
-    """Bytes per step of all collectives; the param-sized gathers (an operand with at
-    least as many elements as the smallest matrix param's shard)."""
-    gathers = [(op, counts, times) for op, _, counts, times in found
-               if op in GATHERS and any(n >= param_elements for n in counts)]
-    return {"bytes": sum(b * max(t, 1) for _, b, _, t in found),
-            "unknown_trips": sum(t < 0 for *_, t in found),
-            "ops": sorted({op for op, *_ in found}),
-            "count": len(found),
-            "param_gathers": len(gathers),
-            "gathers": [f"{op}{counts}x{times}" for op, counts, times in gathers]}
-
+# the compiled HLO: collectives and their bytes (tests/_hlo.py)
 
 # the smallest shard of a matrix param: w2 (16, 5) split in 2 -> 40 elements
 PARAM_ELEMENTS = min(int(np.prod(SHARDINGS[k].shard_shape(s))) for k, s in SHAPES.items()
@@ -411,7 +324,10 @@ def _results(configs: tuple) -> dict:
     return run_python(_SCRIPT, {"steps": STEPS, "configs": list(configs),
                                 "equal_sizes": configs == tuple(DEFAULT)},
                       env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-                           "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1"}, timeout=1800)
+                           "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1",
+                           "PYTHONPATH": os.pathsep.join(  # the child imports tests._hlo
+                               [str(ROOT), os.environ.get("PYTHONPATH", "")])},
+                      timeout=1800)
 
 
 def _result(config: str) -> dict:

@@ -26,6 +26,29 @@ def test_slot_shapes_follow_the_layout():
     assert _state.slot_shape(Slot("p", PARAM), (8, 2), None) == (8, 2)
 
 
+def test_a_probe_tells_which_axes_a_state_array_keeps():
+    """The adapters place a reduced state array (Adafactor's row and column
+    statistics) along the axes it keeps: read off the same rule's init for a
+    param whose axes differ in size (probe_shape), each as small as that allows."""
+    assert _state.probe_shape((16, 16)) == (16, 17)
+    assert _state.probe_shape((3, 3, 2, 4)) == (3, 4, 2, 5)  # order kept, ties by position
+    assert _state.probe_shape((7, 1, 9)) == (7, 1, 9)
+    rule = rules.adafactor(factoring="layout", min_dim_size_to_factor=2)
+    for shape in [(16, 16), (4, 4, 4), (3, 3, 2, 4)]:
+        layouts = [_state.out_last(shape)]
+        real = rules.init_of(rule, [np.zeros(shape)], layouts)
+        probe = rules.init_of(rule, [np.zeros(_state.probe_shape(shape))], layouts)
+        kept = [_state.kept_axes(a.value[0].shape, shape, b.value[0].shape)
+                for a, b in zip(_state.entries(real), _state.entries(probe))
+                if a.kind == "slot" and a.value]
+        # Keras's layout (output last): the rows keep the output axis, the columns the others
+        assert (len(shape) - 1,) in kept and tuple(range(len(shape) - 1)) in kept, kept
+    assert _state.kept_axes((0,), (16, 16), (0,)) is None  # an empty placeholder
+    assert _state.kept_axes((), (16, 16), ()) == ()
+    assert _state.kept_axes((16,), (16, 16), (16,)) == (0,)
+    assert _state.kept_axes((16,), (16, 16), (17,)) == (1,)
+
+
 def test_build_makes_each_slot_from_its_description():
     params = _params()
     layouts = _state.layouts_for("t", params, None)

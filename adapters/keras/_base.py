@@ -216,6 +216,7 @@ class RuleOptimizer(keras.optimizers.Optimizer):
         entries = _state.entries(template, len(variables))
         self._state_layout = _Layout(template, _storage(entries))
         initial = _InitialState(self, variables)
+        placement = _Placement.of(self, rule, variables, entries)
         self._slot_variables = []
         self._global_variables = []
         # every slot's variables first, then the global ones (the order saved models keep)
@@ -226,7 +227,8 @@ class RuleOptimizer(keras.optimizers.Optimizer):
                 self._slot_variables.append([
                     self.add_variable(shape=tuple(a.shape), dtype=_numpy_dtype(a.dtype).name,
                                       name=f"{_variable_name((v.path,))}_{name}".replace(
-                                          "/", "_"), initializer=initial.slot(k, i))
+                                          "/", "_"), initializer=initial.slot(k, i),
+                                      layout=placement and placement.slot(k, i, a.shape))
                     if tuple(a.shape) != tuple(v.shape) or _numpy_dtype(a.dtype) != (
                         _numpy_dtype(v.dtype))
                     else self.add_variable_from_reference(v, name=name,
@@ -238,7 +240,8 @@ class RuleOptimizer(keras.optimizers.Optimizer):
                 array, name = entry.value, _variable_name(entry.path)
                 self._global_variables.append(self.add_variable(
                     shape=array.shape, dtype=_numpy_dtype(array.dtype).name, name=name,
-                    initializer=initial.global_(index[0])))
+                    initializer=initial.global_(index[0]),
+                    layout=placement and placement.replicated(array.shape)))
 
     @property
     def _template(self) -> Any:
@@ -532,6 +535,81 @@ class _InitialState:
             return np.asarray(self.globals[j]).reshape(shape)
 
         return initializer
+
+
+class _Placement:
+    """Where the state variables that are not shaped like their param go under a
+    ``keras.distribution`` (those that are take their param's layout through
+    ``add_variable_from_reference``): a slot array that keeps some axes of its param
+    (Adafactor's factored statistics: a kernel's rows, its columns) is laid out
+    along those axes as the param is; the others (scalars, empty placeholders, the
+    global state) are replicated. Which axes an array keeps is read off the state
+    of a probe: the rule's init for params whose axes differ in size
+    (``_state.probe_shape``: at most a few elements longer per axis), made only for
+    the params that are sharded and hold such an array. Without a distribution,
+    or for a param without a layout, Keras decides (None)."""
+
+    def __init__(self, mesh: Any, params: list, kept: dict) -> None:
+        self.mesh, self.params, self.kept = mesh, params, kept
+
+    @classmethod
+    def of(cls, optimizer: RuleOptimizer, rule: Any, variables: list,
+           entries: list) -> _Placement | None:
+        distribution = keras.distribution.distribution()
+        if distribution is None:
+            return None
+        params = [_layout_axes(v) for v in variables]
+        slots = [e.value for e in entries if e.kind == "slot"]
+        probed = [i for i, (v, axes) in enumerate(zip(variables, params))
+                  if axes is not None and any(a is not None for a in axes[0])
+                  and any(tuple(s[i].shape) != tuple(v.shape) and s[i].ndim > 0
+                          and s[i].size > 0 for s in slots)]
+        kept = {}
+        if probed:
+            chosen = [variables[i] for i in probed]
+            zeros = [np.zeros(_state.probe_shape(v.shape), dtype=_numpy_dtype(v.dtype))
+                     for v in chosen]
+            state = rules.init_of(rule, zeros, optimizer._param_layouts(rule, chosen))
+            probes = [e.value for e in _state.entries(state, len(chosen)) if e.kind == "slot"]
+            for k, (slot, probe) in enumerate(zip(slots, probes)):
+                for j, i in enumerate(probed):
+                    kept[k, i] = _state.kept_axes(tuple(slot[i].shape),
+                                                  tuple(variables[i].shape),
+                                                  tuple(probe[j].shape))
+        return cls(distribution.device_mesh, params, kept)
+
+    def slot(self, k: int, i: int, shape: tuple) -> Any:
+        """The layout of slot ``k``'s array (of ``shape``) for param ``i``."""
+        if self.params[i] is None:
+            return None
+        axes, make = self.params[i]
+        kept = self.kept.get((k, i))
+        if kept is None:
+            return make((None,) * len(shape))
+        return make(tuple(axes[a] for a in kept))
+
+    def replicated(self, shape: tuple) -> Any:
+        return keras.distribution.TensorLayout((None,) * len(shape), self.mesh)
+
+
+def _layout_axes(variable: Any) -> tuple | None:
+    """(the mesh axis of each axis of ``variable``, a function mesh axes -> a layout
+    of the same kind on the same mesh), from its Keras ``TensorLayout`` or a JAX
+    ``NamedSharding``; None for a variable without a layout."""
+    layout = getattr(variable, "_layout", None)
+    if isinstance(layout, keras.distribution.TensorLayout):
+        mesh = layout.device_mesh
+        return (tuple(layout.axes) + (None,) * (len(variable.shape) - len(layout.axes)),
+                lambda axes: keras.distribution.TensorLayout(axes, mesh))
+    if _BACKEND == "jax":
+        import jax
+
+        if isinstance(layout, jax.sharding.NamedSharding):
+            spec = tuple(None if e == () else e for e in layout.spec)
+            return (spec + (None,) * (len(variable.shape) - len(spec)),
+                    lambda axes: jax.sharding.NamedSharding(
+                        layout.mesh, jax.sharding.PartitionSpec(*axes)))
+    return None
 
 
 def _leaves(state: Any) -> list:

@@ -164,21 +164,11 @@ def _spec_for(kept: tuple | None, param: Any) -> Any:
     return P(*(spec[a] for a in kept))
 
 
-def _kept_axes(shape: tuple, probe: tuple, probe_param: tuple) -> tuple | None:
-    """Which axes of its param a state array of ``shape`` keeps, read off the same
-    array of the probe state (made for a param whose axes all differ in size,
-    :func:`_probe_shape`): None if it is not such an array."""
-    axes = tuple(probe_param.index(d) if d in probe_param else None for d in probe)
-    if len(shape) != len(probe) or None in axes or list(axes) != sorted(set(axes)):
-        return None
-    return axes
-
-
 def _shardings(template: Any, probe: Any, leaves: list) -> Any:
     """``template`` (a core state of ShapeDtypeStructs) with a sharding in place of
     every array: a slot's array like its param's (a param-shaped one exactly, a
     reduced one along the axes it keeps, which ``probe``, the same state for params
-    of distinct axis sizes, tells), the others replicated over the mesh."""
+    of distinct axis sizes (``_state.probe_shape``), tells), the others replicated."""
     mesh = _mesh_of(leaves)
     replicated = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
                   if mesh is not None else leaves[0].sharding)
@@ -192,8 +182,8 @@ def _shardings(template: Any, probe: Any, leaves: list) -> Any:
                     slot.append(param.sharding)
                 elif (isinstance(param.sharding, jax.sharding.NamedSharding)
                       and param.sharding.mesh == mesh):
-                    kept = _kept_axes(tuple(array.shape), tuple(probe_array.shape),
-                                      _probe_shape(param.shape))
+                    kept = _state.kept_axes(tuple(array.shape), tuple(param.shape),
+                                            tuple(probe_array.shape))
                     slot.append(jax.sharding.NamedSharding(mesh, _spec_for(kept, param)))
                 else:
                     slot.append(replicated)
@@ -203,13 +193,6 @@ def _shardings(template: Any, probe: Any, leaves: list) -> Any:
         else:
             out.append(entry.value)
     return _state.rebuild(template, out)
-
-
-def _probe_shape(shape: tuple) -> tuple:
-    """``shape`` with axis i of size d made d * (ndim + 1) + i: every axis differs in
-    size from the others, in the same order (ties broken by position, as a stable
-    sort), none smaller than it was."""
-    return tuple(int(d) * (len(shape) + 1) + i for i, d in enumerate(shape))
 
 
 def init_state(rule: Any, leaves: list, layouts: Any) -> Any:
@@ -225,7 +208,7 @@ def init_state(rule: Any, leaves: list, layouts: Any) -> Any:
         return rules.init_of(rule, x, layouts)
 
     template = jax.eval_shape(init, leaves)
-    probe = jax.eval_shape(init, [jax.ShapeDtypeStruct(_probe_shape(p.shape), p.dtype)
+    probe = jax.eval_shape(init, [jax.ShapeDtypeStruct(_state.probe_shape(p.shape), p.dtype)
                                   for p in leaves])
     try:
         shardings = _shardings(template, probe, leaves)

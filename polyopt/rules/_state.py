@@ -34,7 +34,7 @@ __all__ = [
     "out_first", "out_last", "layouts_for", "matrix_axes", "slot_shape", "build",
     "entries", "rebuild", "pair", "check", "check_leaf", "select", "path_text", "nbytes",
     "dtype_name", "is_array", "by_path", "rebuild_from", "map_arrays",
-    "storage_dtype", "to_compute", "to_storage", "subset", "merge",
+    "storage_dtype", "to_compute", "to_storage", "subset", "merge", "probe_shape", "kept_axes",
 ]
 
 # --------------------------------------------------------------------------
@@ -185,6 +185,39 @@ def slot_shape(slot: Slot, shape: Sequence[int], layout: Layout | None) -> tuple
     output, reduction = matrix_axes(layout, len(shape))
     keep = output if kind == ROWS else reduction
     return tuple(shape[a] for a in sorted(keep))
+
+
+def probe_shape(shape: Sequence[int]) -> tuple:
+    """``shape`` with its axes made distinct in size, each as small as that allows:
+    in the order of a stable sort by size, an axis not larger than the one before
+    it gets that one's size + 1. The order of the sizes is kept (ties broken by
+    position) and no axis shrinks, so a rule that decides by size (Adafactor's
+    factoring) decides alike for the probe, and a state array made for the probe
+    tells by its sizes which axes of the param it keeps (:func:`kept_axes`)."""
+    out = [int(d) for d in shape]
+    last = None
+    for a in sorted(range(len(out)), key=lambda a: (out[a], a)):
+        if last is not None and out[a] <= last:
+            out[a] = last + 1
+        last = out[a]
+    return tuple(out)
+
+
+def kept_axes(shape: Sequence[int], param_shape: Sequence[int],
+              probe: Sequence[int]) -> tuple | None:
+    """Which axes of its param (of ``param_shape``) a state array of ``shape``
+    keeps, in order, read off ``probe``: the shape of the same state array made for
+    a param of ``probe_shape(param_shape)``. None if it is not such an array (a
+    placeholder, a different factoring): ``()`` for a 0-d one. Adafactor's factored
+    statistics of a (kh, kw, in, out) kernel keep (3,) and (0, 1, 2) under Keras's
+    layout; where the param is sharded, they are sharded along those axes."""
+    probe_param = probe_shape(param_shape)
+    axes = tuple(probe_param.index(d) if d in probe_param else None for d in probe)
+    if len(shape) != len(probe) or None in axes or list(axes) != sorted(set(axes)):
+        return None
+    if tuple(int(param_shape[a]) for a in axes) != tuple(int(d) for d in shape):
+        return None
+    return axes
 
 
 def device_of(x: Any) -> Any:
