@@ -48,6 +48,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: settings that run on rank 0 alone (one unsharded process)
 ONE_PROCESS = ("single", "resume-2to1")
+#: resumed setting -> the setting that writes its checkpoint
+NEEDS = {"resume-sharded": "fsdp", "resume-full": "fsdp", "resume-2to1": "fsdp",
+         "resume-1to2": "single", "resume-compiled": "compiled"}
 
 
 def spawn(tmp_path: Path, cases: list[dict], world: int = 2, timeout: float = 1200) -> dict:
@@ -78,9 +81,12 @@ def build(spec: dict, params, compiled: bool = False):
     class), ``{"preset": native name, "kwargs"}`` (polyopt.torch.preset), or a
     wrapper ``{"wrap": "Lookahead" | "SkipNonFinite", "base": spec, "kwargs"}``
     / ``{"wrap": "SAM", "base": {"cls": ...}, "kwargs"}``; ``compiled`` goes to
-    the polyopt optimizer inside."""
+    the polyopt optimizer inside. ``"matrices": True``: the params of two or
+    more axes only (torch.optim.Muon takes nothing else; the biases stay)."""
     import polyopt.torch as pt
 
+    if spec.get("matrices"):
+        params = [p for p in params if p.ndim >= 2]
     kwargs = dict(spec.get("kwargs", {}))
     if "wrap" in spec:
         base = spec["base"]
@@ -198,7 +204,14 @@ class _Worker:
         one = setting in ONE_PROCESS
         compiled = setting in ("compiled", "resume-compiled")
 
+        def checkpointed(opt):
+            """SAM's users checkpoint its base optimizer: torch's set_optimizer_state_dict
+            creates a fresh optimizer's state by a step without closure, which SAM
+            refuses; SAM's own rho and adaptive are its constructor's arguments."""
+            return opt.base_optimizer if type(opt).__name__ == "SAM" else opt
+
         def save_sharded(model, opt):
+            opt = checkpointed(opt)
             model_state, opt_state = get_state_dict(model, opt)
             name = {"single": "single", "compiled": "compiled"}.get(setting, "sharded")
             dcp.save({"model": model_state, "optim": opt_state},
@@ -210,6 +223,7 @@ class _Worker:
                     torch.save({"model": model_state, "optim": opt_state}, where / "full.pt")
 
         def load(model, opt, checkpoint: str):
+            opt = checkpointed(opt)
             if checkpoint == "full.pt":
                 state = torch.load(where / checkpoint, weights_only=False)
                 options = StateDictOptions(full_state_dict=True)
@@ -271,12 +285,17 @@ class _Worker:
             results[case["id"]] = {}
             for setting in case["settings"]:
                 outcome = None
-                if self.rank == 0 or setting not in ONE_PROCESS:
+                needed = results[case["id"]].get(NEEDS.get(setting))
+                if needed is not None and ("error" in needed or "refused" in needed):
+                    outcome = {"error": f"not run: {NEEDS[setting]} (its checkpoint) failed"}
+                elif self.rank == 0 or setting not in ONE_PROCESS:
                     started = time.monotonic()
                     try:
                         outcome = self.run(case, setting)
                         outcome["seconds"] = time.monotonic() - started
-                    except Exception as e:  # noqa: BLE001 - reported, the others still run
+                    except BaseException as e:  # noqa: BLE001 - reported, the others still run
+                        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                            raise  # (DCP's CheckpointException is a BaseException)
                         outcome = {"error": f"{type(e).__name__}: {e}",
                                    "traceback": traceback.format_exc()[-3000:]}
                 gathered = [None] * self.world

@@ -23,6 +23,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import polyopt.torch as pt
+from polyopt import native
 from tests._native import run_python
 from tests._torch_distributed import SAVE, spawn
 from tests._v2_problem import max_rel
@@ -49,8 +51,100 @@ DEFAULT_CASES = [
     # momentum from step 2 on: the eager replay starts the buffers on the local shards
     case("SGD(momentum later)", {"cls": "SGD", "kwargs": {"lr": 0.05}}, ["fsdp", "whole", "ddp"],
          later={"momentum": 0.9}),
-    case("Lookahead(Adam)", {"wrap": "Lookahead", "base": ADAM, "kwargs": {"k": 3}}, ["fsdp"]),
+    # its slow weights in the optimizer state dict, through DCP (sharded and full)
+    case("Lookahead(Adam)", {"wrap": "Lookahead", "base": ADAM, "kwargs": {"k": 3}},
+         ["fsdp", "resume-sharded", "resume-full"]),
 ]
+
+
+# ---------------------------------------------------------------------------
+# the every-optimizer matrix: polyopt.torch's classes at their defaults, the
+# torch.optim presets, the wrappers
+
+CLASSES = [n for n in pt.__all__ if n not in ("RuleOptimizer", "Lookahead", "SAM",
+                                              "SkipNonFinite", "preset")]
+PRESETS = [n for n in native.PRESETS if n.startswith("torch.optim.")]
+MATRIX_SETTINGS = ["fsdp", "resume-sharded", "resume-full", "resume-2to1", "resume-1to2",
+                   "compiled", "resume-compiled", "ddp"]
+#: per-tensor rules: compiled=True on sharded params refuses them at construction
+COMPILED_REFUSED = {"Adafactor", "Lamb", "Lars", "Muon", "Ranger", "torch.optim.Adafactor",
+                    *(n for n in PRESETS if n.startswith("torch.optim.Muon"))}
+
+
+def _spec(name: str) -> dict:
+    if name in CLASSES:
+        return {"cls": name}
+    # torch.optim.Muon takes the matrices only
+    return {"preset": name, **({"matrices": True} if "Muon" in name else {})}
+
+
+WRAPPERS = {
+    "Lookahead(Adam)": {"wrap": "Lookahead", "base": ADAM, "kwargs": {"k": 3}},
+    "SkipNonFinite(Adam)": {"wrap": "SkipNonFinite", "base": ADAM},
+    "SAM(SGD)": {"wrap": "SAM", "base": {"cls": "SGD", "kwargs": {"lr": 0.05, "momentum": 0.9}}},
+    "SAM(Adam, adaptive)": {"wrap": "SAM", "base": ADAM, "kwargs": {"rho": 0.5,
+                                                                    "adaptive": True}},
+}
+#: one spawned group each
+GROUPS = {
+    "classes": [case(n, _spec(n), MATRIX_SETTINGS) for n in CLASSES],
+    "presets": [case(n, _spec(n), MATRIX_SETTINGS) for n in PRESETS],
+    "wrappers": [case(n, spec, MATRIX_SETTINGS) for n, spec in WRAPPERS.items()],
+}
+for cases in GROUPS.values():  # no checkpoint of a refused compiled run to resume from
+    for c in cases:
+        if c["id"] in COMPILED_REFUSED:
+            c["settings"].remove("resume-compiled")
+
+_MUON = ("Muon under eager FSDP2, today: RuntimeError: aten.add_.Tensor: in-place operations "
+         "that require placement changes are not supported. The input has placement "
+         "(Shard(dim=0),), but no valid strategy preserves this placement. (the Replicate "
+         "update added in place to a Shard(0) param; a DTensor gather path is coming)")
+_ADAFACTOR = ("Adafactor under eager FSDP2, today: RuntimeError: aten.add.Tensor got mixed "
+              "torch.Tensor and DTensor, need to convert all torch.Tensor to DTensor before "
+              "calling distributed operators! (rules/factored.py; a DTensor gather path is "
+              "coming)")
+#: settings that step eager FSDP2, or resume from its checkpoint
+_EAGER_FSDP2 = ("fsdp", "resume-sharded", "resume-full", "resume-2to1", "resume-1to2")
+_STATELESS = ("torch: set_optimizer_state_dict(full_state_dict=True) needs a state tensor of "
+              "one axis or more (AssertionError: Expected device to be set); SGD without "
+              "momentum has none, torch.optim.SGD the same")
+
+
+def expected_failure(name: str, setting: str) -> str | None:
+    if setting in _EAGER_FSDP2 and "Muon" in name:
+        return _MUON
+    if setting in _EAGER_FSDP2 and "Adafactor" in name:
+        return _ADAFACTOR
+    if setting == "resume-full" and name in ("SGD", "torch.optim.SGD"):
+        return _STATELESS
+    return None
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    """group name -> its results, each group spawned once, when first needed."""
+    results: dict = {}
+
+    def get(group: str) -> dict:
+        if group not in results:
+            results[group] = spawn(tmp_path_factory.mktemp(f"torch-{group}"), GROUPS[group])
+            print(f"\ntorch distributed matrix, {group}: {len(GROUPS[group])} optimizers, "
+                  f"one group of 2 ranks, {results[group].pop('seconds'):.1f} s")
+        return results[group]
+
+    return get
+
+
+@pytest.mark.needs("torch")
+@pytest.mark.distributed
+@pytest.mark.parametrize("group, name, setting", [
+    pytest.param(group, c["id"], s, id=f"{c['id']}-{s}", marks=[
+        pytest.mark.xfail(strict=True, reason=reason)
+        for reason in [expected_failure(c["id"], s)] if reason])
+    for group, cases in GROUPS.items() for c in cases for s in c["settings"][1:]])
+def test_every_optimizer(matrix, group, name, setting):
+    check(matrix(group), name, setting)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +174,16 @@ def check(results: dict, name: str, setting: str) -> float:
     runs = results[name]
     single = ok(runs["single"])
     assert single["moved"] > 1e-3, single["moved"]  # it trained
+    if setting == "compiled" and name in COMPILED_REFUSED:
+        refused = runs[setting]
+        assert refused is not None and "refused" in refused, refused
+        owner = "SAM" if name.startswith("SAM") else name.split("(")[0].split(".")[-1]
+        assert refused["refused"].startswith(
+            f"ValueError: polyopt.torch.{owner}: compiled=True runs the rule on each "
+            "DTensor's local shard, and with these options the rule takes per-tensor "
+            "reductions"), refused["refused"]
+        assert "use compiled=False" in refused["refused"]
+        return 0.0
     run = ok(runs[setting])
     if setting in RESUMED:
         uninterrupted = ok(runs[UNINTERRUPTED.get(setting, "fsdp")])
@@ -98,8 +202,7 @@ def check(results: dict, name: str, setting: str) -> float:
 
 @pytest.mark.needs("torch")
 @pytest.mark.parametrize("name, setting", [(c["id"], s) for c in DEFAULT_CASES
-                                           for s in c["settings"] if s != "single"
-                                           and not (c["id"] == "Ranger" and s == "compiled")])
+                                           for s in c["settings"][1:]])
 def test_agrees_with_one_process(default_results, name, setting):
     check(default_results, name, setting)
 
@@ -118,15 +221,6 @@ def test_eager_fsdp2_steps_local_shards_or_whole_dtensors(default_results):
     assert sgd["losses"] == whole["losses"] and sgd["params"] == whole["params"]
     # the shards: the (3, 8) weight 2 + 1 rows, the (1, 3) weight empty on rank 1
     assert adam["local_shapes"][2:] == [[2, 8], [2], [1, 3], [1]]
-
-
-@pytest.mark.needs("torch")
-def test_compiled_refuses_per_tensor_rule_on_shards(default_results):
-    refused = default_results["Ranger"]["compiled"]
-    assert refused is not None and "refused" in refused, refused
-    assert refused["refused"].startswith("ValueError: polyopt.torch.Ranger: compiled=True runs "
-                                         "the rule on each DTensor's local shard")
-    assert "use compiled=False" in refused["refused"]
 
 
 @pytest.mark.needs("torch")

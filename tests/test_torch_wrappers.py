@@ -102,12 +102,15 @@ def test_lookahead_state_dict_resume_is_bitwise_identical(base):
         opt.step()
     buffer.seek(0)
     saved = torch.load(buffer)
-    assert set(saved["opt"]["lookahead"]["state"][0]) == {"step", "slow_buffer"}
-    assert "exp_avg" in saved["opt"]["state"][0]  # the base optimizer's state is in it
+    # Lookahead's state beside the base optimizer's, where torch.distributed.checkpoint keeps it
+    assert {"lookahead_step", "lookahead_slow_buffer", "exp_avg"} <= set(saved["opt"]["state"][0])
+    assert saved["opt"]["param_groups"][0]["lookahead_k"] == 4
     resumed = [p.clone().requires_grad_() for p in saved["params"]]
     opt2 = pt.Lookahead(base(resumed), k=7)
     opt2.load_state_dict(saved["opt"])
     assert opt2.k == 4
+    # the base's load replaced its group dicts: the wrapper shares the new ones
+    assert opt2.param_groups is opt2.base_optimizer.param_groups
     for t in range(10, 30):
         set_grads(resumed, t)
         opt2.step()
@@ -138,7 +141,7 @@ def test_lookahead_errors():
     with pytest.raises(TypeError, match="base_optimizer must be a torch.optim.Optimizer"):
         pt.Lookahead(params)
     opt = pt.Lookahead(torch.optim.SGD(params, lr=0.1))
-    with pytest.raises(ValueError, match="no 'lookahead' entry"):
+    with pytest.raises(ValueError, match="have no 'lookahead_k' and 'lookahead_alpha'"):
         opt.load_state_dict(torch.optim.SGD(params, lr=0.1).state_dict())
 
 
@@ -268,6 +271,8 @@ def test_sam_state_dict_holds_the_base_state():
     assert sd["sam"] == {"rho": 0.2, "adaptive": False} and "exp_avg" in sd["state"][0]
     other = pt.SAM(_problem()[0].parameters(), pt.Adam, lr=0.01)
     other.load_state_dict(sd)
+    assert other.param_groups is other.base_optimizer.param_groups
+    assert other.state is other.base_optimizer.state  # SAM keeps no per-param state
     assert other.rho == 0.2 and float(other.base_optimizer.state_dict()["state"][0]["step"]) == 3
 
 
@@ -300,3 +305,61 @@ def test_wrappers_deepcopy_and_pickle():
     model, _, _ = _problem()
     sam = copy.deepcopy(pt.SAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1))
     assert sam.rho == 0.3 and sam.param_groups is sam.base_optimizer.param_groups
+
+
+# --------------------------------------------------------------------------
+# torch.distributed.checkpoint's optimizer state dicts (one process; the
+# distributed settings are in tests/test_torch_distributed.py)
+
+
+@pytest.mark.parametrize("wrap", ["Lookahead", "SkipNonFinite", "SAM"])
+def test_wrappers_through_get_and_set_optimizer_state_dict(wrap):
+    """get_optimizer_state_dict keeps only 'state' and 'param_groups': the
+    wrappers' own state is in them, and it steps no optimizer that has state
+    (it runs a zero-gradient step of one whose ``state`` is empty: SAM and
+    SkipNonFinite show their base's). SAM's users pass its base optimizer to
+    set_optimizer_state_dict, which steps a fresh optimizer without closure."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    def make(model):
+        if wrap == "SAM":
+            return pt.SAM(model.parameters(), pt.Adam, lr=0.01)
+        return getattr(pt, wrap)(pt.Adam(model.parameters(), lr=0.01),
+                                 **({"k": 2} if wrap == "Lookahead" else {}))
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            def closure():
+                loss = model(torch.ones(4, 3, dtype=torch.float64)).pow(2).sum()
+                loss.backward()
+                return loss
+            if wrap == "SAM":
+                opt.step(closure)
+            else:
+                opt.zero_grad()
+                closure()
+                opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    opt = make(model)
+    train(model, opt, 3)
+    saved = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    assert float(saved["state"]["weight"]["step"]) == 3  # no extra step
+    resumed_model = copy.deepcopy(model)
+    resumed = make(resumed_model)
+    set_optimizer_state_dict(resumed_model, resumed.base_optimizer if wrap == "SAM" else resumed,
+                             saved)
+    if wrap == "Lookahead":
+        assert {"lookahead_step", "lookahead_slow_buffer"} <= set(saved["state"]["weight"])
+        assert resumed.k == 2 and int(resumed.state[resumed_model.weight]["step"]) == 3
+    if wrap == "SkipNonFinite":
+        assert saved["param_groups"][0]["skip_nonfinite_count"] == 3
+        assert int(resumed._counters.count) == 3
+    train(model, opt, 3)
+    train(resumed_model, resumed, 3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))

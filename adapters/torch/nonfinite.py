@@ -18,6 +18,8 @@ from polyopt import hyper, rules
 from polyopt.torch.wrappers import _Wrapper
 
 _FIELDS = ("count", "notfinite_count", "last_finite", "total_notfinite")
+#: the prefix of its entries in each param group of its state_dict
+_PREFIX = "skip_nonfinite_"
 
 
 def _apply_flag(grads, state, params):
@@ -42,10 +44,14 @@ class SkipNonFinite(_Wrapper):
 
     Attributes: ``total_notfinite`` (skipped or non-finite steps, never reset),
     ``notfinite_count`` (consecutive ones), ``last_finite``. ``state_dict()`` is
-    the base optimizer's with a ``"skip_nonfinite"`` entry holding them.
+    the base optimizer's with them in each param group (``skip_nonfinite_count``,
+    ..., ``skip_nonfinite_max_consecutive_errors``: kept by torch's distributed
+    checkpoint). ``state`` is the base optimizer's.
     Schedulers: attach them to the base optimizer (or to this wrapper; they
     share ``param_groups``).
     """
+
+    _own_state = False
 
     def __init__(self, base_optimizer: torch.optim.Optimizer,
                  max_consecutive_errors: float = math.inf) -> None:
@@ -88,27 +94,41 @@ class SkipNonFinite(_Wrapper):
         return loss
 
     def state_dict(self) -> dict:
+        """The base optimizer's, with the counters and ``max_consecutive_errors``
+        in each param group as ``skip_nonfinite_<name>`` (torch.distributed.checkpoint's
+        ``get_optimizer_state_dict`` keeps only ``state`` and ``param_groups``)."""
         state_dict = self.base_optimizer.state_dict()
-        state_dict["skip_nonfinite"] = {
-            **{k: getattr(self._counters, k).clone() for k in _FIELDS},
-            "max_consecutive_errors": self.max_consecutive_errors}
+        own = {_PREFIX + k: getattr(self._counters, k).item() for k in _FIELDS}
+        own[_PREFIX + "max_consecutive_errors"] = self.max_consecutive_errors
+        for group in state_dict["param_groups"]:
+            group.update(own)
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         """The base optimizer's state and the counters; all checked before any change."""
         name = "polyopt.torch.SkipNonFinite.load_state_dict"
-        own = state_dict.get("skip_nonfinite")
-        if not isinstance(own, dict) or not {*_FIELDS, "max_consecutive_errors"} <= own.keys():
-            raise ValueError(f"{name}: the state_dict has no 'skip_nonfinite' entry with "
-                             f"{[*_FIELDS, 'max_consecutive_errors']}")
+        keys = [_PREFIX + k for k in (*_FIELDS, "max_consecutive_errors")]
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or not groups or any(
+                not isinstance(g, dict) or not set(keys) <= g.keys() for g in groups):
+            raise ValueError(f"{name}: the state_dict's param groups have no {keys} "
+                             "(was it saved by a SkipNonFinite?)")
+        own = {k: groups[0][k] for k in keys}
+        if any({k: g[k] for k in keys} != own for g in groups):
+            raise ValueError(f"{name}: the param groups' {keys} differ")
         values = hyper.APPLY_IF_FINITE.validate(
-            {"max_consecutive_errors": own["max_consecutive_errors"]}, framework="torch")
+            {"max_consecutive_errors": own[_PREFIX + "max_consecutive_errors"]},
+            framework="torch")
+        counters = {}
         for k in _FIELDS:
-            if not isinstance(own[k], torch.Tensor) or own[k].ndim:
-                raise ValueError(f"{name}: skip_nonfinite[{k!r}] must be a 0-d tensor, "
-                                 f"got {own[k]!r:.100}")
-        counters = self._counters._replace(**{k: own[k].clone() for k in _FIELDS})
-        self.base_optimizer.load_state_dict(
-            {k: v for k, v in state_dict.items() if k != "skip_nonfinite"})
+            value, current = own[_PREFIX + k], getattr(self._counters, k)
+            if isinstance(value, torch.Tensor) and value.ndim == 0:
+                value = value.item()
+            if not isinstance(value, int):  # bool is an int
+                raise ValueError(f"{name}: {_PREFIX}{k} must be an integer or a 0-d "
+                                 f"tensor, got {value!r:.100}")
+            counters[k] = torch.tensor(value, dtype=current.dtype, device=current.device)
+        self._load_base({**state_dict, "param_groups": [
+            {k: v for k, v in g.items() if k not in keys} for g in groups]})
         self.max_consecutive_errors = values["max_consecutive_errors"]
-        self._counters = counters
+        self._counters = self._counters._replace(**counters)

@@ -30,7 +30,13 @@ BASE_STEP = rules.Rule(init=lambda params: None, update=_applied_update)
 
 
 class _Wrapper(torch.optim.Optimizer):
-    """A torch optimizer around ``base_optimizer``, sharing its param groups."""
+    """A torch optimizer around ``base_optimizer``, sharing its param groups
+    (and its ``state``, unless the wrapper keeps per-param state of its own:
+    torch.distributed.checkpoint runs a zero-gradient step of an optimizer
+    whose ``state`` is empty, to create it)."""
+
+    #: whether ``state`` is the wrapper's own (else the base optimizer's)
+    _own_state = True
 
     def __init__(self, base_optimizer: torch.optim.Optimizer) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
@@ -41,6 +47,8 @@ class _Wrapper(torch.optim.Optimizer):
         super().__init__(base_optimizer.param_groups, base_optimizer.defaults)
         self.param_groups = base_optimizer.param_groups
         self.defaults = base_optimizer.defaults
+        if not self._own_state:
+            self.state = base_optimizer.state
 
     def __getstate__(self) -> dict:  # torch's keeps only defaults, state and param_groups
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
@@ -51,6 +59,14 @@ class _Wrapper(torch.optim.Optimizer):
             self.param_groups.append(param_group)  # Optimizer.__init__ re-adding base groups
         else:
             self.base_optimizer.add_param_group(param_group)
+
+    def _load_base(self, state_dict: dict) -> None:
+        """Load the base optimizer's state_dict; its load replaces its param
+        groups (and state), which the wrapper shares."""
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        if not self._own_state:
+            self.state = self.base_optimizer.state
 
     def _params_with_grad(self) -> list:
         return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -67,6 +83,8 @@ class _Wrapper(torch.optim.Optimizer):
                 for i, p in zip(s["params"], g["params"])}
 
 
+#: the prefix of Lookahead's entries in its state_dict
+_LOOKAHEAD = "lookahead_"
 _LOOKAHEAD_ARGS = {h.spelling("torch"): h for h in hyper.LOOKAHEAD if h.name != "reset_state"}
 
 
@@ -86,8 +104,10 @@ class Lookahead(_Wrapper):
 
     State: per param ``step`` (fast steps taken) and ``slow_buffer`` (float32
     for 16-bit params), separate from the base optimizer's state;
-    ``state_dict()`` is the base optimizer's with a ``"lookahead"`` entry
-    ``{"state", "k", "alpha"}``. Params without a gradient in a step are
+    ``state_dict()`` is the base optimizer's with them as ``lookahead_step``
+    and ``lookahead_slow_buffer`` in each param's entry and ``lookahead_k``,
+    ``lookahead_alpha`` in each param group's (so torch.distributed.checkpoint's
+    ``get_optimizer_state_dict`` keeps and reshards them). Params without a gradient in a step are
     skipped, as the base optimizer skips them.
     """
 
@@ -133,42 +153,66 @@ class Lookahead(_Wrapper):
         return loss
 
     def state_dict(self) -> dict:
+        """The base optimizer's, with Lookahead's state in its entries, as torch's
+        distributed checkpoint keeps them (``get_optimizer_state_dict``
+        keeps only ``state`` and ``param_groups``): each param's
+        ``lookahead_step`` and ``lookahead_slow_buffer`` beside the base's state
+        and ``lookahead_k``, ``lookahead_alpha`` in each param group."""
         state_dict = self.base_optimizer.state_dict()
-        own = super().state_dict()
-        state_dict["lookahead"] = {"state": own["state"], "k": self.k, "alpha": self.alpha}
+        state = state_dict["state"] = dict(state_dict["state"])
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            saved.update(lookahead_k=self.k, lookahead_alpha=self.alpha)
+            for i, p in zip(saved["params"], group["params"]):
+                if p in self.state:
+                    state[i] = {**state.get(i, {}),
+                                **{_LOOKAHEAD + k: v for k, v in self.state[p].items()}}
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load the base optimizer's state and Lookahead's; all checked before any change."""
         name = "polyopt.torch.Lookahead.load_state_dict"
-        own = state_dict.get("lookahead")
-        if not isinstance(own, dict) or not {"state", "k", "alpha"} <= own.keys():
-            raise ValueError(f"{name}: the state_dict has no 'lookahead' entry with "
-                             "'state', 'k' and 'alpha' (was it saved by a Lookahead?)")
+        groups = state_dict.get("param_groups")
+        keys = {f"{_LOOKAHEAD}k", f"{_LOOKAHEAD}alpha"}
+        if not isinstance(groups, list) or not groups or any(
+                not isinstance(g, dict) or not keys <= g.keys() for g in groups):
+            raise ValueError(f"{name}: the state_dict's param groups have no 'lookahead_k' "
+                             "and 'lookahead_alpha' (was it saved by a Lookahead?)")
+        if len({(g["lookahead_k"], g["lookahead_alpha"]) for g in groups}) != 1:
+            raise ValueError(f"{name}: the param groups' lookahead_k and lookahead_alpha "
+                             "differ; Lookahead has one k and one alpha")
         values = hyper.LOOKAHEAD.validate(
-            {"sync_period": own["k"], "slow_step_size": own["alpha"]}, framework="torch")
+            {"sync_period": groups[0]["lookahead_k"],
+             "slow_step_size": groups[0]["lookahead_alpha"]}, framework="torch")
         index = self._index_map(state_dict, name)
         state: defaultdict = defaultdict(dict)
-        for i, entries in own["state"].items():
+        base_state = {}
+        for i, entries in state_dict.get("state", {}).items():
+            own = {k[len(_LOOKAHEAD):]: v for k, v in entries.items()
+                   if k.startswith(_LOOKAHEAD)}
+            base_state[i] = {k: v for k, v in entries.items() if not k.startswith(_LOOKAHEAD)}
+            if not own:
+                continue
             if i not in index:
                 raise ValueError(f"{name}: lookahead state for param {i!r}, which is in "
                                  "none of the param groups")
             p = index[i]
-            if set(entries) != {"step", "slow_buffer"}:
+            if set(own) != {"step", "slow_buffer"}:
                 raise ValueError(f"{name}: lookahead state of param {i} has keys "
-                                 f"{sorted(entries)}, expected ['slow_buffer', 'step']")
-            if tuple(entries["slow_buffer"].shape) != tuple(p.shape) or entries["step"].ndim:
+                                 f"{sorted(_LOOKAHEAD + k for k in own)}, expected "
+                                 "['lookahead_slow_buffer', 'lookahead_step']")
+            if tuple(own["slow_buffer"].shape) != tuple(p.shape) or own["step"].ndim:
                 raise ValueError(
-                    f"{name}: lookahead state of param {i}: slow_buffer has shape "
-                    f"{tuple(entries['slow_buffer'].shape)} (param: {tuple(p.shape)}), "
-                    f"step has shape {tuple(entries['step'].shape)} (expected ())")
+                    f"{name}: lookahead state of param {i}: lookahead_slow_buffer has shape "
+                    f"{tuple(own['slow_buffer'].shape)} (param: {tuple(p.shape)}), "
+                    f"lookahead_step has shape {tuple(own['step'].shape)} (expected ())")
             state[p] = {
-                "step": entries["step"].to(dtype=step_dtype(), device=p.device, copy=True),
-                "slow_buffer": entries["slow_buffer"].to(
+                "step": own["step"].to(dtype=step_dtype(), device=p.device, copy=True),
+                "slow_buffer": own["slow_buffer"].to(
                     dtype=compute_dtype(p.dtype), device=p.device, copy=True),
             }
-        base = {k: v for k, v in state_dict.items() if k != "lookahead"}
-        self.base_optimizer.load_state_dict(base)
+        self._load_base({**state_dict, "state": {i: e for i, e in base_state.items() if e},
+                         "param_groups": [{k: v for k, v in g.items() if k not in keys}
+                                          for g in groups]})
         self.k, self.alpha = values["sync_period"], values["slow_step_size"]
         self.state = state
 
@@ -197,10 +241,12 @@ class SAM(_Wrapper):
 
     Differences from davda54/sam: ``rho`` and ``adaptive`` belong to the
     optimizer, not to each param group (its single global norm needs one
-    rho); ``state_dict()`` holds the base optimizer's state (plus a
-    ``"sam"`` entry), davda54's holds none of it; its ``step(closure)``
+    rho); ``state`` and ``state_dict()`` are the base optimizer's (the
+    latter plus a ``"sam"`` entry), davda54's hold none of it; its ``step(closure)``
     expects the first backward done by the caller.
     """
+
+    _own_state = False
 
     def __init__(self, params, base_optimizer: type, rho: float = _SAM_ARGS["rho"].default,
                  adaptive: bool = _SAM_ARGS["adaptive"].default, **kwargs: Any) -> None:
@@ -269,5 +315,5 @@ class SAM(_Wrapper):
                              "'adaptive' (was it saved by a SAM?)")
         values = hyper.SAM.validate({"rho": own["rho"], "adaptive": own["adaptive"]},
                                     framework="torch")
-        self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "sam"})
+        self._load_base({k: v for k, v in state_dict.items() if k != "sam"})
         self.rho, self.adaptive = values["rho"], values["adaptive"]
