@@ -222,6 +222,8 @@ def optimizer(config):
     inner = getattr(pk, inner.rstrip("]"))(learning_rate=LR)
     if wrapper == "SAMModel":
         return inner, True, 0.05
+    if wrapper == "Lookahead":  # synced once within the 5 steps
+        return pk.Lookahead(inner, sync_period=3), True, None
     return getattr(pk, wrapper)(inner), True, None
 
 
