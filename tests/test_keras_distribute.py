@@ -222,6 +222,8 @@ def optimizer(config):
     inner = getattr(pk, inner.rstrip("]"))(learning_rate=LR)
     if wrapper == "SAMModel":
         return inner, True, 0.05
+    if wrapper == "Lookahead":  # synced once within the 5 steps
+        return pk.Lookahead(inner, sync_period=3), True, None
     return getattr(pk, wrapper)(inner), True, None
 
 
@@ -313,7 +315,22 @@ def rel(a, b):
     return out
 
 
-result = {}
+def backend_layout():
+    # a variable laid out with a JAX NamedSharding (Keras takes backend layouts too):
+    # Adafactor's statistics of it, {path: spec}
+    kd.set_distribution(model_parallel())
+    try:
+        sharding = jax.sharding.NamedSharding(MESH.backend_mesh,
+                                              jax.sharding.PartitionSpec("model", None))
+        w = keras.Variable(np.ones((16, 8)), layout=sharding, name="w")
+        opt = pk.Adafactor(learning_rate=LR, factoring="last_two")
+        opt.build([w])
+        return {v.path.split("/")[-1]: list(spec_of(v)) for v in opt.variables}
+    finally:
+        kd.set_distribution(None)
+
+
+result = {"backend_layout": backend_layout()} if payload.get("backend_layout") else {}
 for config in payload["configs"]:
     t0 = time.perf_counter()
     try:
@@ -338,7 +355,8 @@ def _jax_results(configs: tuple) -> dict:
     env = {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "JAX_ENABLE_X64": "1",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return run_python(_JAX_SCRIPT, {"configs": list(configs), "lr": LR}, env=env, timeout=1800)
+    payload = {"configs": list(configs), "lr": LR, "backend_layout": configs == tuple(DEFAULT)}
+    return run_python(_JAX_SCRIPT, payload, env=env, timeout=1800)
 
 
 def _jax_result(config: str) -> dict:
@@ -400,6 +418,15 @@ def test_update_moves_no_more_than_keras_native(config):
     assert ours["update"]["param_gathers"] <= theirs["update"]["param_gathers"]
     if config == MUON:
         assert ours["update"]["param_gathers"] > 0  # the whole matrix, as the native's
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="keras.distribution: JAX backend")
+def test_statistics_of_a_variable_laid_out_with_a_jax_sharding():
+    """A (16, 8) variable on NamedSharding(mesh, P("model", None)): its (16,)
+    statistic on "model", its (8,) one replicated, the placeholder replicated."""
+    assert _jax_results(tuple(DEFAULT))["backend_layout"] == {
+        "iteration": [], "learning_rate": [], "w_v_row": ["model"], "w_v_col": [None],
+        "w_v": [None]}
 
 
 def test_the_jax_matrix_covers_every_optimizer_and_keras_preset():

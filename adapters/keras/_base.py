@@ -25,7 +25,10 @@ Where things live:
   wrapped in :class:`PolyoptSchedule`), passed to the rule as a 0-d tensor
   every step, never baked in as a constant;
 - every other hyperparameter: a Python number, exact in float64 (the rule
-  combines it with the tensors in their dtype; nothing is cast through float32).
+  combines it with the tensors in their dtype; nothing is cast through float32);
+- under a ``keras.distribution`` (JAX backend): a state variable shaped like its
+  param has the param's layout, a factored statistic (Adafactor's) the param's
+  layout along the axes it keeps, every other one is replicated (:class:`_Placement`).
 
 Sparse gradients (TensorFlow's ``tf.IndexedSlices``, JAX's ``BCOO``) are
 densified for the rule (duplicate entries summed). Where the rule says a zero
