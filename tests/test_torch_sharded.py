@@ -31,9 +31,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 import polyopt.torch as pt
-from polyopt.torch import _sharded
+from polyopt.torch import _flat, _sharded
 
-rank, world = payload["rank"], payload["world"]
+rank, world, STEPS = payload["rank"], payload["world"], payload["steps"]
 torch.set_num_threads(1)
 torch.set_default_dtype(torch.float64)
 dist.init_process_group("gloo", init_method=payload["init"], rank=rank, world_size=world)
@@ -149,6 +149,7 @@ result = {"cases": {}, "natives": {n: native_error(n) for n in payload["natives"
 for case in payload["cases"]:
     out = result["cases"][case["id"]] = {}
     gathered[0] = 0
+    compiled_before = set(_flat._COMPILED_STEPS)
     net = model(True)
     opt = optimizer(case, net)
     count = Collectives()
@@ -161,6 +162,8 @@ for case in payload["cases"]:
         out["losses"] += train(net, opt, steps[2:], True, count)
     out["params"] = whole(net, True)
     out["gathered"] = gathered[0]
+    out["compiled"] = sorted({key[0] for key in set(_flat._COMPILED_STEPS) - compiled_before
+                              if isinstance(key[0], str)})  # the kinds of compiled step
     out["bytes"] = {"collectives": count.count / STEPS, "sent": count.sent / STEPS,
                     "output": count.output / STEPS,
                     "received": (count.output - count.sent) / STEPS}
@@ -181,11 +184,11 @@ for case in payload["cases"]:
                          "params": whole(net, False), "bytes": count.output}
 dist.barrier()
 dist.destroy_process_group()
-""".replace("STEPS", str(STEPS))
+"""
 
 
 def _run(tmp_path, cases: list, natives: tuple = ()) -> list:
-    payload = {"cases": cases, "natives": list(natives),
+    payload = {"cases": cases, "natives": list(natives), "steps": STEPS,
                "checkpoint": str(tmp_path / "checkpoint")}
     return run_ranks(_WORKER, payload, 2, str(tmp_path / "rendezvous"))
 
@@ -195,8 +198,9 @@ def _rel(a, b) -> float:
                      / max(np.max(np.abs(np.asarray(y))), 1e-300)) for x, y in zip(a, b))
 
 
-def _check(case: dict, out: dict) -> None:
-    """The sharded run equals one process; it trained, and took the gathered step."""
+def _check(case: dict, out: dict, gathers: bool = True) -> None:
+    """The sharded run equals one process; it trained, and took the gathered
+    step (``gathers``) or moved nothing in its steps."""
     single = out["single"]
     assert _rel([single["losses"][-1]], [single["losses"][0]]) > 1e-3, case  # it trained
     diff = max(_rel([out["losses"]], [single["losses"]]), _rel(out["params"], single["params"]))
@@ -205,7 +209,13 @@ def _check(case: dict, out: dict) -> None:
           f"{moved['collectives']:.0f} collectives, {moved['output']:.0f} B gathered, "
           f"{moved['received']:.0f} B received")
     assert diff <= RTOL, (case["id"], diff)
-    assert out["gathered"] > 0 and single["bytes"] == 0
+    assert single["bytes"] == 0
+    if not gathers:  # an elementwise rule: stepped on the local shards
+        assert out["gathered"] == 0 and out["bytes"]["collectives"] == 0, out["bytes"]
+        return
+    assert out["gathered"] > 0
+    # compiled=True: the compiled per-tensor step of one process ran on the gathered tensors
+    assert ("gathered" in out["compiled"]) == case.get("compiled", False), out["compiled"]
     # param-shaped slots stay sharded as their params
     assert all(s.endswith("DTensor True") or not s.endswith("True") for s in out["slots"])
     if "resumed" in out:  # DCP save after step 2, resumed: bitwise the same steps 3 and 4
@@ -228,10 +238,13 @@ def test_fsdp2_muon_and_adafactor_eager_equal_one_process(tmp_path):
     """Muon (torch.optim.Muon's preset: bfloat16 Newton-Schulz) and Adafactor,
     eager, under fully_shard: one process's numbers to 1e-12 (float64);
     Muon's momentum stays sharded and resumes bitwise from a DCP checkpoint;
-    the natives torch.optim.Muon and Adafactor crash in their first step."""
-    outs = _run(tmp_path, DEFAULT_CASES, natives=("Muon", "Adafactor"))
+    the natives torch.optim.Muon and Adafactor crash in their first step.
+    An elementwise rule (AdamW) gathers nothing: its steps move no byte."""
+    elementwise = {"id": "AdamW-eager", "cls": "AdamW", "kwargs": {"lr": 0.05}}
+    outs = _run(tmp_path, [*DEFAULT_CASES, elementwise], natives=("Muon", "Adafactor"))
     for case in DEFAULT_CASES:
         _check(case, outs[0]["cases"][case["id"]])
+    _check(elementwise, outs[0]["cases"][elementwise["id"]], gathers=False)
     slots = outs[0]["cases"]["Muon-torch-eager"]["slots"]
     assert "momentum_buffer DTensor True" in slots, slots
     natives = outs[0]["natives"]
