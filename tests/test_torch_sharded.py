@@ -66,12 +66,15 @@ class Collectives(TorchDispatchMode):
         return out
 
 
-gathered = [0]
-_step = _sharded.step
+gathered, compiled_kinds = [0], set()
+_step, _run_compiled = _sharded.step, _flat._run_compiled
 def spy(*args, **kwargs):
     gathered[0] += 1
     return _step(*args, **kwargs)
-_sharded.step = spy
+def spy_compiled(opt, values, layout, present, structure, *args):
+    compiled_kinds.add(structure[0])  # "flat", "local" (shards) or "gathered"
+    return _run_compiled(opt, values, layout, present, structure, *args)
+_sharded.step, _flat._run_compiled = spy, spy_compiled
 
 
 def model(shard):
@@ -149,7 +152,7 @@ result = {"cases": {}, "natives": {n: native_error(n) for n in payload["natives"
 for case in payload["cases"]:
     out = result["cases"][case["id"]] = {}
     gathered[0] = 0
-    compiled_before = set(_flat._COMPILED_STEPS)
+    compiled_kinds.clear()
     net = model(True)
     opt = optimizer(case, net)
     count = Collectives()
@@ -162,8 +165,7 @@ for case in payload["cases"]:
         out["losses"] += train(net, opt, steps[2:], True, count)
     out["params"] = whole(net, True)
     out["gathered"] = gathered[0]
-    out["compiled"] = sorted({key[0] for key in set(_flat._COMPILED_STEPS) - compiled_before
-                              if isinstance(key[0], str)})  # the kinds of compiled step
+    out["compiled"] = sorted(compiled_kinds)
     out["bytes"] = {"collectives": count.count / STEPS, "sent": count.sent / STEPS,
                     "output": count.output / STEPS,
                     "received": (count.output - count.sent) / STEPS}
@@ -215,7 +217,7 @@ def _check(case: dict, out: dict, gathers: bool = True) -> None:
         return
     assert out["gathered"] > 0
     # compiled=True: the compiled per-tensor step of one process ran on the gathered tensors
-    assert ("gathered" in out["compiled"]) == case.get("compiled", False), out["compiled"]
+    assert out["compiled"] == (["gathered"] if case.get("compiled") else []), out["compiled"]
     # param-shaped slots stay sharded as their params
     assert all(s.endswith("DTensor True") or not s.endswith("True") for s in out["slots"])
     if "resumed" in out:  # DCP save after step 2, resumed: bitwise the same steps 3 and 4
@@ -229,7 +231,7 @@ _MUON_PRESETS = [name for name in native.PRESETS if name.startswith("torch.optim
 DEFAULT_CASES = [
     {"id": "Muon-torch-eager", "preset": "torch.optim.Muon", "vectors": _MUON_VECTORS,
      "kwargs": {"lr": 0.02}, "resume": True},
-    {"id": "Adafactor-eager", "cls": "Adafactor", "kwargs": {"lr": 0.05}},
+    {"id": "Adafactor-eager", "cls": "Adafactor", "kwargs": {"lr": 0.05}, "resume": True},
 ]
 
 
@@ -237,7 +239,8 @@ DEFAULT_CASES = [
 def test_fsdp2_muon_and_adafactor_eager_equal_one_process(tmp_path):
     """Muon (torch.optim.Muon's preset: bfloat16 Newton-Schulz) and Adafactor,
     eager, under fully_shard: one process's numbers to 1e-12 (float64);
-    Muon's momentum stays sharded and resumes bitwise from a DCP checkpoint;
+    Muon's momentum stays sharded, Adafactor's factored statistics whole, and
+    both resume bitwise from a DCP checkpoint;
     the natives torch.optim.Muon and Adafactor crash in their first step.
     An elementwise rule (AdamW) gathers nothing: its steps move no byte."""
     elementwise = {"id": "AdamW-eager", "cls": "AdamW", "kwargs": {"lr": 0.05}}
@@ -247,6 +250,9 @@ def test_fsdp2_muon_and_adafactor_eager_equal_one_process(tmp_path):
     _check(elementwise, outs[0]["cases"][elementwise["id"]], gathers=False)
     slots = outs[0]["cases"]["Muon-torch-eager"]["slots"]
     assert "momentum_buffer DTensor True" in slots, slots
+    slots = outs[0]["cases"]["Adafactor-eager"]["slots"]
+    assert {"row_var Tensor False", "col_var Tensor False", "variance DTensor True"} <= set(
+        slots), slots
     natives = outs[0]["natives"]
     print(natives)
     for name in ("Muon", "Adafactor"):
