@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from polyopt import native
-from tests._native import run_python, run_ranks
+from tests._native import run_ranks
 
 STEPS = 4
 RTOL = 1e-12
@@ -184,13 +184,75 @@ for case in payload["cases"]:
         count = Collectives()
         out["single"] = {"losses": train(net, opt, steps, False, count),
                          "params": whole(net, False), "bytes": count.output}
+
+
+def placed(name, steps=3):
+    # tensor-parallel placements on a (1, 2) mesh, without a model: a (4, 5)
+    # weight on (Replicate(), Shard(1)) (columns split 3 + 2) and a (5,) bias on
+    # (Shard(0), Replicate()), their grads set by hand; the same optimizer on
+    # plain copies of them is one process
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (1, world))
+    gen = torch.Generator().manual_seed(1)
+    whole = [torch.randn(4, 5, generator=gen), torch.randn(5, generator=gen)]
+    grads = [[torch.randn(w.shape, generator=gen) for w in whole] for _ in range(steps)]
+    layouts = [(Replicate(), Shard(1)), (Shard(0), Replicate())]
+    params = [torch.nn.Parameter(distribute_tensor(w, mesh, pl)) for w, pl in zip(whole, layouts)]
+    plain = [torch.nn.Parameter(w.clone()) for w in whole]
+    runs = []
+    for ps, shard in ((params, True), (plain, False)):
+        opt = getattr(pt, name)([{"params": ps[:1]}, {"params": ps[1:]}])
+        for gs in grads:
+            for p, g, pl in zip(ps, gs, layouts):
+                p.grad = distribute_tensor(g, mesh, pl) if shard else g.clone()
+            opt.step()
+        runs.append([(p.full_tensor() if shard else p.detach()).tolist() for p in ps])
+    return {"placed": runs[0], "single": runs[1], "local": list(params[0].to_local().shape)}
+
+
+def refusals():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+    mesh = init_device_mesh("cpu", (world,))
+    def param(placement):
+        return torch.nn.Parameter(DTensor.from_local(torch.ones(3, 4), mesh, [placement]))
+    errors = {}
+    for name, placement in (("Partial", Partial()),
+                            ("strided", _StridedShard(0, split_factor=2))):
+        for compiled in (False, True):
+            try:
+                pt.Muon([param(Shard(0)), param(placement)], compiled=compiled)
+            except ValueError as e:
+                errors[f"{name} {compiled}"] = str(e)
+    # an elementwise rule on a Partial param is accepted (its local tensors, or DTensor ops)
+    pt.Ranger([param(Partial())], gradient_centralization=False)
+    # a group whose change makes the rule per-tensor is refused at the step, nothing moved
+    p = param(Partial())
+    opt = pt.Ranger([p], gradient_centralization=False)
+    p.grad = DTensor.from_local(torch.ones(3, 4), mesh, [Partial()])
+    opt.param_groups[0]["gradient_centralization"] = True
+    try:
+        opt.step()
+    except ValueError as e:
+        errors["step"] = str(e)
+    moved = not torch.equal(p.to_local(), torch.ones(3, 4))
+    return {"errors": errors, "moved": moved, "state": len(opt.state)}
+
+
+result["placed"] = {name: placed(name) for name in payload["placed"]}
+if payload["refusals"]:
+    result["refusals"] = refusals()
 dist.barrier()
 dist.destroy_process_group()
 """
 
 
-def _run(tmp_path, cases: list, natives: tuple = ()) -> list:
-    payload = {"cases": cases, "natives": list(natives), "steps": STEPS,
+def _run(tmp_path, cases: list, natives: tuple = (), placed: tuple = (),
+         refusals: bool = False) -> list:
+    payload = {"cases": cases, "natives": list(natives), "placed": list(placed),
+               "refusals": refusals, "steps": STEPS,
                "checkpoint": str(tmp_path / "checkpoint")}
     return run_ranks(_WORKER, payload, 2, str(tmp_path / "rendezvous"))
 
@@ -235,24 +297,41 @@ DEFAULT_CASES = [
 ]
 
 
+_ELEMENTWISE = {"id": "AdamW-eager", "cls": "AdamW", "kwargs": {"lr": 0.05}}
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The default tests' one 2-rank run (each rank's result)."""
+    return _run(tmp_path_factory.mktemp("sharded"), [*DEFAULT_CASES, _ELEMENTWISE],
+                natives=("Muon", "Adafactor"), placed=("Muon", "Adafactor"), refusals=True)
+
+
 @pytest.mark.needs("torch")
-def test_fsdp2_muon_and_adafactor_eager_equal_one_process(tmp_path):
+def test_fsdp2_muon_and_adafactor_eager_equal_one_process(default_run):
     """Muon (torch.optim.Muon's preset: bfloat16 Newton-Schulz) and Adafactor,
     eager, under fully_shard: one process's numbers to 1e-12 (float64);
     Muon's momentum stays sharded, Adafactor's factored statistics whole, and
     both resume bitwise from a DCP checkpoint;
     the natives torch.optim.Muon and Adafactor crash in their first step.
-    An elementwise rule (AdamW) gathers nothing: its steps move no byte."""
-    elementwise = {"id": "AdamW-eager", "cls": "AdamW", "kwargs": {"lr": 0.05}}
-    outs = _run(tmp_path, [*DEFAULT_CASES, elementwise], natives=("Muon", "Adafactor"))
+    An elementwise rule (AdamW) gathers nothing: its steps move no byte.
+    Muon and Adafactor on tensor-parallel placements of a 2-D mesh (a
+    weight's columns split, uneven) equal one process too."""
+    outs = default_run
     for case in DEFAULT_CASES:
         _check(case, outs[0]["cases"][case["id"]])
-    _check(elementwise, outs[0]["cases"][elementwise["id"]], gathers=False)
+    _check(_ELEMENTWISE, outs[0]["cases"][_ELEMENTWISE["id"]], gathers=False)
     slots = outs[0]["cases"]["Muon-torch-eager"]["slots"]
     assert "momentum_buffer DTensor True" in slots, slots
     slots = outs[0]["cases"]["Adafactor-eager"]["slots"]
     assert {"row_var Tensor False", "col_var Tensor False", "variance DTensor True"} <= set(
         slots), slots
+    for name, out in outs[0]["placed"].items():  # tensor-parallel placements, a 2-D mesh
+        assert out["local"] == [4, 3]
+        diff = _rel(out["placed"], out["single"])
+        print(f"{name} on (Replicate(), Shard(1)) and (Shard(0), Replicate()) vs one process: "
+              f"max rel diff {diff:.1e}")
+        assert diff <= RTOL
     natives = outs[0]["natives"]
     print(natives)
     for name in ("Muon", "Adafactor"):
@@ -260,47 +339,13 @@ def test_fsdp2_muon_and_adafactor_eager_equal_one_process(tmp_path):
         assert "in-place operations that require placement changes" in natives[name]
 
 
-_REFUSAL_SCRIPT = """
-import torch, torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Partial, Shard
-from torch.distributed.tensor.placement_types import _StridedShard
-import polyopt.torch as pt
-dist.init_process_group("gloo", init_method=payload["init"], rank=0, world_size=1)
-mesh = init_device_mesh("cpu", (1,))
-def param(placement):
-    return torch.nn.Parameter(DTensor.from_local(torch.ones(3, 4), mesh, [placement]))
-errors = {}
-for name, placement in (("Partial", Partial()), ("strided", _StridedShard(0, split_factor=2))):
-    for compiled in (False, True):
-        try:
-            pt.Muon([param(Shard(0)), param(placement)], compiled=compiled)
-        except ValueError as e:
-            errors[f"{name} {compiled}"] = str(e)
-# an elementwise rule on a Partial param is accepted (its local tensors, or DTensor ops)
-pt.Ranger([param(Partial())], gradient_centralization=False)
-# a group whose change makes the rule per-tensor is refused at the step, nothing moved
-p = param(Partial())
-opt = pt.Ranger([p], gradient_centralization=False)
-p.grad = DTensor.from_local(torch.ones(3, 4), mesh, [Partial()])
-opt.param_groups[0]["gradient_centralization"] = True
-try:
-    opt.step()
-except ValueError as e:
-    errors["step"] = str(e)
-moved = not torch.equal(p.to_local(), torch.ones(3, 4))
-dist.destroy_process_group()
-result = {"errors": errors, "moved": moved, "state": len(opt.state)}
-"""
-
-
 @pytest.mark.needs("torch")
-def test_placements_the_gather_cannot_write_back_are_refused(tmp_path):
+def test_placements_the_gather_cannot_write_back_are_refused(default_run):
     """A per-tensor rule's DTensor param placed other than Shard/Replicate
     (Partial sums, strided shards) is refused at construction, eager and
     compiled, naming the param, its placements and what is allowed; at the
     step when a group's change makes the rule per-tensor (nothing moved)."""
-    out = run_python(_REFUSAL_SCRIPT, {"init": f"file://{tmp_path / 'rendezvous'}"})
+    out = default_run[0]["refusals"]
     errors = out["errors"]
     assert sorted(errors) == ["Partial False", "Partial True", "step", "strided False",
                               "strided True"]
