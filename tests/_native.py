@@ -61,3 +61,35 @@ def run_keras(script: str, payload: Any = None, backend: str = "jax", float64: b
     if float64 and backend == "jax":
         env["JAX_ENABLE_X64"] = "1"
     return run_python(script, payload, env=env, timeout=timeout)
+
+
+def run_ranks(script: str, payload: Any, world: int, rendezvous: str,
+              timeout: float = 400) -> list:
+    """Run ``script`` as ``run_python`` does, in ``world`` processes at once;
+    each gets ``payload`` with its ``rank``, ``world`` and ``init`` (a
+    ``file://`` rendezvous at the path ``rendezvous``, for
+    ``torch.distributed.init_process_group``) added. Returns each rank's ``result``."""
+    code = _PRELUDE + textwrap.dedent(script) + _EPILOGUE
+    procs = []
+    for rank in range(world):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc.stdin.write(json.dumps({**payload, "rank": rank, "world": world,
+                                     "init": f"file://{rendezvous}"}))
+        proc.stdin.close()  # every rank starts now (each waits for the others)
+        proc.stdin = None
+        procs.append(proc)
+    outs = []
+    for rank, proc in enumerate(procs):
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        if proc.returncode != 0 or "@@RESULT@@" not in stdout:
+            for other in procs:
+                if other.poll() is None:
+                    other.kill()
+            raise RuntimeError(f"rank {rank} failed (exit {proc.returncode}):\n{stderr[-4000:]}")
+        outs.append(json.loads(stdout.rsplit("@@RESULT@@", 1)[1]))
+    return outs

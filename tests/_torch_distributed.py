@@ -17,8 +17,8 @@ every case, one after another (spawning a group costs seconds): a case is
   ``set_state_dict`` with ``full_state_dict=True``), steps ``SAVE + 1`` on;
 - ``resume-2to1``: one unsharded process resumed from the FSDP2 DCP checkpoint;
 - ``resume-1to2``: FSDP2 resumed from the single process's DCP checkpoint;
-- ``compiled``: ``fsdp`` with ``compiled=True`` (its DCP checkpoint only), or
-  its refusal at construction; ``resume-compiled``: resumed from it;
+- ``compiled``: ``fsdp`` with ``compiled=True`` (its DCP checkpoint only);
+  ``resume-compiled``: resumed from it;
 - ``ddp``: DistributedDataParallel, each rank half of the batch;
 - ``whole``: ``fsdp`` (no checkpoint) with the eager step on whole DTensors
   (DTensor ops) instead of the local shards.
@@ -26,7 +26,8 @@ every case, one after another (spawning a group costs seconds): a case is
 A setting's result: per-step losses (the global batch's), the final full
 params, how far they moved from the start (max relative), the types of the
 params the eager replay ran on ("local" when the compiled step ran on local
-shards), the state slots' types and its wall time; or its error
+shards, "gathered" when a per-tensor rule's step ran on params gathered
+whole), the state slots' types and its wall time; or its error
 (``"TypeName: message"``), which does not stop the other settings.
 """
 
@@ -197,7 +198,7 @@ class _Worker:
             set_state_dict,
         )
 
-        from polyopt.torch import _eager, _flat
+        from polyopt.torch import _eager, _flat, _sharded
 
         spec, where = case["optimizer"], self.directory / case["id"]
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -240,9 +241,11 @@ class _Worker:
         net = model
         if setting == "ddp":
             net = torch.nn.parallel.DistributedDataParallel(model)
-        replayed: set = set()  # "Tensor": the eager replay on local shards; "local": compiled
+        # "Tensor": the eager replay on local shards; "local": compiled on local
+        # shards; "gathered": a per-tensor rule on params gathered whole
+        replayed: set = set()
         original_replay, original_eligible = _eager._replay, _eager.eligible
-        original_local = _flat.local_step
+        original_local, original_gathered = _flat.local_step, _sharded.step
 
         def spy(program, started, outputs, params, *args):
             replayed.update(type(p).__name__ for p in params)
@@ -252,16 +255,15 @@ class _Worker:
             replayed.add("local")
             return original_local(*args, **kwargs)
 
-        _eager._replay, _flat.local_step = spy, local_spy
+        def gathered_spy(*args, **kwargs):
+            replayed.add("gathered")
+            return original_gathered(*args, **kwargs)
+
+        _eager._replay, _flat.local_step, _sharded.step = spy, local_spy, gathered_spy
         if setting == "whole":
             _eager.eligible = lambda rule: False
         try:
-            try:
-                opt = build(spec, model.parameters(), compiled=compiled)
-            except ValueError as e:
-                if compiled:
-                    return {"refused": f"{type(e).__name__}: {e}"}
-                raise
+            opt = build(spec, model.parameters(), compiled=compiled)
             start, save = 0, None
             resumed = {"resume-sharded": "sharded", "resume-full": "full.pt",
                        "resume-2to1": "sharded", "resume-1to2": "single",
@@ -275,7 +277,7 @@ class _Worker:
             return self.result(model, opt, losses, replayed)
         finally:
             _eager._replay, _eager.eligible = original_replay, original_eligible
-            _flat.local_step = original_local
+            _flat.local_step, _sharded.step = original_local, original_gathered
 
     def all(self, cases: list[dict]) -> dict:
         import torch.distributed as dist
@@ -286,7 +288,7 @@ class _Worker:
             for setting in case["settings"]:
                 outcome = None
                 needed = results[case["id"]].get(NEEDS.get(setting))
-                if needed is not None and ("error" in needed or "refused" in needed):
+                if needed is not None and "error" in needed:
                     outcome = {"error": f"not run: {NEEDS[setting]} (its checkpoint) failed"}
                 elif self.rank == 0 or setting not in ONE_PROCESS:
                     started = time.monotonic()

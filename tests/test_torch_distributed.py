@@ -5,8 +5,8 @@ and is compared with one unsharded process run side by side in the same
 spawned group: losses and params to 1e-12 relative.
 
 - FSDP2 (``fully_shard`` per Linear and on the root; 2 ranks, uneven and
-  empty shards), eager and ``compiled=True`` (or the compiled path's refusal
-  of a per-tensor rule on shards, asserted);
+  empty shards), eager and ``compiled=True`` (elementwise rules stepped on
+  the local shards, per-tensor rules on params gathered whole, asserted);
 - DDP (2 ranks, half the batch each);
 - checkpoints after step 5: DCP save/load of the sharded state dicts
   (``get_state_dict`` / ``set_state_dict``), the full state dicts
@@ -25,7 +25,6 @@ import pytest
 
 import polyopt.torch as pt
 from polyopt import native
-from tests._native import run_python
 from tests._torch_distributed import SAVE, spawn
 from tests._v2_problem import max_rel
 
@@ -46,7 +45,7 @@ ADAM = {"cls": "Adam", "kwargs": {"lr": 0.01, "weight_decay": 0.1}}
 DEFAULT_CASES = [
     case("Adam", ADAM, ["fsdp", "resume-sharded", "resume-2to1", "compiled",
                         "resume-compiled"]),
-    # per-tensor (gradient centralization): eager on whole DTensors, compiled refused
+    # per-tensor (gradient centralization): gathered whole, eager and compiled
     case("Ranger", {"cls": "Ranger", "kwargs": {"lr": 0.05}}, ["fsdp", "compiled"]),
     # momentum from step 2 on: the eager replay starts the buffers on the local shards
     case("SGD(momentum later)", {"cls": "SGD", "kwargs": {"lr": 0.05}}, ["fsdp", "whole", "ddp"],
@@ -66,8 +65,8 @@ CLASSES = [n for n in pt.__all__ if n not in ("RuleOptimizer", "Lookahead", "SAM
 PRESETS = [n for n in native.PRESETS if n.startswith("torch.optim.")]
 MATRIX_SETTINGS = ["fsdp", "resume-sharded", "resume-full", "resume-2to1", "resume-1to2",
                    "compiled", "resume-compiled", "ddp"]
-#: per-tensor rules: compiled=True on sharded params refuses them at construction
-COMPILED_REFUSED = {"Adafactor", "Lamb", "Lars", "Muon", "Ranger", "torch.optim.Adafactor",
+#: per-tensor rules: their steps run on params gathered whole (polyopt.torch._sharded)
+PER_TENSOR = {"Adafactor", "Lamb", "Lars", "Muon", "Ranger", "torch.optim.Adafactor",
                     *(n for n in PRESETS if n.startswith("torch.optim.Muon"))}
 
 
@@ -91,31 +90,12 @@ GROUPS = {
     "presets": [case(n, _spec(n), MATRIX_SETTINGS) for n in PRESETS],
     "wrappers": [case(n, spec, MATRIX_SETTINGS) for n, spec in WRAPPERS.items()],
 }
-for cases in GROUPS.values():  # no checkpoint of a refused compiled run to resume from
-    for c in cases:
-        if c["id"] in COMPILED_REFUSED:
-            c["settings"].remove("resume-compiled")
-
-_MUON = ("Muon under eager FSDP2, today: RuntimeError: aten.add_.Tensor: in-place operations "
-         "that require placement changes are not supported. The input has placement "
-         "(Shard(dim=0),), but no valid strategy preserves this placement. (the Replicate "
-         "update added in place to a Shard(0) param; a DTensor gather path is coming)")
-_ADAFACTOR = ("Adafactor under eager FSDP2, today: RuntimeError: aten.add.Tensor got mixed "
-              "torch.Tensor and DTensor, need to convert all torch.Tensor to DTensor before "
-              "calling distributed operators! (rules/factored.py; a DTensor gather path is "
-              "coming)")
-#: settings that step eager FSDP2, or resume from its checkpoint
-_EAGER_FSDP2 = ("fsdp", "resume-sharded", "resume-full", "resume-2to1", "resume-1to2")
 _STATELESS = ("torch: set_optimizer_state_dict(full_state_dict=True) needs a state tensor of "
               "one axis or more (AssertionError: Expected device to be set); SGD without "
               "momentum has none, torch.optim.SGD the same")
 
 
 def expected_failure(name: str, setting: str) -> str | None:
-    if setting in _EAGER_FSDP2 and "Muon" in name:
-        return _MUON
-    if setting in _EAGER_FSDP2 and "Adafactor" in name:
-        return _ADAFACTOR
     if setting == "resume-full" and name in ("SGD", "torch.optim.SGD"):
         return _STATELESS
     return None
@@ -174,16 +154,6 @@ def check(results: dict, name: str, setting: str) -> float:
     runs = results[name]
     single = ok(runs["single"])
     assert single["moved"] > 1e-3, single["moved"]  # it trained
-    if setting == "compiled" and name in COMPILED_REFUSED:
-        refused = runs[setting]
-        assert refused is not None and "refused" in refused, refused
-        owner = "SAM" if name.startswith("SAM") else name.split("(")[0].split(".")[-1]
-        assert refused["refused"].startswith(
-            f"ValueError: polyopt.torch.{owner}: compiled=True runs the rule on each "
-            "DTensor's local shard, and with these options the rule takes per-tensor "
-            "reductions"), refused["refused"]
-        assert "use compiled=False" in refused["refused"]
-        return 0.0
     run = ok(runs[setting])
     if setting in RESUMED:
         uninterrupted = ok(runs[UNINTERRUPTED.get(setting, "fsdp")])
@@ -195,7 +165,9 @@ def check(results: dict, name: str, setting: str) -> float:
     if setting in ("fsdp", "compiled", "whole") or setting.startswith("resume") and \
             setting != "resume-2to1":  # the state follows the params: sharded DTensors
         assert all(slot.endswith(" DTensor") for slot in run["slots"]), run["slots"]
-    if setting == "compiled":  # the compiled step ran on the local shards
+    if setting in ("fsdp", "compiled") and name in PER_TENSOR:  # gathered whole
+        assert "gathered" in run["replayed"], run["replayed"]
+    elif setting == "compiled":  # the compiled step ran on the local shards
         assert "local" in run["replayed"], run["replayed"]
     return diff
 
@@ -208,15 +180,16 @@ def test_agrees_with_one_process(default_results, name, setting):
 
 
 @pytest.mark.needs("torch")
-def test_eager_fsdp2_steps_local_shards_or_whole_dtensors(default_results):
+def test_eager_fsdp2_steps_local_shards_or_gathered_params(default_results):
     """An elementwise rule's eager step is replayed on each DTensor's local
     shard (plain tensors); a per-tensor rule (Ranger's centralization) runs on
-    the whole DTensors (DTensor ops); the replay gives bitwise the numbers of
-    the DTensor ops, and starts a slot (momentum set later) as DTensors."""
+    its params gathered whole (polyopt.torch._sharded); the replay gives
+    bitwise the numbers of the per-tensor step on the whole DTensors (DTensor
+    ops), and starts a slot (momentum set later) as DTensors."""
     adam, ranger = default_results["Adam"]["fsdp"], default_results["Ranger"]["fsdp"]
     sgd, whole = (default_results["SGD(momentum later)"][s] for s in ("fsdp", "whole"))
     assert ok(adam)["replayed"] == ok(sgd)["replayed"] == ["Tensor"]
-    assert ok(ranger)["replayed"] == ok(whole)["replayed"] == []
+    assert ok(ranger)["replayed"] == ["gathered"] and ok(whole)["replayed"] == []
     assert sgd["slots"] == whole["slots"] == ["momentum_buffer DTensor"]
     assert sgd["losses"] == whole["losses"] and sgd["params"] == whole["params"]
     # the shards: the (3, 8) weight 2 + 1 rows, the (1, 3) weight empty on rank 1
@@ -230,53 +203,3 @@ def test_resumed_on_the_same_ranks_is_bitwise_the_uninterrupted_run(default_resu
         resumed, uninterrupted = ok(adam[resumed]), ok(adam[uninterrupted])
         assert resumed["losses"] == uninterrupted["losses"][SAVE + 1:]
         assert resumed["params"] == uninterrupted["params"]
-
-
-_REFUSAL_SCRIPT = """
-import torch, torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
-import polyopt.torch as pt
-dist.init_process_group("gloo", init_method=payload["init"], rank=0, world_size=1)
-model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
-fully_shard(model)
-errors = {}
-for name, kwargs in (("Ranger", {}), ("Lamb", {}), ("Adafactor", {})):
-    try:
-        getattr(pt, name)(model.parameters(), compiled=True, **kwargs)
-    except ValueError as e:
-        errors[name] = str(e)
-# accepted: the eager path, and compiled elementwise rules
-pt.Ranger(model.parameters())
-pt.Ranger(model.parameters(), gradient_centralization=False, compiled=True)
-# a group changed after construction is refused at the step, nothing moved
-opt = pt.Ranger(model.parameters(), gradient_centralization=False, compiled=True)
-model(torch.ones(1, 4)).sum().backward()
-before = [p.full_tensor().clone() for p in model.parameters()]
-opt.param_groups[0]["gradient_centralization"] = True
-try:
-    opt.step()
-except ValueError as e:
-    errors["step"] = str(e)
-moved = any(not torch.equal(p.full_tensor(), b) for p, b in zip(model.parameters(), before))
-dist.destroy_process_group()
-result = {"errors": errors, "moved": moved, "state": len(opt.state)}
-"""
-
-
-@pytest.mark.needs("torch")
-@pytest.mark.distributed
-def test_compiled_refusal_names_the_param_and_the_way_out(tmp_path):
-    """A per-tensor rule (centralization, trust ratios, factored statistics)
-    cannot run on a shard: compiled=True on sharded DTensor params is refused
-    at construction, and at the step when a group's change makes the rule
-    per-tensor, naming the param, its placements and the way out; the eager
-    path and elementwise rules are accepted."""
-    out = run_python(_REFUSAL_SCRIPT, {"init": f"file://{tmp_path / 'rendezvous'}"})
-    errors = out["errors"]
-    assert sorted(errors) == ["Adafactor", "Lamb", "Ranger", "step"]
-    for name, message in errors.items():
-        assert "params[0] (shape (3, 4), a DTensor with placements (Shard(dim=0),))" in message
-        assert "use compiled=False" in message
-        assert message.startswith(f"polyopt.torch.{'Ranger' if name == 'step' else name}:")
-    assert "param group 0" in errors["step"]
-    assert not out["moved"] and out["state"] == 0

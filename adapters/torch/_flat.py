@@ -376,31 +376,23 @@ def distributed(params: list) -> bool:
 
 
 def check_local(owner: str, rule, params: list, where: str = "") -> None:
-    """The compiled path runs a DTensor param's rule on its local tensor:
-    exact for an elementwise rule, and for any rule when the param is
-    replicated (its local tensor is the whole tensor). A per-tensor rule
-    (centralization, factored statistics, trust-ratio norms) on a sharded
-    param would reduce over its shard only: refused, naming the param and
-    its placements; and the compiled path needs 32- or 64-bit params of at
-    least one axis there."""
+    """The compiled path runs an elementwise rule on each DTensor param's local
+    tensor (exact: every element alone), which needs 32- or 64-bit params of
+    at least one axis: others are refused, naming the param and its
+    placements. A per-tensor rule's DTensor params are gathered whole
+    instead (:mod:`polyopt.torch._sharded`)."""
     module = sys.modules.get("torch.distributed.tensor")
-    if module is None:
+    if module is None or not rule.elementwise:
         return
     for j, p in enumerate(params):
         if not isinstance(p, module.DTensor):
             continue
-        name = f"param group{where}, params[{j}] (shape {tuple(p.shape)}, a DTensor with " \
-               f"placements {tuple(p.placements)})"
         if p.dtype in _LOW_PRECISION or p.ndim == 0:
             raise ValueError(f"{owner}: compiled=True runs DTensor params of 32 or 64 bits "
-                             f"and at least one axis; {name} has dtype {p.dtype}; "
+                             f"and at least one axis; param group{where}, params[{j}] (shape "
+                             f"{tuple(p.shape)}, a DTensor with placements "
+                             f"{tuple(p.placements)}) has dtype {p.dtype}; "
                              f"use compiled=False (the eager path steps them)")
-        if not rule.elementwise and not all(pl.is_replicate() for pl in p.placements):
-            raise ValueError(
-                f"{owner}: compiled=True runs the rule on each DTensor's local shard, "
-                f"and with these options the rule takes per-tensor reductions (it is "
-                f"not elementwise), which a shard cannot give; {name} is sharded; use "
-                f"compiled=False (the eager path reduces over the whole DTensor)")
 
 
 def local_step(opt, values: dict, layout: _Layout, params: list, grads: list,

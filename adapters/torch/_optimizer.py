@@ -24,7 +24,7 @@ import torch
 from polyopt import native, rules
 from polyopt.hyper import Spec
 from polyopt.rules import _state
-from polyopt.torch import _differentiable, _eager, _flat
+from polyopt.torch import _differentiable, _eager, _flat, _sharded
 from polyopt.torch._common import (
     _apply,
     _is_zero,
@@ -381,11 +381,11 @@ class RuleOptimizer(torch.optim.Optimizer):
                     f"non-floating parameters are not supported (real or complex floating "
                     f"dtypes only)")
         values = self._values({**self.defaults, **param_group}, f" {index}")
+        rule, owner = type(self).factory(**values), f"polyopt.torch.{type(self).__name__}"
+        tensors = [p[1] if isinstance(p, tuple) else p for p in tensors]
+        _sharded.check(owner, rule, tensors, f" {index}")
         if self.compiled:
-            _flat.check_local(f"polyopt.torch.{type(self).__name__}",
-                              type(self).factory(**values),
-                              [p[1] if isinstance(p, tuple) else p for p in tensors],
-                              f" {index}")
+            _flat.check_local(owner, rule, tensors, f" {index}")
         super().add_param_group(param_group)
 
     # -- step ------------------------------------------------------------------
@@ -480,12 +480,13 @@ class RuleOptimizer(torch.optim.Optimizer):
             plans = [self._plan(i, g) for i, g in enumerate(self.param_groups)]
             layouts = [self._param_layouts(values, group, params) if params else None
                        for (values, params, _), group in zip(plans, self.param_groups)]
-            if self.compiled:  # the rule on DTensors' local shards: exact, or refused
-                for index, (values, params, _) in enumerate(plans):
-                    if params and _flat.distributed(params):
-                        _flat.check_local(f"polyopt.torch.{type(self).__name__}",
-                                          self._rule(values), self.param_groups[index]["params"],
-                                          f" {index}")
+            owner = f"polyopt.torch.{type(self).__name__}"
+            for index, (values, params, _) in enumerate(plans):  # DTensors: handled, or refused
+                if params and _flat.distributed(params):
+                    group = self.param_groups[index]["params"]
+                    _sharded.check(owner, self._rule(values), group, f" {index}")
+                    if self.compiled:
+                        _flat.check_local(owner, self._rule(values), group, f" {index}")
             for index, (values, params, grads) in enumerate(plans):
                 if params:
                     self._step_group(values, params, grads, layouts[index])
@@ -531,6 +532,10 @@ class RuleOptimizer(torch.optim.Optimizer):
             gs = [g for _, g in members]
             states = [self.state[p] for p in ps]
             own = None if layouts is None else tuple(layouts[where[id(p)]] for p in ps)
+            if not self.defaults["differentiable"] and _sharded.applies(self._rule(values), ps):
+                _sharded.step(self, values, layout, ps, gs, states, own,
+                              self.compiled and not eager)
+                continue
             if self.compiled and not eager and _flat.distributed(ps):  # checked in step()
                 _flat.local_step(self, values, layout, ps, gs, states, own)
                 continue
