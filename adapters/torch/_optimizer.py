@@ -482,11 +482,13 @@ class RuleOptimizer(torch.optim.Optimizer):
                        for (values, params, _), group in zip(plans, self.param_groups)]
             owner = f"polyopt.torch.{type(self).__name__}"
             for index, (values, params, _) in enumerate(plans):  # DTensors: handled, or refused
-                if params and _flat.distributed(params):
+                rule = self._rule(values)
+                if (params and (self.compiled or not rule.elementwise)
+                        and _flat.distributed(params)):
                     group = self.param_groups[index]["params"]
-                    _sharded.check(owner, self._rule(values), group, f" {index}")
+                    _sharded.check(owner, rule, group, f" {index}")
                     if self.compiled:
-                        _flat.check_local(owner, self._rule(values), group, f" {index}")
+                        _flat.check_local(owner, rule, group, f" {index}")
             for index, (values, params, grads) in enumerate(plans):
                 if params:
                     self._step_group(values, params, grads, layouts[index])
