@@ -28,14 +28,18 @@ def is_muon_param(shape: tuple, layout: Any, muon_params: str) -> bool:
 
 
 def as_matrix(xp, x, layout):
-    """``x`` as the matrix (output axes, reduction axes), and how to undo it."""
+    """``x`` as the matrix (output axes, reduction axes), or with batch axes as the
+    stack of them (batch, output, reduction), and how to undo it."""
     output, reduction = _state.matrix_axes(layout, x.ndim)
-    order = (*output, *reduction)
+    batch = () if layout is None else tuple(layout.batch_axes)
+    order = (*batch, *output, *reduction)
     shape = tuple(int(d) for d in x.shape)
     rows = math.prod(shape[a] for a in output)
+    cols = math.prod(shape[a] for a in reduction)
     permuted = tuple(shape[a] for a in order)
     moved = order != tuple(range(x.ndim))
     matrix = xp.reshape(xp.permute_dims(x, order) if moved else x,
+                        (math.prod(shape[a] for a in batch), rows, cols) if batch else
                         (rows, math.prod(shape) // max(rows, 1)))
     inverse = tuple(order.index(a) for a in range(x.ndim))
 
@@ -205,10 +209,11 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
     Per tensor (``uses_layout``): each Muon param is seen as the matrix
     (output axes, reduction axes) of its layout, so a conv kernel gives the
     same update in torch's (out, in, kh, kw) and Keras's (kh, kw, in, out)
-    layouts. Params that are not Muon matrices (``muon_params``) take an
-    AdamW step (``polyopt.rules.adamw``, or ``rules.nadam(momentum_schedule=False)``
-    with ``adam_nesterov``) with the ``adam_*`` options, as every native's
-    hybrid does.
+    layouts; a layout with ``batch_axes`` makes it a stack of matrices, each
+    orthogonalized alone (optax's unnamed dimension-number axes). Params that
+    are not Muon matrices (``muon_params``) take an AdamW step
+    (``polyopt.rules.adamw``, or ``rules.nadam(momentum_schedule=False)`` with
+    ``adam_nesterov``) with the ``adam_*`` options, as every native's hybrid does.
 
     Args:
       learning_rate: \gamma (default 0.02, the reference's; torch and Keras 1e-3).
@@ -353,7 +358,7 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
                 o = xp.astype(o, g.dtype)
             if adaptive:  # <B, O>, conjugating B (optax)
                 o = xp.sum(_conjugate(xp, matrix) * o) * o
-            rows, cols = int(matrix.shape[0]), int(matrix.shape[1])
+            rows, cols = int(matrix.shape[-2]), int(matrix.shape[-1])
             lr = _base.scalar(xp, lr_value, g)
             scale = _shape_scale(rows, cols, lr_scale, rms_scale, tuple(int(d) for d in g.shape))
             u = -(lr * scale) * back(o)
