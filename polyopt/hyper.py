@@ -803,7 +803,7 @@ MUON = Spec("muon", (
           "eps) (every native); 'spectral' X / (||X||_2 + eps); 'aol' no normalization, "
           "the first iteration's rows scaled by 1 / sqrt(max(sum_j |A_ij|, 1e-8)) "
           "(Turbo-Muon); 'schatten' no normalization, the first iteration's X by "
-          "1 / sqrt(max(||X X^T||_F, 1e-8))"),
+          "1 / sqrt(max(||X X^H||_F, 1e-8)) (optax takes X X^T there, NaN for complex X)"),
     Hyper("eps_placement", "add", kind="choice", allowed=("add", "clamp"),
           doc="'add': ||X|| + eps (the reference, Keras, optax); 'clamp': max(||X||, eps) "
           "(torch)"),

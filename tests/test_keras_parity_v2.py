@@ -520,3 +520,35 @@ def test_muon_refuses_excludes_that_do_not_fit():
                                         exclude_embeddings=True).get_config())
     assert (again.exclude_layers, again.exclude_embeddings) == (("head",), True)
     assert again.hyperparameters["adam_lr_ratio"] == 0.1
+
+
+def test_muon_optax_options_and_batch_axes_round_trip_and_step():
+    """The rule's optax options (preconditioning, the coefficient table) and a layout
+    with batch axes survive get_config through JSON (as model.save writes it), and the
+    rebuilt optimizer steps a 3-D variable as the rule does: one matrix per index of
+    its batch axis, the 'spectral' norm from this backend's namespace."""
+    import json
+
+    from polyopt import hyper, rules
+
+    rng = np.random.default_rng(0)
+    var = keras.Variable(rng.normal(size=(4, 3, 5)), name="stack", dtype="float64")
+    layout = rules.Layout((0,), (2,), (1,))
+    opt = pk.Muon(learning_rate=0.01, preconditioning="spectral",
+                  ns_table=hyper.MUON_DION_TABLE[:3], layouts={var.path: layout})
+    config = json.loads(json.dumps(opt.get_config()))
+    assert config["layouts"] == {var.path: [[0], [2], [1]]}
+    again = pk.Muon.from_config(config)
+    assert again.hyperparameters == opt.hyperparameters
+    assert opt.hyperparameters["ns_table"] == hyper.MUON_DION_TABLE[:3]
+    grad = rng.normal(size=(4, 3, 5))
+    start = np.array(keras.ops.convert_to_numpy(var))
+    again.apply_gradients([(keras.ops.convert_to_tensor(grad), var)])
+    rule = rules.muon(learning_rate=0.01, **opt.hyperparameters)
+    want, _ = rule.update([grad], rule.init([start], layouts=[layout]), [start],
+                          layouts=[layout])
+    step = keras.ops.convert_to_numpy(var) - start
+    # Keras keeps the learning rate in float32: 0.01 is 0.0099999998 there (2.2e-8)
+    np.testing.assert_allclose(step, want[0], rtol=0, atol=1e-7 * np.max(np.abs(want[0])))
+    whole, _ = rule.update([grad], rule.init([start]), [start])  # (4, 15): another step
+    assert np.max(np.abs(whole[0] - want[0])) > 1e-3

@@ -22,6 +22,10 @@ COMPLEX_RULES = [
     ("adafactor", {"learning_rate": 0.1, "momentum": 0.9}),
     ("lamb", {"learning_rate": 0.1, "weight_decay": 0.01}),
     ("lars", {"learning_rate": 0.1, "weight_decay": 0.01}),
+    ("muon", {"learning_rate": 0.1, "momentum_form": "ema_debiased", "adaptive": True,
+              "weight_decay": 0.01, "adam_learning_rate": 0.1}),
+    ("muon", {"learning_rate": 0.1, "preconditioning": "spectral", "nesterov": False}),
+    ("muon", {"learning_rate": 0.1, "preconditioning": "aol", "state_dtype": "float32"}),
 ]
 
 
@@ -82,7 +86,10 @@ def test_abs_squared_gives_the_real_rule_its_numbers_when_the_imaginary_parts_ar
         ur, _ = rule.update(grads, rule.init(real), real)
         cplx = [real[0].astype(np.complex128)]
         uc, _ = rule.update([grads[0].astype(np.complex128)], rule.init(cplx), cplx)
-        np.testing.assert_allclose(uc[0].real, ur[0], rtol=1e-14, atol=1e-17, err_msg=name)
+        # Muon's matrix products: complex BLAS (zgemm) rounds otherwise than real (dgemm),
+        # and Newton-Schulz's five quintics carry it: measured 1.2e-13
+        rtol = 1e-12 if name == "muon" else 1e-14
+        np.testing.assert_allclose(uc[0].real, ur[0], rtol=rtol, atol=1e-17, err_msg=name)
         assert np.all(uc[0].imag == 0), name
 
 

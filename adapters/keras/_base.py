@@ -431,8 +431,10 @@ class RuleOptimizer(keras.optimizers.Optimizer):
         for name, value in self._hypers.items():
             config[self.spec[name].spelling("keras")] = value
         if isinstance(self._layout_overrides, dict):
-            config["layouts"] = {path: [list(layout[0]), list(layout[1])]
-                                 for path, layout in self._layout_overrides.items()}
+            config["layouts"] = {  # batch axes only when there are some
+                path: [list(axes) for axes in (
+                    layout if len(layout) > 2 and len(layout[2]) else layout[:2])]
+                for path, layout in self._layout_overrides.items()}
         return config
 
 

@@ -25,7 +25,7 @@ import tensorflow as tf
 __all__ = ["is_tf_array", "namespace", "NAMES"]
 
 NAMES = frozenset({
-    "abs", "all", "asarray", "astype", "cos", "expm1", "finfo", "float32", "floor",
+    "abs", "all", "asarray", "astype", "conj", "cos", "expm1", "finfo", "float32", "floor",
     "full_like", "imag", "int32", "isdtype", "isfinite", "linalg", "matmul", "matrix_transpose",
     "maximum", "mean", "minimum", "ones", "permute_dims", "pow", "real", "reshape",
     "result_type", "sqrt", "sum", "where", "zeros", "zeros_like",
@@ -184,6 +184,10 @@ linalg = types.SimpleNamespace(matrix_norm=_matrix_norm)
 
 def permute_dims(x, /, axes):
     return tf.transpose(x, perm=list(axes))
+
+
+def conj(x, /):
+    return tf.math.conj(x)
 
 
 def real(x, /):

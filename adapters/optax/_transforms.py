@@ -428,7 +428,8 @@ _muon = _make_factory(
 def _dimension_layouts(owner: str, dimension_numbers: Any, tree: Any) -> Any:
     """optax's ``muon_weight_dimension_numbers`` (a tree like, or a prefix of, ``tree``
     of MuonDimensionNumbers or None, or a callable tree -> such a tree) as a tree of
-    layouts: ``Layout(reduction_axes, output_axes)``, ``NOT_A_MATRIX`` for None."""
+    layouts: ``Layout(reduction_axes, output_axes, batch_axes)``, the axes it leaves
+    unnamed the batch axes (optax vmaps over them), ``NOT_A_MATRIX`` for None."""
     from optax.contrib import MuonDimensionNumbers
 
     given = dimension_numbers(tree) if callable(dimension_numbers) else dimension_numbers
@@ -460,15 +461,13 @@ def _dimension_layouts(owner: str, dimension_numbers: Any, tree: Any) -> Any:
             raise ValueError(f"{owner}: muon_weight_dimension_numbers gives {name} of shape "
                              f"{shape} {dims}, but Muon steps tensors of 2 or more axes; "
                              f"give it None (the Adam part)")
-        named = {int(a) % len(shape) for group in axes for a in group
-                 if -len(shape) <= int(a) < len(shape)}
-        batch = sorted(set(range(len(shape))) - named)
-        if batch and len(named) == sum(len(group) for group in axes):
-            raise ValueError(f"{owner}: muon_weight_dimension_numbers {dims} leaves axes "
-                             f"{batch} of {name} (shape {shape}) as batch axes, which "
-                             f"polyopt's layouts do not have: name every axis as a reduction "
-                             f"or output axis, or give it None (the Adam part)")
-        out.append(rules.Layout(*axes))
+        listed = [int(a) for group in axes for a in group]
+        named = {a % len(shape) for a in listed if -len(shape) <= a < len(shape)}
+        # the unnamed axes are batch axes; axes out of range or repeated are refused
+        # (layouts_for) as given
+        batch = tuple(a for a in range(len(shape)) if a not in named) if len(named) == len(
+            listed) else ()
+        out.append(rules.Layout(*axes, batch))
     return treedef.unflatten(out)
 
 
@@ -525,9 +524,10 @@ muon.__module__ = "polyopt.optax"
 muon.__doc__ = _muon.__doc__.rstrip("\n") + (
     "\n      muon_weight_dimension_numbers: optax.contrib.muon's: a tree like (or a prefix "
     "of)\n        the params of optax.contrib.MuonDimensionNumbers(reduction_axis, "
-    "output_axis)\n        (a leaf's layout: every axis named, no batch axes) or None (the "
-    "Adam part),\n        or a callable params -> such a tree; given, it decides which leaves "
-    "take\n        the Muon step (muon_params='matrices').\n"
+    "output_axis)\n        (a leaf's layout; the axes it leaves unnamed are batch axes, one "
+    "matrix per index)\n        or None (the Adam part), or a callable params -> such a "
+    "tree; given, it\n        decides which leaves take the Muon step "
+    "(muon_params='matrices').\n"
     "      weight_decay_mask: optax's mask of the Muon part's weight_decay (a bool, a "
     "tree\n        of bools like the params, or a callable params -> such a tree; None: "
     "all).\n")

@@ -23,9 +23,9 @@ Params = Sequence[Array]
 #: ndim, dtype and device. A namespace providing these runs every rule (the
 #: Keras adapter's TensorFlow namespace is tested against this set). Of the
 #: ``linalg`` extension only ``linalg.matrix_norm`` is called (Muon's 'spectral'
-#: preconditioning, ``ord=2``).
+#: preconditioning, ``ord=2``); ``conj`` serves complex params (Muon's X X^H).
 ARRAY_API_SUBSET = frozenset({
-    "abs", "all", "asarray", "astype", "cos", "expm1", "finfo", "float32", "floor",
+    "abs", "all", "asarray", "astype", "conj", "cos", "expm1", "finfo", "float32", "floor",
     "full_like", "imag", "int32", "isdtype", "isfinite", "linalg", "matmul", "matrix_transpose",
     "maximum", "mean", "minimum", "ones", "permute_dims", "pow", "real", "reshape",
     "result_type", "sqrt", "sum", "where", "zeros", "zeros_like",

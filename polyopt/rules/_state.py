@@ -63,10 +63,17 @@ class Layout(NamedTuple):
     (kh, kw, in, out) ``Layout((0, 1, 2), (3,))``. A per-tensor rule sees the
     parameter as the matrix (output axes, reduction axes): the same layer
     gives the same matrix, up to a permutation of columns, in every framework.
+
+    ``batch_axes`` (default none) make the parameter a stack of matrices, one
+    per index of those axes (optax's MuonDimensionNumbers leave them unnamed and
+    vmap over them): Muon orthogonalizes each matrix alone, Adafactor keeps a row
+    and a column statistic per matrix, ``centralize`` averages each row alone.
+    Every axis is named once, as a reduction, output or batch axis.
     """
 
     reduction_axes: tuple
     output_axes: tuple
+    batch_axes: tuple = ()
 
 
 #: The layout that says a tensor is not a matrix, whatever its axes: a per-tensor rule
@@ -118,33 +125,37 @@ def layouts_for(owner: str, params: Sequence[Any], layouts: Any,
             continue
         name = names[i] if names is not None else f"params[{i}]"
         try:
-            reduction = tuple(int(a) % len(shape) for a in layout[0])
-            output = tuple(int(a) % len(shape) for a in layout[1])
+            if len(layout) not in (2, 3):
+                raise ValueError
+            groups = [tuple(int(a) for a in group) for group in layout]
+            reduction, output, batch = (tuple(a % len(shape) for a in group)
+                                        for group in (*groups, ())[:3])
         except (TypeError, IndexError, ZeroDivisionError, ValueError):
             raise ValueError(f"{owner}: layout {layout!r} does not fit {name} of shape "
-                             f"{shape}: give Layout(reduction_axes, output_axes), tuples "
-                             f"of axes") from None
-        axes = [int(a) for a in (*layout[0], *layout[1])]
-        if (sorted(reduction + output) != list(range(len(shape))) or not reduction
+                             f"{shape}: give Layout(reduction_axes, output_axes, "
+                             f"batch_axes=()), tuples of axes") from None
+        axes = [a for group in groups for a in group]
+        if (sorted(reduction + output + batch) != list(range(len(shape))) or not reduction
                 or not output or any(not -len(shape) <= a < len(shape) for a in axes)):
-            raise ValueError(f"{owner}: layout {tuple(layout)!r} does not fit {name} of shape "
-                             f"{shape}: its reduction and output axes must split the "
-                             f"{len(shape)} axes, each once")
-        out.append(Layout(reduction, output))
+            shown = tuple(groups) if batch else tuple(groups[:2])
+            raise ValueError(f"{owner}: layout {shown!r} does not fit {name} of shape "
+                             f"{shape}: its reduction and output axes (and batch axes) must "
+                             f"split the {len(shape)} axes, each once")
+        out.append(Layout(reduction, output, batch))
     return out
 
 
 def is_not_a_matrix(layout: Any) -> bool:
     """Whether a layout is :data:`NOT_A_MATRIX` (None, for 0-d and 1-D tensors, is not)."""
     try:
-        return len(layout) == 2 and not len(layout[0]) and not len(layout[1])
+        return len(layout) in (2, 3) and not len(layout[0]) and not len(layout[1])
     except TypeError:
         return False
 
 
 def matrix_axes(layout: Layout | None, ndim: int) -> tuple[tuple, tuple]:
-    """(output axes, reduction axes) of a tensor; a 1-D tensor, or one whose layout
-    is :data:`NOT_A_MATRIX`, is one row."""
+    """(output axes, reduction axes) of a tensor (its batch axes are neither); a 1-D
+    tensor, or one whose layout is :data:`NOT_A_MATRIX`, is one row."""
     if layout is None or is_not_a_matrix(layout):
         return (), tuple(range(ndim))
     return tuple(layout.output_axes), tuple(layout.reduction_axes)
@@ -183,7 +194,8 @@ def slot_shape(slot: Slot, shape: Sequence[int], layout: Layout | None) -> tuple
     if kind == NONE:
         return None
     output, reduction = matrix_axes(layout, len(shape))
-    keep = output if kind == ROWS else reduction
+    batch = () if layout is None else tuple(layout.batch_axes)
+    keep = (*batch, *(output if kind == ROWS else reduction))
     return tuple(shape[a] for a in sorted(keep))
 
 

@@ -6,6 +6,7 @@ import math
 from typing import Any, NamedTuple
 
 from polyopt import hyper
+from polyopt._namespace import namespace
 from polyopt.rules import _base, _state
 from polyopt.rules._base import Rule
 from polyopt.rules._state import Slot
@@ -27,14 +28,18 @@ def is_muon_param(shape: tuple, layout: Any, muon_params: str) -> bool:
 
 
 def as_matrix(xp, x, layout):
-    """``x`` as the matrix (output axes, reduction axes), and how to undo it."""
+    """``x`` as the matrix (output axes, reduction axes), or with batch axes as the
+    stack of them (batch, output, reduction), and how to undo it."""
     output, reduction = _state.matrix_axes(layout, x.ndim)
-    order = (*output, *reduction)
+    batch = () if layout is None else tuple(layout.batch_axes)
+    order = (*batch, *output, *reduction)
     shape = tuple(int(d) for d in x.shape)
     rows = math.prod(shape[a] for a in output)
+    cols = math.prod(shape[a] for a in reduction)
     permuted = tuple(shape[a] for a in order)
     moved = order != tuple(range(x.ndim))
     matrix = xp.reshape(xp.permute_dims(x, order) if moved else x,
+                        (math.prod(shape[a] for a in batch), rows, cols) if batch else
                         (rows, math.prod(shape) // max(rows, 1)))
     inverse = tuple(order.index(a) for a in range(x.ndim))
 
@@ -65,12 +70,17 @@ def _at_least(xp, x, floor: float):
 _PRECONDITIONING_FLOOR = 1e-8
 
 
+def _conjugate(xp, x):
+    """conj(x); a real ``x`` itself."""
+    return xp.conj(x) if _base.is_complex(xp, x) else x
+
+
 def newton_schulz(xp, x, coefficients, eps: float, eps_placement: str, dtype: Any = None,
                   preconditioning: str = "frobenius"):
-    """The quintic Newton-Schulz iteration X <- a X + (b A + c A A) X, A = X X^T, one
-    (a, b, c) of ``coefficients`` per iteration, on the wide orientation of ``x`` (a
-    tall matrix is transposed and back; a square one too with 'aol', whose row
-    scaling is optax's on (inputs, outputs)), after
+    """The quintic Newton-Schulz iteration X <- a X + (b A + c A A) X, A = X X^H (X X^T
+    for a real X), one (a, b, c) of ``coefficients`` per iteration, on the wide
+    orientation of ``x`` (a tall matrix is transposed and back; a square one too with
+    'aol', whose row scaling is optax's on (inputs, outputs)), after
     ``preconditioning``: 'frobenius' X / ||X||_F, 'spectral' X / ||X||_2 (``eps``
     added or clamped), 'aol' and 'schatten' (optax's) scale the first iteration
     instead. In ``dtype`` (None: x's); returns the result in ``dtype``."""
@@ -81,8 +91,9 @@ def newton_schulz(xp, x, coefficients, eps: float, eps_placement: str, dtype: An
     if flip:
         x = xp.matrix_transpose(x)
     if preconditioning in ("frobenius", "spectral"):
-        wide = x if dtype is None or x.dtype != _state._named_dtype(xp, "bfloat16") else (
-            xp.astype(x, xp.float32))  # bfloat16: the norm is accumulated in float32 (torch)
+        # an iteration in bfloat16 accumulates the norm in float32 (torch)
+        wide = xp.astype(x, xp.float32) if (
+            dtype is not None and _state.dtype_name(x) == "bfloat16") else x
         norm = _frobenius(xp, wide) if preconditioning == "frobenius" else (
             xp.linalg.matrix_norm(wide, ord=2, keepdims=x.ndim > 2))
         if eps_placement == "clamp":
@@ -90,7 +101,7 @@ def newton_schulz(xp, x, coefficients, eps: float, eps_placement: str, dtype: An
         else:
             x = x / (_like(xp, norm, x) + eps)
     for k, (a, b, c) in enumerate(coefficients):
-        gram = xp.matmul(x, xp.matrix_transpose(x))
+        gram = xp.matmul(x, xp.matrix_transpose(_conjugate(xp, x)))
         if k == 0 and preconditioning == "aol":  # each row by 1/sqrt(its row of |A|)
             scale = _like(xp, 1 / xp.sqrt(_at_least(
                 xp, xp.sum(xp.abs(gram), axis=-1, keepdims=True), _PRECONDITIONING_FLOOR)), x)
@@ -104,6 +115,21 @@ def newton_schulz(xp, x, coefficients, eps: float, eps_placement: str, dtype: An
         poly = b * gram + xp.matmul(c * gram, gram)
         x = a * x + xp.matmul(poly, x)
     return xp.matrix_transpose(x) if flip else x
+
+
+def _iteration_dtype(xp, name: str | None, like: Any, where: str = "muon") -> Any:
+    """The dtype ``iteration_dtype`` names for a Muon param like ``like`` (None: its
+    own); a complex param iterates in the complex dtype of that precision."""
+    if name is None:
+        return None
+    what = f"iteration_dtype={name!r}"
+    if _base.is_complex(xp, like):
+        if name not in _state._COMPLEX_OF:
+            raise TypeError(
+                f"{where} is complex ({like.dtype}): {what} has no complex dtype; give "
+                f"'float32' (complex64) or None")
+        name = _state._COMPLEX_OF[name]
+    return _state._named_dtype(xp, name, what)
 
 
 def _coefficients(ns_steps: int, triple: tuple, table: tuple | None) -> tuple:
@@ -183,10 +209,11 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
     Per tensor (``uses_layout``): each Muon param is seen as the matrix
     (output axes, reduction axes) of its layout, so a conv kernel gives the
     same update in torch's (out, in, kh, kw) and Keras's (kh, kw, in, out)
-    layouts. Params that are not Muon matrices (``muon_params``) take an
-    AdamW step (``polyopt.rules.adamw``, or ``rules.nadam(momentum_schedule=False)``
-    with ``adam_nesterov``) with the ``adam_*`` options, as every native's
-    hybrid does.
+    layouts; a layout with ``batch_axes`` makes it a stack of matrices, each
+    orthogonalized alone (optax's unnamed dimension-number axes). Params that
+    are not Muon matrices (``muon_params``) take an AdamW step
+    (``polyopt.rules.adamw``, or ``rules.nadam(momentum_schedule=False)`` with
+    ``adam_nesterov``) with the ``adam_*`` options, as every native's hybrid does.
 
     Args:
       learning_rate: \gamma (default 0.02, the reference's; torch and Keras 1e-3).
@@ -212,7 +239,9 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
         1/\sqrt{\max(\sum_j |A_{ij}|, 10^{-8})} and A_0 on both sides: Turbo-Muon)
         or 'schatten' (no normalization; the first iteration scales X_0 by
         1/\sqrt{\max(\lVert A_0 \rVert_F, 10^{-8})}). The 10^{-8} floor is optax's,
-        whatever ``eps``.
+        whatever ``eps``. Complex params: A = X X^H throughout (optax 0.2.8's
+        'schatten' takes X X^T in its first iteration, which is near 0 for a complex
+        X: its update is NaN).
       eps_placement: 'add' (\lVert X \rVert + \epsilon: the reference, Keras, optax)
         or 'clamp' (\max(\lVert X \rVert, \epsilon): torch).
       lr_scale: s: 'spectral' (\sqrt{\max(1, rows/cols)}: torch 'original', optax),
@@ -278,6 +307,11 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
                 for a, layout in zip(arrays, layouts)]
 
     def check(owner, params, layouts):
+        xp = namespace(*params)
+        for i, (p, layout) in enumerate(zip(params, layouts)):
+            if (iteration_dtype is not None and _base.is_complex(xp, p)
+                    and is_muon_param(tuple(p.shape), layout, muon_params)):
+                _iteration_dtype(xp, iteration_dtype, p, f"{owner}: params[{i}]")
         if muon_params != "all":
             return
         for i, (p, layout) in enumerate(zip(params, layouts)):
@@ -318,14 +352,13 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
                         x = m / (1 - momentum ** t)
             moms.append(m)
             matrix, back = as_matrix(xp, x, layouts[i])
-            dtype = None if iteration_dtype is None else _state._named_dtype(xp, iteration_dtype)
-            o = newton_schulz(xp, matrix, coefficients, eps, eps_placement, dtype,
-                              preconditioning)
+            o = newton_schulz(xp, matrix, coefficients, eps, eps_placement,
+                              _iteration_dtype(xp, iteration_dtype, g), preconditioning)
             if o.dtype != g.dtype:
                 o = xp.astype(o, g.dtype)
-            if adaptive:
-                o = xp.sum(matrix * o) * o
-            rows, cols = int(matrix.shape[0]), int(matrix.shape[1])
+            if adaptive:  # <B, O>, conjugating B (optax)
+                o = xp.sum(_conjugate(xp, matrix) * o) * o
+            rows, cols = int(matrix.shape[-2]), int(matrix.shape[-1])
             lr = _base.scalar(xp, lr_value, g)
             scale = _shape_scale(rows, cols, lr_scale, rms_scale, tuple(int(d) for d in g.shape))
             u = -(lr * scale) * back(o)
@@ -345,4 +378,4 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
     return _base.stateful_rule("muon", MuonState, slots, step, learning_rate=learning_rate,
                                weight_decay=0.0, weight_decay_mode="decoupled",
                                state_dtype=state_dtype, scalars=extra, uses_layout=True,
-                               elementwise=False)
+                               elementwise=False, complex_params=True)
