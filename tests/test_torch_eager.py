@@ -132,8 +132,9 @@ def test_the_pieces_of_a_step():
 
 
 def test_adam_is_replayed_with_its_state_written_in_place(monkeypatch):
-    """torch.optim.Adam's preset: one recording a step, the moments written by
-    the operations that make them (no copies), two scratch buffers."""
+    """torch.optim.Adam's preset: one recording kept across steps (a program
+    for the pieces, one for the 0-d part), the moments written by the
+    operations that make them (no copies), two scratch buffers."""
     programs = []
     original = _eager._Program.__init__
 
@@ -147,10 +148,13 @@ def test_adam_is_replayed_with_its_state_written_in_place(monkeypatch):
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
+    assert len(programs) == 2
     opt.step()
     assert len(programs) == 2
-    assert programs[-1].copies == [] and len(programs[-1].direct_inputs) == 2
-    assert programs[-1].buffers == [torch.float32, torch.float32]
+    pieces, scalars = programs
+    assert pieces.copies == [] and len(pieces.direct_inputs) == 2
+    assert pieces.buffers == [torch.float32, torch.float32]
+    assert scalars.buffers == [] and pieces.dynamic  # the bias corrections, once a step
 
 
 def test_a_rule_that_cannot_be_replayed_runs_per_tensor(monkeypatch):
@@ -180,3 +184,69 @@ def test_a_rule_that_cannot_be_replayed_runs_per_tensor(monkeypatch):
     assert results and not any(results)
     whole = run(make, None, monkeypatch)
     assert_bitwise(pieces, whole, "branchy")
+
+
+def test_a_recording_serves_the_steps_until_a_hyperparameter_changes(monkeypatch):
+    """One recording (its 0-d part, the bias corrections, replayed each step)
+    serves the steps while the hyperparameters are unchanged; lr set by a
+    scheduler or a tensor lr changed in place gives the new numbers: those
+    of the per-tensor step."""
+    recorded = []
+    record = _eager._record
+    monkeypatch.setattr(_eager, "_record", lambda *a: recorded.append(a[-1]) or record(*a))
+
+    class Scheduled(pt.Adam):
+        def step(self, closure=None):
+            loss = super().step(closure)
+            self.scheduler.step()
+            return loss
+
+    def scheduled(params):
+        opt = Scheduled(params, lr=0.01)
+        opt.scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        return opt
+
+    def tensor_lr(params):
+        opt = pt.Adam(params, lr=torch.tensor(0.01))
+        original = opt.step
+        steps = []
+
+        def step():
+            original()
+            steps.append(1)
+            opt.param_groups[0]["lr"].fill_(0.01 / (1 + len(steps)))
+        opt.step = step
+        return opt
+
+    for where, make, values in (("scheduled", scheduled, 4), ("tensor lr", tensor_lr, 6)):
+        recorded.clear()
+        pieces = run(make, 8, monkeypatch)
+        # a recording per value of lr (the scheduler's 0.01, 0.005, and
+        # run()'s halving at step 3, 0.0025, 0.00125) and per dtype of the
+        # params (3); a tensor lr at every step (it may change in place)
+        assert recorded == [True] * (3 * values), where
+        assert_bitwise(pieces, run(make, None, monkeypatch), where)
+
+
+def test_a_rule_reading_its_count_in_python_is_recorded_at_every_step(monkeypatch):
+    """A 0-d part that a replay cannot repeat (Python reads the count) is
+    recorded at every step with the count as a constant: the same numbers."""
+    def factory(**values):
+        rule = pt.Adam.factory(**values)
+
+        def update(grads, state, params):
+            if float(state.count) < 0:  # the count's value, in Python
+                raise AssertionError("a negative count")
+            return rule.update(grads, state, params)
+        return rule._replace(update=update)
+
+    class Counting(pt.Adam):
+        pass
+    Counting.factory = staticmethod(factory)
+    recorded = []
+    record = _eager._record
+    monkeypatch.setattr(_eager, "_record", lambda *a: recorded.append(a[-1]) or record(*a))
+    pieces = run(Counting, 8, monkeypatch)
+    # per dtype (3): the kept recording refused once per lr (2), then one a step (6)
+    assert recorded.count(True) == 3 * 2 and recorded.count(False) == 3 * 6
+    assert_bitwise(pieces, run(Counting, None, monkeypatch), "counting")

@@ -9,11 +9,14 @@ caches, and only params, grads and state cross memory once per step.
 
 Calling the rule once per piece costs its Python work (argument checks, the
 state tree, its 0-d scalar part) hundreds of times a step, and every
-operation allocates its result. So the rule is called once per step on
-1-element stand-ins for a param, its grad and its state, under a
-``TorchFunctionMode`` that records every torch call touching them
-(:class:`_Recorder`); the 0-d part (bias corrections, counts) runs for real,
-once. The recorded calls are then replayed on every piece: the same torch
+operation allocates its result. So the rule is called on 1-element
+stand-ins for a param, its grad and its state, and on the bucket's 0-d
+state, under a ``TorchFunctionMode`` that records every torch call touching
+them (:class:`_Recorder`). The calls that read only the 0-d state (bias
+corrections, counts) are replayed once a step (:class:`_Plan`); the
+recording is kept across steps while the rule (its hyperparameters), the
+dtypes and the present slots are the same (:func:`_plan`). The other
+recorded calls are replayed on every piece: the same torch
 functions with the same arguments, so the same kernels and the same
 rounding, with ``out=`` into a few reused scratch buffers, and the new state
 written straight into the state tensors where nothing reads the old value
@@ -35,6 +38,7 @@ replayed whole, without buffers.
 
 from __future__ import annotations
 
+import copy
 import sys
 import threading
 from collections import defaultdict
@@ -102,14 +106,23 @@ class _Ref:
 
 
 class _Recorder(TorchFunctionMode):
-    """Records the torch calls that touch the stand-ins (and what they return)."""
+    """Records the torch calls that touch the stand-ins (and what they return).
 
-    def __init__(self, inputs: list) -> None:
+    The first ``n_pieces`` inputs are the stand-ins of a piece; any others are
+    the bucket's 0-d state (counts). A call that reads a stand-in, or a result
+    of one, goes to ``ops`` (replayed on every piece); a call that reads only
+    the 0-d state and its results goes to ``scalar_ops`` (replayed once a step).
+    """
+
+    def __init__(self, inputs: list, n_pieces: int) -> None:
         super().__init__()
         self.tensors = list(inputs)  # variable i; kept alive so that ids stay unique
         self.index = {id(t): i for i, t in enumerate(inputs)}
+        self.n_inputs = len(inputs)
+        self.piece = set(range(n_pieces))  # the variables that differ between pieces
         # (function, args, kwargs, result variable, torch function taking out= or None)
         self.ops: list[tuple] = []
+        self.scalar_ops: list[tuple] = []
 
     def _template(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor) and id(value) in self.index:
@@ -124,20 +137,30 @@ class _Recorder(TorchFunctionMode):
         result = func(*args, **kwargs)
         targs = [self._template(a) for a in args]
         tkwargs = {k: self._template(v) for k, v in kwargs.items()}
-        if not any(isinstance(v, _Ref) for v in (*targs, *tkwargs.values())):
-            return result  # the 0-d part: computed once, a constant of the replay
+        refs = {v.index for v in (*targs, *tkwargs.values()) if isinstance(v, _Ref)}
+        if not refs:
+            return result  # the hyperparameters' part: a constant of the replay
         name = getattr(func, "__name__", "")
         if not isinstance(result, torch.Tensor):
             if name in _METADATA:
                 return result
             raise _Untraceable(f"{name} of a recorded tensor gives {type(result).__name__}")
-        out = _OUT.get(_OUT_FUNCS.get(func, "")) if "out" not in kwargs else None
+        on_piece = not refs.isdisjoint(self.piece)
+        out = (_OUT.get(_OUT_FUNCS.get(func, "")) if on_piece and "out" not in kwargs
+               else None)
         if id(result) in self.index:  # in place, or an alias (.to of the same dtype)
             index, out = self.index[id(result)], None
+            if index not in self.piece and (on_piece or index < self.n_inputs and (
+                    name.endswith("_") or "out" in kwargs)):
+                # by a piece, or the state itself when recording (the 0-d part
+                # is replayed after)
+                raise _Untraceable("0-d state changed in place")
         else:
             index = len(self.tensors)
             self.tensors.append(result)
             self.index[id(result)] = index
+            if on_piece:
+                self.piece.add(index)
             if out is not None:
                 try:  # the out= form exists for these arguments (where(c, x, 0.0) has none)
                     out(*args, **kwargs, out=torch.empty_like(result))
@@ -147,22 +170,28 @@ class _Recorder(TorchFunctionMode):
                 # x * 0.9: torch casts the Python number to x's dtype (a 0-d
                 # tensor made per call, ~1.5 us); made once here, the same value
                 targs[1] = torch.tensor(args[1], dtype=result.dtype, device=result.device)
-        self.ops.append((func, targs, tkwargs, index, out))
+        (self.ops if on_piece else self.scalar_ops).append((func, targs, tkwargs, index, out))
         return result
 
 
 class _Program:
     """A recorded step as one generated Python function over the variables.
 
-    ``run(constants, *inputs, *buffers, *direct)``: ``buffers`` the scratch
-    views (or None: fresh results), ``direct`` the state tensors that ops write
-    into (or None); returns the value of each output.
+    ``run(constants, *inputs, *buffers, *direct)``: ``inputs`` the values of
+    the variables ``inputs`` (a range of indices; ``targets``: the input
+    variable each output replaces, or None; ``written`` and ``direct_inputs``
+    are positions among the inputs), ``buffers`` the scratch views (or None:
+    fresh results), ``direct`` the state tensors that ops write into (or
+    None); returns the value of each output. ``constants`` begins with the
+    values of the variables ``dynamic`` (computed once a step by the 0-d
+    part's program, :meth:`bound`).
     """
 
     _CODE: dict = {}  # source -> code object (the same rule compiles once)
 
-    def __init__(self, rec: _Recorder, n_inputs: int, outputs: list, targets: list) -> None:
-        ops = rec.ops
+    def __init__(self, rec: _Recorder, ops: list, inputs: range, outputs: list, targets: list,
+                 dynamic: tuple = ()) -> None:
+        first, n_inputs = inputs.start, len(inputs)
         last = {}  # variable -> index of the last op reading it
         readers = defaultdict(list)
         for j, (_, args, kwargs, _, _) in enumerate(ops):
@@ -183,7 +212,8 @@ class _Program:
         self.copies = []  # the outputs a piece's replay copies into the state
         self.changed = []  # the outputs that are not an input as it was
         # the inputs changed in place (the param: p.add_(update))
-        self.written = sorted({index for func, _, kwargs, index, _ in ops if index < n_inputs
+        self.written = sorted({index - first for func, _, kwargs, index, _ in ops
+                               if first <= index < first + n_inputs
                                and (getattr(func, "__name__", "").endswith("_")
                                     or "out" in kwargs)})
         for k, (v, t) in enumerate(zip(outputs, targets)):
@@ -196,7 +226,7 @@ class _Program:
                 self.copies.append(k)
                 continue
             direct[j] = len(self.direct_inputs)
-            self.direct_inputs.append(t)
+            self.direct_inputs.append(t - first)
         # scratch buffers for the other out= results, reused once read for the last time
         free: dict = defaultdict(list)
         self.buffers: list = []  # dtype of each buffer
@@ -226,7 +256,7 @@ class _Program:
             return f"v{value.index}" if isinstance(value, _Ref) else const(value)
 
         n_buf, n_dir = len(self.buffers), len(self.direct_inputs)
-        params = ([f"v{i}" for i in range(n_inputs)] + [f"b{i}" for i in range(n_buf)]
+        params = ([f"v{i}" for i in inputs] + [f"b{i}" for i in range(n_buf)]
                   + [f"d{i}" for i in range(n_dir)])
         body = []
         for j, (func, args, kwargs, index, out) in enumerate(ops):
@@ -237,7 +267,8 @@ class _Program:
                 items.append(f"out=b{assign[j]}")
             body.append(f"    v{index} = {const(out or func)}({', '.join(items)})")
         head = f"def run(C, {', '.join(params)}):\n"
-        unpack = f"    ({''.join(f'c{i}, ' for i in range(len(constants)))}) = C\n"
+        names = [f"v{v}" for v in dynamic] + [f"c{i}" for i in range(len(constants))]
+        unpack = f"    ({''.join(f'{name}, ' for name in names)}) = C\n"
         returns = f"    return ({''.join(f'v{v}, ' for v in outputs)})\n"
         source = head + unpack + "\n".join(body) + "\n" + returns
         code = self._CODE.get(source)
@@ -247,6 +278,15 @@ class _Program:
         exec(code, scope)  # noqa: S102 - our own generated source
         self.run = scope["run"]
         self.constants = tuple(constants)
+        self.dynamic = tuple(dynamic)
+
+    def bound(self, values: tuple) -> _Program:
+        """This program with ``values`` for its ``dynamic`` variables."""
+        if not self.dynamic:
+            return self
+        bound = copy.copy(self)
+        bound.constants = values + self.constants
+        return bound
 
 
 _SCRATCH = threading.local()
@@ -307,15 +347,16 @@ def step(apply, update, layout, params: list, grads: list, states: list,
         groups[tuple((t.dtype, t.device) for t in tensors)].append(i)
     plans = []
     for kinds, members in groups.items():
-        plan = _record(apply, update, layout, present, scalars, kinds)
+        plan = _plan(apply, update, layout, present, scalars, kinds)
         if plan is None:
             return False
-        plans.append((plan, members))
-    for (program, started, outputs, _), members in plans:
-        _replay(program, started, outputs, params, grads, states, present, members, chunk)
+        plans.append((plan, *plan.now(scalars), members))
+    for plan, program, _, members in plans:
+        _replay(program, plan.started, plan.outputs, params, grads, states, present, members,
+                chunk)
     if shards is not None:
-        _wrap_started(shards[3], states, {key for plan, _ in plans for key, _ in plan[1]})
-    new_scalars = plans[-1][0][3]
+        _wrap_started(shards[3], states, {key for plan, *_ in plans for key, _ in plan.started})
+    new_scalars = plans[-1][2]
     for path, key, _ in layout.scalars:
         for st in states:
             st[key].copy_(new_scalars[path])
@@ -373,16 +414,74 @@ def _wrap_started(originals: dict, states: list, started: set) -> None:
                                          run_check=False, shape=p.shape, stride=p.stride())
 
 
-def _record(apply, update, layout, present: list, scalars: dict, kinds: tuple):
-    """The rule's step on stand-ins of these dtypes: (program, slots it
-    starts, output keys, new 0-d state), or None if it cannot be replayed."""
+#: Recordings kept across steps: (update, layout, present slots, dtypes and
+#: devices of the stand-ins and of the 0-d state) -> (update, layout, _Plan,
+#: or None when the rule's 0-d part cannot be replayed). A rule is one set of
+#: hyperparameter values (the adapter makes a new one when a value changes:
+#: lr set by a scheduler, a tensor hyperparameter, which may change in place,
+#: at every step), so a recording is reused only while they are unchanged.
+_PLANS: dict = {}
+#: At most this many recordings are kept (then all are dropped).
+_KEPT = 64
+
+
+class _Plan:
+    """A recorded step: ``program`` replayed on the pieces, ``scalar_program``
+    (the 0-d part: bias corrections, counts) run once a step on the bucket's
+    0-d state at ``scalar_paths``; ``started``: (key, dtype) of the slots the
+    rule starts; ``outputs``: the state key of each output of ``program``;
+    ``new_scalars``: path -> position among ``scalar_program``'s outputs, or
+    the new 0-d state itself when it is a constant."""
+
+    __slots__ = ("program", "scalar_program", "scalar_paths", "started", "outputs",
+                 "new_scalars")
+
+    def __init__(self, program, scalar_program, scalar_paths, started, outputs,
+                 new_scalars) -> None:
+        self.program, self.scalar_program = program, scalar_program
+        self.scalar_paths, self.started, self.outputs = scalar_paths, started, outputs
+        self.new_scalars = new_scalars
+
+    def now(self, scalars: dict) -> tuple:
+        """(the program bound to this step's 0-d values, the new 0-d state)."""
+        run = self.scalar_program
+        values = run.run(run.constants, *[scalars[path] for path in self.scalar_paths])
+        n = len(self.program.dynamic)
+        new = {path: values[n + k] if isinstance(k, int) else k
+               for path, k in self.new_scalars.items()}
+        return self.program.bound(values[:n]), new
+
+
+def _plan(apply, update, layout, present: list, scalars: dict, kinds: tuple) -> _Plan | None:
+    """The kept recording of this step, or a new one (None: not replayable)."""
+    key = (id(update), id(layout), tuple(present), kinds,
+           tuple((path, v.dtype, v.device) for path, v in scalars.items()))
+    kept = _PLANS.get(key)
+    if kept is None or kept[0] is not update or kept[1] is not layout:
+        plan = _record(apply, update, layout, present, scalars, kinds, True)
+        if len(_PLANS) >= _KEPT:
+            _PLANS.clear()
+        kept = _PLANS[key] = (update, layout, plan)
+        if plan is not None:
+            return plan
+    # a 0-d part that reads its values in Python: recorded at every step
+    return kept[2] or _record(apply, update, layout, present, scalars, kinds, False)
+
+
+def _record(apply, update, layout, present: list, scalars: dict, kinds: tuple,
+            dynamic: bool) -> _Plan | None:
+    """The rule's step on stand-ins of these dtypes, or None if it cannot be
+    replayed. ``dynamic``: the 0-d state is recorded too (the plan serves
+    every step), else it is read as it is now (the plan serves this step)."""
     stand_ins = [torch.zeros(1, dtype=dtype, device=device) for dtype, device in kinds]
     leaves = {path: [] for path, _ in layout.slots}
     for (path, _), t in zip(present, stand_ins[2:]):
         leaves[path] = [t]
     leaves.update(scalars)
     tree = _state.rebuild_from(layout.template, leaves)
-    recorder = _Recorder(stand_ins)
+    scalar_paths = list(scalars) if dynamic else []
+    n = len(stand_ins)
+    recorder = _Recorder(stand_ins + [scalars[path] for path in scalar_paths], n)
     try:
         with recorder:
             new = _state.by_path(apply(update, stand_ins[:1], stand_ins[1:2], tree))
@@ -401,11 +500,25 @@ def _record(apply, update, layout, present: list, scalars: dict, kinds: tuple):
             started.append((key, recorder.tensors[index].dtype))
         outputs.append((index, key))
         targets.append(2 + [p for p, _ in present].index(path) if path in keys else None)
+    dynamic_vars = sorted({v.index for _, args, kwargs, _, _ in recorder.ops
+                           for v in (*args, *kwargs.values())
+                           if isinstance(v, _Ref) and v.index not in recorder.piece})
+    scalar_outputs, new_scalars = list(dynamic_vars), {}
     for path, _, _ in layout.scalars:
-        if id(new[path]) in recorder.index:
+        index = recorder.index.get(id(new[path]))
+        if index is None:
+            new_scalars[path] = new[path]
+        elif index in recorder.piece:
             return None  # 0-d state computed from the pieces
-    program = _Program(recorder, len(stand_ins), [v for v, _ in outputs], targets)
-    return program, started, [key for _, key in outputs], new
+        else:
+            new_scalars[path] = len(scalar_outputs) - len(dynamic_vars)
+            scalar_outputs.append(index)
+    program = _Program(recorder, recorder.ops, range(n), [v for v, _ in outputs], targets,
+                       tuple(dynamic_vars))
+    scalar_program = _Program(recorder, recorder.scalar_ops, range(n, n + len(scalar_paths)),
+                              scalar_outputs, [None] * len(scalar_outputs))
+    return _Plan(program, scalar_program, scalar_paths, started, [key for _, key in outputs],
+                 new_scalars)
 
 
 def _replay(program: _Program, started: list, outputs: list, params: list, grads: list,
