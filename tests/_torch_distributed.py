@@ -27,7 +27,7 @@ A setting's result: per-step losses (the global batch's), the final full
 params, how far they moved from the start (max relative), the types of the
 params the eager replay ran on ("local" when the compiled step ran on local
 shards, "gathered" when a per-tensor rule's step ran on params gathered
-whole), the state slots' types and its wall time; or its error
+whole), the types of the param-shaped state slots and its wall time; or its error
 (``"TypeName: message"``), which does not stop the other settings.
 """
 
@@ -180,8 +180,11 @@ class _Worker:
         start = list(self.model().parameters())
         moved = max(float((p - q).abs().max() / q.abs().max()) for p, q in zip(params, start))
         state = opt.base_optimizer.state if hasattr(opt, "base_optimizer") else opt.state
-        slots = sorted({f"{key} {type(v).__name__}" for st in state.values()
-                        for key, v in st.items() if getattr(v, "ndim", 0) > 0})
+        # the param-shaped slots (Adafactor's factored statistics and Muon's (0,)
+        # placeholders are kept whole: polyopt.torch._sharded)
+        slots = sorted({f"{key} {type(v).__name__}" for p, st in state.items()
+                        for key, v in st.items()
+                        if getattr(v, "ndim", 0) > 0 and v.shape == p.shape})
         return {"losses": losses, "params": [p.tolist() for p in params], "moved": moved,
                 "replayed": sorted(replayed), "slots": slots,
                 "local_shapes": [list(p.to_local().shape) if _is_dtensor(p) else None
