@@ -130,7 +130,8 @@ def matrix(tmp_path_factory):
         if group not in results:
             results[group] = spawn(tmp_path_factory.mktemp(f"torch-{group}"), GROUPS[group])
             print(f"\ntorch distributed matrix, {group}: {len(GROUPS[group])} optimizers, "
-                  f"one group of 2 ranks, {results[group].pop('seconds'):.1f} s")
+                  f"one group of 2 ranks, {results[group].pop('seconds'):.1f} s "
+                  f"({results[group].pop('cpu_seconds'):.1f} s CPU on rank 0)")
         return results[group]
 
     return get
@@ -151,7 +152,7 @@ def test_every_optimizer(matrix, group, name, setting):
 def default_results(tmp_path_factory) -> dict:
     results = spawn(tmp_path_factory.mktemp("torch-distributed"), DEFAULT_CASES)
     print(f"\ntorch distributed, default cases: one group of 2 ranks, "
-          f"{results.pop('seconds'):.1f} s")
+          f"{results.pop('seconds'):.1f} s ({results.pop('cpu_seconds'):.1f} s CPU on rank 0)")
     return results
 
 
