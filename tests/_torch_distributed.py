@@ -15,8 +15,8 @@ every case, one after another (spawning a group costs seconds): a case is
 - ``resume-sharded``, ``resume-full``: a fresh FSDP2 model and optimizer
   resumed from them (``get_state_dict``, ``dcp.load``, ``set_state_dict``;
   ``set_state_dict`` with ``full_state_dict=True``), steps ``SAVE + 1`` on;
-- ``resume-2to1``: one unsharded process resumed from the FSDP2 DCP checkpoint;
-- ``resume-1to2``: FSDP2 resumed from the single process's DCP checkpoint;
+- ``resume-to-one``: one unsharded process resumed from the FSDP2 DCP checkpoint;
+- ``resume-from-one``: FSDP2 resumed from the single process's DCP checkpoint;
 - ``compiled``: ``fsdp`` with ``compiled=True`` (its DCP checkpoint only), or
   its refusal at construction; ``resume-compiled``: resumed from it;
 - ``ddp``: DistributedDataParallel, each rank half of the batch;
@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 import traceback
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -48,27 +49,35 @@ BATCH = 16
 ROOT = Path(__file__).resolve().parent.parent
 
 #: settings that run on rank 0 alone (one unsharded process)
-ONE_PROCESS = ("single", "resume-2to1")
+ONE_PROCESS = ("single", "resume-to-one")
 #: resumed setting -> the setting that writes its checkpoint
-NEEDS = {"resume-sharded": "fsdp", "resume-full": "fsdp", "resume-2to1": "fsdp",
-         "resume-1to2": "single", "resume-compiled": "compiled"}
+NEEDS = {"resume-sharded": "fsdp", "resume-full": "fsdp", "resume-to-one": "fsdp",
+         "resume-from-one": "single", "resume-compiled": "compiled"}
 
 
 def spawn(tmp_path: Path, cases: list[dict], world: int = 2, timeout: float = 1200) -> dict:
     """Run ``cases`` in ``world`` processes of this module; rank 0's results:
     ``{case id: {setting: result}}``, ``"seconds"``: the group's wall time and
-    ``"cpu_seconds"``: rank 0's CPU time (its compiler workers included)."""
+    ``"cpu_seconds"``: rank 0's CPU time (and its ended children's; compiler
+    workers still alive at its end are not counted)."""
     jobs = tmp_path / "cases.json"
     jobs.write_text(json.dumps(cases))
     out = tmp_path / "results.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    # a fresh rendezvous file per group (gloo's file store would reuse a left-over one)
+    rendezvous = tmp_path / f"rendezvous-{uuid.uuid4().hex}"
     command = [sys.executable, "-m", "tests._torch_distributed", str(world),
-               f"file://{tmp_path / 'rendezvous'}", str(jobs), str(out), str(tmp_path)]
+               f"file://{rendezvous}", str(jobs), str(out), str(tmp_path)]
     procs = [subprocess.Popen([*command, str(rank)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in range(world)]
-    errors = [p.communicate(timeout=timeout)[1] for p in procs]
+    try:
+        errors = [p.communicate(timeout=timeout)[1] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:  # a hung group (a collective some rank never joined) ends here
+            p.kill()
+        raise
     for rank, (p, err) in enumerate(zip(procs, errors)):
         assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{err[-4000:]}"
     return json.loads(out.read_text())
@@ -266,7 +275,7 @@ class _Worker:
                 raise
             start, save = 0, None
             resumed = {"resume-sharded": "sharded", "resume-full": "full.pt",
-                       "resume-2to1": "sharded", "resume-1to2": "single",
+                       "resume-to-one": "sharded", "resume-from-one": "single",
                        "resume-compiled": "compiled"}.get(setting)
             if resumed:
                 load(model, opt, resumed)

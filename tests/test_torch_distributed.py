@@ -11,8 +11,8 @@ spawned group: losses and params to 1e-12 relative.
 - checkpoints after step 5: DCP save/load of the sharded state dicts
   (``get_state_dict`` / ``set_state_dict``), the full state dicts
   (``full_state_dict=True``, ``torch.save``), and resuming on another number
-  of ranks (2 -> 1, 1 -> 2); a resumed run must end where the uninterrupted
-  run did.
+  of ranks (2 -> 1, 1 -> 2, and 2 -> 4, 1 -> 4 with FSDP2 and DDP over 4
+  ranks); a resumed run must end where the uninterrupted run did.
 
 The default run holds a few representative cases in one spawned group; the
 every-optimizer matrix is marked ``distributed`` (``nox -s distributed``).
@@ -33,9 +33,10 @@ TOLERANCE = 1e-12
 #: settings compared with the unsharded process from the start
 TRAINED = ("fsdp", "whole", "compiled", "ddp")
 #: resumed settings: steps SAVE+1.. from a checkpoint, against the uninterrupted run
-RESUMED = ("resume-sharded", "resume-full", "resume-2to1", "resume-1to2", "resume-compiled")
+RESUMED = ("resume-sharded", "resume-full", "resume-to-one", "resume-from-one",
+           "resume-compiled")
 #: the uninterrupted run of each resumed setting
-UNINTERRUPTED = {"resume-2to1": "single", "resume-compiled": "compiled"}
+UNINTERRUPTED = {"resume-to-one": "single", "resume-compiled": "compiled"}
 
 
 def case(name: str, optimizer: dict, settings, **extra) -> dict:
@@ -44,7 +45,7 @@ def case(name: str, optimizer: dict, settings, **extra) -> dict:
 
 ADAM = {"cls": "Adam", "kwargs": {"lr": 0.01, "weight_decay": 0.1}}
 DEFAULT_CASES = [
-    case("Adam", ADAM, ["fsdp", "resume-sharded", "resume-2to1", "compiled",
+    case("Adam", ADAM, ["fsdp", "resume-sharded", "resume-to-one", "compiled",
                         "resume-compiled"]),
     # per-tensor (gradient centralization): eager on whole DTensors, compiled refused
     case("Ranger", {"cls": "Ranger", "kwargs": {"lr": 0.05}}, ["fsdp", "compiled"]),
@@ -64,8 +65,8 @@ DEFAULT_CASES = [
 CLASSES = [n for n in pt.__all__ if n not in ("RuleOptimizer", "Lookahead", "SAM",
                                               "SkipNonFinite", "preset")]
 PRESETS = [n for n in native.PRESETS if n.startswith("torch.optim.")]
-MATRIX_SETTINGS = ["fsdp", "resume-sharded", "resume-full", "resume-2to1", "resume-1to2",
-                   "compiled", "resume-compiled", "ddp"]
+MATRIX_SETTINGS = ["fsdp", "resume-sharded", "resume-full", "resume-to-one",
+                   "resume-from-one", "compiled", "resume-compiled", "ddp"]
 #: per-tensor rules: compiled=True on sharded params refuses them at construction
 COMPILED_REFUSED = {"Adafactor", "Lamb", "Lars", "Muon", "Ranger", "torch.optim.Adafactor",
                     *(n for n in PRESETS if n.startswith("torch.optim.Muon"))}
@@ -105,7 +106,7 @@ _ADAFACTOR = ("Adafactor under eager FSDP2, today: RuntimeError: aten.add.Tensor
               "calling distributed operators! (rules/factored.py; a DTensor gather path is "
               "coming)")
 #: settings that step eager FSDP2, or resume from its checkpoint
-_EAGER_FSDP2 = ("fsdp", "resume-sharded", "resume-full", "resume-2to1", "resume-1to2")
+_EAGER_FSDP2 = ("fsdp", "resume-sharded", "resume-full", "resume-to-one", "resume-from-one")
 _STATELESS = ("torch: set_optimizer_state_dict(full_state_dict=True) needs a state tensor of "
               "one axis or more (AssertionError: Expected device to be set); SGD without "
               "momentum has none, torch.optim.SGD the same")
@@ -146,6 +147,29 @@ def matrix(tmp_path_factory):
     for group, cases in GROUPS.items() for c in cases for s in c["settings"][1:]])
 def test_every_optimizer(matrix, group, name, setting):
     check(matrix(group), name, setting)
+
+
+@pytest.mark.needs("torch")
+@pytest.mark.distributed
+def test_four_ranks_resume_a_two_rank_checkpoint(tmp_path):
+    """fully_shard over 4 ranks (the (3, 8) weight 1 + 1 + 1 + 0 rows, the
+    (1, 3) weight on rank 0 only), resumed from the sharded DCP checkpoint a
+    2-rank group wrote (2 -> 4) and from one process's (1 -> 4), and DDP over
+    4 ranks: the numbers of one process, and of the uninterrupted 4-rank run."""
+    specs = {"Adam": ADAM, "Ranger": {"cls": "Ranger", "kwargs": {"lr": 0.05}},
+             **{n: WRAPPERS[n] for n in ("Lookahead(Adam)", "SkipNonFinite(Adam)")}}
+    two = spawn(tmp_path, [case(n, spec, ["fsdp"]) for n, spec in specs.items()])
+    # the same directory: "resume-sharded" reads the 2-rank group's checkpoint
+    four = spawn(tmp_path, [case(n, spec, ["resume-sharded", "fsdp", "resume-from-one", "ddp"])
+                            for n, spec in specs.items()], world=4)
+    print(f"\n4 ranks: {two['seconds']:.1f} s for the 2-rank group, {four['seconds']:.1f} s "
+          f"for the 4-rank one")
+    for name in specs:
+        for setting in ("resume-sharded", "fsdp", "resume-from-one", "ddp"):
+            check(four, name, setting)
+    assert four["Adam"]["fsdp"]["local_shapes"][2:] == [[1, 8], [1], [1, 3], [1]]  # rank 0's
+    assert four["Adam"]["resume-sharded"]["losses"][0] == pytest.approx(
+        two["Adam"]["fsdp"]["losses"][SAVE + 1], rel=TOLERANCE)
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +218,7 @@ def check(results: dict, name: str, setting: str) -> float:
     print(f"{name}, {setting}: max rel diff {diff:.2e} ({run['seconds']:.1f} s)")
     assert diff <= TOLERANCE
     if setting in ("fsdp", "compiled", "whole") or setting.startswith("resume") and \
-            setting != "resume-2to1":  # the state follows the params: sharded DTensors
+            setting != "resume-to-one":  # the state follows the params: sharded DTensors
         assert all(slot.endswith(" DTensor") for slot in run["slots"]), run["slots"]
     if setting == "compiled":  # the compiled step ran on the local shards
         assert "local" in run["replayed"], run["replayed"]
