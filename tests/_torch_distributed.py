@@ -187,7 +187,7 @@ class _Worker:
 
     def result(self, model, opt, losses: list[float], replayed: set) -> dict:
         params = [p.full_tensor() if _is_dtensor(p) else p.detach() for p in model.parameters()]
-        start = list(self.model().parameters())
+        start = [p.detach() for p in self.model().parameters()]
         moved = max(float((p - q).abs().max() / q.abs().max()) for p, q in zip(params, start))
         state = opt.base_optimizer.state if hasattr(opt, "base_optimizer") else opt.state
         slots = sorted({f"{key} {type(v).__name__}" for st in state.values()
@@ -344,6 +344,11 @@ def main(world: int, init: str, jobs: str, out: str, directory: str, rank: int) 
         Path(out).write_text(json.dumps(results))
     dist.barrier()  # no rank tears gloo down while another still uses it
     dist.destroy_process_group()
+    # no interpreter teardown: a rank once aborted there ("terminate called without an
+    # active exception", a native thread destroyed at exit), its work done
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
