@@ -15,19 +15,21 @@ every case, one after another (spawning a group costs seconds): a case is
 - ``resume-sharded``, ``resume-full``: a fresh FSDP2 model and optimizer
   resumed from them (``get_state_dict``, ``dcp.load``, ``set_state_dict``;
   ``set_state_dict`` with ``full_state_dict=True``), steps ``SAVE + 1`` on;
-- ``resume-2to1``: one unsharded process resumed from the FSDP2 DCP checkpoint;
-- ``resume-1to2``: FSDP2 resumed from the single process's DCP checkpoint;
+- ``resume-to-one``: one unsharded process resumed from the FSDP2 DCP checkpoint;
+- ``resume-from-one``: FSDP2 resumed from the single process's DCP checkpoint;
 - ``compiled``: ``fsdp`` with ``compiled=True`` (its DCP checkpoint only);
-  ``resume-compiled``: resumed from it;
+  ``resume-compiled``: resumed from it; ``single-compiled``: ``single`` with
+  ``compiled=True`` (no checkpoint), the reference of ``compiled`` for a rule
+  whose compiled numbers differ from its eager ones (a bfloat16 iteration);
 - ``ddp``: DistributedDataParallel, each rank half of the batch;
-- ``whole``: ``fsdp`` (no checkpoint) with the eager step on whole DTensors
-  (DTensor ops) instead of the local shards.
+- ``whole``: ``fsdp`` (no checkpoint) with an elementwise rule's eager step
+  on whole DTensors (DTensor ops) instead of the local shards.
 
 A setting's result: per-step losses (the global batch's), the final full
 params, how far they moved from the start (max relative), the types of the
 params the eager replay ran on ("local" when the compiled step ran on local
-shards, "gathered" when a per-tensor rule's step ran on params gathered
-whole), the types of the param-shaped state slots and its wall time; or its error
+shards, "gathered" when a per-tensor rule stepped params gathered whole),
+the types of the param-shaped state slots and its wall time; or its error
 (``"TypeName: message"``), which does not stop the other settings.
 """
 
@@ -35,10 +37,12 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
 import traceback
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -48,26 +52,35 @@ BATCH = 16
 ROOT = Path(__file__).resolve().parent.parent
 
 #: settings that run on rank 0 alone (one unsharded process)
-ONE_PROCESS = ("single", "resume-2to1")
+ONE_PROCESS = ("single", "resume-to-one", "single-compiled")
 #: resumed setting -> the setting that writes its checkpoint
-NEEDS = {"resume-sharded": "fsdp", "resume-full": "fsdp", "resume-2to1": "fsdp",
-         "resume-1to2": "single", "resume-compiled": "compiled"}
+NEEDS = {"resume-sharded": "fsdp", "resume-full": "fsdp", "resume-to-one": "fsdp",
+         "resume-from-one": "single", "resume-compiled": "compiled"}
 
 
 def spawn(tmp_path: Path, cases: list[dict], world: int = 2, timeout: float = 1200) -> dict:
     """Run ``cases`` in ``world`` processes of this module; rank 0's results:
-    ``{case id: {setting: result}}`` and ``"seconds"``: the group's wall time."""
+    ``{case id: {setting: result}}``, ``"seconds"``: the group's wall time and
+    ``"cpu_seconds"``: rank 0's CPU time (and its ended children's; compiler
+    workers still alive at its end are not counted)."""
     jobs = tmp_path / "cases.json"
     jobs.write_text(json.dumps(cases))
     out = tmp_path / "results.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    # a fresh rendezvous file per group (gloo's file store would reuse a left-over one)
+    rendezvous = tmp_path / f"rendezvous-{uuid.uuid4().hex}"
     command = [sys.executable, "-m", "tests._torch_distributed", str(world),
-               f"file://{tmp_path / 'rendezvous'}", str(jobs), str(out), str(tmp_path)]
+               f"file://{rendezvous}", str(jobs), str(out), str(tmp_path)]
     procs = [subprocess.Popen([*command, str(rank)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in range(world)]
-    errors = [p.communicate(timeout=timeout)[1] for p in procs]
+    try:
+        errors = [p.communicate(timeout=timeout)[1] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:  # a hung group (a collective some rank never joined) ends here
+            p.kill()
+        raise
     for rank, (p, err) in enumerate(zip(procs, errors)):
         assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{err[-4000:]}"
     return json.loads(out.read_text())
@@ -177,7 +190,7 @@ class _Worker:
 
     def result(self, model, opt, losses: list[float], replayed: set) -> dict:
         params = [p.full_tensor() if _is_dtensor(p) else p.detach() for p in model.parameters()]
-        start = list(self.model().parameters())
+        start = [p.detach() for p in self.model().parameters()]
         moved = max(float((p - q).abs().max() / q.abs().max()) for p, q in zip(params, start))
         state = opt.base_optimizer.state if hasattr(opt, "base_optimizer") else opt.state
         # the param-shaped slots (Adafactor's factored statistics and Muon's (0,)
@@ -206,7 +219,7 @@ class _Worker:
         spec, where = case["optimizer"], self.directory / case["id"]
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         one = setting in ONE_PROCESS
-        compiled = setting in ("compiled", "resume-compiled")
+        compiled = setting in ("compiled", "resume-compiled", "single-compiled")
 
         def checkpointed(opt):
             """SAM's users checkpoint its base optimizer: torch's set_optimizer_state_dict
@@ -269,7 +282,7 @@ class _Worker:
             opt = build(spec, model.parameters(), compiled=compiled)
             start, save = 0, None
             resumed = {"resume-sharded": "sharded", "resume-full": "full.pt",
-                       "resume-2to1": "sharded", "resume-1to2": "single",
+                       "resume-to-one": "sharded", "resume-from-one": "single",
                        "resume-compiled": "compiled"}.get(setting)
             if resumed:
                 load(model, opt, resumed)
@@ -332,10 +345,17 @@ def main(world: int, init: str, jobs: str, out: str, directory: str, rank: int) 
     worker = _Worker(rank, world, Path(directory))
     results = worker.all(json.loads(Path(jobs).read_text()))
     results["seconds"] = time.monotonic() - started
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    results["cpu_seconds"] = sum(u.ru_utime + u.ru_stime for u in usage)  # rank 0's
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     dist.barrier()  # no rank tears gloo down while another still uses it
     dist.destroy_process_group()
+    # no interpreter teardown: a rank once aborted there ("terminate called without an
+    # active exception", a native thread destroyed at exit), its work done
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

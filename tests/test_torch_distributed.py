@@ -11,8 +11,8 @@ spawned group: losses and params to 1e-12 relative.
 - checkpoints after step 5: DCP save/load of the sharded state dicts
   (``get_state_dict`` / ``set_state_dict``), the full state dicts
   (``full_state_dict=True``, ``torch.save``), and resuming on another number
-  of ranks (2 -> 1, 1 -> 2); a resumed run must end where the uninterrupted
-  run did.
+  of ranks (2 -> 1, 1 -> 2, and 2 -> 4, 1 -> 4 with FSDP2 and DDP over 4
+  ranks); a resumed run must end where the uninterrupted run did.
 
 The default run holds a few representative cases in one spawned group; the
 every-optimizer matrix is marked ``distributed`` (``nox -s distributed``).
@@ -29,12 +29,11 @@ from tests._torch_distributed import SAVE, spawn
 from tests._v2_problem import max_rel
 
 TOLERANCE = 1e-12
-#: settings compared with the unsharded process from the start
-TRAINED = ("fsdp", "whole", "compiled", "ddp")
 #: resumed settings: steps SAVE+1.. from a checkpoint, against the uninterrupted run
-RESUMED = ("resume-sharded", "resume-full", "resume-2to1", "resume-1to2", "resume-compiled")
+RESUMED = ("resume-sharded", "resume-full", "resume-to-one", "resume-from-one",
+           "resume-compiled")
 #: the uninterrupted run of each resumed setting
-UNINTERRUPTED = {"resume-2to1": "single", "resume-compiled": "compiled"}
+UNINTERRUPTED = {"resume-to-one": "single", "resume-compiled": "compiled"}
 
 
 def case(name: str, optimizer: dict, settings, **extra) -> dict:
@@ -43,7 +42,7 @@ def case(name: str, optimizer: dict, settings, **extra) -> dict:
 
 ADAM = {"cls": "Adam", "kwargs": {"lr": 0.01, "weight_decay": 0.1}}
 DEFAULT_CASES = [
-    case("Adam", ADAM, ["fsdp", "resume-sharded", "resume-2to1", "compiled",
+    case("Adam", ADAM, ["fsdp", "resume-sharded", "resume-to-one", "compiled",
                         "resume-compiled"]),
     # per-tensor (gradient centralization): gathered whole, eager and compiled
     case("Ranger", {"cls": "Ranger", "kwargs": {"lr": 0.05}}, ["fsdp", "compiled"]),
@@ -63,8 +62,8 @@ DEFAULT_CASES = [
 CLASSES = [n for n in pt.__all__ if n not in ("RuleOptimizer", "Lookahead", "SAM",
                                               "SkipNonFinite", "preset")]
 PRESETS = [n for n in native.PRESETS if n.startswith("torch.optim.")]
-MATRIX_SETTINGS = ["fsdp", "resume-sharded", "resume-full", "resume-2to1", "resume-1to2",
-                   "compiled", "resume-compiled", "ddp"]
+MATRIX_SETTINGS = ["fsdp", "resume-sharded", "resume-full", "resume-to-one",
+                   "resume-from-one", "compiled", "resume-compiled", "ddp"]
 #: per-tensor rules: their steps run on params gathered whole (polyopt.torch._sharded)
 PER_TENSOR = {"Adafactor", "Lamb", "Lars", "Muon", "Ranger", "torch.optim.Adafactor",
                     *(n for n in PRESETS if n.startswith("torch.optim.Muon"))}
@@ -90,6 +89,18 @@ GROUPS = {
     "presets": [case(n, _spec(n), MATRIX_SETTINGS) for n in PRESETS],
     "wrappers": [case(n, spec, MATRIX_SETTINGS) for n, spec in WRAPPERS.items()],
 }
+#: rules whose compiled numbers are not their eager ones: torch.optim.Muon's
+#: Newton-Schulz iterates in bfloat16, and inductor's bfloat16 kernels round
+#: otherwise than eager's (measured 2.6e-4 relative after 5 steps, one process):
+#: their compiled runs are compared with one compiled process
+COMPILED_REFERENCE = {n for n in PRESETS if n.startswith("torch.optim.Muon")}
+for cases in GROUPS.values():
+    for c in cases:
+        if c["id"] in COMPILED_REFERENCE:
+            c["settings"].insert(1, "single-compiled")
+#: the settings that are references, not checked against one
+REFERENCES = ("single", "single-compiled")
+
 _STATELESS = ("torch: set_optimizer_state_dict(full_state_dict=True) needs a state tensor of "
               "one axis or more (AssertionError: Expected device to be set); SGD without "
               "momentum has none, torch.optim.SGD the same")
@@ -110,7 +121,8 @@ def matrix(tmp_path_factory):
         if group not in results:
             results[group] = spawn(tmp_path_factory.mktemp(f"torch-{group}"), GROUPS[group])
             print(f"\ntorch distributed matrix, {group}: {len(GROUPS[group])} optimizers, "
-                  f"one group of 2 ranks, {results[group].pop('seconds'):.1f} s")
+                  f"one group of 2 ranks, {results[group].pop('seconds'):.1f} s "
+                  f"({results[group].pop('cpu_seconds'):.1f} s CPU on rank 0)")
         return results[group]
 
     return get
@@ -122,16 +134,40 @@ def matrix(tmp_path_factory):
     pytest.param(group, c["id"], s, id=f"{c['id']}-{s}", marks=[
         pytest.mark.xfail(strict=True, reason=reason)
         for reason in [expected_failure(c["id"], s)] if reason])
-    for group, cases in GROUPS.items() for c in cases for s in c["settings"][1:]])
+    for group, cases in GROUPS.items() for c in cases for s in c["settings"]
+    if s not in REFERENCES])
 def test_every_optimizer(matrix, group, name, setting):
     check(matrix(group), name, setting)
+
+
+@pytest.mark.needs("torch")
+@pytest.mark.distributed
+def test_four_ranks_resume_a_two_rank_checkpoint(tmp_path):
+    """fully_shard over 4 ranks (the (3, 8) weight 1 + 1 + 1 + 0 rows, the
+    (1, 3) weight on rank 0 only), resumed from the sharded DCP checkpoint a
+    2-rank group wrote (2 -> 4) and from one process's (1 -> 4), and DDP over
+    4 ranks: the numbers of one process, and of the uninterrupted 4-rank run."""
+    specs = {"Adam": ADAM, "Ranger": {"cls": "Ranger", "kwargs": {"lr": 0.05}},
+             **{n: WRAPPERS[n] for n in ("Lookahead(Adam)", "SkipNonFinite(Adam)")}}
+    two = spawn(tmp_path, [case(n, spec, ["fsdp"]) for n, spec in specs.items()])
+    # the same directory: "resume-sharded" reads the 2-rank group's checkpoint
+    four = spawn(tmp_path, [case(n, spec, ["resume-sharded", "fsdp", "resume-from-one", "ddp"])
+                            for n, spec in specs.items()], world=4)
+    print(f"\n4 ranks: {two['seconds']:.1f} s for the 2-rank group, {four['seconds']:.1f} s "
+          f"for the 4-rank one")
+    for name in specs:
+        for setting in ("resume-sharded", "fsdp", "resume-from-one", "ddp"):
+            check(four, name, setting, same_ranks=False)
+    assert four["Adam"]["fsdp"]["local_shapes"][2:] == [[1, 8], [1], [1, 3], [1]]  # rank 0's
+    assert four["Adam"]["resume-sharded"]["losses"][0] == pytest.approx(
+        two["Adam"]["fsdp"]["losses"][SAVE + 1], rel=TOLERANCE)
 
 
 @pytest.fixture(scope="module")
 def default_results(tmp_path_factory) -> dict:
     results = spawn(tmp_path_factory.mktemp("torch-distributed"), DEFAULT_CASES)
     print(f"\ntorch distributed, default cases: one group of 2 ranks, "
-          f"{results.pop('seconds'):.1f} s")
+          f"{results.pop('seconds'):.1f} s ({results.pop('cpu_seconds'):.1f} s CPU on rank 0)")
     return results
 
 
@@ -148,9 +184,10 @@ def agreement(result: dict, reference: dict, first_step: int = 0) -> float:
                                [np.asarray(p) for p in reference["params"]]))
 
 
-def check(results: dict, name: str, setting: str) -> float:
+def check(results: dict, name: str, setting: str, same_ranks: bool = True) -> None:
     """The run of ``setting`` agrees with the unsharded one (trained settings)
-    or with the uninterrupted run (resumed settings); the difference."""
+    or with the uninterrupted run (resumed settings: bitwise when resumed on
+    the ranks that wrote the checkpoint)."""
     runs = results[name]
     single = ok(runs["single"])
     assert single["moved"] > 1e-3, single["moved"]  # it trained
@@ -158,23 +195,27 @@ def check(results: dict, name: str, setting: str) -> float:
     if setting in RESUMED:
         uninterrupted = ok(runs[UNINTERRUPTED.get(setting, "fsdp")])
         diff = agreement(run, uninterrupted, SAVE + 1)
+        if same_ranks and setting in ("resume-sharded", "resume-full", "resume-compiled"):
+            assert run["losses"] == uninterrupted["losses"][SAVE + 1:]
+            assert run["params"] == uninterrupted["params"]
+    elif setting == "compiled" and "single-compiled" in runs:
+        diff = agreement(run, ok(runs["single-compiled"]))
     else:
         diff = agreement(run, single)
     print(f"{name}, {setting}: max rel diff {diff:.2e} ({run['seconds']:.1f} s)")
     assert diff <= TOLERANCE
     if setting in ("fsdp", "compiled", "whole") or setting.startswith("resume") and \
-            setting != "resume-2to1":  # the state follows the params: sharded DTensors
+            setting != "resume-to-one":  # the state follows the params: sharded DTensors
         assert all(slot.endswith(" DTensor") for slot in run["slots"]), run["slots"]
     if setting in ("fsdp", "compiled") and name in PER_TENSOR:  # gathered whole
         assert "gathered" in run["replayed"], run["replayed"]
     elif setting == "compiled":  # the compiled step ran on the local shards
         assert "local" in run["replayed"], run["replayed"]
-    return diff
 
 
 @pytest.mark.needs("torch")
 @pytest.mark.parametrize("name, setting", [(c["id"], s) for c in DEFAULT_CASES
-                                           for s in c["settings"][1:]])
+                                           for s in c["settings"] if s not in REFERENCES])
 def test_agrees_with_one_process(default_results, name, setting):
     check(default_results, name, setting)
 
@@ -194,12 +235,3 @@ def test_eager_fsdp2_steps_local_shards_or_gathered_params(default_results):
     assert sgd["losses"] == whole["losses"] and sgd["params"] == whole["params"]
     # the shards: the (3, 8) weight 2 + 1 rows, the (1, 3) weight empty on rank 1
     assert adam["local_shapes"][2:] == [[2, 8], [2], [1, 3], [1]]
-
-
-@pytest.mark.needs("torch")
-def test_resumed_on_the_same_ranks_is_bitwise_the_uninterrupted_run(default_results):
-    adam = default_results["Adam"]
-    for resumed, uninterrupted in (("resume-sharded", "fsdp"), ("resume-compiled", "compiled")):
-        resumed, uninterrupted = ok(adam[resumed]), ok(adam[uninterrupted])
-        assert resumed["losses"] == uninterrupted["losses"][SAVE + 1:]
-        assert resumed["params"] == uninterrupted["params"]
