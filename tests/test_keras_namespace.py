@@ -86,10 +86,14 @@ def test_rule_on_backend_arrays_matches_numpy(case, compiled):
     poison = case is GUARDED
     reference = _numpy_run(case.build(), poison)
     got = _backend_run(case.build(), compiled, poison)
+    # Muon's 'spectral' norm under XLA: its SVD (not LAPACK's) gives the largest
+    # singular value a few ulps otherwise, which five quintics carry: measured 2.2e-11
+    # (tensorflow, compiled)
+    rtol = 1e-10 if compiled and case.options.get("preconditioning") == "spectral" else 1e-12
     for r, g in zip(reference, got):
         assert g.dtype == np.float64
         assert np.all(np.isfinite(g))
-        np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(g, r, rtol=rtol, atol=1e-15)
 
 
 def test_float32_stays_float32_and_learning_rate_tensor():
