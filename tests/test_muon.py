@@ -341,6 +341,21 @@ def _optax_spelled_preset() -> dict:
     return {po.muon.spec[k].spelling("optax"): v for k, v in options.items()}
 
 
+def _polyopt_for_optax(options: dict, **common):
+    """polyopt.optax.muon for ``optax.contrib.muon(0.01, **common, **options)``:
+    the preset, optax's ``consistent_rms`` as ``lr_scale='rms'`` with that
+    ``rms_scale``, and ``nesterov=False`` for the Adam part too (optax's adamw
+    takes muon's nesterov)."""
+    import polyopt.optax as po
+
+    mine = {k: v for k, v in options.items() if k != "consistent_rms"}
+    if "consistent_rms" in options:
+        mine.update(lr_scale="rms", rms_scale=options["consistent_rms"])
+    if options.get("nesterov") is False:
+        mine["adam_nesterov"] = False
+    return po.muon(learning_rate=0.01, **common, **{**_optax_spelled_preset(), **mine})
+
+
 #: optax.contrib.muon's own arguments, each combined with every preconditioning
 OPTAX_OPTIONS = [{}, {"nesterov": False, "adaptive": True},
                  {"weight_decay": 0.1, "consistent_rms": 0.2, "ns_steps": 3}]
@@ -355,26 +370,18 @@ def test_polyopt_optax_muon_preconditioning_is_optax_contrib_muons(preconditioni
     (outputs, inputs))."""
     from optax import contrib
 
-    import polyopt.optax as po
-
     shapes = [(6, 4), (3,), (3, 5), (5, 5), ()]
     params0, grads = _problem(shapes, steps=50)
-    mine = {"lr_scale": "rms", "rms_scale": options["consistent_rms"]} if (
-        "consistent_rms" in options) else {}
-    if options.get("nesterov") is False:
-        mine["adam_nesterov"] = False
-    ours = {k: v for k, v in options.items() if k != "consistent_rms"}
     want = _run_optax(contrib.muon(0.01, preconditioning=preconditioning, **options),
                       params0, grads)
-    got = _run_optax(po.muon(learning_rate=0.01, preconditioning=preconditioning,
-                             **{**_optax_spelled_preset(), **ours, **mine}), params0, grads)
+    got = _run_optax(_polyopt_for_optax(options, preconditioning=preconditioning),
+                     params0, grads)
     worst = _relative(got, want, params0)
     print(f"\nPARITY optax.contrib.muon {preconditioning} {options} | float64 | {worst:.2g}")
     assert worst <= 1e-10
     assert max(float(np.max(np.abs(w - p))) for w, p in zip(want, params0)) > 1e-3
     if preconditioning != "frobenius":  # the option changes the numbers
-        plain = _run_optax(po.muon(learning_rate=0.01, **{**_optax_spelled_preset(), **ours,
-                                                          **mine}), params0, grads)
+        plain = _run_optax(_polyopt_for_optax(options), params0, grads)
         assert _relative(plain, want, params0) > 1e-6
 
 
@@ -457,17 +464,11 @@ def test_polyopt_optax_muon_steps_complex_params_as_optax_contrib_muon(precondit
     the complex Adam part."""
     from optax import contrib
 
-    import polyopt.optax as po
-
     params0, grads = _complex_problem(dtype)
-    mine = {"lr_scale": "rms", "rms_scale": 0.2} if "consistent_rms" in options else {}
-    if options.get("nesterov") is False:
-        mine["adam_nesterov"] = False
-    ours = {k: v for k, v in options.items() if k != "consistent_rms"}
     want = _run_optax(contrib.muon(0.01, preconditioning=preconditioning, **options),
                       params0, grads)
-    got = _run_optax(po.muon(learning_rate=0.01, preconditioning=preconditioning,
-                             **{**_optax_spelled_preset(), **ours, **mine}), params0, grads)
+    got = _run_optax(_polyopt_for_optax(options, preconditioning=preconditioning),
+                     params0, grads)
     assert [g.dtype for g in got] == [dtype] * len(params0)
     matrices = [0, 2, 3]
     worst = _relative([got[i] for i in matrices], [want[i] for i in matrices],
@@ -631,8 +632,6 @@ def test_optax_dimension_numbers_with_batch_axes_are_optax_contrib_muons(precond
     import jax
     from optax import contrib
 
-    import polyopt.optax as po
-
     D = contrib.MuonDimensionNumbers
     rng = np.random.default_rng(11)
     shapes = {"a": (2, 3, 4), "b": (2, 3, 4, 5), "c": (3, 4, 10), "square": (4, 3, 4),
@@ -642,14 +641,9 @@ def test_optax_dimension_numbers_with_batch_axes_are_optax_contrib_muons(precond
     params0 = {k: rng.normal(size=s) for k, s in shapes.items()}
     grads = [{k: rng.normal(size=s) for k, s in shapes.items()} for _ in range(50)]
     start = jax.tree.leaves(params0)
-    mine = {"lr_scale": "rms", "rms_scale": 0.2} if "consistent_rms" in options else {}
-    if options.get("nesterov") is False:
-        mine["adam_nesterov"] = False
-    ours = {k: v for k, v in options.items() if k != "consistent_rms"}
     kw = dict(preconditioning=preconditioning, muon_weight_dimension_numbers=dims)
     want = _run_optax(contrib.muon(0.01, **kw, **options), params0, grads)
-    got = _run_optax(po.muon(learning_rate=0.01, **kw, **{**_optax_spelled_preset(), **ours,
-                                                          **mine}), params0, grads)
+    got = _run_optax(_polyopt_for_optax(options, **kw), params0, grads)
     worst = _relative(got, want, start)
     print(f"\nPARITY optax.contrib.muon batch axes {preconditioning} {options} | float64 | "
           f"{worst:.2g}")
