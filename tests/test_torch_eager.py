@@ -157,28 +157,32 @@ def test_adam_is_replayed_with_its_state_written_in_place(monkeypatch):
     assert scalars.buffers == [] and pieces.dynamic  # the bias corrections, once a step
 
 
-def test_a_rule_that_cannot_be_replayed_runs_per_tensor(monkeypatch):
-    """Python control flow on a param's values: the step is not replayed, the
-    per-tensor step runs (and gives its numbers)."""
+def _reading(base: type, read) -> type:
+    """A subclass of the polyopt.torch class ``base`` whose rule first calls
+    ``read(grads, state)`` (Python reading values a recording may not give)."""
     def factory(**values):
-        rule = pt.SGD.factory(**values)
+        rule = base.factory(**values)
 
         def update(grads, state, params):
-            if bool((grads[0] > 0).all()):  # a value the stand-ins cannot give
-                pass
+            read(grads, state)
             return rule.update(grads, state, params)
         return rule._replace(update=update)
 
-    class Branchy(pt.SGD):
-        pass
-    Branchy.factory = staticmethod(factory)
+    return type(f"Reading{base.__name__}", (base,), {"factory": staticmethod(factory)})
+
+
+def test_a_rule_that_cannot_be_replayed_runs_per_tensor(monkeypatch):
+    """Python control flow on a param's values: the step is not replayed, the
+    per-tensor step runs (and gives its numbers)."""
+    # bool() of a param's values: a value the stand-ins cannot give
+    branchy = _reading(pt.SGD, lambda grads, state: bool((grads[0] > 0).all()))
     results = []
     original = _eager.step
     monkeypatch.setattr(_eager, "step", lambda *a, **k: results.append(original(*a, **k))
                         or results[-1])
 
     def make(params):
-        return Branchy(params, momentum=0.9)
+        return branchy(params, momentum=0.9)
 
     pieces = run(make, 8, monkeypatch)
     assert results and not any(results)
@@ -231,22 +235,11 @@ def test_a_recording_serves_the_steps_until_a_hyperparameter_changes(monkeypatch
 def test_a_rule_reading_its_count_in_python_is_recorded_at_every_step(monkeypatch):
     """A 0-d part that a replay cannot repeat (Python reads the count) is
     recorded at every step with the count as a constant: the same numbers."""
-    def factory(**values):
-        rule = pt.Adam.factory(**values)
-
-        def update(grads, state, params):
-            if float(state.count) < 0:  # the count's value, in Python
-                raise AssertionError("a negative count")
-            return rule.update(grads, state, params)
-        return rule._replace(update=update)
-
-    class Counting(pt.Adam):
-        pass
-    Counting.factory = staticmethod(factory)
+    counting = _reading(pt.Adam, lambda grads, state: float(state.count))  # in Python
     recorded = []
     record = _eager._record
     monkeypatch.setattr(_eager, "_record", lambda *a: recorded.append(a[-1]) or record(*a))
-    pieces = run(Counting, 8, monkeypatch)
+    pieces = run(counting, 8, monkeypatch)
     # per dtype (3): the kept recording refused once per lr (2), then one a step (6)
     assert recorded.count(True) == 3 * 2 and recorded.count(False) == 3 * 6
-    assert_bitwise(pieces, run(Counting, None, monkeypatch), "counting")
+    assert_bitwise(pieces, run(counting, None, monkeypatch), "counting")
