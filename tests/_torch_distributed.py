@@ -260,12 +260,12 @@ class _Worker:
         # "Tensor": the eager replay on local shards; "local": compiled on local
         # shards; "gathered": a per-tensor rule on params gathered whole
         replayed: set = set()
-        original_replay, original_eligible = _eager._replay, _eager.eligible
+        original_replay, original_eligible = _eager._Schedule.run, _eager.eligible
         original_local, original_gathered = _flat.local_step, _sharded.step
 
-        def spy(program, started, outputs, params, *args):
-            replayed.update(type(p).__name__ for p in params)
-            return original_replay(program, started, outputs, params, *args)
+        def spy(schedule, program, grads):
+            replayed.update(type(g).__name__ for g in grads)
+            return original_replay(schedule, program, grads)
 
         def local_spy(*args, **kwargs):
             replayed.add("local")
@@ -275,7 +275,7 @@ class _Worker:
             replayed.add("gathered")
             return original_gathered(*args, **kwargs)
 
-        _eager._replay, _flat.local_step, _sharded.step = spy, local_spy, gathered_spy
+        _eager._Schedule.run, _flat.local_step, _sharded.step = spy, local_spy, gathered_spy
         if setting == "whole":
             _eager.eligible = lambda rule: False
         try:
@@ -292,7 +292,7 @@ class _Worker:
             losses = self.train(model, net, opt, start, save, case.get("later", {}))
             return self.result(model, opt, losses, replayed)
         finally:
-            _eager._replay, _eager.eligible = original_replay, original_eligible
+            _eager._Schedule.run, _eager.eligible = original_replay, original_eligible
             _flat.local_step, _sharded.step = original_local, original_gathered
 
     def all(self, cases: list[dict]) -> dict:

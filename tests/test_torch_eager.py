@@ -118,23 +118,81 @@ def test_a_slot_started_at_run_time_and_presets(monkeypatch):
         assert "momentum_buffer" in dict(pieces[-1][1][0]) or where != "sgd momentum at run time"
 
 
-def test_the_pieces_of_a_step():
-    """A param, its grad and its state are cut into 1-d views of at most CHUNK
-    elements, in step; tensors without a flat view go whole (None)."""
-    a, b = torch.arange(20.0).reshape(4, 5), torch.zeros(20)
-    pieces = _eager._pieces((a, b), 8)
-    assert [tuple(t.numel() for t in piece) for piece in pieces] == [(8, 8), (8, 8), (4, 4)]
-    assert torch.equal(torch.cat([p for p, _ in pieces]), a.view(-1))
-    assert pieces[1][0].data_ptr() == a.view(-1)[8:].data_ptr()  # views, not copies
-    (whole,) = _eager._pieces((a, b), 20)
-    assert whole[0].shape == (20,) and whole[1] is b
-    assert _eager._pieces((a.t(), b), 8) is None
+def _schedules(opt) -> list:
+    """The eager schedules an optimizer keeps (one per bucket and dtypes)."""
+    return [group[3] for key, (_, groups) in opt._eager_kept.items() if key is not None
+            for group in groups]
+
+
+def test_the_schedule_of_a_bucket(monkeypatch):
+    """A member larger than a piece is cut into 1-d views of at most CHUNK
+    elements (params and state in step), small contiguous ones are gathered,
+    one of at most CHUNK elements goes as it is (non-contiguous too, with
+    buffers of its shape), a larger non-contiguous one whole."""
+    monkeypatch.setattr(_eager, "CHUNK", 8)
+    a = torch.arange(20.0).reshape(4, 5).requires_grad_()
+    b = torch.randn(3, requires_grad=True)
+    c = torch.randn(9, 7).t().requires_grad_()  # 63 elements, not contiguous
+    d = torch.randn(3, 2).t().requires_grad_()  # 6 elements, not contiguous
+    opt = pt.SGD([a, b, c, d], lr=0.1, momentum=0.9)
+    for _ in range(2):
+        for p in (a, b, c, d):
+            p.grad = torch.ones_like(p)
+        opt.step()
+    (schedule,) = _schedules(opt)
+    kinds = {task[0]: task for task in schedule.tasks}
+    assert sorted(kinds) == ["gathered", "one", "pieces", "whole"]
+    runs = kinds["pieces"][2]
+    assert [ins[0].numel() for ins, *_ in runs] == [8, 8, 4]
+    assert runs[1][0][0].data_ptr() == a.view(-1)[8:].data_ptr()  # views, not copies
+    assert runs[1][0][1].data_ptr() == opt.state[a]["momentum_buffer"].view(-1)[8:].data_ptr()
+    assert kinds["gathered"][1] == [1] and kinds["whole"][1] == 2
+    assert kinds["one"][1] == 3 and kinds["one"][4][0].shape == d.shape
+
+
+def test_the_schedule_is_kept_while_params_and_state_are_the_same(monkeypatch):
+    """Made at the step after the state starts, kept for the steps after; a
+    loaded state (new tensors) or a param's new memory (``p.data = ...``) makes
+    a new one, and the numbers stay the per-tensor step's, bit for bit."""
+    made = []
+    original = _eager._Schedule.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    def steps(replayed: bool) -> list:
+        monkeypatch.setattr(_eager, "eligible", ELIGIBLE if replayed else lambda rule: False)
+        monkeypatch.setattr(_eager._Schedule, "__init__", spy)
+        made.clear()
+        params = make_params()
+        opt = pt.Adam(params, lr=0.01)
+        gen = torch.Generator().manual_seed(1)
+        counts = []
+        for t in range(7):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            if t == 3:
+                opt.load_state_dict(opt.state_dict())
+            if t == 5:
+                params[0].data = params[0].data.clone()
+            opt.step()
+            counts.append(len(made))
+        return counts, [p.detach().clone() for p in params], [
+            {k: v.clone() for k, v in opt.state[p].items()} for p in params]
+
+    counts, params, states = steps(True)
+    # 3 dtypes: 3 schedules at the first step, kept at steps 2-3, new at 4 and 6
+    assert counts == [3, 3, 3, 6, 6, 9, 9]
+    _, whole_params, whole_states = steps(False)
+    assert_bitwise([(params, states)], [(whole_params, whole_states)], "kept schedules")
 
 
 def test_adam_is_replayed_with_its_state_written_in_place(monkeypatch):
     """torch.optim.Adam's preset: one recording kept across steps (a program
-    for the pieces, one for the 0-d part), the moments written by the
-    operations that make them (no copies), two scratch buffers."""
+    for the pieces, one for the 0-d part), each moment updated in place in its
+    state tensor (m * b1 + g * (1 - b1): m.mul_(b1).add_(...); no copies),
+    two scratch buffers."""
     programs = []
     original = _eager._Program.__init__
 
@@ -152,7 +210,7 @@ def test_adam_is_replayed_with_its_state_written_in_place(monkeypatch):
     opt.step()
     assert len(programs) == 2
     pieces, scalars = programs
-    assert pieces.copies == [] and len(pieces.direct_inputs) == 2
+    assert pieces.copies == [] and pieces.direct_inputs == [] and pieces.chained == [0, 1]
     assert pieces.buffers == [torch.float32, torch.float32]
     assert scalars.buffers == [] and pieces.dynamic  # the bias corrections, once a step
 

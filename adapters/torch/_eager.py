@@ -18,9 +18,13 @@ recording is kept across steps while the rule (its hyperparameters), the
 dtypes and the present slots are the same (:func:`_plan`). The other
 recorded calls are replayed on every piece: the same torch
 functions with the same arguments, so the same kernels and the same
-rounding, with ``out=`` into a few reused scratch buffers, and the new state
-written straight into the state tensors where nothing reads the old value
-afterwards. For a rule that declares itself ``elementwise`` (every element
+rounding, with ``out=`` into a few reused scratch buffers or in place (the
+Tensor method of the same kernel) where the first operand dies there, and
+the new state made in place in the state tensors where nothing reads the
+old value afterwards (``m * b1 + g * (1 - b1)``: ``m.mul_(b1)``, then
+``m.add_(...)``). What a bucket's replay needs (views, pieces, buffers) is
+kept across steps while its params and state are the same tensors on the
+same memory (:class:`_Schedule`). For a rule that declares itself ``elementwise`` (every element
 treated alone) the numbers of an element do not depend on its piece, so this
 is the per-tensor step's arithmetic bit for bit (tests/test_torch_eager.py;
 docs/performance.md has the measurements that chose it).
@@ -32,8 +36,8 @@ A DTensor param (FSDP2's ``fully_shard``, tensor parallelism) whose grad and
 state are DTensors laid out as it is is replayed on its local tensors
 (``to_local()``: views of the shards, written in place), the same numbers
 for an elementwise rule as the whole DTensor's ops (:func:`_local`).
-Tensors that have no flat view (non-contiguous, other subclasses) are
-replayed whole, without buffers.
+Other tensor subclasses, and non-contiguous tensors larger than a piece,
+are replayed whole, without buffers.
 """
 
 from __future__ import annotations
@@ -202,11 +206,46 @@ class _Program:
         end = len(ops)
         for v in outputs:
             last[v] = end
-        # an output written straight into its state tensor (targets[k]: the
-        # input variable of that state, or None): by the op making it, with
-        # out=, when every reader of the old state uses out= too (no views) and
-        # comes no later
         maker = {index: j for j, (_, _, _, index, out) in enumerate(ops) if out is not None}
+
+        def in_place(j: int):
+            """The Tensor method running op ``j`` in place on its first argument
+            (a piece of the result's dtype), or None."""
+            func, args, _, index, out = ops[j]
+            if out is None or not args or not isinstance(args[0], _Ref):
+                return None
+            a = rec.tensors[args[0].index]
+            if a.dtype != rec.tensors[index].dtype or a.shape != rec.tensors[index].shape:
+                return None
+            return getattr(torch.Tensor, _OUT_FUNCS[out] + "_", None)
+
+        # an output made by a chain of operations that begins with the old
+        # state (m * b1 + g * (1 - b1)): the chain runs in place on the state
+        # tensor when nothing reads the old state after the chain's first
+        # operation, every reader of it makes a fresh result (no views), and
+        # each link is read by the next one only
+        methods = {}  # op index -> the Tensor method running it in place
+        self.chained = []  # the outputs made in place in their state tensors
+        for k, (v, t) in enumerate(zip(outputs, targets)):
+            j = maker.get(v)
+            if t is None or v == t or j is None:
+                continue
+            chain = []
+            while (method := in_place(j)) is not None and j not in methods:
+                chain.append((j, method))
+                a = ops[j][1][0].index
+                if a == t:
+                    if all(r <= j and ops[r][4] is not None for r in readers[t]):
+                        methods.update(chain)
+                        self.chained.append(k)
+                    break
+                i = maker.get(a)
+                if i is None or set(readers[a]) != {j} or a in outputs:
+                    break
+                j = i
+        # an output written straight into its state tensor: by the op making
+        # it, with out=, when every reader of the old state uses out= too (no
+        # views) and comes no later
         direct = {}  # op index -> position in the direct list
         self.direct_inputs = []
         self.copies = []  # the outputs a piece's replay copies into the state
@@ -220,6 +259,8 @@ class _Program:
             if v == t:  # the state unchanged
                 continue
             self.changed.append(k)
+            if k in self.chained:
+                continue
             j = maker.get(v)
             if (t is None or j is None or j in direct
                     or any(ops[r][4] is None or r > j for r in readers[t])):
@@ -227,24 +268,33 @@ class _Program:
                 continue
             direct[j] = len(self.direct_inputs)
             self.direct_inputs.append(t - first)
-        # scratch buffers for the other out= results, reused once read for the last time
+        # scratch buffers for the other out= results, reused once read for the
+        # last time; an op whose first argument dies there takes its buffer and
+        # runs in place
         free: dict = defaultdict(list)
         self.buffers: list = []  # dtype of each buffer
         holder = {}  # variable -> buffer
         assign = {}  # op index -> buffer
         for j, (_, args, kwargs, index, out) in enumerate(ops):
+            before = holder.get(args[0].index) if args and isinstance(args[0], _Ref) else None
             for v in {a.index for a in (*args, *kwargs.values()) if isinstance(a, _Ref)}:
                 if last.get(v) == j and v in holder:
                     free[rec.tensors[v].dtype].append(holder.pop(v))
-            if out is None or j in direct:
+            if out is None or j in direct or j in methods:
                 continue
             dtype = rec.tensors[index].dtype
-            if not free[dtype]:
-                free[dtype].append(len(self.buffers))
-                self.buffers.append(dtype)
-            assign[j] = holder[index] = free[dtype].pop()
+            pool = free[dtype]
+            if before in pool and in_place(j) is not None:
+                pool.remove(before)
+                assign[j] = holder[index] = before
+                methods[j] = in_place(j)
+            else:
+                if not pool:
+                    pool.append(len(self.buffers))
+                    self.buffers.append(dtype)
+                assign[j] = holder[index] = pool.pop()
             if index not in last:  # never read: free again at once
-                free[dtype].append(holder.pop(index))
+                pool.append(holder.pop(index))
         # the source
         constants: list = []
 
@@ -261,6 +311,9 @@ class _Program:
         body = []
         for j, (func, args, kwargs, index, out) in enumerate(ops):
             items = [arg(a) for a in args] + [f"{k}={arg(v)}" for k, v in kwargs.items()]
+            if j in methods:
+                body.append(f"    v{index} = {const(methods[j])}({', '.join(items)})")
+                continue
             if j in direct:
                 items.append(f"out=d{direct[j]}")
             elif j in assign:
@@ -306,33 +359,17 @@ def _scratch(dtypes: list, n: int, device, use: str = "ops") -> list:
     return out
 
 
-def _flat_view(t: torch.Tensor) -> torch.Tensor | None:
-    """``t`` as a 1-d view, or None when it has none (non-contiguous, a subclass)."""
-    if type(t) not in _PLAIN or not t.is_contiguous():
-        return None
-    return t if t.ndim == 1 else t.view(-1)
-
-
-def _pieces(tensors: tuple, chunk: int) -> list[tuple] | None:
-    """The 1-d pieces of ``tensors`` (a param, its grad, its state) of at most
-    ``chunk`` elements, in step; None when one of them has no flat view."""
-    flats = tuple(map(_flat_view, tensors))
-    if any(f is None for f in flats):
-        return None
-    if flats[0].numel() <= chunk:
-        return [flats]
-    return list(zip(*(f.split(chunk) for f in flats)))
-
-
 def step(apply, update, layout, params: list, grads: list, states: list,
-         scalars: dict, chunk: int | None = None) -> bool:
+         scalars: dict, chunk: int | None = None, kept: dict | None = None) -> bool:
     """One step of an elementwise rule on a bucket (same counts, same present
     slots); False (and nothing changed) when the rule cannot be replayed.
 
     ``apply(update, params, grads, state)``: the adapter's one-call step (16-bit
     params computed in float32, params updated in place; returns the new state).
     ``scalars``: {path: value} of the bucket's 0-d state, as the rule reads it.
-    ``chunk``: elements per piece (default :data:`CHUNK`).
+    ``chunk``: elements per piece (default :data:`CHUNK`). ``kept``: a dict
+    owned by the optimizer, where the bucket's schedules are kept for its next
+    step (:class:`_Schedule`).
     """
     if torch.is_grad_enabled():  # differentiable=True: out= does not record autograd
         return False
@@ -340,27 +377,60 @@ def step(apply, update, layout, params: list, grads: list, states: list,
     present = [(path, key) for path, key in layout.slots if key in states[0]]
     shards = _local(params, grads, states, present)
     if shards is not None:
-        params, grads, states = shards[:3]
-    groups = defaultdict(list)  # one recording per combination of dtypes
-    for i, (p, g) in enumerate(zip(params, grads)):
-        tensors = (p, g, *(states[i][key] for _, key in present))
-        groups[tuple((t.dtype, t.device) for t in tensors)].append(i)
+        params, grads, states = shards[:3]  # the same local tensors at every step (no_grad)
+    tensors = [*params, *(st[key] for st in states for _, key in present)]
+    signature = (update, layout, chunk, tuple(present), *map(id, tensors),
+                 *map(torch.Tensor.data_ptr, tensors))
+    bucket = tuple(map(id, params))
+    last = None if kept is None else kept.get(bucket)
+    if last is not None and last[0] == signature:
+        groups = last[1]
+    else:
+        by_kinds = defaultdict(list)  # one recording per combination of dtypes
+        for i, (p, g) in enumerate(zip(params, grads)):
+            kinds = (p, g, *(states[i][key] for _, key in present))
+            by_kinds[tuple((t.dtype, t.device) for t in kinds)].append(i)
+        groups = [[kinds, members, None, None] for kinds, members in by_kinds.items()]
     plans = []
-    for kinds, members in groups.items():
-        plan = _plan(apply, update, layout, present, scalars, kinds)
-        if plan is None:
+    for group in groups:
+        kinds, members, plan, schedule = group
+        now = _plan(apply, update, layout, present, scalars, kinds)
+        if now is None:
             return False
-        plans.append((plan, *plan.now(scalars), members))
-    for plan, program, _, members in plans:
-        _replay(program, plan.started, plan.outputs, params, grads, states, present, members,
-                chunk)
+        if now is not plan:
+            group[2:] = now, None
+        plans.append((group, *now.now(scalars)))
+    for group, program, _ in plans:
+        kinds, members, plan, schedule = group
+        if schedule is None:
+            for i in members:  # a slot the rule starts (momentum set at its first step)
+                for key, dtype in plan.started:
+                    states[i][key] = torch.empty(params[i].shape, dtype=dtype,
+                                                 device=params[i].device)
+            schedule = _Schedule(program, plan.outputs, params, states, present, members,
+                                 chunk)
+            if not plan.started:
+                group[3] = schedule
+        schedule.run(program, grads)
     if shards is not None:
-        _wrap_started(shards[3], states, {key for plan, *_ in plans for key, _ in plan.started})
+        _wrap_started(shards[3], states,
+                      {key for group, *_ in plans for key, _ in group[2].started})
     new_scalars = plans[-1][2]
     for path, key, _ in layout.scalars:
-        for st in states:
-            st[key].copy_(new_scalars[path])
+        torch._foreach_copy_([st[key] for st in states], [new_scalars[path]] * len(states))
+    if kept is not None:
+        kept[bucket] = (signature, groups)
+        kept.setdefault(None, set()).add(bucket)
     return True
+
+
+def forget_unused(kept: dict) -> None:
+    """Drop the schedules of buckets that :func:`step` did not use since the
+    last call (the optimizer's params regrouped: they would keep the memory of
+    replaced tensors alive)."""
+    used = kept.pop(None, set())
+    for key in [k for k in kept if k not in used]:
+        del kept[key]
 
 
 def _local(params: list, grads: list, states: list, present: list) -> tuple | None:
@@ -521,63 +591,118 @@ def _record(apply, update, layout, present: list, scalars: dict, kinds: tuple,
                  new_scalars)
 
 
-def _replay(program: _Program, started: list, outputs: list, params: list, grads: list,
-            states: list, present: list, members: list, chunk: int) -> None:
-    run, constants = program.run, program.constants
-    device = params[members[0]].device
-    chunk = min(chunk, sum(params[i].numel() for i in members))
-    full = _scratch(program.buffers, chunk, device)
-    none_buffers = [None] * len(program.buffers)
-    n_in = 2 + len(present)
-    small: list = []  # pieces of small tensors, replayed together
-    size = 0
-    for i in members:
-        st = states[i]
-        for key, dtype in started:  # a slot the rule started (momentum set at run time)
-            st[key] = torch.empty(params[i].shape, dtype=dtype, device=device)
-        inputs = (params[i], grads[i], *(st[key] for _, key in present))
-        targets = [st[key] for key in outputs]
-        pieces = _pieces(inputs + tuple(targets), chunk)
-        if pieces is None:  # whole, without buffers
-            news = run(constants, *inputs, *none_buffers, *[None] * len(program.direct_inputs))
-            for target, new in zip(targets, news):
-                if new is not target:
-                    target.copy_(new)
-            continue
-        n = inputs[0].numel()
-        if n <= SMALL and n < chunk:
-            if size + n > chunk:
-                _replay_gathered(program, small, size, n_in, full, device)
-                small, size = [], 0
-            small.append(pieces[0])
-            size += n
-            continue
-        for piece in pieces:
-            ins, outs = piece[:n_in], piece[n_in:]
-            n = ins[0].numel()
-            buffers = full if n == chunk else [b[:n] for b in full]
-            news = run(constants, *ins, *buffers, *[ins[t] for t in program.direct_inputs])
-            for k in program.copies:
-                outs[k].copy_(news[k])
-    if small:
-        _replay_gathered(program, small, size, n_in, full, device)
+class _Schedule:
+    """The replay of one program on some members of a bucket, made from the
+    params and their state: which members go in pieces, which together, which
+    whole, with the views and buffers each needs. :func:`step` keeps it while
+    the params and state are the same tensors on the same memory; the grads
+    (new tensors at every step) are taken when it runs.
 
+    A member of at most ``chunk`` elements is replayed as it is (its own shape
+    and strides, buffers viewed in its shape); a larger contiguous one in 1-d
+    pieces of ``chunk`` elements; members of at most :data:`SMALL` elements
+    (and contiguous) are gathered into one piece, replayed together and
+    scattered back; tensor subclasses and larger non-contiguous members go
+    whole, without buffers.
+    """
 
-def _replay_gathered(program: _Program, pieces: list, size: int, n_in: int, full: list,
-                     device) -> None:
-    """The pieces of several small tensors as one: gathered into scratch
-    buffers, replayed, the changed inputs and the new state scattered back."""
-    sizes = [piece[0].numel() for piece in pieces]
-    gathered = [torch.cat([piece[k] for piece in pieces], out=buf)
-                for k, buf in enumerate(_scratch([t.dtype for t in pieces[0][:n_in]], size,
-                                                 device, "gather"))]
-    buffers = [b[:size] for b in full]
-    news = program.run(program.constants, *gathered, *buffers,
-                       *[gathered[t] for t in program.direct_inputs])
-    for k in program.written:
-        torch._foreach_copy_([piece[k] for piece in pieces], gathered[k].split(sizes))
-    for k in program.changed:
-        torch._foreach_copy_([piece[n_in + k] for piece in pieces], news[k].split(sizes))
+    def __init__(self, program: _Program, outputs: list, params: list, states: list,
+                 present: list, members: list, chunk: int) -> None:
+        device = params[members[0]].device
+        chunk = min(chunk, sum(params[i].numel() for i in members))
+        full = _scratch(program.buffers, chunk, device)
+        # positions among the inputs without the grad (what ops write into is state)
+        direct = [t - 1 for t in program.direct_inputs]
+        self.tasks: list = []  # (kind, member, ...)
+        small: list = []  # (member, flat inputs without the grad, flat targets)
+        for i in members:
+            st = states[i]
+            inputs = (params[i], *(st[key] for _, key in present))
+            targets = tuple(st[key] for key in outputs)
+            tensors = inputs + targets
+            n = params[i].numel()
+            if any(type(t) not in _PLAIN for t in tensors):
+                self.tasks.append(("whole", i, inputs, targets))
+                continue
+            flat = all(t.is_contiguous() for t in tensors)
+            if flat and n <= SMALL and n < chunk:
+                small.append((i, [t.view(-1) for t in inputs], [t.view(-1) for t in targets]))
+            elif n <= chunk:
+                shape = params[i].shape
+                buffers = [b[:n].view(shape) for b in full]
+                self.tasks.append(("one", i, inputs, targets, buffers,
+                                   [inputs[t] for t in direct]))
+            elif flat:
+                pieces = list(zip(*(t.view(-1).split(chunk) for t in tensors)))
+                runs = []
+                for piece in pieces:
+                    ins, outs = piece[:len(inputs)], piece[len(inputs):]
+                    m = ins[0].numel()
+                    buffers = full if m == chunk else [b[:m] for b in full]
+                    runs.append((ins, outs, buffers, [ins[t] for t in direct]))
+                self.tasks.append(("pieces", i, runs))
+            else:
+                self.tasks.append(("whole", i, inputs, targets))
+        while small:  # groups of at most chunk elements
+            size, k = 0, 0
+            while k < len(small) and size + small[k][1][0].numel() <= chunk:
+                size += small[k][1][0].numel()
+                k += 1
+            group, small = small[:k], small[k:]
+            self.tasks.append(("gathered", *self._gather(program, group, size, full, device)))
+        self.none = [None] * (len(program.buffers) + len(program.direct_inputs))
+        self.chunk = chunk
+
+    @staticmethod
+    def _gather(program: _Program, group: list, size: int, full: list, device) -> tuple:
+        """What replaying ``group`` as one piece needs: (members, sizes, the
+        flat inputs per position, the gather buffers, the other buffers, the
+        flat targets per output)."""
+        n_in = len(group[0][1])
+        columns = [[flats[k] for _, flats, _ in group] for k in range(n_in)]
+        targets = [[outs[k] for _, _, outs in group] for k in range(len(group[0][2]))]
+        dtypes = [columns[0][0].dtype, columns[0][0].dtype, *(c[0].dtype for c in columns[1:])]
+        gathered = _scratch(dtypes, size, device, "gather")
+        return ([i for i, _, _ in group], [f.numel() for f in columns[0]], columns, gathered,
+                [b[:size] for b in full], targets)
+
+    def run(self, program: _Program, grads: list) -> None:
+        """Replay ``program`` (bound to this step's 0-d values) with these grads."""
+        run, constants, copies = program.run, program.constants, program.copies
+        for task in self.tasks:
+            kind = task[0]
+            if kind == "one":
+                _, i, inputs, targets, buffers, direct = task
+                news = run(constants, inputs[0], grads[i], *inputs[1:], *buffers, *direct)
+                for k in copies:
+                    targets[k].copy_(news[k])
+            elif kind == "pieces":
+                _, i, runs = task
+                for (ins, outs, buffers, direct), g in zip(
+                        runs, grads[i].reshape(-1).split(self.chunk)):
+                    news = run(constants, ins[0], g, *ins[1:], *buffers, *direct)
+                    for k in copies:
+                        outs[k].copy_(news[k])
+            elif kind == "gathered":
+                self._run_gathered(program, grads, *task[1:])
+            else:  # whole, without buffers
+                _, i, inputs, targets = task
+                news = run(constants, inputs[0], grads[i], *inputs[1:], *self.none)
+                for target, new in zip(targets, news):
+                    if new is not target:
+                        target.copy_(new)
+
+    @staticmethod
+    def _run_gathered(program: _Program, grads: list, members: list, sizes: list,
+                      columns: list, gathered: list, buffers: list, targets: list) -> None:
+        columns = [columns[0], [grads[i].reshape(-1) for i in members], *columns[1:]]
+        ins = [torch.cat(column, out=buf) for column, buf in zip(columns, gathered)]
+        news = program.run(program.constants, *ins, *buffers,
+                           *[ins[t] for t in program.direct_inputs])
+        for k in program.written:
+            torch._foreach_copy_(columns[k], ins[k].split(sizes))
+        for k in program.changed:
+            torch._foreach_copy_(targets[k], news[k].split(sizes))
 
 
 def eligible(rule: Any) -> bool:

@@ -251,6 +251,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         self._buckets: dict = {}  # param ids -> their _flat.FlatBucket
         self._group_checks: dict = {}  # group index -> (value key, checked values)
         self._steady: dict = {}  # group index -> (params, their grads) after a flat step
+        self._eager_kept: dict = {}  # the eager replay's schedules (_eager.step)
         self._derived: dict = {}  # id(values) -> (values, {"structure"/"rule": ...})
 
     @classmethod
@@ -493,6 +494,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                 if params:
                     self._step_group(values, params, grads, layouts[index])
                     self._note_steady(index, params)
+            _eager.forget_unused(self._eager_kept)
         return loss
 
     def _note_steady(self, index: int, params: list) -> None:
@@ -521,19 +523,13 @@ class RuleOptimizer(torch.optim.Optimizer):
             if bucket is not None and bucket.intact(layout):
                 bucket.step(self, values, layout, params, grads, bucket.states, True, layouts)
                 return
-        where = {id(p): i for i, p in enumerate(params)}
-        self._init_missing(values, layout, params, layouts)
-        buckets: dict = defaultdict(list)
-        for p, g in zip(params, grads):
-            st = self.state[p]
-            key = (tuple(float(st[k]) for _, k, _ in layout.scalars),
-                   tuple(k in st for _, k in layout.slots))
-            buckets[key].append((p, g))
-        for members in buckets.values():
-            ps = [p for p, _ in members]
-            gs = [g for _, g in members]
-            states = [self.state[p] for p in ps]
-            own = None if layouts is None else tuple(layouts[where[id(p)]] for p in ps)
+        all_states = [self.state[p] for p in params]
+        self._init_missing(values, layout, params, layouts, all_states)
+        for members in _buckets(layout, all_states):
+            ps = [params[i] for i in members]
+            gs = [grads[i] for i in members]
+            states = [all_states[i] for i in members]
+            own = None if layouts is None else tuple(layouts[i] for i in members)
             if not self.defaults["differentiable"] and _sharded.applies(self._rule(values), ps):
                 _sharded.step(self, values, layout, ps, gs, states, own,
                               self.compiled and not eager)
@@ -553,7 +549,8 @@ class RuleOptimizer(torch.optim.Optimizer):
                     update, ps, gs, self._tree(layout, states)))
                 continue
             if not self.compiled and _eager.eligible(rule) and _eager.step(
-                    _apply, rule.update, layout, ps, gs, states, self._scalars(layout, states)):
+                    _apply, rule.update, layout, ps, gs, states, self._scalars(layout, states),
+                    kept=self._eager_kept):
                 continue
             tree = self._tree(layout, states)
             if self.compiled and not eager:
@@ -613,11 +610,13 @@ class RuleOptimizer(torch.optim.Optimizer):
         return self._derive(values, "rule", lambda v: type(self).factory(**v))
 
     def _init_missing(self, values: dict, layout: _Layout, params: list,
-                      layouts: tuple | None = None) -> None:
-        """Lazy state initialisation, as torch.optim does at a param's first step."""
-        fresh = [i for i, p in enumerate(params)
-                 if not (layout.initial | {k for _, k, _ in layout.scalars})
-                 <= self.state[p].keys()]
+                      layouts: tuple | None = None, states: list | None = None) -> None:
+        """Lazy state initialisation, as torch.optim does at a param's first step
+        (``states``: the params' state dicts, when the caller has them)."""
+        needed = layout.initial | {k for _, k, _ in layout.scalars}
+        if states is None:
+            states = [self.state[p] for p in params]
+        fresh = [i for i, st in enumerate(states) if not needed <= st.keys()]
         if not fresh:
             return
         rule = type(self).factory(**values)
@@ -761,6 +760,27 @@ class RuleOptimizer(torch.optim.Optimizer):
             state[p] = converted
         return state, groups
 
+
+
+def _buckets(layout: _Layout, states: list) -> list:
+    """The positions of ``states`` by equal counts and present slots: one rule
+    call steps a bucket. The counts are read in one transfer when they stack."""
+    values = []
+    for _, key, _ in layout.scalars:
+        tensors = [st[key] for st in states]
+        try:
+            values.append(torch.stack(tensors).tolist())
+        except (RuntimeError, TypeError):  # devices or shapes that do not stack
+            values.append([float(t) for t in tensors])
+    first = states[0].keys()
+    if (all(v.count(v[0]) == len(v) for v in values)
+            and all(st.keys() == first for st in states)):
+        return [range(len(states))]  # the steady state: one bucket
+    buckets: dict = defaultdict(list)
+    for i, st in enumerate(states):
+        buckets[(tuple(v[i] for v in values),
+                 tuple(key in st for _, key in layout.slots))].append(i)
+    return list(buckets.values())
 
 def _slot_dtype(layout: _Layout, key: str, p: torch.Tensor) -> torch.dtype:
     """The dtype a param's state entry ``key`` is kept in: a dtype the rule fixes
