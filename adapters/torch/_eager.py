@@ -53,10 +53,10 @@ from torch.overrides import TorchFunctionMode
 
 from polyopt.rules import _state
 
-#: Elements per piece: 128k float32 (512 KiB per operand); smaller pieces pay
-#: the ~1 us a torch call costs too often, larger ones leave the caches
-#: (measured: docs/performance.md).
-CHUNK = 1 << 17
+#: Elements per piece: 512k float32 (2 MiB per operand, in the L2/L3 caches);
+#: smaller pieces pay the ~1 us a torch call costs too often, larger ones
+#: stream from memory (measured: docs/performance.md).
+CHUNK = 1 << 19
 #: Tensors of at most this many elements are replayed together: gathered into
 #: one piece and scattered back, which costs less than a replay each (~15
 #: torch calls of ~1 us for Adam).
