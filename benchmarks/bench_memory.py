@@ -46,6 +46,9 @@ from polyopt import native, rules  # noqa: E402
 from polyopt.rules import _state  # noqa: E402
 
 FRAMEWORKS = ("torch", "keras", "optax")
+#: natives that refuse some params of the set: both cells of the row are
+#: measured on the params they take (torch.optim.Muon: 2-D params only)
+NATIVE_PARAMS = {"torch.optim.Muon": ("2-D params only", common.matrices)}
 PREFIX = {"torch": "torch.optim.", "keras": "keras.optimizers.", "optax": "optax."}
 OPTAX_LR = 1e-3
 
@@ -95,7 +98,7 @@ def _torch(shapes: list[tuple]) -> dict:
 
     import polyopt.torch as pt
 
-    def measure(make) -> int:
+    def measure(make, shapes=shapes) -> int:
         params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
         opt = make(params)
         for p in params:
@@ -110,9 +113,13 @@ def _torch(shapes: list[tuple]) -> dict:
         row = {"native": key}
         if key is not None:
             name, kwargs = _parse(key)
+            which, some = NATIVE_PARAMS.get(key, (None, list))
+            if which is not None:
+                row["params"] = which
             row["native_bytes"] = measure(
-                lambda ps, name=name, kwargs=kwargs: getattr(torch.optim, name)(ps, **kwargs))
-            row["polyopt_bytes"] = measure(lambda ps, key=key: pt.preset(key, ps))
+                lambda ps, name=name, kwargs=kwargs: getattr(torch.optim, name)(ps, **kwargs),
+                some(shapes))
+            row["polyopt_bytes"] = measure(lambda ps, key=key: pt.preset(key, ps), some(shapes))
         else:
             row["polyopt_bytes"] = measure(pt.OPTIMIZERS[rule_name])
         rows[rule_name] = row
@@ -226,6 +233,8 @@ def markdown(results: list[dict]) -> str:
             text = _mib(row.get("polyopt_bytes")) or "-"
             if row.get("native") is not None:
                 text += f" / {_mib(row['native_bytes'])} (`{row['native']}`)"
+            if row.get("params"):
+                text += f", {row['params']}"
             cells.append(text)
         lines.append(f"| `{name}` | {_mib(core)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
