@@ -372,7 +372,7 @@ def _run_compiled(opt, values: dict, layout: _Layout, present: tuple, structure:
 def distributed(params: list) -> bool:
     """Whether any of these params is a DTensor (FSDP2's sharded params)."""
     module = sys.modules.get("torch.distributed.tensor")  # none exists before its import
-    return module is not None and any(isinstance(p, module.DTensor) for p in params)
+    return module is not None and any(map(isinstance, params, itertools.repeat(module.DTensor)))
 
 
 def check_local(owner: str, rule, params: list, where: str = "") -> None:

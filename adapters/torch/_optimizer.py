@@ -511,7 +511,7 @@ class RuleOptimizer(torch.optim.Optimizer):
 
     def _step_group(self, values: dict, params: list, grads: list,
                     layouts: tuple | None = None, eager: bool = False) -> None:
-        if not eager and any(p.is_complex() for p in params):
+        if not eager and any(map(torch.Tensor.is_complex, params)):
             self._step_real_view(values, params, grads, layouts)
             return
         layout = self._layout(values)
