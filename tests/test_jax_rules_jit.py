@@ -78,7 +78,8 @@ def test_lookahead_compiled_with_donated_state_copies_nothing(inner):
     """Lookahead writes the slow weights and the params in place: XLA copies no param
     and no slow weight first (the formulation before issue 18 read s and the inner
     update in both outputs' loops, and XLA copied both arrays of every param: 25
-    passes over the params per step for Ranger instead of 21)."""
+    passes over the params per step for Ranger instead of 21; 18 since the test
+    below)."""
     shapes = [(16, 8, 3, 3), (32, 16), (16,)]
     rule = (rules.ranger() if inner == "ranger"
             else rules.lookahead(rules.radam(), sync_period=6, slow_step_size=0.5))
