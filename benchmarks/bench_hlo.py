@@ -11,8 +11,11 @@ optimized HLO of the step, polyopt's and the reference's: the number of
 fusions and of copies in the entry computation, and the bytes its fusions
 and copies read and write (arrays of 4 KiB or more), in passes over the
 params (one pass = the params' bytes). An Adam-like step that reads
-p, g, m, v and writes p, m, v in three loops moves 10 passes. Nothing is
-timed: the counts do not move with the machine's load. Not a test.
+p, g, m, v and writes p, m, v in three loops moves 10 passes. Where XLA
+reports it (programs compiled by jax: JAX, and Keras on the jax backend),
+also the temporary memory of one call, in params' sizes (jax's CPU client
+allocates it at every call). Nothing is timed: the counts do not move with
+the machine's load. Not a test.
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ def entry_traffic(hlo: str, smallest: int = 4096) -> dict:
 
 
 def jax_programs(algorithm: str, shapes: list) -> dict:
-    """{variant: optimized HLO} of bench_jax.py's step for ``algorithm``."""
+    """{variant: (optimized HLO, temporary bytes)} of bench_jax.py's step for
+    ``algorithm``."""
     import bench_jax
     import jax
 
@@ -79,14 +83,15 @@ def jax_programs(algorithm: str, shapes: list) -> dict:
     for label, make in (("polyopt", ours), ("reference", theirs)):
         opt, params = make(), bench_jax.make_params(shapes)
         grads = jax.tree.map(lambda p: p * 0 + 1e-3, params)
-        out[label] = bench_jax.make_step(opt).lower(params, opt.init(params),
-                                                    grads).compile().as_text()
+        compiled = bench_jax.make_step(opt).lower(params, opt.init(params), grads).compile()
+        out[label] = compiled.as_text(), compiled.memory_analysis().temp_size_in_bytes
     return out
 
 
 def keras_programs(algorithm: str, shapes: list) -> dict:
-    """{variant: optimized HLO} of bench_keras.py's step for ``algorithm``, on the
-    backend of KERAS_BACKEND (tensorflow: jit_compile; jax: jax.jit with donation)."""
+    """{variant: (optimized HLO, temporary bytes or None)} of bench_keras.py's step for
+    ``algorithm``, on the backend of KERAS_BACKEND (tensorflow: jit_compile, whose
+    temporary memory TensorFlow does not report; jax: jax.jit with donation)."""
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import keras  # before bench_keras, which would set the tensorflow backend
     import numpy as np
@@ -105,16 +110,17 @@ def keras_programs(algorithm: str, shapes: list) -> dict:
 
             grads = [tf.constant(g) for g in grads]
             step = bench_keras.make_step(opt, variables, grads, jit_compile=True)
-            out[label] = step.experimental_get_compiler_ir()(stage="optimized_hlo")
+            out[label] = step.experimental_get_compiler_ir()(stage="optimized_hlo"), None
         elif backend == "jax":
             import jax
 
             def step(trainable, optimizer_variables, grads, opt=opt):
                 return opt.stateless_apply(optimizer_variables, grads, trainable)
 
-            out[label] = jax.jit(step, donate_argnums=(0, 1)).lower(
+            compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
                 [v.value for v in variables], [v.value for v in opt.variables],
-                [jax.numpy.asarray(g) for g in grads]).compile().as_text()
+                [jax.numpy.asarray(g) for g in grads]).compile()
+            out[label] = compiled.as_text(), compiled.memory_analysis().temp_size_in_bytes
         else:
             raise SystemExit(f"bench_hlo: KERAS_BACKEND={backend}: tensorflow or jax")
     return out
@@ -131,12 +137,13 @@ def main(argv=None) -> None:
     backend = ("" if args.framework == "jax"
                else f" ({os.environ.get('KERAS_BACKEND', 'tensorflow')})")
     print("| framework | algorithm | params | variant | fusions | copies | conditionals "
-          "| passes over the params |\n|---|---|---|---|---|---|---|---|")
+          "| passes over the params | temporaries, in params |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for set_name in args.sets:
         shapes = common.PARAM_SETS[set_name]
         n, _ = common.sizes(shapes)
         for algorithm in args.algorithms:
-            for label, hlo in programs(algorithm, shapes).items():
+            for label, (hlo, temporary) in programs(algorithm, shapes).items():
                 if args.dump:
                     args.dump.mkdir(parents=True, exist_ok=True)
                     name = f"{args.framework}-{algorithm}-{set_name}-{label}.hlo".replace(" ", "_")
@@ -144,7 +151,9 @@ def main(argv=None) -> None:
                 t = entry_traffic(hlo)
                 print(f"| {args.framework}{backend} | {algorithm} | {set_name} | {label} "
                       f"| {t['fusions']} | {t['copies']} | {t['conditionals']} "
-                      f"| {t['bytes'] / (4 * n):.1f} |", flush=True)
+                      f"| {t['bytes'] / (4 * n):.1f} "
+                      f"| {'-' if temporary is None else f'{temporary / (4 * n):.2f}'} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ optimizer's step is ``jax.jit(update + optax.apply_updates,
 donate_argnums=(params, state))``; the variants run interleaved in one
 process (compilation is the first call, reported apart). optax has no
 Ranger (optax.lookahead takes LookaheadParams and there is no gradient
-centralization): Ranger's reference row is optax.radam, the same RAdam step
-alone. The copy bandwidth is a jitted, donated ``x + 1`` in the same process;
+centralization): Ranger's native is optax.radam, the same RAdam step
+alone; its row also times polyopt.optax.radam with Ranger's defaults
+("reference polyopt RAdam": eps on sqrt(v), where optax.radam adds it after
+the bias correction). The copy bandwidth is a jitted, donated ``x + 1`` in the same process;
 ``vs bound`` is time / (minimum bytes per step / bandwidth). The optimizer
 state's bytes (every array leaf) are recorded too. Muon: optax.contrib.muon
 against polyopt.optax.muon with the preset ``optax.contrib.muon`` on the
@@ -61,6 +63,17 @@ ALGORITHMS = {
 }
 
 
+#: algorithm -> (name, maker) of a polyopt reference timed in the same rounds: Ranger
+#: against its own inner RAdam (Ranger's defaults: b1 0.95, eps 1e-5 on sqrt(v), where
+#: optax.radam puts eps after the bias correction), the same step without Lookahead and
+#: gradient centralization
+REFERENCES = {
+    "Ranger": ("polyopt RAdam", lambda: po.radam(**{
+        **{h.spelling("optax"): hyper.RANGER[h.name].default for h in hyper.RADAM},
+        "learning_rate": 1e-3})),
+}
+
+
 def make_params(shapes, seed=0) -> dict:
     arrays = common.make_arrays(shapes, seed)
     return {f"p{i:02d}": jnp.asarray(a * 0.05) for i, a in enumerate(arrays)}
@@ -96,7 +109,11 @@ def run(name: str, set_name: str, steps: int, rounds: int, *, bandwidth: float) 
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), make_params(shapes, 1))
     label_native = "native optax" if name != "Ranger" else "native optax.radam (no Ranger)"
     variants, boxes = {}, {}
-    for label, make in (("polyopt", ours), (label_native, theirs)):
+    makers = [("polyopt", ours), (label_native, theirs)]
+    if name in REFERENCES:
+        reference, make = REFERENCES[name]
+        makers.append((f"{common.REFERENCE} {reference}", make))
+    for label, make in makers:
         opt = make()
         params = make_params(shapes)
         box = boxes[label] = [make_step(opt), params, opt.init(params)]

@@ -12,8 +12,10 @@ the four variants (native and polyopt, each both ways) run interleaved in
 one process, the first call (tracing and compilation) reported apart.
 polyopt runs with the options that give the native's numbers
 (``polyopt.native.PRESETS``). Keras has no RAdam and no Ranger: their
-reference rows are keras.optimizers.Adam (the same moments without the
-rectification, Lookahead and gradient centralization). The copy bandwidth is
+native is keras.optimizers.Adam (the same moments without the
+rectification, Lookahead and gradient centralization); Ranger's row also
+times polyopt.keras.RAdam with Ranger's defaults ("reference polyopt RAdam",
+the issue's reference: RAdam of the same framework), both ways. The copy bandwidth is
 a jit-compiled ``x.assign_add(1)`` on a variable of n floats in the same
 process; ``vs bound`` is time / (minimum bytes per step / bandwidth). The
 optimizer state's bytes (``optimizer.variables`` without the iteration
@@ -41,7 +43,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import polyopt.keras as pk  # noqa: E402
-from polyopt import native, rules  # noqa: E402
+from polyopt import hyper, native, rules  # noqa: E402
 
 
 def _preset(cls, name: str, **values):
@@ -68,6 +70,14 @@ ALGORITHMS = {
     # vectors by the Adam part
     "Muon": (_preset(pk.Muon, "keras.optimizers.Muon", learning_rate=1e-3),
              lambda: keras.optimizers.Muon(1e-3), lambda: rules.muon()),
+}
+#: algorithm -> (name, maker) of a polyopt reference timed in the same rounds where Keras
+#: has no such optimizer: Ranger against its own inner RAdam (Ranger's defaults: b1 0.95,
+#: eps 1e-5 on sqrt(v)), the same step without Lookahead and gradient centralization
+REFERENCES = {
+    "Ranger": ("polyopt RAdam", lambda: pk.RAdam(**{
+        **{h.spelling("keras"): hyper.RANGER[h.name].default for h in hyper.RADAM},
+        "learning_rate": 1e-3})),
 }
 MODES = {"jit_compile": True, "tf.function": False}
 
@@ -116,7 +126,11 @@ def run(name: str, set_name: str, steps: int, rounds: int, *, bandwidth: float) 
     grads = [tf.constant(np.full(keras_shape(s), 1e-3, np.float32)) for s in shapes]
     native_label = "native" if name not in ("RAdam", "Ranger") else f"native Adam (no {name})"
     variants, opts = {}, {}
-    for label, make in (("polyopt", ours), (native_label, theirs)):
+    makers = [("polyopt", ours), (native_label, theirs)]
+    if name in REFERENCES:
+        reference, make = REFERENCES[name]
+        makers.append((f"{common.REFERENCE} {reference}", make))
+    for label, make in makers:
         for mode, jit in MODES.items():
             opt, variables = make(), make_variables(shapes)
             opt.build(variables)

@@ -235,14 +235,21 @@ class Result:
         variant (names starting with ``native``, by median), to the native
         default (the variant named ``native default ...``: what the framework
         runs without flags; NaN where there is none) and to the bandwidth
-        bound. The ratios are paired: the median over rounds of the
+        bound, and to the variant's reference (:data:`REFERENCE`; NaN where
+        there is none). The ratios are paired: the median over rounds of the
         variant's time over the reference's time in the same round, so
         that load which hits one round does not move it (results written
         without the times of each round: the ratio of the medians)."""
         natives = [t for t in self.timings if t["name"].startswith("native")]
         fastest = min(natives, key=lambda t: t["median_s"]) if natives else None
         default = next((t for t in natives if t["name"].startswith(DEFAULT)), None)
+        references = [t for t in self.timings if t["name"].startswith(REFERENCE)]
         bound = self.traffic_bytes / self.bandwidth_bytes_per_s
+
+        def reference_of(t: dict) -> dict | None:
+            mode = t["name"].split()[-1]
+            same = [r for r in references if r["name"].split()[-1] == mode]
+            return same[0] if same else references[0] if len(references) == 1 else None
 
         def ratio(t: dict, reference: dict | None = fastest) -> float:
             if reference is None:
@@ -252,19 +259,31 @@ class Result:
                 return statistics.median(a / b for a, b in zip(mine, theirs))
             return t["median_s"] / reference["median_s"]
 
-        return [{
-            "framework": self.framework, "algorithm": self.algorithm, "params": self.param_set,
-            "variant": t["name"], "ms": 1e3 * t["median_s"],
-            "spread_ms": (1e3 * t["p25_s"], 1e3 * t["p75_s"]),
-            "first_call_s": t["first_call_s"],
-            "vs_native": ratio(t), "vs_bound": t["median_s"] / bound,
-            "vs_default": ratio(t, default),
-        } for t in self.timings]
+        rows = []
+        for t in self.timings:
+            reference = reference_of(t)
+            rows.append({
+                "framework": self.framework, "algorithm": self.algorithm,
+                "params": self.param_set, "variant": t["name"], "ms": 1e3 * t["median_s"],
+                "spread_ms": (1e3 * t["p25_s"], 1e3 * t["p75_s"]),
+                "first_call_s": t["first_call_s"],
+                "vs_native": ratio(t), "vs_bound": t["median_s"] / bound,
+                "vs_default": ratio(t, default), "vs_reference": ratio(t, reference),
+                "reference": reference and reference["name"],
+                "reference_ms": reference and 1e3 * reference["median_s"],
+            })
+        return rows
 
 
 #: The name prefix of the native variant built without flags (torch.optim's
 #: default: for-loop on a CPU, foreach on CUDA), the reference of "polyopt default".
 DEFAULT = "native default"
+#: The name prefix of a polyopt variant timed as the reference of a row where the
+#: framework has no such optimizer (Keras has no RAdam: Ranger's row also times
+#: polyopt.keras.RAdam). Each variant's "vs_reference" is paired with the reference
+#: of its mode (the last word of both names: "jit_compile", "tf.function"), or the
+#: only reference; the summary adds it to the cell and gives the reference no column.
+REFERENCE = "reference"
 
 
 def write(results: list[Result], path: Path, replace: bool = False) -> None:
@@ -345,14 +364,19 @@ def summary(*paths: Path) -> str:
                 continue
             best = min(natives, key=lambda row: row["ms"])
             for row in rows:
-                if row["variant"].startswith("native"):
+                if row["variant"].startswith(("native", REFERENCE)):
                     continue
                 column = f"{row['framework']} {row['variant'].removeprefix('polyopt').strip()}"
                 column = column.strip()
                 if column not in columns:
                     columns.append(column)
-                cells[(row["algorithm"], row["params"], column)] = (
-                    f"{row['vs_native']:.2f}x ({row['ms']:.1f} / {best['ms']:.1f})")
+                cell = f"{row['vs_native']:.2f}x ({row['ms']:.1f} / {best['ms']:.1f})"
+                if row["reference"] is not None:
+                    label = row["reference"].removeprefix(REFERENCE).removesuffix(
+                        row["variant"].split()[-1]).strip()
+                    cell += (f"; {row['vs_reference']:.2f}x {label} "
+                             f"({row['ms']:.1f} / {row['reference_ms']:.1f})")
+                cells[(row["algorithm"], row["params"], column)] = cell
                 default = next((n for n in natives if n["variant"].startswith(DEFAULT)), None)
                 if row["variant"] == "polyopt default" and default is not None:
                     column = f"{row['framework']} default vs native default"

@@ -87,6 +87,37 @@ def test_polyopt_default_gets_a_column_against_the_native_default(tmp_path):
                                      "1.25x (5000.0 / 4000.0) |")
 
 
+def test_a_reference_variant_is_paired_by_mode_and_named_in_the_summary_cell(tmp_path):
+    """Keras has no RAdam: Ranger's row times polyopt's RAdam as its reference
+    ("reference ..."), in each mode. Each variant's vs_reference is paired with the
+    reference of its mode (the names' last word), or the only reference (JAX); the
+    reference gets no column of its own and the native stays the vs_native one."""
+    keras = common.Result("keras", "Ranger", "resnet18", 10, 2, 2_000_000, 1e9, [
+        {**_timing("polyopt jit_compile", 3.0), "per_round_s": [3.0, 3.0, 6.0]},
+        {**_timing("polyopt tf.function", 8.0), "per_round_s": [8.0] * 3},
+        {**_timing("native Adam (no Ranger) jit_compile", 1.0), "per_round_s": [1.0] * 3},
+        {**_timing("reference polyopt RAdam jit_compile", 2.0), "per_round_s": [2.0, 2.0, 2.0]},
+        {**_timing("reference polyopt RAdam tf.function", 4.0), "per_round_s": [4.0] * 3}])
+    rows = {row["variant"]: row for row in keras.rows()}
+    assert rows["polyopt jit_compile"]["vs_reference"] == 1.5
+    assert rows["polyopt tf.function"]["vs_reference"] == 2.0
+    assert rows["polyopt jit_compile"]["vs_native"] == 3.0
+    jax = common.Result("jax", "Ranger", "resnet18", 10, 2, 2_000_000, 1e9, [
+        _timing("polyopt", 3.0), _timing("native optax.radam (no Ranger)", 2.0),
+        _timing("reference polyopt RAdam", 1.5)])
+    assert {row["variant"]: row["vs_reference"] for row in jax.rows()}["polyopt"] == 2.0
+    assert math.isnan(common.Result("jax", "Adam", "resnet18", 10, 2, 2_000_000, 1e9, [
+        _timing("native optax", 1.0), _timing("polyopt", 1.0)]).rows()[1]["vs_reference"])
+    path = tmp_path / "r.json"
+    common.write([keras, jax], path)
+    table = common.summary(path).splitlines()
+    assert table[0] == "| algorithm | params | keras jit_compile | keras tf.function | jax |"
+    assert table[2] == ("| Ranger | resnet18 | 3.00x (3000.0 / 1000.0); 1.50x polyopt RAdam "
+                        "(3000.0 / 2000.0) | 8.00x (8000.0 / 1000.0); 2.00x polyopt RAdam "
+                        "(8000.0 / 4000.0) | 1.50x (3000.0 / 2000.0); 2.00x polyopt RAdam "
+                        "(3000.0 / 1500.0) |")
+
+
 def test_muon_is_timed_on_the_transformer_set_alone_one_step_per_round():
     shapes = common.PARAM_SETS["transformer"]
     assert common.sizes(shapes) == (14_178_816, 36)

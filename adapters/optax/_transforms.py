@@ -591,16 +591,8 @@ def _find_schedule_free(state: Any) -> Any:
     return None
 
 
-def _ranger_rule(values: dict):
-    inner = rules.radam(**{k: values[k] for k in hyper.RADAM.names})
-    if values["gradient_centralization"]:
-        inner = rules.chain(rules.centralize(), inner)  # over the layouts' reduction axes
-    return rules.lookahead(inner, values["sync_period"], values["slow_step_size"],
-                           values["reset_state"])
-
-
 ranger = _make_factory(
-    "ranger", hyper.RANGER, _ranger_rule, uses_params=lambda values: True,
+    "ranger", hyper.RANGER, _rule_factory("ranger"), uses_params=lambda values: True,
     doc="\n\n    Works on plain params, as ``polyopt.rules.ranger``: the params are the fast"
         "\n    weights, the slow ones are ``state.slow``. Gradient centralization keeps the"
         "\n    last axis (JAX/flax layouts: Dense kernels (in, out), Conv (kh, kw, in, out)),"

@@ -407,7 +407,7 @@ def ranger(learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallb
     """
     inner = _radam("ranger", learning_rate, b1, b2, eps, eps_root, eps_placement, threshold,
                    fallback, nesterov, amsgrad, total_steps, warmup_proportion, min_lr,
-                   weight_decay, weight_decay_mode, state_dtype)
+                   weight_decay, weight_decay_mode, state_dtype, read_twice=True)
     if gradient_centralization:
         inner = chain(centralize(), inner)
     return lookahead(inner, sync_period, slow_step_size, reset_state)
