@@ -102,12 +102,12 @@ def test_lookahead_compiled_with_donated_state_copies_nothing(inner):
 
 def test_ranger_compiled_keeps_one_temporary_per_param_and_the_same_numbers():
     """Lookahead's two loops (slow weights, params) both read the inner update. Over
-    plain RAdam, XLA keeps RAdam's two quotients (m / (1 - b1^t) and sqrt(1 - b2^t) /
-    (sqrt(v) + eps)) in two temporaries per param; Ranger's RAdam divides its step by
-    a runtime 1 (``read_twice`` of rules.adam_family._radam), so XLA keeps that one
-    quotient instead: half the temporary memory, 18 passes over the params per step
-    instead of 21. The compiled numbers are the same bit for bit (8 steps, one
-    synchronisation)."""
+    plain RAdam (and in rules.ranger() by default), XLA keeps RAdam's two quotients
+    (m / (1 - b1^t) and sqrt(1 - b2^t) / (sqrt(v) + eps)) in two temporaries per
+    param; ``ranger(read_twice=True)`` divides RAdam's direction by a runtime 1, so
+    XLA keeps that one quotient instead: half the temporary memory, 18 passes over
+    the params per step instead of 21. The compiled numbers are the same bit for bit
+    (8 steps, one synchronisation)."""
     shapes = [(16, 8, 3, 3), (32, 16), (16,)]
     param_bytes = 4 * sum(int(np.prod(s)) for s in shapes)
     radam = {h.name: hyper.RANGER[h.name].default for h in hyper.RADAM}
@@ -116,7 +116,7 @@ def test_ranger_compiled_keeps_one_temporary_per_param_and_the_same_numbers():
     rng = np.random.default_rng(0)
     start = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
     results = []
-    for rule in (rules.ranger(), plain):
+    for rule in (rules.ranger(read_twice=True), rules.ranger(), plain):
         def step(params, state, grads, rule=rule):
             updates, state = rule.update(grads, state, params)
             return [p + u for p, u in zip(params, updates)], state
@@ -128,6 +128,11 @@ def test_ranger_compiled_keeps_one_temporary_per_param_and_the_same_numbers():
         for i in range(8):
             params, state = compiled(params, state, [jnp.cos(p * (i + 1)) for p in params])
         results[-1][1].extend(np.asarray(a) for a in [*params, *state.slow])
-    (ranger_temp, ranger_values), (plain_temp, plain_values) = results
-    assert ranger_temp <= 1.25 * param_bytes < 2 * param_bytes <= plain_temp
-    assert all(np.array_equal(a, b) for a, b in zip(ranger_values, plain_values))
+    (once_temp, once_values), (default_temp, default_values), (plain_temp, plain_values) = (
+        results)
+    assert once_temp <= 1.25 * param_bytes < 2 * param_bytes <= min(default_temp, plain_temp)
+    assert all(np.array_equal(a, b) for a, b in zip(once_values, plain_values))
+    assert all(np.array_equal(a, b) for a, b in zip(default_values, plain_values))
+    with pytest.raises(TypeError, match=r"ranger: read_twice must be True or False, "
+                                        r"got read_twice=1"):
+        rules.ranger(read_twice=1)

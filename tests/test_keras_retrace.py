@@ -85,13 +85,14 @@ def test_changing_learning_rate_traces_the_step_once(how, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_ranger_compiled_gives_the_numbers_of_lookahead_over_radam(mode):
-    """Ranger's RAdam divides its direction by a runtime 1 so that XLA keeps one
-    temporary per param for Lookahead's two loops (rules.adam_family._radam,
-    ``read_twice``): compiled, without gradient centralization, Ranger still gives
-    the numbers of Lookahead over RAdam with Ranger's defaults bit for bit (8 steps,
-    one synchronisation)."""
+    """polyopt.keras.Ranger asks for RAdam's direction once (rules.ranger's
+    ``read_twice``, where XLA compiles the step): compiled, without gradient
+    centralization, it gives the numbers of Lookahead over RAdam with Ranger's
+    defaults bit for bit (8 steps, one synchronisation), and under ``jit_compile``
+    XLA runs one loop fewer per kernel (m, v, the direction, the slow weights, the
+    params: RAdam's two quotients are not kept apart)."""
     radam = {h.spelling("keras"): hyper.RANGER[h.name].default for h in hyper.RADAM}
-    results = []
+    results, loops = [], []
     for opt in (pk.Ranger(learning_rate=0.01, gradient_centralization=False),
                 pk.Lookahead(pk.RAdam(**{**radam, "learning_rate": 0.01}))):
         rng = np.random.default_rng(0)
@@ -104,5 +105,12 @@ def test_ranger_compiled_gives_the_numbers_of_lookahead_over_radam(mode):
         for _ in range(8):
             step()
         results.append([keras.ops.convert_to_numpy(v) for v in [*variables, *opt.variables]])
+        if mode == "jit_compile":
+            program = step.experimental_get_compiler_ir()(stage="optimized_hlo")
+            entry = program[program.index("\nENTRY"):]
+            loops.append(sum(" fusion(" in line and "= f32[3,3,2,4]" in line
+                             for line in entry.splitlines()))
     assert len(results[0]) == len(results[1])
     assert all(np.array_equal(a, b) for a, b in zip(*results))
+    if mode == "jit_compile":
+        assert loops == [5, 6]

@@ -146,6 +146,25 @@ def test_jit_with_donated_params_and_state():
     _assert_close(params, native_params)
 
 
+def test_ranger_is_compiled_with_one_temporary_per_param():
+    """polyopt.optax.ranger asks for RAdam's direction once (rules.ranger's
+    ``read_twice``): jitted, its step keeps one temporary per param for Lookahead's two
+    loops, not RAdam's two quotients (twice the params' bytes; tests/test_jax_rules_jit.py
+    compares the two and their numbers)."""
+    params = {"conv": jnp.ones((3, 3, 8, 16)), "dense": jnp.ones((32, 10)),
+              "bias": jnp.ones(10)}
+    opt = po.ranger(1e-3)
+
+    def step(params, state, grads):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+        params, opt.init(params), params).compile()
+    param_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+    assert compiled.memory_analysis().temp_size_in_bytes <= 1.25 * param_bytes
+
+
 def test_float32_params_keep_float32_state_under_x64():
     params = _params("float32")
     for opt in (po.adam(0.01), po.nadam(0.01), po.sgd(0.1, momentum=0.9), po.ranger()):

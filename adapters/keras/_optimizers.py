@@ -12,6 +12,7 @@ from keras import ops
 
 from polyopt import hyper, native, rules
 from polyopt.keras._base import (
+    _BACKEND,
     BASE_OPTIONS,
     RuleOptimizer,
     _generated_init,
@@ -294,6 +295,12 @@ RAdam.__doc__ = _doc(
 @_register
 class Ranger(RuleOptimizer):
     spec = hyper.RANGER
+
+    def make_rule(self, learning_rate: Any, **overrides: Any) -> rules.Rule:
+        # XLA compiles the step on tensorflow (jit_compile) and jax: RAdam's direction
+        # computed once for Lookahead's two loops (rules.ranger's read_twice)
+        return rules.ranger(learning_rate=learning_rate, **{**self._hypers, **overrides},
+                            read_twice=_BACKEND != "torch")
 
 
 Ranger.__doc__ = _doc(

@@ -592,7 +592,9 @@ def _find_schedule_free(state: Any) -> Any:
 
 
 ranger = _make_factory(
-    "ranger", hyper.RANGER, _rule_factory("ranger"), uses_params=lambda values: True,
+    # XLA compiles the step: RAdam's direction computed once for Lookahead's two loops
+    "ranger", hyper.RANGER, lambda values: rules.ranger(**values, read_twice=True),
+    uses_params=lambda values: True,
     doc="\n\n    Works on plain params, as ``polyopt.rules.ranger``: the params are the fast"
         "\n    weights, the slow ones are ``state.slow``. Gradient centralization keeps the"
         "\n    last axis (JAX/flax layouts: Dense kernels (in, out), Conv (kh, kw, in, out)),"

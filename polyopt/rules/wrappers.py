@@ -362,7 +362,8 @@ def _wrapping(inner: Any, init: Callable, update: Callable, slots: tuple = ()) -
 @hyper.RANGER.factory
 def ranger(learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallback, nesterov,
            amsgrad, total_steps, warmup_proportion, min_lr, weight_decay, weight_decay_mode,
-           state_dtype, sync_period, slow_step_size, reset_state, gradient_centralization) -> Rule:
+           state_dtype, sync_period, slow_step_size, reset_state, gradient_centralization, *,
+           read_twice=False) -> Rule:
     r"""Ranger (Wright, 2019): Lookahead over RAdam, with gradient centralization.
 
     ``lookahead(chain(centralize(), radam(...)), sync_period, slow_step_size)``.
@@ -381,6 +382,14 @@ def ranger(learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallb
         framework's); without them axis 0 is the output (torch's layouts).
         For lessw2020's ``gc_conv_only=True`` compose by hand:
         ``lookahead(chain(centralize(min_ndim=4), radam(...)))``.
+      read_twice: a hint for XLA, not a hyperparameter (default False): RAdam's
+        direction is divided by a runtime 1 before ``-lr`` multiplies it, the same
+        numbers, so that XLA computes it once for Lookahead's two loops (the slow
+        weights', the params') instead of keeping RAdam's two quotients for both:
+        18 passes over the params per step instead of 21 and half the temporary
+        memory. polyopt.optax and polyopt.keras (on tensorflow and jax) set it;
+        torch's compiler fuses the step into one kernel, where the division only
+        costs (docs/performance.md, "Ranger and Lookahead under XLA").
 
     Examples:
       >>> import numpy as np
@@ -405,9 +414,11 @@ def ranger(learning_rate, b1, b2, eps, eps_root, eps_placement, threshold, fallb
       shrinks p in place before the step, which equals polyopt's decoupled
       decay because the step does not read p.
     """
+    if not isinstance(read_twice, bool):
+        raise TypeError(f"ranger: read_twice must be True or False, got read_twice={read_twice!r}")
     inner = _radam("ranger", learning_rate, b1, b2, eps, eps_root, eps_placement, threshold,
                    fallback, nesterov, amsgrad, total_steps, warmup_proportion, min_lr,
-                   weight_decay, weight_decay_mode, state_dtype, read_twice=True)
+                   weight_decay, weight_decay_mode, state_dtype, read_twice=read_twice)
     if gradient_centralization:
         inner = chain(centralize(), inner)
     return lookahead(inner, sync_period, slow_step_size, reset_state)
