@@ -301,3 +301,28 @@ def test_a_rule_reading_its_count_in_python_is_recorded_at_every_step(monkeypatc
     # per dtype (3): the kept recording refused once per lr (2), then one a step (6)
     assert recorded.count(True) == 3 * 2 and recorded.count(False) == 3 * 6
     assert_bitwise(pieces, run(counting, None, monkeypatch), "counting")
+
+
+def test_another_thread_makes_its_own_schedule(monkeypatch):
+    """Scratch buffers are per thread, so a kept schedule (which holds views of
+    them) serves only the thread that made it: a step from another thread
+    makes a new one."""
+    import threading
+
+    made = []
+    original = _eager._Schedule.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(threading.get_ident())
+
+    monkeypatch.setattr(_eager._Schedule, "__init__", spy)
+    params = [torch.randn(30, requires_grad=True)]
+    params[0].grad = torch.ones(30)
+    opt = pt.Adam(params)
+    opt.step()
+    opt.step()
+    worker = threading.Thread(target=opt.step)
+    worker.start()
+    worker.join()
+    assert len(made) == 2 and made[0] == threading.get_ident() and made[1] != made[0]

@@ -379,8 +379,9 @@ def step(apply, update, layout, params: list, grads: list, states: list,
     if shards is not None:
         params, grads, states = shards[:3]  # the same local tensors at every step (no_grad)
     tensors = [*params, *(st[key] for st in states for _, key in present)]
-    signature = (update, layout, chunk, tuple(present), *map(id, tensors),
-                 *map(torch.Tensor.data_ptr, tensors))
+    # the thread too: a schedule holds views of its thread's scratch buffers
+    signature = (update, layout, chunk, threading.get_ident(), tuple(present),
+                 *map(id, tensors), *map(torch.Tensor.data_ptr, tensors))
     bucket = tuple(map(id, params))
     last = None if kept is None else kept.get(bucket)
     if last is not None and last[0] == signature:
