@@ -610,12 +610,10 @@ class RuleOptimizer(torch.optim.Optimizer):
         return self._derive(values, "rule", lambda v: type(self).factory(**v))
 
     def _init_missing(self, values: dict, layout: _Layout, params: list,
-                      layouts: tuple | None = None, states: list | None = None) -> None:
+                      layouts: tuple | None, states: list) -> None:
         """Lazy state initialisation, as torch.optim does at a param's first step
-        (``states``: the params' state dicts, when the caller has them)."""
+        (``states``: the params' state dicts)."""
         needed = layout.initial | {k for _, k, _ in layout.scalars}
-        if states is None:
-            states = [self.state[p] for p in params]
         fresh = [i for i, st in enumerate(states) if not needed <= st.keys()]
         if not fresh:
             return
@@ -623,12 +621,11 @@ class RuleOptimizer(torch.optim.Optimizer):
         work = [params[i].detach().to(compute_dtype(params[i].dtype)) for i in fresh]
         init = _state.by_path(rules.init_of(
             rule, work, None if layouts is None else [layouts[i] for i in fresh]))
-        fresh = [params[i] for i in fresh]
-        for i, p in enumerate(fresh):
-            st = self.state[p]
+        for k, i in enumerate(fresh):
+            st = states[i]
             for path, key in layout.slots:
                 if key not in st and init[path]:
-                    st[key] = init[path][i]
+                    st[key] = init[path][k]
             for path, key, is_count in layout.scalars:
                 if key not in st:
                     value = init[path]
