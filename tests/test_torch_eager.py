@@ -83,8 +83,9 @@ def test_pieces_give_the_one_call_numbers_bitwise(name, monkeypatch):
     monkeypatch.setattr(_eager, "step", lambda *a, **k: replayed.append(step(*a, **k))
                         or replayed[-1])
     pieces = run(make, 8, monkeypatch)
-    # every elementwise rule is replayed (the others run per tensor)
-    assert (replayed and all(replayed)) if ELIGIBLE(cls.factory()) else not replayed
+    # every elementwise rule is replayed, and the elementwise rest of a rule
+    # with a per-tensor prefix (Ranger); the others run per tensor
+    assert (replayed and all(replayed)) if _eager.parts(cls.factory()) else not replayed
     assert_bitwise(pieces, whole, name)
     assert_bitwise(run(make, 1 << 40, monkeypatch), whole, name)
     # the params moved (a step that does nothing would pass the comparison)
@@ -119,9 +120,10 @@ def test_a_slot_started_at_run_time_and_presets(monkeypatch):
 
 
 def _schedules(opt) -> list:
-    """The eager schedules an optimizer keeps (one per bucket and dtypes)."""
-    return [group[3] for key, (_, groups) in opt._eager_kept.items() if key is not None
-            for group in groups]
+    """The eager schedules an optimizer keeps (one per bucket, dtypes and
+    variant of the program)."""
+    return [schedule for key, (_, groups) in opt._eager_kept.items() if key is not None
+            for group in groups for schedule in group[3].values()]
 
 
 def test_the_schedule_of_a_bucket(monkeypatch):
@@ -326,3 +328,62 @@ def test_another_thread_makes_its_own_schedule(monkeypatch):
     worker.start()
     worker.join()
     assert len(made) == 2 and made[0] == threading.get_ident() and made[1] != made[0]
+
+
+def test_a_0d_switch_replays_the_operand_it_chooses(monkeypatch):
+    """``where(c, x, y)`` on a 0-d boolean of the 0-d part (Lookahead's sync,
+    RAdam's rectification) runs a variant of the program per value: the chosen
+    operand itself, without the operations only the other one needs. Ranger
+    between synchronisations leaves the slow weights alone and runs RAdam's
+    operations only; the numbers are the per-tensor step's."""
+    programs = []
+    original = _eager._Program.__init__
+
+    def spy(self, rec, ops, *args, **kwargs):
+        original(self, rec, ops, *args, **kwargs)
+        programs.append((self, len(ops)))
+
+    monkeypatch.setattr(_eager._Program, "__init__", spy)
+    params = [torch.randn(40, 3, requires_grad=True)]
+    opt = pt.Ranger(params)
+    for t in range(1, 8):
+        params[0].grad = torch.randn_like(params[0])
+        slow = opt.state[params[0]].get("slow_buffer")
+        before = None if slow is None else slow.clone()
+        opt.step()
+        if before is not None and t % 6:  # not a sync step: the slow weights as they were
+            assert torch.equal(opt.state[params[0]]["slow_buffer"], before)
+    (_, groups), = [v for k, v in opt._eager_kept.items() if k is not None]
+    plan = groups[0][2]
+    # (rectified, sync): not at steps 1-5 (rho_t <= 5), both at 6, rectified at 7
+    assert list(plan.variants) == [(False, False), (True, True), (True, False)]
+    general = next(n for p, n in programs if p is plan.program)
+    ops = {flags: next(n for p, n in programs if p is v) for flags, v in plan.variants.items()}
+    assert ops[(False, False)] < ops[(True, False)] < ops[(True, True)] < general
+
+    monkeypatch.setattr(_eager._Program, "__init__", original)
+    pieces = run(pt.Ranger, 8, monkeypatch, steps=13)
+    assert_bitwise(pieces, run(pt.Ranger, None, monkeypatch, steps=13), "Ranger")
+
+
+def test_a_switch_to_an_operand_changed_in_place_is_kept(monkeypatch):
+    """A chosen operand that the step changes in place (the param, by
+    ``p.add_``) is not taken as it is: the state would see the new param."""
+    def factory(**values):
+        rule = pt.Adam.factory(**values)
+
+        def update(grads, state, params):
+            updates, new = rule.update(grads, state, params)
+            odd = (state.count % 2) == 1
+            moments = [torch.where(odd, p, m) for p, m in zip(params, new.first_moment)]
+            return updates, new._replace(first_moment=moments)
+        return rule._replace(update=update)
+
+    cls = type("Odd", (pt.Adam,), {"factory": staticmethod(factory)})
+    replayed = []
+    step = _eager.step
+    monkeypatch.setattr(_eager, "step", lambda *a, **k: replayed.append(step(*a, **k))
+                        or replayed[-1])
+    pieces = run(cls, 8, monkeypatch)
+    assert replayed and all(replayed)
+    assert_bitwise(pieces, run(cls, None, monkeypatch), "where(odd, p, m)")

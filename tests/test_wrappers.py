@@ -655,6 +655,54 @@ def test_centralize_refuses_an_axis_out_of_range():
     rules.centralize(keep_axis=-3).init([np.zeros((2, 3, 4)), np.zeros(5)])  # 1-D: not centralized
 
 
+def _prefix_cases():
+    return {
+        "ranger": rules.ranger(learning_rate=0.1),
+        "ranger reset_state": rules.lookahead(
+            rules.chain(rules.centralize(keep_axis=-1), rules.radam(learning_rate=0.1)),
+            sync_period=3, slow_step_size=0.5, reset_state=True),
+        "chain(centralize, adam, decoupled decay)": rules.chain(
+            rules.centralize(min_ndim=4), rules.adam(learning_rate=0.1),
+            rules.decoupled_weight_decay(0.1, 0.1)),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_prefix_cases()))
+def test_a_rule_with_a_per_tensor_prefix_is_its_transform_then_its_rest(case):
+    """Rule.prefix = (transform, rest): rest is elementwise with the rule's
+    state, and rest.update(transform(grads)) is the rule's update, bit for bit."""
+    rule = _prefix_cases()[case]
+    transform, rest = rule.prefix
+    assert not rule.elementwise and rest.elementwise and not rest.uses_layout
+    rng = np.random.default_rng(21)
+    params = [rng.normal(size=s) for s in SHAPES]
+    state = rule.init(params)
+    a, b = (params, state), (params, rest.init(params))
+    assert type(b[1]) is type(state)
+    for _ in range(7):
+        grads = [rng.normal(size=s) + 1.0 for s in SHAPES]
+        ua, sa = rule.update(grads, a[1], a[0])
+        ub, sb = rest.update(transform(grads, b[0]), b[1], b[0])
+        a = ([p + u for p, u in zip(a[0], ua)], sa)
+        b = ([p + u for p, u in zip(b[0], ub)], sb)
+        assert all(np.array_equal(x, y) for x, y in zip(a[0], b[0]))
+    # the transform did something (a rest given the raw grads would differ)
+    raw, _ = rest.update(grads, a[1], a[0])
+    assert not all(np.array_equal(x, y) for x, y in zip(raw, rule.update(grads, a[1], a[0])[0]))
+
+
+def test_a_prefix_is_declared_only_where_it_comes_first():
+    """Only a per-tensor transform that the other rules follow elementwise is a
+    prefix: not one after another rule, nor one before a per-tensor rule."""
+    assert rules.centralize().prefix is not None
+    assert rules.chain(rules.sgd(), rules.centralize()).prefix is None
+    assert rules.chain(rules.centralize(), rules.lamb()).prefix is None
+    assert rules.ranger(gradient_centralization=False).prefix is None
+    assert rules.adam().prefix is None
+    with pytest.raises(ValueError, match=r"centralize.update: keep_axis=2"):
+        rules.centralize(keep_axis=2).prefix[0]([np.ones((2, 3))], [np.zeros((2, 3))])
+
+
 # --------------------------------------------------------------------------
 # chain, add_decayed_weights, decoupled_weight_decay
 

@@ -99,6 +99,12 @@ class _Layout:
 # the step on one list of params (eager, or under torch.compile)
 
 
+def working(params: list, grads: list) -> tuple[list, list]:
+    """The params and grads a rule computes with: 16-bit ones in float32."""
+    work = [p if p.dtype not in _LOW_PRECISION else p.float() for p in params]
+    return work, [g if g.dtype == w.dtype else g.to(w.dtype) for g, w in zip(grads, work)]
+
+
 def _apply(update, params: list, grads: list, state: Any, scalars_in_place: bool = True) -> Any:
     """One rule update: 16-bit params are computed in float32 and cast back.
 
@@ -106,8 +112,7 @@ def _apply(update, params: list, grads: list, state: Any, scalars_in_place: bool
     changed but their new values returned: ``(new_state, new_scalars)``.
     Inductor (torch 2.13, CPU) drops in-place changes of 0-d input tensors.
     """
-    work = [p if p.dtype not in _LOW_PRECISION else p.float() for p in params]
-    grads = [g if g.dtype == w.dtype else g.to(w.dtype) for g, w in zip(grads, work)]
+    work, grads = working(params, grads)
     updates, new_state = update(grads, state, work)
     scalars = []
     for p, w, u in zip(params, work, updates):

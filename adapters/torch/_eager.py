@@ -391,18 +391,19 @@ def step(apply, update, layout, params: list, grads: list, states: list,
         for i, (p, g) in enumerate(zip(params, grads)):
             kinds = (p, g, *(states[i][key] for _, key in present))
             by_kinds[tuple((t.dtype, t.device) for t in kinds)].append(i)
-        groups = [[kinds, members, None, None] for kinds, members in by_kinds.items()]
+        groups = [[kinds, members, None, {}] for kinds, members in by_kinds.items()]
     plans = []
     for group in groups:
-        kinds, members, plan, schedule = group
+        kinds, members, plan, schedules = group
         now = _plan(apply, update, layout, present, scalars, kinds)
         if now is None:
             return False
         if now is not plan:
-            group[2:] = now, None
+            group[2:] = now, {}
         plans.append((group, *now.now(scalars)))
-    for group, program, _ in plans:
-        kinds, members, plan, schedule = group
+    for group, variant, program, _ in plans:
+        kinds, members, plan, schedules = group
+        schedule = schedules.get(variant)  # one per variant of the program
         if schedule is None:
             for i in members:  # a slot the rule starts (momentum set at its first step)
                 for key, dtype in plan.started:
@@ -411,12 +412,12 @@ def step(apply, update, layout, params: list, grads: list, states: list,
             schedule = _Schedule(program, plan.outputs, params, states, present, members,
                                  chunk)
             if not plan.started:
-                group[3] = schedule
+                schedules[variant] = schedule
         schedule.run(program, grads)
     if shards is not None:
         _wrap_started(shards[3], states,
                       {key for group, *_ in plans for key, _ in group[2].started})
-    new_scalars = plans[-1][2]
+    new_scalars = plans[-1][3]
     for path, key, _ in layout.scalars:
         torch._foreach_copy_([st[key] for st in states], [new_scalars[path]] * len(states))
     if kept is not None:
@@ -502,25 +503,41 @@ class _Plan:
     0-d state at ``scalar_paths``; ``started``: (key, dtype) of the slots the
     rule starts; ``outputs``: the state key of each output of ``program``;
     ``new_scalars``: path -> position among ``scalar_program``'s outputs, or
-    the new 0-d state itself when it is a constant."""
+    the new 0-d state itself when it is a constant.
+
+    ``switches``: the positions among ``program.dynamic`` of the 0-d booleans
+    that choose between two operands (``where(sync, synced, slow)``:
+    Lookahead's synchronisation, RAdam's rectification). Each step runs the
+    variant of ``program`` made for their values (:func:`_specialized`: the
+    chosen operand itself, and no operation that only the other one needed).
+    """
 
     __slots__ = ("program", "scalar_program", "scalar_paths", "started", "outputs",
-                 "new_scalars")
+                 "new_scalars", "switches", "variants", "make")
 
     def __init__(self, program, scalar_program, scalar_paths, started, outputs,
-                 new_scalars) -> None:
+                 new_scalars, switches=(), make=None) -> None:
         self.program, self.scalar_program = program, scalar_program
         self.scalar_paths, self.started, self.outputs = scalar_paths, started, outputs
         self.new_scalars = new_scalars
+        self.switches, self.make = switches, make  # make(flags) -> the variant
+        self.variants: dict = {}
 
     def now(self, scalars: dict) -> tuple:
-        """(the program bound to this step's 0-d values, the new 0-d state)."""
+        """(the program of this step, it bound to this step's 0-d values, the
+        new 0-d state)."""
         run = self.scalar_program
         values = run.run(run.constants, *[scalars[path] for path in self.scalar_paths])
         n = len(self.program.dynamic)
         new = {path: values[n + k] if isinstance(k, int) else k
                for path, k in self.new_scalars.items()}
-        return self.program.bound(values[:n]), new
+        program = self.program
+        if self.switches:  # read on the host, as torch.optim reads its step count
+            flags = tuple(bool(values[k]) for k in self.switches)
+            program = self.variants.get(flags)
+            if program is None:
+                program = self.variants[flags] = self.make(flags)
+        return program, program.bound(values[:n]), new
 
 
 def _plan(apply, update, layout, present: list, scalars: dict, kinds: tuple) -> _Plan | None:
@@ -584,12 +601,73 @@ def _record(apply, update, layout, present: list, scalars: dict, kinds: tuple,
         else:
             new_scalars[path] = len(scalar_outputs) - len(dynamic_vars)
             scalar_outputs.append(index)
-    program = _Program(recorder, recorder.ops, range(n), [v for v, _ in outputs], targets,
+    output_vars = [v for v, _ in outputs]
+    program = _Program(recorder, recorder.ops, range(n), output_vars, targets,
                        tuple(dynamic_vars))
     scalar_program = _Program(recorder, recorder.scalar_ops, range(n, n + len(scalar_paths)),
                               scalar_outputs, [None] * len(scalar_outputs))
+    switches = sorted({dynamic_vars.index(args[0].index) for func, args, kwargs, _, _
+                       in recorder.ops if _switch(recorder, func, args, kwargs)})
+
+    def make(flags: tuple) -> _Program:
+        chosen = {dynamic_vars[k]: flag for k, flag in zip(switches, flags)}
+        ops, outs = _specialized(recorder, n, output_vars, chosen)
+        return _Program(recorder, ops, range(n), outs, targets, tuple(dynamic_vars))
+
     return _Plan(program, scalar_program, scalar_paths, started, [key for _, key in outputs],
-                 new_scalars)
+                 new_scalars, switches, make)
+
+
+def _switch(rec: _Recorder, func, args: list, kwargs: dict) -> bool:
+    """``where(c, x, y)`` with c a 0-d boolean of the 0-d part (the same for
+    every piece)."""
+    if func is not torch.where or len(args) != 3 or kwargs or not isinstance(args[0], _Ref):
+        return False
+    c = rec.tensors[args[0].index]
+    return args[0].index not in rec.piece and c.ndim == 0 and c.dtype == torch.bool
+
+
+def _specialized(rec: _Recorder, n_inputs: int, outputs: list, chosen: dict) -> tuple:
+    """The recorded ops and outputs with the value of each 0-d boolean in
+    ``chosen`` (variable -> bool) known: ``where(c, x, y)`` becomes x (or y)
+    itself, the same values bit for bit, when that operand is a piece
+    variable of the result's dtype and shape that nothing writes in place
+    (its later readers see it as it is); then the ops no output needs go."""
+    ops = rec.ops
+    written = set()  # variables some op writes in place (its result is an earlier variable)
+    seen = set(range(n_inputs))
+    for _, _, _, index, _ in ops:
+        (written if index in seen else seen).add(index)
+    alias: dict = {}  # variable -> the variable it is
+
+    def sub(v):
+        return _Ref(alias.get(v.index, v.index)) if isinstance(v, _Ref) else v
+
+    kept = []
+    for op in ops:
+        func, args, kwargs, index, out = op
+        args = [sub(a) for a in args]
+        kwargs = {k: sub(v) for k, v in kwargs.items()}
+        if _switch(rec, func, args, kwargs) and args[0].index in chosen:
+            pick = args[1] if chosen[args[0].index] else args[2]
+            result = rec.tensors[index]
+            if (isinstance(pick, _Ref) and pick.index in rec.piece
+                    and pick.index not in written
+                    and rec.tensors[pick.index].dtype == result.dtype
+                    and rec.tensors[pick.index].shape == result.shape):
+                alias[index] = pick.index
+                continue
+        kept.append((func, args, kwargs, index, out))
+    outputs = [alias.get(v, v) for v in outputs]
+    # backwards: an op stays when it writes an earlier variable (an input in
+    # place) or makes one that an output or a kept op reads
+    needed, live = set(outputs), []
+    for op in reversed(kept):
+        func, args, kwargs, index, out = op
+        if index in needed or index in written:
+            live.append(op)
+            needed.update(a.index for a in (*args, *kwargs.values()) if isinstance(a, _Ref))
+    return live[::-1], outputs
 
 
 class _Schedule:
@@ -710,3 +788,15 @@ def eligible(rule: Any) -> bool:
     """Whether the replayed step gives this rule's numbers: it declares itself
     elementwise and takes no per-tensor layouts."""
     return bool(rule.elementwise) and not rule.uses_layout
+
+
+def parts(rule: Any) -> tuple | None:
+    """``(transform, rest)``: the rule as a per-tensor transform of the grads
+    (None: none) run tensor by tensor, then a rule :func:`step` replays; None
+    when no part of it replays (:attr:`polyopt.rules.Rule.prefix`)."""
+    if eligible(rule):
+        return None, rule
+    prefix = getattr(rule, "prefix", None)
+    if prefix is not None and eligible(prefix[1]):
+        return prefix
+    return None

@@ -32,6 +32,7 @@ from polyopt.torch._common import (
     as_count,
     compute_dtype,
     step_dtype,
+    working,
 )
 
 # Torch tensors go straight to array_api_compat's torch namespace: the same
@@ -530,7 +531,11 @@ class RuleOptimizer(torch.optim.Optimizer):
             gs = [grads[i] for i in members]
             states = [all_states[i] for i in members]
             own = None if layouts is None else tuple(layouts[i] for i in members)
-            if not self.defaults["differentiable"] and _sharded.applies(self._rule(values), ps):
+            rule = self._rule(values)
+            if (not self.compiled and not self.defaults["differentiable"]
+                    and self._replay(rule, layout, ps, gs, states, own)):
+                continue
+            if not self.defaults["differentiable"] and _sharded.applies(rule, ps):
                 _sharded.step(self, values, layout, ps, gs, states, own,
                               self.compiled and not eager)
                 continue
@@ -540,17 +545,12 @@ class RuleOptimizer(torch.optim.Optimizer):
             if self.compiled and not eager and _flat.flat_eligible(ps):
                 self._bucket(ps).step(self, values, layout, ps, gs, states, layouts=own)
                 continue
-            rule = self._rule(values)
             if self.defaults["differentiable"]:  # recorded by autograd (never compiled)
                 update = rule.update
                 if own is not None:
                     update = functools.partial(update, layouts=list(own))
                 _differentiable.write(layout, states, _differentiable.apply(
                     update, ps, gs, self._tree(layout, states)))
-                continue
-            if not self.compiled and _eager.eligible(rule) and _eager.step(
-                    _apply, rule.update, layout, ps, gs, states, self._scalars(layout, states),
-                    kept=self._eager_kept):
                 continue
             tree = self._tree(layout, states)
             if self.compiled and not eager:
@@ -564,6 +564,23 @@ class RuleOptimizer(torch.optim.Optimizer):
                     update = functools.partial(update, layouts=list(own))
                 new = _apply(update, ps, gs, tree)
             _differentiable.write(layout, states, new, recorded=False)
+
+    def _replay(self, rule, layout: _Layout, params: list, grads: list, states: list,
+                own: tuple | None) -> bool:
+        """The eager default's replayed step (polyopt.torch._eager) of a bucket:
+        an elementwise rule, or the rest of a rule with a per-tensor prefix
+        after its transform (run on each grad, DTensors too: then the rest is
+        replayed on the local shards); False when no part of it replays
+        (nothing changed)."""
+        parts = _eager.parts(rule)
+        if parts is None:
+            return False
+        transform, rest = parts
+        if transform is not None:
+            work, work_grads = working(params, grads)
+            grads = transform(work_grads, work, layouts=None if own is None else list(own))
+        return _eager.step(_apply, rest.update, layout, params, grads, states,
+                           self._scalars(layout, states), kept=self._eager_kept)
 
     def _bucket(self, params: list) -> _flat.FlatBucket:
         """The flat bucket of exactly these params (buckets that share a param

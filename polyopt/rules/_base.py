@@ -57,7 +57,16 @@ class Rule(NamedTuple):
       ``"dense"`` (it may still move: momentum, weight decay, Adam's moments),
       ``"updates"`` (a zero update; the state may change everywhere: RMSprop's
       decaying average) or ``"updates_and_state"`` (a zero update and every
-      slot unchanged: SGD, AdaGrad). The rule itself always runs on dense arrays.
+      slot unchanged: SGD, AdaGrad). The rule itself always runs on dense arrays;
+    - ``prefix``: None, or ``(transform, rest)`` for a rule that is a per-tensor
+      gradient transform followed by an elementwise rule: ``transform(grads,
+      params, layouts=None) -> grads`` takes each gradient alone and keeps no
+      state, ``rest`` is an elementwise Rule with this rule's state, and
+      ``rest.update(transform(grads, params), state, params)`` is
+      ``update(grads, state, params)`` in the same operations (Ranger's
+      gradient centralization, then Lookahead over RAdam). An adapter whose
+      fast path takes elementwise rules only runs ``transform`` per tensor and
+      ``rest`` on that path.
     """
 
     init: Callable[[Params], Any]
@@ -68,6 +77,7 @@ class Rule(NamedTuple):
     needs_closure: bool = False
     eval_params: Callable | None = None
     sparse: str = "dense"
+    prefix: tuple | None = None
 
 
 #: The values of :attr:`Rule.sparse`, from the weakest promise to the strongest.

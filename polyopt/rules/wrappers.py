@@ -60,9 +60,16 @@ def chain(*rules: Rule) -> Rule:
             new_states.append(s)
         return grads, ChainState(tuple(new_states))
 
+    # a per-tensor transform first and elementwise rules after it: that
+    # transform, then the chain with the first rule's elementwise rest
+    first = _capability(rules[0], "prefix")
+    prefix = None
+    if first is not None and all(_capability(r, "elementwise") for r in rules[1:]):
+        prefix = (first[0], chain(first[1], *rules[1:]))
     return Rule(init, update, elementwise=all(_capability(r, "elementwise") for r in rules),
                 uses_layout=uses_layout,
-                needs_closure=any(_capability(r, "needs_closure") for r in rules))
+                needs_closure=any(_capability(r, "needs_closure") for r in rules),
+                prefix=prefix)
 
 
 def _capability(rule: Any, name: str) -> Any:
@@ -75,12 +82,16 @@ class CountState(NamedTuple):
 
 
 def _stateless(name: str, fn: Callable, check: Callable | None = None, *,
-               per_tensor: bool = False, uses_layout: bool = False) -> Rule:
+               per_tensor: bool = False, uses_layout: bool = False,
+               separable: bool = False) -> Rule:
     """A rule whose state is only a step count; fn(xp, grads, params, count) -> updates
     (with ``uses_layout``: fn(xp, grads, params, count, layouts), one Layout or
     None per param).
 
     ``check(owner, params)``, if given, checks the params' shapes in init and update.
+    ``separable``: fn takes each gradient alone and does not read the count,
+    so the rule declares its :attr:`Rule.prefix`: fn itself, then a rule that
+    only counts.
     """
 
     def init(params, layouts=None):
@@ -104,7 +115,21 @@ def _stateless(name: str, fn: Callable, check: Callable | None = None, *,
             updates = fn(xp, grads, params, state.count)
         return updates, CountState(_base.increment(state.count))
 
-    return Rule(init, update, elementwise=not per_tensor, uses_layout=uses_layout)
+    rule = Rule(init, update, elementwise=not per_tensor, uses_layout=uses_layout)
+    if not separable:
+        return rule
+
+    def transform(grads, params, layouts=None):
+        xp, grads, params = _base.check_update(name, grads, None, params)
+        if check is not None:
+            check(f"{name}.update", params)
+        if uses_layout:
+            return fn(xp, grads, params, None, _state.layouts_for(f"{name}.update", params,
+                                                                   layouts))
+        return fn(xp, grads, params, None)
+
+    counting = _stateless(name, lambda xp, grads, params, count: grads)
+    return rule._replace(prefix=(transform, counting))
 
 
 @hyper.CLIP_BY_GLOBAL_NORM.factory
@@ -222,8 +247,8 @@ def centralize(keep_axis, min_ndim) -> Rule:
         return outs
 
     if keep_axis is None:
-        return _stateless("centralize", fn, per_tensor=True, uses_layout=True)
-    return _stateless("centralize", fn, check, per_tensor=True)
+        return _stateless("centralize", fn, per_tensor=True, uses_layout=True, separable=True)
+    return _stateless("centralize", fn, check, per_tensor=True, separable=True)
 
 
 @hyper.ADD_DECAYED_WEIGHTS.factory
@@ -348,7 +373,13 @@ def lookahead(inner: Rule, sync_period, slow_step_size, reset_state) -> Rule:
                                         inner_state)
         return updates, LookaheadState(count, slow, inner_state)
 
-    return _wrapping(inner, init, update, slots)
+    rule = _wrapping(inner, init, update, slots)
+    inner_prefix = _capability(inner, "prefix")
+    if inner_prefix is None:
+        return rule
+    # the inner rule's grads are the ones given: its transform comes first
+    rest = lookahead(inner_prefix[1], sync_period, slow_step_size, reset_state)
+    return rule._replace(prefix=(inner_prefix[0], rest))
 
 
 def _wrapping(inner: Any, init: Callable, update: Callable, slots: tuple = ()) -> Rule:
