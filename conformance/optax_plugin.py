@@ -15,6 +15,7 @@ import inspect
 import optax
 import optax.contrib
 
+import polyopt.native
 import polyopt.optax
 from conformance import _natives, _record
 from conformance._record import (  # noqa: F401  (the recording hooks)
@@ -40,7 +41,10 @@ def _stand_in(path: str, native, variants: list[_natives.Preset]):
         given = _natives.given_arguments(signature, args, kwargs)
         preset, given = _natives.choose(variants, given)
         factory = getattr(polyopt.optax, preset.rule)
-        return factory(**{**_spelled(factory, preset.options), **given})
+        names = {factory.spec[n].spelling("optax"): n for n in factory.spec.names}
+        links = polyopt.native.linked(preset.key, {names[k]: v for k, v in given.items()
+                                                   if k in names})
+        return factory(**{**_spelled(factory, {**preset.options, **links}), **given})
 
     polyopt_factory.__signature__ = signature
     return polyopt_factory

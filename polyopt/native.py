@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PRESETS", "preset", "markdown_table"]
+__all__ = ["PRESETS", "LINKED", "preset", "linked", "markdown_table"]
 
 # Keras applies weight decay decoupled, times the learning rate, to every optimizer.
 _KERAS = {"weight_decay_mode": "decoupled"}
@@ -109,15 +109,33 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+#: Options of a preset that follow another argument of its rule, because the
+#: native takes one argument for both: preset -> {option: argument}.
+#: optax.contrib.muon's Adam (for the non-2-D leaves) takes muon's ``eps`` and
+#: ``nesterov``; polyopt's muon has an ``adam_eps`` and ``adam_nesterov`` of its own.
+LINKED: dict[str, dict[str, str]] = {
+    "optax.contrib.muon": {"adam_eps": "eps", "adam_nesterov": "nesterov"},
+}
+
+
+def linked(native: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The options of preset ``native`` that follow an argument in ``given``
+    (polyopt's names) which does not name them itself, with its value."""
+    return {option: given[argument] for option, argument in LINKED.get(native, {}).items()
+            if argument in given and option not in given}
+
+
 def preset(native: str, **overrides: Any):
-    """The polyopt rule reproducing ``native`` (a key of PRESETS), with overrides."""
+    """The polyopt rule reproducing ``native`` (a key of PRESETS), with overrides
+    (polyopt's names; an override of an argument the native shares with
+    another option sets both: :data:`LINKED`)."""
     from polyopt import rules
 
     try:
         name, options = PRESETS[native]
     except KeyError:
         raise KeyError(f"no preset for {native!r}; known: {sorted(PRESETS)}") from None
-    return getattr(rules, name)(**{**options, **overrides})
+    return getattr(rules, name)(**{**options, **linked(native, overrides), **overrides})
 
 
 def _call(name: str, options: dict[str, Any]) -> str:

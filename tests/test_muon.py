@@ -351,14 +351,47 @@ def _polyopt_for_optax(options: dict, **common):
     mine = {k: v for k, v in options.items() if k != "consistent_rms"}
     if "consistent_rms" in options:
         mine.update(lr_scale="rms", rms_scale=options["consistent_rms"])
-    if options.get("nesterov") is False:
-        mine["adam_nesterov"] = False
+    mine.update(native.linked("optax.contrib.muon", mine))  # nesterov: the Adam's too
     return po.muon(learning_rate=0.01, **common, **{**_optax_spelled_preset(), **mine})
 
 
 #: optax.contrib.muon's own arguments, each combined with every preconditioning
+#: eps=1e-3: optax's Adam of the non-2-D leaves takes it too (native.LINKED)
 OPTAX_OPTIONS = [{}, {"nesterov": False, "adaptive": True},
-                 {"weight_decay": 0.1, "consistent_rms": 0.2, "ns_steps": 3}]
+                 {"weight_decay": 0.1, "consistent_rms": 0.2, "ns_steps": 3, "eps": 1e-3}]
+
+
+def test_a_preset_argument_the_native_shares_sets_both():
+    """optax.contrib.muon's eps and nesterov are its Adam's too: given to the
+    preset (polyopt.native.preset, polyopt.torch.preset), they set polyopt's
+    adam_eps and adam_nesterov, unless those are given themselves."""
+    import polyopt.torch as pt
+
+    values = native.PRESETS["optax.contrib.muon"][1]
+    assert values["adam_eps"] == 1e-8 and values["adam_nesterov"] is True
+    assert native.linked("optax.contrib.muon", {"eps": 1e-3, "nesterov": False}) == {
+        "adam_eps": 1e-3, "adam_nesterov": False}
+    assert native.linked("optax.contrib.muon", {"eps": 1e-3, "adam_eps": 1e-5}) == {}
+    assert native.linked("optax.adam", {"eps": 1e-3}) == {}
+    params = [np.ones((3, 2)), np.ones(3)]
+    grads = [np.full((3, 2), 0.5), np.full(3, 1e-3)]
+
+    def step(rule):
+        return rule.update(grads, rule.init(params), params)[0]
+
+    linked = step(native.preset("optax.contrib.muon", eps=1e-3, nesterov=False))
+    spelled_out = step(native.preset("optax.contrib.muon", eps=1e-3, nesterov=False,
+                                     adam_eps=1e-3, adam_nesterov=False))
+    unlinked = step(native.preset("optax.contrib.muon", eps=1e-3, nesterov=False,
+                                  adam_eps=1e-8, adam_nesterov=True))
+    assert all(np.array_equal(a, b) for a, b in zip(linked, spelled_out))
+    assert not np.array_equal(linked[1], unlinked[1])  # the 1-D leaf: the Adam's step
+    ps = [torch.zeros(3, 2, requires_grad=True)]
+    opt = pt.preset("optax.contrib.muon", ps, eps=1e-3, nesterov=False)
+    got = opt._values(opt.param_groups[0])
+    assert (got["adam_eps"], got["adam_nesterov"]) == (1e-3, False)
+    opt = pt.preset("optax.contrib.muon", ps, eps=1e-3, adam_eps=1e-5)
+    assert opt._values(opt.param_groups[0])["adam_eps"] == 1e-5
 
 
 @pytest.mark.parametrize("options", OPTAX_OPTIONS, ids=str)

@@ -68,6 +68,7 @@ def preset(name: str, params, **kwargs: Any) -> RuleOptimizer:
     cls = OPTIMIZERS[rule]
     # an argument given through a value alias that sets others overrides those too
     names = {a.name: h.name for a in cls._args for i, h in a.hypers if i is None}
-    options = cls.spec.overridden(options, {names[k]: v for k, v in kwargs.items()
-                                            if k in names}, "torch")
+    given = {names[k]: v for k, v in kwargs.items() if k in names}
+    options = cls.spec.overridden(options, given, "torch")
+    options.update(native.linked(name, given))  # the native's one argument for both
     return cls(params, **{**spelled(cls, options), **kwargs})
