@@ -103,9 +103,11 @@ def _adam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad, am
                 maxes.append(v_max)
             if eps_placement == "hat":
                 step = lr / bc1 if c2 is None else lr * xp.sqrt(c2) / bc1
-                updates.append(-step * (m / (xp.sqrt(v_raw + eps_root) + eps)))
+                denom = xp.sqrt(_base.plus_root(v_raw, eps_root)) + eps
+                updates.append(-step * (m / denom))
             else:
-                updates.append(-lr * ((m / bc1) / (xp.sqrt(v_hat + eps_root) + eps)))
+                denom = xp.sqrt(_base.plus_root(v_hat, eps_root)) + eps
+                updates.append(-lr * ((m / bc1) / denom))
         return updates, (ms, vs, maxes), lr_value
 
     return _base.stateful_rule(name, AdamState, _moment_slots(amsgrad), step,
@@ -347,7 +349,7 @@ def nadam(learning_rate, b1, b2, eps, eps_root, momentum_decay, momentum_schedul
         for g, m, v in zip(grads, state.first_moment, state.second_moment):
             beta1, bc2, grad_coef, moment_coef = scalars(g)
             m, v = _moments(xp, beta1, b2, g, m, v)
-            denom = xp.sqrt(v / bc2 + eps_root) + eps
+            denom = xp.sqrt(_base.plus_root(v / bc2, eps_root)) + eps
             updates.append(-(grad_coef * g + moment_coef * m) / denom)
             ms.append(m)
             vs.append(v)
@@ -445,9 +447,9 @@ def _radam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, threshold,
             else:
                 m_hat = m / bc1
             if eps_placement == "hat":
-                adaptive = xp.sqrt(bc2) / (xp.sqrt(v + eps_root) + eps)
+                adaptive = xp.sqrt(bc2) / (xp.sqrt(_base.plus_root(v, eps_root)) + eps)
             else:
-                adaptive = 1 / (xp.sqrt(v / bc2 + eps_root) + eps)
+                adaptive = 1 / (xp.sqrt(_base.plus_root(v / bc2, eps_root)) + eps)
             rectified = m_hat * (rect * adaptive)
             plain = m_hat if fallback == "momentum" else xp.zeros_like(m_hat)
             direction = xp.where(rectify, rectified, plain)

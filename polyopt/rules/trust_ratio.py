@@ -124,7 +124,7 @@ def lamb(learning_rate, b1, b2, eps, eps_root, weight_decay, weight_decay_mode,
             m, v = _moments(xp, beta1, b2, g, m, v)
             ms.append(m)
             vs.append(v)
-            r = (m / bc1) / (xp.sqrt(v / bc2 + eps_root) + eps)
+            r = (m / bc1) / (xp.sqrt(_base.plus_root(v / bc2, eps_root)) + eps)
             decay = not _base.is_zero(weight_decay)
             if weight_decay_mode == "decoupled" and decay:
                 # Keras's two assigns: p' = p - p*wd*lr, then p' - ratio*lr*r; the
