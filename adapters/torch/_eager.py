@@ -24,8 +24,11 @@ the new state made in place in the state tensors where nothing reads the
 old value afterwards (``m * b1 + g * (1 - b1)``: ``m.mul_(b1)``, then
 ``m.add_(...)``). What a bucket's replay needs (views, pieces, buffers) is
 kept across steps while its params and state are the same tensors on the
-same memory (:class:`_Schedule`). For a rule that declares itself ``elementwise`` (every element
-treated alone) the numbers of an element do not depend on its piece, so this
+same memory (:class:`_Schedule`). A ``where`` whose condition is a 0-d
+boolean of the 0-d part (Lookahead's synchronisation) runs as the operand it
+chooses, in a variant of the program per value (:func:`_specialized`). For
+a rule that declares itself ``elementwise`` (every element treated alone)
+the numbers of an element do not depend on its piece, so this
 is the per-tensor step's arithmetic bit for bit (tests/test_torch_eager.py;
 docs/performance.md has the measurements that chose it).
 
