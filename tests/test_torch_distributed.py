@@ -68,8 +68,8 @@ MATRIX_SETTINGS = ["fsdp", "resume-sharded", "resume-full", "resume-to-one",
 PER_TENSOR = {"Adafactor", "Lamb", "Lars", "Muon", "Ranger", "torch.optim.Adafactor",
                     *(n for n in PRESETS if n.startswith("torch.optim.Muon"))}
 #: per-tensor rules with a prefix (Rule.prefix: Ranger's centralization): the
-#: eager step runs the transform on the DTensor grads and replays the rest on
-#: the local shards; compiled, they are gathered as the others
+#: transform runs on the DTensor grads, then the rest on the local shards
+#: (eager: replayed; compiled: the compiled local step)
 PREFIXED = {"Ranger"}
 
 
@@ -213,6 +213,8 @@ def check(results: dict, name: str, setting: str, same_ranks: bool = True) -> No
         assert all(slot.endswith(" DTensor") for slot in run["slots"]), run["slots"]
     if setting == "fsdp" and name in PREFIXED:  # the rest on the local shards
         assert run["replayed"] == ["Tensor"], run["replayed"]
+    elif setting == "compiled" and name in PREFIXED:
+        assert run["replayed"] == ["local"], run["replayed"]
     elif setting in ("fsdp", "compiled") and name in PER_TENSOR:  # gathered whole
         assert "gathered" in run["replayed"], run["replayed"]
     elif setting == "compiled":  # the compiled step ran on the local shards
@@ -230,15 +232,15 @@ def test_agrees_with_one_process(default_results, name, setting):
 def test_eager_fsdp2_steps_local_shards_or_gathered_params(default_results):
     """An elementwise rule's eager step is replayed on each DTensor's local
     shard (plain tensors), and so is the rest of Ranger after its per-tensor
-    prefix (the centralization, DTensor ops on the grads); compiled, Ranger
-    runs on its params gathered whole (polyopt.torch._sharded); the replay
-    gives bitwise the numbers of the per-tensor step on the whole DTensors
-    (DTensor ops), and starts a slot (momentum set later) as DTensors."""
+    prefix (the centralization, DTensor ops on the grads; compiled, the rest
+    is the compiled local step); the replay gives bitwise the numbers of the
+    per-tensor step on the whole DTensors (DTensor ops), and starts a slot
+    (momentum set later) as DTensors."""
     assert all(pt.Ranger.factory().prefix) and not pt.Adam.factory().prefix
     adam, ranger = default_results["Adam"]["fsdp"], default_results["Ranger"]["fsdp"]
     sgd, whole = (default_results["SGD(momentum later)"][s] for s in ("fsdp", "whole"))
     assert ok(adam)["replayed"] == ok(sgd)["replayed"] == ok(ranger)["replayed"] == ["Tensor"]
-    assert "gathered" in ok(default_results["Ranger"]["compiled"])["replayed"]
+    assert ok(default_results["Ranger"]["compiled"])["replayed"] == ["local"]
     assert ok(whole)["replayed"] == []
     assert sgd["slots"] == whole["slots"] == ["momentum_buffer DTensor"]
     assert sgd["losses"] == whole["losses"] and sgd["params"] == whole["params"]

@@ -369,10 +369,9 @@ def _matrix_cases(compiled: bool) -> list:
          "kwargs": {"lr": 0.05}},
         {"id": f"Lamb-{mode}", "cls": "Lamb", "kwargs": {"lr": 0.02, "weight_decay": 0.01}},
         {"id": f"Lars-{mode}", "cls": "Lars", "kwargs": {"lr": 0.5}},
-        # eager: Ranger's prefix (the centralization) on the DTensor grads, the
-        # rest replayed on the local shards; compiled: gathered
-        {"id": f"Ranger-{mode}", "cls": "Ranger", "kwargs": {"lr": 0.05},
-         "local": not compiled},
+        # Ranger's prefix (the centralization) on the DTensor grads, the rest on
+        # the local shards (eager: replayed; compiled: the compiled local step)
+        {"id": f"Ranger-{mode}", "cls": "Ranger", "kwargs": {"lr": 0.05}, "local": True},
     ]
     if compiled:
         cases += [{**case, "id": case["id"].replace("eager", mode)} for case in DEFAULT_CASES]
@@ -386,9 +385,9 @@ def test_fsdp2_per_tensor_rules_equal_one_process(tmp_path, compiled):
     """Every per-tensor rule of polyopt.torch (each torch.optim.Muon preset,
     Muon's defaults, Adafactor's torch preset, LAMB, LARS, Ranger), eager and
     compiled, under fully_shard: one process's numbers to 1e-12 (float64);
-    compiled Muon resumes bitwise from a DCP checkpoint. Ranger's eager step
-    gathers nothing and moves nothing (its centralization reduces along the
-    unsharded axes)."""
+    compiled Muon resumes bitwise from a DCP checkpoint. Ranger's step, eager
+    and compiled, gathers nothing and moves nothing (its centralization
+    reduces along the unsharded axes)."""
     cases = _matrix_cases(compiled)
     outs = _run(tmp_path, cases)
     for case in cases:

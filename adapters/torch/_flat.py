@@ -336,11 +336,13 @@ class FlatBucket:
 
 
 def _run_compiled(opt, values: dict, layout: _Layout, present: tuple, structure: tuple,
-                  count: int, layouts: tuple | None, tensors: list, scalars: list) -> tuple:
+                  count: int, layouts: tuple | None, tensors: list, scalars: list,
+                  factory=None) -> tuple:
     """Run the compiled step of ``structure`` (traced and compiled at its first
     use, :func:`_flat_step` with ``count`` tensors per operand) on ``tensors``
     (params, grads, present slots) and the 0-d state ``scalars``, with the
-    runtime hyperparameters of ``values``. Returns (keys of the slots the rule
+    runtime hyperparameters of ``values``; ``factory`` makes the rule from
+    them (default: the optimizer's). Returns (keys of the slots the rule
     created, those slots flat, the new 0-d state)."""
     entry = _COMPILED_STEPS.get(structure)
     if entry is None:
@@ -350,7 +352,8 @@ def _run_compiled(opt, values: dict, layout: _Layout, present: tuple, structure:
                   for _ in names]
         for name, tensor in zip(names, inputs):
             tensor.fill_(values[name])
-        step = _flat_step(type(opt).factory, values, names, layout, present, count, layouts)
+        step = _flat_step(factory or type(opt).factory, values, names, layout, present, count,
+                          layouts)
         # the counts go in as stored (float, torch's "step"); the graph casts them
         entry = (_compile_flat(step, [*tensors, *scalars, *inputs]), names, inputs,
                  step.created, [None] * len(names))
@@ -395,22 +398,41 @@ def check_local(owner: str, rule, params: list, where: str = "") -> None:
                              f"use compiled=False (the eager path steps them)")
 
 
+def local_prefix(rule, params: list) -> bool:
+    """Whether a bucket of DTensor params takes :func:`local_step` of the
+    rule's elementwise rest after its per-tensor prefix (Ranger's
+    centralization): every param a DTensor of 32 or 64 bits and one axis or
+    more."""
+    prefix = getattr(rule, "prefix", None)
+    if prefix is None or not prefix[1].elementwise or prefix[1].uses_layout:
+        return False
+    module = sys.modules["torch.distributed.tensor"]
+    return all(isinstance(p, module.DTensor) and p.dtype not in _LOW_PRECISION
+               and p.ndim > 0 for p in params)
+
+
 def local_step(opt, values: dict, layout: _Layout, params: list, grads: list,
-               states: list, layouts: tuple | None = None) -> None:
+               states: list, layouts: tuple | None = None, rest: bool = False) -> None:
     """One compiled step of a bucket of DTensor params on their local tensors
     (``to_local()``: views of the shards, updated in place, as the state
     DTensors' local tensors are). The params' storage stays FSDP's (no flat
     buffers: FSDP2 all-gathers from it); the step takes each param's local
-    view, as the flat path's per-tensor step does."""
+    view, as the flat path's per-tensor step does. ``rest``: the step of the
+    rule's elementwise rest (:attr:`polyopt.rules.Rule.prefix`; ``grads``
+    are then its transform's)."""
     present = tuple(k for _, k in layout.slots if k in states[0])
     local = [p.to_local() for p in params]
     tensors = [*local, *[g.to_local() for g in grads],
                *[st[k].to_local() for k in present for st in states]]
-    structure = ("local", type(opt), opt._structure(values), present,
-                 tuple((tuple(t.shape), t.dtype, t.device) for t in local), layouts)
+    structure = ("local-rest" if rest else "local", type(opt), opt._structure(values),
+                 present, tuple((tuple(t.shape), t.dtype, t.device) for t in local), layouts)
     scalars = [states[0][k] for _, k, _ in layout.scalars]
+    factory = None
+    if rest:
+        def factory(**v):
+            return type(opt).factory(**v).prefix[1]
     fresh, news, out = _run_compiled(opt, values, layout, present, structure, len(params),
-                                     layouts, tensors, scalars)
+                                     layouts, tensors, scalars, factory)
     module = sys.modules["torch.distributed.tensor"]
     for key, buffer in zip(fresh, news):  # a slot the rule started: one DTensor per param
         for st, p, view in zip(states, params, _views(buffer, [t.shape for t in local])):

@@ -535,6 +535,10 @@ class RuleOptimizer(torch.optim.Optimizer):
             if (not self.compiled and not self.defaults["differentiable"]
                     and self._replay(rule, layout, ps, gs, states, own)):
                 continue
+            if (self.compiled and not eager and not self.defaults["differentiable"]
+                    and _flat.distributed(ps) and _flat.local_prefix(rule, ps)
+                    and self._local_rest(rule, values, layout, ps, gs, states, own)):
+                continue
             if not self.defaults["differentiable"] and _sharded.applies(rule, ps):
                 _sharded.step(self, values, layout, ps, gs, states, own,
                               self.compiled and not eager)
@@ -581,6 +585,20 @@ class RuleOptimizer(torch.optim.Optimizer):
             grads = transform(work_grads, work, layouts=None if own is None else list(own))
         return _eager.step(_apply, rest.update, layout, params, grads, states,
                            self._scalars(layout, states), kept=self._eager_kept)
+
+    def _local_rest(self, rule, values: dict, layout: _Layout, params: list, grads: list,
+                    states: list, own: tuple | None) -> bool:
+        """``compiled=True`` on DTensor params of a rule with a per-tensor
+        prefix: the transform on the DTensor grads, then the compiled rest on
+        the local shards; False (nothing changed) when a transformed grad is
+        not laid out as its param (then the params are gathered)."""
+        transform, _ = rule.prefix
+        work, work_grads = working(params, grads)
+        grads = transform(work_grads, work, layouts=None if own is None else list(own))
+        if any(g.placements != p.placements for g, p in zip(grads, params)):
+            return False
+        _flat.local_step(self, values, layout, params, grads, states, own, rest=True)
+        return True
 
     def _bucket(self, params: list) -> _flat.FlatBucket:
         """The flat bucket of exactly these params (buckets that share a param
