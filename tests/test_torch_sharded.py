@@ -304,7 +304,8 @@ _ELEMENTWISE = {"id": "AdamW-eager", "cls": "AdamW", "kwargs": {"lr": 0.05}}
 def default_run(tmp_path_factory):
     """The default tests' one 2-rank run (each rank's result)."""
     return _run(tmp_path_factory.mktemp("sharded"), [*DEFAULT_CASES, _ELEMENTWISE],
-                natives=("Muon", "Adafactor"), placed=("Muon", "Adafactor"), refusals=True)
+                natives=("Muon", "Adafactor"), placed=("Muon", "Adafactor", "Ranger"),
+                refusals=True)
 
 
 @pytest.mark.needs("torch")
@@ -315,8 +316,10 @@ def test_fsdp2_muon_and_adafactor_eager_equal_one_process(default_run):
     both resume bitwise from a DCP checkpoint;
     the natives torch.optim.Muon and Adafactor crash in their first step.
     An elementwise rule (AdamW) gathers nothing: its steps move no byte.
-    Muon and Adafactor on tensor-parallel placements of a 2-D mesh (a
-    weight's columns split, uneven) equal one process too."""
+    Muon, Adafactor and Ranger (its centralization then over the split axis:
+    DTensor operations on the grads, the rest on the local shards) on
+    tensor-parallel placements of a 2-D mesh (a weight's columns split,
+    uneven) equal one process too."""
     outs = default_run
     for case in DEFAULT_CASES:
         _check(case, outs[0]["cases"][case["id"]])
