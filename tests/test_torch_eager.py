@@ -128,28 +128,34 @@ def _schedules(opt) -> list:
 
 def test_the_schedule_of_a_bucket(monkeypatch):
     """A member larger than a piece is cut into 1-d views of at most CHUNK
-    elements (params and state in step), small contiguous ones are gathered,
-    one of at most CHUNK elements goes as it is (non-contiguous too, with
-    buffers of its shape), a larger non-contiguous one whole."""
+    elements (params and state in step), small contiguous ones are gathered
+    (one left alone in its group goes as it is), one of at most CHUNK
+    elements goes as it is (non-contiguous too, with buffers of its shape), a
+    larger non-contiguous one whole."""
     monkeypatch.setattr(_eager, "CHUNK", 8)
     a = torch.arange(20.0).reshape(4, 5).requires_grad_()
     b = torch.randn(3, requires_grad=True)
     c = torch.randn(9, 7).t().requires_grad_()  # 63 elements, not contiguous
     d = torch.randn(3, 2).t().requires_grad_()  # 6 elements, not contiguous
-    opt = pt.SGD([a, b, c, d], lr=0.1, momentum=0.9)
+    e = torch.randn(2, requires_grad=True)
+    f = torch.randn(5, requires_grad=True)  # b and e fill a piece with 5: f alone
+    opt = pt.SGD([a, b, c, d, e, f], lr=0.1, momentum=0.9)
     for _ in range(2):
-        for p in (a, b, c, d):
+        for p in (a, b, c, d, e, f):
             p.grad = torch.ones_like(p)
         opt.step()
     (schedule,) = _schedules(opt)
-    kinds = {task[0]: task for task in schedule.tasks}
+    kinds = {}
+    for task in schedule.tasks:
+        kinds.setdefault(task[0], []).append(task)
     assert sorted(kinds) == ["gathered", "one", "pieces", "whole"]
-    runs = kinds["pieces"][2]
+    runs = kinds["pieces"][0][2]
     assert [ins[0].numel() for ins, *_ in runs] == [8, 8, 4]
     assert runs[1][0][0].data_ptr() == a.view(-1)[8:].data_ptr()  # views, not copies
     assert runs[1][0][1].data_ptr() == opt.state[a]["momentum_buffer"].view(-1)[8:].data_ptr()
-    assert kinds["gathered"][1] == [1] and kinds["whole"][1] == 2
-    assert kinds["one"][1] == 3 and kinds["one"][4][0].shape == d.shape
+    assert [t[1] for t in kinds["gathered"]] == [[1, 4]] and kinds["whole"][0][1] == 2
+    assert [t[1] for t in kinds["one"]] == [3, 5] and kinds["one"][0][4][0].shape == d.shape
+    assert kinds["one"][1][2][0] is f  # alone: f itself, not a gathered copy
 
 
 def test_the_schedule_is_kept_while_params_and_state_are_the_same(monkeypatch):

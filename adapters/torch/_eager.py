@@ -697,6 +697,7 @@ class _Schedule:
         direct = [t - 1 for t in program.direct_inputs]
         self.tasks: list = []  # (kind, member, ...)
         small: list = []  # (member, flat inputs without the grad, flat targets)
+        one = {}  # member -> its task as it is (a small member left alone in its group)
         for i in members:
             st = states[i]
             inputs = (params[i], *(st[key] for _, key in present))
@@ -707,13 +708,16 @@ class _Schedule:
                 self.tasks.append(("whole", i, inputs, targets))
                 continue
             flat = all(t.is_contiguous() for t in tensors)
-            if flat and n <= SMALL and n < chunk:
-                small.append((i, [t.view(-1) for t in inputs], [t.view(-1) for t in targets]))
-            elif n <= chunk:
+            if n <= chunk:
                 shape = params[i].shape
                 buffers = [b[:n].view(shape) for b in full]
-                self.tasks.append(("one", i, inputs, targets, buffers,
-                                   [inputs[t] for t in direct]))
+                task = ("one", i, inputs, targets, buffers, [inputs[t] for t in direct])
+                if flat and n <= SMALL and n < chunk:
+                    one[i] = task
+                    small.append((i, [t.view(-1) for t in inputs],
+                                  [t.view(-1) for t in targets]))
+                else:
+                    self.tasks.append(task)
             elif flat:
                 pieces = list(zip(*(t.view(-1).split(chunk) for t in tensors)))
                 runs = []
@@ -731,6 +735,9 @@ class _Schedule:
                 size += small[k][1][0].numel()
                 k += 1
             group, small = small[:k], small[k:]
+            if len(group) == 1:  # alone: as it is, without the gather and the scatter
+                self.tasks.append(one[group[0][0]])
+                continue
             self.tasks.append(("gathered", *self._gather(program, group, size, full, device)))
         self.none = [None] * (len(program.buffers) + len(program.direct_inputs))
         self.chunk = chunk
