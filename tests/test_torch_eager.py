@@ -27,6 +27,14 @@ EXTRA = {"sgd": {"momentum": 0.9, "nesterov": True}}
 ELIGIBLE = _eager.eligible
 
 
+@pytest.fixture(autouse=True)
+def _own_recordings(monkeypatch):
+    """Each test starts with no kept recordings: the tests that count
+    recordings would otherwise see the cache of _KEPT entries emptied by the
+    tests run before them."""
+    monkeypatch.setattr(_eager, "_PLANS", {})
+
+
 def make_params(seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     params = []
