@@ -89,6 +89,13 @@ _MISSING = object()
 _PLAIN = (float, int, bool, str, type(None))
 
 
+def _transformed(transform, params: list, grads: list, own: tuple | None) -> list:
+    """The grads after a rule's per-tensor prefix (:attr:`polyopt.rules.Rule.prefix`),
+    computed as the rule computes them (16-bit ones in float32)."""
+    work, work_grads = working(params, grads)
+    return transform(work_grads, work, layouts=None if own is None else list(own))
+
+
 def _value_key(raw: tuple) -> tuple | None:
     """A key equal for two tuples of group values only when every value is of
     the same type and equal (so 1, 1.0 and True differ), or None when a value
@@ -581,8 +588,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             return False
         transform, rest = parts
         if transform is not None:
-            work, work_grads = working(params, grads)
-            grads = transform(work_grads, work, layouts=None if own is None else list(own))
+            grads = _transformed(transform, params, grads, own)
         return _eager.step(_apply, rest.update, layout, params, grads, states,
                            self._scalars(layout, states), kept=self._eager_kept)
 
@@ -592,9 +598,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         prefix: the transform on the DTensor grads, then the compiled rest on
         the local shards; False (nothing changed) when a transformed grad is
         not laid out as its param (then the params are gathered)."""
-        transform, _ = rule.prefix
-        work, work_grads = working(params, grads)
-        grads = transform(work_grads, work, layouts=None if own is None else list(own))
+        grads = _transformed(rule.prefix[0], params, grads, own)
         if any(g.placements != p.placements for g, p in zip(grads, params)):
             return False
         _flat.local_step(self, values, layout, params, grads, states, own, rest=True)
