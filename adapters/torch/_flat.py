@@ -398,14 +398,9 @@ def check_local(owner: str, rule, params: list, where: str = "") -> None:
                              f"use compiled=False (the eager path steps them)")
 
 
-def local_prefix(rule, params: list) -> bool:
-    """Whether a bucket of DTensor params takes :func:`local_step` of the
-    rule's elementwise rest after its per-tensor prefix (Ranger's
-    centralization): every param a DTensor of 32 or 64 bits and one axis or
-    more."""
-    prefix = getattr(rule, "prefix", None)
-    if prefix is None or not prefix[1].elementwise or prefix[1].uses_layout:
-        return False
+def local_params(params: list) -> bool:
+    """Whether :func:`local_step` takes this bucket as it is: every param a
+    DTensor of 32 or 64 bits and one axis or more."""
     module = sys.modules["torch.distributed.tensor"]
     return all(isinstance(p, module.DTensor) and p.dtype not in _LOW_PRECISION
                and p.ndim > 0 for p in params)

@@ -543,7 +543,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                     and self._replay(rule, layout, ps, gs, states, own)):
                 continue
             if (self.compiled and not eager and not self.defaults["differentiable"]
-                    and _flat.distributed(ps) and _flat.local_prefix(rule, ps)
+                    and _flat.distributed(ps)
                     and self._local_rest(rule, values, layout, ps, gs, states, own)):
                 continue
             if not self.defaults["differentiable"] and _sharded.applies(rule, ps):
@@ -596,9 +596,14 @@ class RuleOptimizer(torch.optim.Optimizer):
                     states: list, own: tuple | None) -> bool:
         """``compiled=True`` on DTensor params of a rule with a per-tensor
         prefix: the transform on the DTensor grads, then the compiled rest on
-        the local shards; False (nothing changed) when a transformed grad is
-        not laid out as its param (then the params are gathered)."""
-        grads = _transformed(rule.prefix[0], params, grads, own)
+        the local shards; False (nothing changed) when the rule has no such
+        prefix (:func:`_eager.parts`), a param is not one the local step takes
+        or a transformed grad is not laid out as its param (then the params
+        are gathered)."""
+        parts = _eager.parts(rule)
+        if parts is None or parts[0] is None or not _flat.local_params(params):
+            return False
+        grads = _transformed(parts[0], params, grads, own)
         if any(g.placements != p.placements for g, p in zip(grads, params)):
             return False
         _flat.local_step(self, values, layout, params, grads, states, own, rest=True)
