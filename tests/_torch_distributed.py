@@ -22,8 +22,9 @@ every case, one after another (spawning a group costs seconds): a case is
   ``compiled=True`` (no checkpoint), the reference of ``compiled`` for a rule
   whose compiled numbers differ from its eager ones (a bfloat16 iteration);
 - ``ddp``: DistributedDataParallel, each rank half of the batch;
-- ``whole``: ``fsdp`` (no checkpoint) with an elementwise rule's eager step
-  on whole DTensors (DTensor ops) instead of the local shards.
+- ``whole``: ``fsdp`` (no checkpoint) with an elementwise rule's eager
+  replay run on the whole DTensors (DTensor ops) instead of their local
+  shards.
 
 A setting's result: per-step losses (the global batch's), the final full
 params, how far they moved from the start (max relative), the types of the
@@ -260,7 +261,7 @@ class _Worker:
         # "Tensor": the eager replay on local shards; "local": compiled on local
         # shards; "gathered": a per-tensor rule on params gathered whole
         replayed: set = set()
-        original_replay, original_eligible = _eager._Schedule.run, _eager.eligible
+        original_replay, original_local_shards = _eager._Schedule.run, _eager._local
         original_local, original_gathered = _flat.local_step, _sharded.step
 
         def spy(schedule, program, grads):
@@ -277,7 +278,7 @@ class _Worker:
 
         _eager._Schedule.run, _flat.local_step, _sharded.step = spy, local_spy, gathered_spy
         if setting == "whole":
-            _eager.eligible = lambda rule: False
+            _eager._local = lambda *args: None
         try:
             opt = build(spec, model.parameters(), compiled=compiled)
             start, save = 0, None
@@ -292,7 +293,7 @@ class _Worker:
             losses = self.train(model, net, opt, start, save, case.get("later", {}))
             return self.result(model, opt, losses, replayed)
         finally:
-            _eager._Schedule.run, _eager.eligible = original_replay, original_eligible
+            _eager._Schedule.run, _eager._local = original_replay, original_local_shards
             _flat.local_step, _sharded.step = original_local, original_gathered
 
     def all(self, cases: list[dict]) -> dict:

@@ -16,21 +16,27 @@ them (:class:`_Recorder`). The calls that read only the 0-d state (bias
 corrections, counts) are replayed once a step (:class:`_Plan`); the
 recording is kept across steps while the rule (its hyperparameters), the
 dtypes and the present slots are the same (:func:`_plan`). The other
-recorded calls are replayed on every piece: the same torch
-functions with the same arguments, so the same kernels and the same
-rounding, with ``out=`` into a few reused scratch buffers or in place (the
-Tensor method of the same kernel) where the first operand dies there, and
-the new state made in place in the state tensors where nothing reads the
-old value afterwards (``m * b1 + g * (1 - b1)``: ``m.mul_(b1)``, then
-``m.add_(...)``). What a bucket's replay needs (views, pieces, buffers) is
+recorded calls are replayed on every piece: the same torch functions with
+the same arguments, so the same kernels and the same rounding (but for the
+contraction below), with ``out=`` into a few reused scratch buffers or in
+place (the Tensor method of the same kernel) where the first operand dies
+there, and the new state made in place in the state tensors where nothing
+reads the old value afterwards (``m * b1 + g * (1 - b1)``: ``m.mul_(b1)``,
+then ``m.add_(g, alpha=1 - b1)``). What a bucket's replay needs (views, pieces, buffers) is
 kept across steps while its params and state are the same tensors on the
 same memory (:class:`_Schedule`). A ``where`` whose condition is a 0-d
 boolean of the 0-d part (Lookahead's synchronisation) runs as the operand it
-chooses, in a variant of the program per value (:func:`_specialized`). For
-a rule that declares itself ``elementwise`` (every element treated alone)
-the numbers of an element do not depend on its piece, so this
-is the per-tensor step's arithmetic bit for bit (tests/test_torch_eager.py;
-docs/performance.md has the measurements that chose it).
+chooses, in a variant of the program per value (:func:`_specialized`). A
+product by a 0-d value that one addition reads (``y + x * s``) runs as that
+addition, ``torch.add(y, x, alpha=s)``: a fused multiply-add, one rounding
+where the rule's two operations round twice, as XLA computes the same
+expression in the other adapters (:func:`_contracted`). For a rule that
+declares itself ``elementwise`` (every element treated alone) the numbers of
+an element do not depend on its piece, so this is the same arithmetic, bit
+for bit, on pieces, gathered, whole or on the local shards of a DTensor, and
+the per-tensor step's but for the contracted roundings
+(tests/test_torch_eager.py; docs/performance.md has the measurements that
+chose it).
 
 A rule whose operations on the stand-ins cannot be replayed (Python control
 flow on their values, results that are not tensors) is reported by
@@ -181,6 +187,89 @@ class _Recorder(TorchFunctionMode):
         return result
 
 
+#: The additions a multiplication by a 0-d value contracts into (``y + x * s``
+#: as ``torch.add(y, x, alpha=s)``), out of place and in place.
+_FMA_OUT = {torch.add, torch.sub}
+_FMA_IN_PLACE = {torch.Tensor.add_, torch.Tensor.sub_}
+
+
+def _contracted(rec: _Recorder, ops: list, outputs: list) -> list:
+    """``ops`` with every ``y + x * s``, ``x * s + y`` and ``y - x * s`` (s a
+    0-d value: a constant or the 0-d part's, x and y piece variables of the
+    result's dtype, float32 or float64) as one operation, ``torch.add(y, x,
+    alpha=s)`` (``sub``), when the product is read there only.
+
+    torch's CPU kernels compute ``y + alpha * x`` as a fused multiply-add
+    (one rounding), in their vectorised and scalar loops alike, so an element's
+    result does not depend on where the piece begins; XLA contracts the same
+    expression in polyopt.optax and polyopt.keras. A constant ``s`` becomes the
+    Python number it holds; one of the 0-d part's is read on the host once a
+    step (:meth:`_Program.bound`).
+    """
+    readers = defaultdict(list)
+    for j, (_, args, kwargs, _, _) in enumerate(ops):
+        for v in (*args, *kwargs.values()):
+            if isinstance(v, _Ref):
+                readers[v.index].append(j)
+    made, writes, seen = {}, defaultdict(list), set(range(rec.n_inputs))
+    for j, (_, _, _, index, _) in enumerate(ops):
+        if index in seen:
+            writes[index].append(j)
+        else:
+            seen.add(index)
+            made[index] = j
+
+    def piece(v: Any, like: torch.Tensor) -> bool:
+        return (isinstance(v, _Ref) and v.index in rec.piece
+                and rec.tensors[v.index].dtype == like.dtype
+                and rec.tensors[v.index].shape == like.shape)
+
+    def scalar(v: Any, like: torch.Tensor) -> Any:
+        """The alpha that 0-d ``v`` gives, or None."""
+        t = rec.tensors[v.index] if isinstance(v, _Ref) else v
+        if (not isinstance(t, torch.Tensor) or t.ndim != 0 or t.dtype != like.dtype
+                or (isinstance(v, _Ref) and v.index in rec.piece)):
+            return None
+        return v if isinstance(v, _Ref) else t.item()
+
+    def product(v: Any, j: int, like: torch.Tensor) -> tuple | None:
+        """(x, alpha) when variable ``v``, read by op ``j`` only, is ``x * s``
+        and x is not written in place before op ``j`` reads it."""
+        if not isinstance(v, _Ref) or v.index not in made or v.index in outputs:
+            return None
+        i = made[v.index]
+        func, args, kwargs, _, _ = ops[i]
+        if readers[v.index] != [j] or _OUT_FUNCS.get(func) != "mul" or kwargs or len(args) != 2:
+            return None
+        for x, s in (args, args[::-1]):
+            alpha = scalar(s, like)
+            if (piece(x, like) and alpha is not None
+                    and not any(i < w < j for w in writes[x.index])):
+                return i, x, alpha
+        return None
+
+    dropped, replaced = set(), {}
+    for j, (func, args, kwargs, index, out) in enumerate(ops):
+        name = _OUT_FUNCS.get(func)
+        in_place = func in _FMA_IN_PLACE
+        if kwargs or len(args) != 2 or not (name in ("add", "sub") or in_place):
+            continue
+        result = rec.tensors[index]
+        if result.dtype not in (torch.float32, torch.float64):
+            continue
+        y, b = args
+        found = product(b, j, result) if piece(y, result) else None
+        if found is None and name == "add" and piece(b, result):
+            y, found = b, product(y, j, result)  # x * s + y: the same sum
+        if found is None:
+            continue
+        i, x, alpha = found
+        dropped.add(i)
+        replaced[j] = (func if in_place else _OUT[name], [y, x], {"alpha": alpha}, index,
+                       out)
+    return [replaced.get(j, op) for j, op in enumerate(ops) if j not in dropped]
+
+
 class _Program:
     """A recorded step as one generated Python function over the variables.
 
@@ -198,6 +287,7 @@ class _Program:
 
     def __init__(self, rec: _Recorder, ops: list, inputs: range, outputs: list, targets: list,
                  dynamic: tuple = ()) -> None:
+        ops = _contracted(rec, ops, outputs)
         first, n_inputs = inputs.start, len(inputs)
         last = {}  # variable -> index of the last op reading it
         readers = defaultdict(list)
@@ -312,8 +402,14 @@ class _Program:
         params = ([f"v{i}" for i in inputs] + [f"b{i}" for i in range(n_buf)]
                   + [f"d{i}" for i in range(n_dir)])
         body = []
+        numbers: list = []  # the 0-d part's values an alpha= reads, as Python numbers
         for j, (func, args, kwargs, index, out) in enumerate(ops):
-            items = [arg(a) for a in args] + [f"{k}={arg(v)}" for k, v in kwargs.items()]
+            items = [arg(a) for a in args] + [
+                f"{k}=n{v.index}" if k == "alpha" and isinstance(v, _Ref) else f"{k}={arg(v)}"
+                for k, v in kwargs.items()]
+            alpha = kwargs.get("alpha")
+            if isinstance(alpha, _Ref) and dynamic.index(alpha.index) not in numbers:
+                numbers.append(dynamic.index(alpha.index))
             if j in methods:
                 body.append(f"    v{index} = {const(methods[j])}({', '.join(items)})")
                 continue
@@ -323,7 +419,8 @@ class _Program:
                 items.append(f"out=b{assign[j]}")
             body.append(f"    v{index} = {const(out or func)}({', '.join(items)})")
         head = f"def run(C, {', '.join(params)}):\n"
-        names = [f"v{v}" for v in dynamic] + [f"c{i}" for i in range(len(constants))]
+        names = ([f"v{v}" for v in dynamic] + [f"n{dynamic[k]}" for k in numbers]
+                 + [f"c{i}" for i in range(len(constants))])
         unpack = f"    ({''.join(f'{name}, ' for name in names)}) = C\n"
         returns = f"    return ({''.join(f'v{v}, ' for v in outputs)})\n"
         source = head + unpack + "\n".join(body) + "\n" + returns
@@ -335,13 +432,16 @@ class _Program:
         self.run = scope["run"]
         self.constants = tuple(constants)
         self.dynamic = tuple(dynamic)
+        self.numbers = tuple(numbers)
 
     def bound(self, values: tuple) -> _Program:
-        """This program with ``values`` for its ``dynamic`` variables."""
+        """This program with ``values`` for its ``dynamic`` variables (those an
+        ``alpha=`` reads also as Python numbers, read on the host)."""
         if not self.dynamic:
             return self
         bound = copy.copy(self)
-        bound.constants = values + self.constants
+        bound.constants = (values + tuple(values[k].item() for k in self.numbers)
+                           + self.constants)
         return bound
 
 
@@ -409,9 +509,10 @@ def step(apply, update, layout, params: list, grads: list, states: list,
         schedule = schedules.get(variant)  # one per variant of the program
         if schedule is None:
             for i in members:  # a slot the rule starts (momentum set at its first step)
-                for key, dtype in plan.started:
-                    states[i][key] = torch.empty(params[i].shape, dtype=dtype,
-                                                 device=params[i].device)
+                p = params[i]
+                for key, dtype in plan.started:  # a DTensor's laid out as it is
+                    states[i][key] = (torch.empty(p.shape, dtype=dtype, device=p.device)
+                                      if type(p) in _PLAIN else torch.empty_like(p, dtype=dtype))
             schedule = _Schedule(program, plan.outputs, params, states, present, members,
                                  chunk)
             if not plan.started:
