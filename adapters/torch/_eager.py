@@ -187,9 +187,8 @@ class _Recorder(TorchFunctionMode):
         return result
 
 
-#: The additions a multiplication by a 0-d value contracts into (``y + x * s``
-#: as ``torch.add(y, x, alpha=s)``), out of place and in place.
-_FMA_OUT = {torch.add, torch.sub}
+#: The in-place additions a multiplication by a 0-d value contracts into (the
+#: param's ``p.add_(u)``); out of place: ``add`` and ``sub`` (:data:`_OUT`).
 _FMA_IN_PLACE = {torch.Tensor.add_, torch.Tensor.sub_}
 
 
@@ -233,8 +232,8 @@ def _contracted(rec: _Recorder, ops: list, outputs: list) -> list:
         return v if isinstance(v, _Ref) else t.item()
 
     def product(v: Any, j: int, like: torch.Tensor) -> tuple | None:
-        """(x, alpha) when variable ``v``, read by op ``j`` only, is ``x * s``
-        and x is not written in place before op ``j`` reads it."""
+        """(the op making it, x, alpha) when variable ``v``, read by op ``j``
+        only, is ``x * s`` and x is not written in place before op ``j``."""
         if not isinstance(v, _Ref) or v.index not in made or v.index in outputs:
             return None
         i = made[v.index]
