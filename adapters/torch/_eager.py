@@ -192,6 +192,18 @@ class _Recorder(TorchFunctionMode):
 _FMA_IN_PLACE = {torch.Tensor.add_, torch.Tensor.sub_}
 
 
+def _makers(ops: list, n_inputs: int) -> tuple[dict, dict]:
+    """(variable -> the op making it, variable -> the ops writing it in place
+    later: those whose result is an input or an earlier variable)."""
+    made, writes = {}, defaultdict(list)
+    for j, (_, _, _, index, _) in enumerate(ops):
+        if index < n_inputs or index in made:
+            writes[index].append(j)
+        else:
+            made[index] = j
+    return made, writes
+
+
 def _contracted(rec: _Recorder, ops: list, outputs: list) -> list:
     """``ops`` with every ``y + x * s``, ``x * s + y`` and ``y - x * s`` (s a
     0-d value: a constant or the 0-d part's, x and y piece variables of the
@@ -210,13 +222,7 @@ def _contracted(rec: _Recorder, ops: list, outputs: list) -> list:
         for v in (*args, *kwargs.values()):
             if isinstance(v, _Ref):
                 readers[v.index].append(j)
-    made, writes, seen = {}, defaultdict(list), set(range(rec.n_inputs))
-    for j, (_, _, _, index, _) in enumerate(ops):
-        if index in seen:
-            writes[index].append(j)
-        else:
-            seen.add(index)
-            made[index] = j
+    made, writes = _makers(ops, rec.n_inputs)
 
     def piece(v: Any, like: torch.Tensor) -> bool:
         return (isinstance(v, _Ref) and v.index in rec.piece
@@ -737,10 +743,7 @@ def _specialized(rec: _Recorder, n_inputs: int, outputs: list, chosen: dict) -> 
     variable of the result's dtype and shape that nothing writes in place
     (its later readers see it as it is); then the ops no output needs go."""
     ops = rec.ops
-    written = set()  # variables some op writes in place (its result is an earlier variable)
-    seen = set(range(n_inputs))
-    for _, _, _, index, _ in ops:
-        (written if index in seen else seen).add(index)
+    written = set(_makers(ops, n_inputs)[1])  # variables some op writes in place
     alias: dict = {}  # variable -> the variable it is
 
     def sub(v):
