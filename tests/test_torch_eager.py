@@ -76,32 +76,34 @@ def run(make, chunk: int | None, monkeypatch, steps: int = 6) -> list:
 ROUNDINGS = 16
 
 
-def assert_within_roundings(a, b, where: str) -> None:
-    for t, ((pa, sa), (pb, sb)) in enumerate(zip(a, b)):
-        pairs = [(f"param {i}", x, y) for i, (x, y) in enumerate(zip(pa, pb))]
-        for i, (x, y) in enumerate(zip(sa, sb)):
-            assert x.keys() == y.keys(), f"{where}: step {t}, state keys of param {i}"
-            pairs += [(f"state {k} of param {i}", x[k], y[k]) for k in x]
-        for what, x, y in pairs:
-            if not y.is_floating_point():
-                assert torch.equal(x, y), f"{where}: step {t}, {what} differs"
-                continue
-            if not y.numel():
-                continue
-            scale = ROUNDINGS * torch.finfo(y.dtype).eps * max(y.abs().max().item(), 1e-30)
-            diff = (x.double() - y.double()).abs().max().item()
-            assert x.dtype == y.dtype and diff <= scale, (
-                f"{where}: step {t}, {what} differs by {diff:.3g} (allowed {scale:.3g})")
-
-
-def assert_bitwise(a, b, where: str) -> None:
+def _pairs(a, b, where: str):
+    """(step, what, tensor of a, tensor of b) over two runs' snapshots: every
+    param and state entry, the state keys checked equal."""
     for t, ((pa, sa), (pb, sb)) in enumerate(zip(a, b)):
         for i, (x, y) in enumerate(zip(pa, pb)):
-            assert torch.equal(x, y), f"{where}: step {t}, param {i} differs"
+            yield t, f"param {i}", x, y
         for i, (x, y) in enumerate(zip(sa, sb)):
             assert x.keys() == y.keys(), f"{where}: step {t}, state keys of param {i}"
             for k in x:
-                assert torch.equal(x[k], y[k]), f"{where}: step {t}, state {k} of param {i}"
+                yield t, f"state {k} of param {i}", x[k], y[k]
+
+
+def assert_within_roundings(a, b, where: str) -> None:
+    for t, what, x, y in _pairs(a, b, where):
+        if not y.is_floating_point():
+            assert torch.equal(x, y), f"{where}: step {t}, {what} differs"
+            continue
+        if not y.numel():
+            continue
+        scale = ROUNDINGS * torch.finfo(y.dtype).eps * max(y.abs().max().item(), 1e-30)
+        diff = (x.double() - y.double()).abs().max().item()
+        assert x.dtype == y.dtype and diff <= scale, (
+            f"{where}: step {t}, {what} differs by {diff:.3g} (allowed {scale:.3g})")
+
+
+def assert_bitwise(a, b, where: str) -> None:
+    for t, what, x, y in _pairs(a, b, where):
+        assert torch.equal(x, y), f"{where}: step {t}, {what} differs"
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
