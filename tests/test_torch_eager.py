@@ -162,29 +162,137 @@ def test_a_product_added_after_it_is_one_fused_multiply_add(dtype, monkeypatch):
     assert not all(torch.equal(a, b) for a, b in zip(twice[-len(p):], p))
 
 
-def test_a_product_is_contracted_only_into_its_one_reader_as_it_was():
-    """A product of a piece by a 0-d value joins the addition after it when
-    that addition is its only reader, the factor is not written in place in
-    between, and the dtype is float32 or float64."""
-    def record(dtype, write_between=False, read_twice=False):
-        rec = _eager._Recorder([torch.zeros(1, dtype=dtype) for _ in range(3)], 3)
-        x, y, _ = rec.tensors
-        with rec:
-            t = torch.mul(x, torch.tensor(0.5, dtype=dtype))
-            if write_between:
-                x.add_(1)
-            r = torch.add(y, t)
-            outputs = [rec.index[id(r)]]
-            if read_twice:
-                outputs.append(rec.index[id(torch.sqrt(t))])
-        return rec, rec.ops, _eager._contracted(rec, rec.ops, outputs)
+def _s(like: torch.Tensor, value: float = 0.25) -> torch.Tensor:
+    """A 0-d constant of ``like``'s dtype (as the rules' Python numbers are recorded)."""
+    return torch.tensor(value, dtype=like.dtype)
 
-    rec, ops, contracted = record(torch.float32)
-    (func, args, kwargs, _, _), = contracted
-    assert func is torch.add and [a.index for a in args] == [1, 0] and kwargs == {"alpha": 0.5}
-    for case in ({"write_between": True}, {"read_twice": True}, {"dtype": torch.float16}):
-        rec, ops, contracted = record(**{"dtype": torch.float32, **case})
+
+#: name -> (the rule's operations on x, y, z, e; the one operation they become:
+#: function, argument variables, keyword arguments)
+_CONTRACTIONS = {
+    "y + x * s": (lambda x, y, z, e: torch.add(y, torch.mul(x, _s(x))),
+                  torch.add, [1, 0], {"alpha": 0.25}),
+    "x * s + y": (lambda x, y, z, e: torch.add(torch.mul(_s(x), x), y),
+                  torch.add, [1, 0], {"alpha": 0.25}),
+    "y - x * s": (lambda x, y, z, e: torch.sub(y, torch.mul(x, _s(x))),
+                  torch.sub, [1, 0], {"alpha": 0.25}),
+    "y + (x * s) * z": (lambda x, y, z, e: torch.add(y, torch.mul(z, torch.mul(x, _s(x)))),
+                        torch.addcmul, [1, 0, 2], {"value": 0.25}),
+    "y + x * z": (lambda x, y, z, e: torch.add(y, torch.mul(x, z)),
+                  torch.addcmul, [1, 0, 2], {}),
+    "y + s * (e - y)": (lambda x, y, z, e: torch.add(y, torch.mul(torch.sub(e, y), _s(x))),
+                        torch.lerp, [1, 3, 0.25], {}),
+    "y + (x * s) / z": (lambda x, y, z, e: torch.add(torch.div(torch.mul(x, _s(x)), z), y),
+                        torch.addcdiv, [1, 0, 2], {"value": 0.25}),
+    "y.add_(x * s)": (lambda x, y, z, e: y.add_(torch.mul(x, _s(x))),
+                      torch.Tensor.add_, [1, 0], {"alpha": 0.25}),
+    "y.add_((x * s) / z)": (lambda x, y, z, e: y.add_(torch.div(torch.mul(x, _s(x)), z)),
+                            torch.Tensor.addcdiv_, [1, 0, 2], {"value": 0.25}),
+}
+
+
+def _recorded(body, dtype=torch.float32) -> tuple:
+    """(the ops ``body`` records on four piece stand-ins x, y, z, e, and those
+    ops contracted); ``body`` returns the outputs."""
+    rec = _eager._Recorder([torch.zeros(1, dtype=dtype) for _ in range(4)], 4)
+    with rec:
+        results = body(*rec.tensors[:4])
+    outputs = [rec.index[id(r)] for r in results]
+    return rec.ops, _eager._contracted(rec, rec.ops, outputs)
+
+
+@pytest.mark.parametrize("name", _CONTRACTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_sum_of_a_product_is_one_operation(name, dtype):
+    """Each pattern of ``_eager._contracted`` becomes the one torch operation
+    that rounds it once (or, ``addcdiv``, as its operations do)."""
+    body, func, args, kwargs = _CONTRACTIONS[name]
+    _, contracted = _recorded(lambda *v: [body(*v)], dtype)
+    (f, a, kw, _, _), = contracted
+    assert f is func and [x.index if isinstance(x, _eager._Ref) else x for x in a] == args
+    assert kw == kwargs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_fused_operations_round_as_the_contraction_says(dtype):
+    """What the contraction relies on, measured on torch's kernels over a
+    vectorised body and a scalar tail (4,099 elements): ``add(alpha=)``,
+    ``addcmul`` and ``lerp`` (weight < 0.5) are one fused multiply-add,
+    ``addcdiv`` is its three roundings. The exact result is taken in float64
+    (float32) or with fractions (float64)."""
+    from fractions import Fraction
+
+    gen = torch.Generator().manual_seed(0)
+    x, y, z, e = (torch.randn(4099, generator=gen, dtype=dtype) for _ in range(4))
+    s = float(_s(x, 0.1))  # the number a recorded 0.1 holds
+
+    def fma(a, b, c):  # the exactly rounded a * b + c
+        exact = [Fraction(float(u)) * Fraction(float(v)) + Fraction(float(w))
+                 for u, v, w in zip(a.tolist(), b.tolist(), c.tolist())]
+        return torch.tensor([float(q) for q in exact], dtype=torch.float64).to(dtype)
+
+    sx = torch.full_like(x, s)
+    assert torch.equal(torch.add(y, x, alpha=s), fma(x, sx, y))
+    assert torch.equal(torch.addcmul(y, x, z, value=s), fma(x * s, z, y))
+    assert torch.equal(torch.addcmul(y, x, z), fma(x, z, y))
+    assert torch.equal(torch.lerp(y, e, s), fma(e - y, sx, y))
+    assert torch.equal(torch.addcdiv(y, x, z, value=s), y + (x * s) / z)
+    # and a fused multiply-add is not the two roundings
+    assert not torch.equal(fma(x, z, y), y + x * z)
+
+
+def test_a_product_is_contracted_only_into_its_one_reader_as_it_was():
+    """A product joins the addition after it only when that addition is its
+    only reader, no factor is written in place in between, the dtype is
+    float32 or float64, and (``lerp``) torch's kernel takes the weight's
+    fused branch (below 0.5)."""
+    refused = {
+        "a factor written in between": lambda x, y, z, e: [
+            torch.add(y, (torch.mul(x, _s(x)), x.add_(1))[0])],
+        "a second reader": lambda x, y, z, e: [
+            torch.add(y, t := torch.mul(x, _s(x))), torch.sqrt(t)],
+        "a quotient read twice": lambda x, y, z, e: [
+            torch.add(y, q := torch.div(torch.mul(x, _s(x)), z)), torch.sqrt(q)],
+        "a divisor written in between": lambda x, y, z, e: [
+            torch.add(y, (torch.div(torch.mul(x, _s(x)), z), z.add_(1))[0])],
+    }
+    for case, body in refused.items():
+        ops, contracted = _recorded(body)
         assert contracted == ops, case
+    ops, contracted = _recorded(lambda *v: [_CONTRACTIONS["y + x * s"][0](*v)], torch.float16)
+    assert contracted == ops
+    # lerp's weight 0.75 (its kernel's other branch): the product alone joins the sum
+    ops, contracted = _recorded(
+        lambda x, y, z, e: [torch.add(y, torch.mul(torch.sub(e, y), _s(x, 0.75)))])
+    assert [f for f, *_ in contracted] == [torch.sub, torch.add]
+
+
+def test_adam_moments_are_torch_optims_bit_for_bit(monkeypatch):
+    """polyopt.torch.Adam's eager step computes m and v as torch.optim.Adam
+    does (``lerp_``; ``mul_`` and ``addcmul_``), so its state equals
+    torch.optim.Adam's bit for bit after steps on the same grads, in pieces,
+    gathered and whole; the params agree to float32 roundings (the bias
+    corrections are computed otherwise)."""
+    monkeypatch.setattr(_eager, "CHUNK", 64)
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(20, 10), (7,), (5,), (300,)]  # split, gathered, gathered, split
+    ours = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opts = pt.Adam(ours, lr=0.01), torch.optim.Adam(theirs, lr=0.01, foreach=False)
+    m = [torch.zeros_like(p) for p in ours]
+    for _ in range(4):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        for opt in opts:
+            opt.step()
+        m = [0.9 * old + 0.1 * p.grad for old, p in zip(m, ours)]  # rounded twice
+    for a, b in zip(ours, theirs):
+        for slot in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opts[0].state[a][slot], opts[1].state[b][slot]), slot
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # the test sees the formulation: b1 m + (1 - b1) g gives other numbers
+    assert not all(torch.equal(opts[0].state[a]["exp_avg"], old) for a, old in zip(ours, m))
 
 
 def test_a_slot_started_at_run_time_and_presets(monkeypatch):
@@ -295,8 +403,8 @@ def test_the_schedule_is_kept_while_params_and_state_are_the_same(monkeypatch):
 def test_adam_is_replayed_with_its_state_written_in_place(monkeypatch):
     """torch.optim.Adam's preset: one recording kept across steps (a program
     for the pieces, one for the 0-d part), each moment updated in place in its
-    state tensor (m * b1 + g * (1 - b1): m.mul_(b1).add_(...); no copies),
-    two scratch buffers."""
+    state tensor (m.lerp_(g, 1 - b1); v.mul_(b2).addcmul_(...); no copies),
+    one scratch buffer."""
     programs = []
     original = _eager._Program.__init__
 
@@ -315,7 +423,7 @@ def test_adam_is_replayed_with_its_state_written_in_place(monkeypatch):
     assert len(programs) == 2
     pieces, scalars = programs
     assert pieces.copies == [] and pieces.direct_inputs == [] and pieces.chained == [0, 1]
-    assert pieces.buffers == [torch.float32, torch.float32]
+    assert pieces.buffers == [torch.float32]
     assert scalars.buffers == [] and pieces.dynamic  # the bias corrections, once a step
 
 

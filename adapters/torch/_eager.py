@@ -21,16 +21,18 @@ the same arguments, so the same kernels and the same rounding (but for the
 contraction below), with ``out=`` into a few reused scratch buffers or in
 place (the Tensor method of the same kernel) where the first operand dies
 there, and the new state made in place in the state tensors where nothing
-reads the old value afterwards (``m * b1 + g * (1 - b1)``: ``m.mul_(b1)``,
-then ``m.add_(g, alpha=1 - b1)``). What a bucket's replay needs (views, pieces, buffers) is
+reads the old value afterwards (``v * b2 + ((1 - b2) * g) * g``:
+``v.mul_(b2)``, then ``v.addcmul_(g, g, value=1 - b2)``). What a bucket's
+replay needs (views, pieces, buffers) is
 kept across steps while its params and state are the same tensors on the
 same memory (:class:`_Schedule`). A ``where`` whose condition is a 0-d
 boolean of the 0-d part (Lookahead's synchronisation) runs as the operand it
 chooses, in a variant of the program per value (:func:`_specialized`). A
-product by a 0-d value that one addition reads (``y + x * s``) runs as that
-addition, ``torch.add(y, x, alpha=s)``: a fused multiply-add, one rounding
-where the rule's two operations round twice, as XLA computes the same
-expression in the other adapters (:func:`_contracted`). For a rule that
+product that one addition reads (``y + x * s``, ``y + x * z``, ``y + s * (e -
+y)``) runs as that addition, ``torch.add(y, x, alpha=s)``, ``addcmul``,
+``lerp``: a fused multiply-add, one rounding where the rule's two operations
+round twice, as XLA computes the same expressions in the other adapters; ``y +
+(x * s) / z`` runs as ``addcdiv`` (:func:`_contracted`). For a rule that
 declares itself ``elementwise`` (every element treated alone) the numbers of
 an element do not depend on its piece, so this is the same arithmetic, bit
 for bit, on pieces, gathered, whole or on the local shards of a DTensor, and
@@ -80,7 +82,7 @@ _OUT = {name: getattr(torch, name) for name in (
     "add", "sub", "mul", "div", "neg", "abs", "sqrt", "rsqrt", "exp", "expm1", "log",
     "log1p", "sign", "maximum", "minimum", "where", "clamp", "pow", "reciprocal",
     "lt", "le", "gt", "ge", "eq", "ne", "logical_and", "logical_or", "logical_not",
-    "isfinite", "sin", "cos", "tanh", "floor", "square")}
+    "isfinite", "sin", "cos", "tanh", "floor", "square", "addcdiv", "addcmul", "lerp")}
 _OUT_FUNCS = {f: name for name, f in _OUT.items()}
 _OUT_FUNCS.update({getattr(torch.Tensor, name): name for name in _OUT
                    if hasattr(torch.Tensor, name)})
@@ -187,9 +189,12 @@ class _Recorder(TorchFunctionMode):
         return result
 
 
-#: The in-place additions a multiplication by a 0-d value contracts into (the
-#: param's ``p.add_(u)``); out of place: ``add`` and ``sub`` (:data:`_OUT`).
-_FMA_IN_PLACE = {torch.Tensor.add_, torch.Tensor.sub_}
+#: The in-place additions a product contracts into (the param's ``p.add_(u)``);
+#: out of place: ``add`` and ``sub`` (:data:`_OUT`).
+_FUSED_IN_PLACE = {torch.Tensor.add_: "add", torch.Tensor.sub_: "sub"}
+#: The keyword arguments that take a Python number (a 0-d part's value is read
+#: on the host for them).
+_NUMBERS = ("alpha", "value")
 
 
 def _makers(ops: list, n_inputs: int) -> tuple[dict, dict]:
@@ -205,17 +210,28 @@ def _makers(ops: list, n_inputs: int) -> tuple[dict, dict]:
 
 
 def _contracted(rec: _Recorder, ops: list, outputs: list) -> list:
-    """``ops`` with every ``y + x * s``, ``x * s + y`` and ``y - x * s`` (s a
-    0-d value: a constant or the 0-d part's, x and y piece variables of the
-    result's dtype, float32 or float64) as one operation, ``torch.add(y, x,
-    alpha=s)`` (``sub``), when the product is read there only.
+    """``ops`` with each sum (or difference) of a product as one operation, a
+    fused multiply-add, when every intermediate result is read there only (s a
+    0-d value: a constant or the 0-d part's; x, y, z, e piece variables of the
+    result's dtype, float32 or float64):
 
-    torch's CPU kernels compute ``y + alpha * x`` as a fused multiply-add
-    (one rounding), in their vectorised and scalar loops alike, so an element's
-    result does not depend on where the piece begins; XLA contracts the same
-    expression in polyopt.optax and polyopt.keras. A constant ``s`` becomes the
-    Python number it holds; one of the 0-d part's is read on the host once a
-    step (:meth:`_Program.bound`).
+    ========================  ===============================
+    ``y + x * s``, ``y - x * s``  ``torch.add(y, x, alpha=s)``, ``sub``
+    ``y + (x * s) * z``         ``torch.addcmul(y, x, z, value=s)``
+    ``y + x * z``               ``torch.addcmul(y, x, z)``
+    ``y + s * (e - y)``         ``torch.lerp(y, e, s)`` (s a constant in [0, 0.5))
+    ``y + (x * s) / z``         ``torch.addcdiv(y, x, z, value=s)``
+    ========================  ===============================
+
+    (in place for ``y.add_(...)``: the param's update). torch's CPU kernels
+    compute the first four as one fused multiply-add (one rounding where the
+    rule's operations round twice), in their vectorised and scalar loops alike,
+    so an element's result does not depend on where the piece begins; XLA
+    contracts the same expressions in polyopt.optax and polyopt.keras.
+    ``addcdiv`` rounds as the three operations do (a quotient is no product),
+    so it only saves passes. A constant ``s`` becomes the Python number it
+    holds; one of the 0-d part's is read on the host once a step
+    (:meth:`_Program.bound`).
     """
     readers = defaultdict(list)
     for j, (_, args, kwargs, _, _) in enumerate(ops):
@@ -223,6 +239,7 @@ def _contracted(rec: _Recorder, ops: list, outputs: list) -> list:
             if isinstance(v, _Ref):
                 readers[v.index].append(j)
     made, writes = _makers(ops, rec.n_inputs)
+    dropped, replaced = set(), {}
 
     def piece(v: Any, like: torch.Tensor) -> bool:
         return (isinstance(v, _Ref) and v.index in rec.piece
@@ -230,48 +247,94 @@ def _contracted(rec: _Recorder, ops: list, outputs: list) -> list:
                 and rec.tensors[v.index].shape == like.shape)
 
     def scalar(v: Any, like: torch.Tensor) -> Any:
-        """The alpha that 0-d ``v`` gives, or None."""
+        """The number that 0-d ``v`` gives (a _Ref: the 0-d part's), or None."""
         t = rec.tensors[v.index] if isinstance(v, _Ref) else v
         if (not isinstance(t, torch.Tensor) or t.ndim != 0 or t.dtype != like.dtype
                 or (isinstance(v, _Ref) and v.index in rec.piece)):
             return None
         return v if isinstance(v, _Ref) else t.item()
 
-    def product(v: Any, j: int, like: torch.Tensor) -> tuple | None:
-        """(the op making it, x, alpha) when variable ``v``, read by op ``j``
-        only, is ``x * s`` and x is not written in place before op ``j``."""
+    def made_by(v: Any, j: int, name: str) -> tuple | None:
+        """(the op making it, its two arguments) when variable ``v``, read by op
+        ``j`` only, is made by the two-argument ``name`` (not contracted)."""
         if not isinstance(v, _Ref) or v.index not in made or v.index in outputs:
             return None
         i = made[v.index]
         func, args, kwargs, _, _ = ops[i]
-        if readers[v.index] != [j] or _OUT_FUNCS.get(func) != "mul" or kwargs or len(args) != 2:
+        if (readers[v.index] != [j] or i in replaced or _OUT_FUNCS.get(func) != name
+                or kwargs or len(args) != 2):
             return None
+        return i, args
+
+    def unwritten(x: _Ref, i: int, j: int) -> bool:
+        """Variable ``x`` is not written in place between ops ``i`` and ``j``."""
+        return not any(i < w < j for w in writes[x.index])
+
+    def product(v: Any, j: int, like: torch.Tensor) -> tuple | None:
+        """(the op making it, x, s) when variable ``v``, read by op ``j`` only,
+        is ``x * s`` and x is not written in place before op ``j``."""
+        found = made_by(v, j, "mul")
+        if found is None:
+            return None
+        i, args = found
         for x, s in (args, args[::-1]):
-            alpha = scalar(s, like)
-            if (piece(x, like) and alpha is not None
-                    and not any(i < w < j for w in writes[x.index])):
-                return i, x, alpha
+            number = scalar(s, like)
+            if piece(x, like) and number is not None and unwritten(x, i, j):
+                return i, x, number
         return None
 
-    dropped, replaced = set(), {}
-    for j, (func, args, kwargs, index, out) in enumerate(ops):
-        name = _OUT_FUNCS.get(func)
-        in_place = func in _FMA_IN_PLACE
-        if kwargs or len(args) != 2 or not (name in ("add", "sub") or in_place):
-            continue
+    def fused(y: _Ref, t: Any, j: int, like: torch.Tensor, sub: bool) -> tuple | None:
+        """(the ops it replaces, the function's name, args, kwargs) of the one
+        operation computing ``y + t`` (``y - t`` if ``sub``) at op ``j``, or None."""
+        found = product(t, j, like)
+        if found is not None:
+            i, x, s = found
+            diff = None if sub else made_by(x, i, "sub")
+            if (diff is not None and isinstance(s, float) and 0 <= s < 0.5
+                    and isinstance(diff[1][1], _Ref) and diff[1][1].index == y.index
+                    and piece(diff[1][0], like)
+                    and unwritten(diff[1][0], diff[0], j) and unwritten(y, diff[0], j)):
+                return (diff[0], i), "lerp", [y, diff[1][0], s], {}
+            return (i,), "sub" if sub else "add", [y, x], {"alpha": s}
+        if sub:
+            return None
+        found = made_by(t, j, "mul")
+        if found is not None and all(piece(a, like) for a in found[1]):
+            k, (a, b) = found
+            if not (unwritten(a, k, j) and unwritten(b, k, j)):
+                return None
+            for a_, b_ in ((a, b), (b, a)):
+                inner = product(a_, k, like)
+                if inner is not None and unwritten(inner[1], inner[0], j):
+                    return (inner[0], k), "addcmul", [y, inner[1], b_], {"value": inner[2]}
+            return (k,), "addcmul", [y, a, b], {}
+        found = made_by(t, j, "div")
+        if found is not None:
+            k, (numerator, z) = found
+            inner = product(numerator, k, like)
+            if (inner is not None and piece(z, like) and unwritten(z, k, j)
+                    and unwritten(inner[1], inner[0], j)):
+                return (inner[0], k), "addcdiv", [y, inner[1], z], {"value": inner[2]}
+        return None
+
+    for j, (func, args, kwargs, index, _) in enumerate(ops):
+        name = _FUSED_IN_PLACE.get(func) or _OUT_FUNCS.get(func)
         result = rec.tensors[index]
-        if result.dtype not in (torch.float32, torch.float64):
+        if (kwargs or len(args) != 2 or name not in ("add", "sub")
+                or result.dtype not in (torch.float32, torch.float64)):
             continue
         y, b = args
-        found = product(b, j, result) if piece(y, result) else None
-        if found is None and name == "add" and piece(b, result):
-            y, found = b, product(y, j, result)  # x * s + y: the same sum
-        if found is None:
+        hit = None
+        in_place = func in _FUSED_IN_PLACE  # into y: the sum's operands keep their places
+        for y_, t in ((y, b),) if name == "sub" or in_place else ((y, b), (b, y)):
+            if piece(y_, result) and (hit := fused(y_, t, j, result, name == "sub")):
+                break
+        if hit is None:
             continue
-        i, x, alpha = found
-        dropped.add(i)
-        replaced[j] = (func if in_place else _OUT[name], [y, x], {"alpha": alpha}, index,
-                       out)
+        drop, fname, fargs, fkwargs = hit
+        dropped.update(drop)
+        f = getattr(torch.Tensor, fname + "_") if in_place else _OUT[fname]
+        replaced[j] = (f, fargs, fkwargs, index, None if in_place else f)
     return [replaced.get(j, op) for j, op in enumerate(ops) if j not in dropped]
 
 
@@ -410,11 +473,12 @@ class _Program:
         numbers: list = []  # the 0-d part's values an alpha= reads, as Python numbers
         for j, (func, args, kwargs, index, out) in enumerate(ops):
             items = [arg(a) for a in args] + [
-                f"{k}=n{v.index}" if k == "alpha" and isinstance(v, _Ref) else f"{k}={arg(v)}"
+                f"{k}=n{v.index}" if k in _NUMBERS and isinstance(v, _Ref) else f"{k}={arg(v)}"
                 for k, v in kwargs.items()]
-            alpha = kwargs.get("alpha")
-            if isinstance(alpha, _Ref) and dynamic.index(alpha.index) not in numbers:
-                numbers.append(dynamic.index(alpha.index))
+            for k in _NUMBERS:
+                number = kwargs.get(k)
+                if isinstance(number, _Ref) and dynamic.index(number.index) not in numbers:
+                    numbers.append(dynamic.index(number.index))
             if j in methods:
                 body.append(f"    v{index} = {const(methods[j])}({', '.join(items)})")
                 continue

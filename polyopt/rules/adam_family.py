@@ -21,8 +21,21 @@ class AdamState(NamedTuple):
 
 def _moments(xp, b1, b2, g, m, v):
     """m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) |g|^2 (real for complex g:
-    optax's ``abs_sq``; a complex slot holds it as its real part)."""
-    return b1 * m + (1 - b1) * g, b2 * _base.real_part(xp, v) + (1 - b2) * _base.abs_sq(xp, g)
+    optax's ``abs_sq``; a complex slot holds it as its real part).
+
+    For real g they are computed as torch.optim computes them: m + (1 - b1)
+    (g - m) (its ``lerp_``, Keras's form) for a number b1 > 0.5, and b2 v +
+    ((1 - b2) g) g (its ``addcmul_``), so that an eager torch step runs each
+    as one fused operation (polyopt.torch's ``_eager._contracted``). A b1 of
+    at most 0.5 or given as an array keeps b1 m + (1 - b1) g, exact at b1 = 0.
+    """
+    if _base.is_complex(xp, g):
+        return b1 * m + (1 - b1) * g, b2 * _base.real_part(xp, v) + (1 - b2) * _base.abs_sq(xp, g)
+    if isinstance(b1, numbers.Number) and b1 > 0.5:
+        m = m + (1 - b1) * (g - m)
+    else:
+        m = b1 * m + (1 - b1) * g
+    return m, b2 * v + ((1 - b2) * g) * g
 
 
 def _one_minus_power(xp, b, t):
@@ -101,13 +114,15 @@ def _adam(name, learning_rate, b1, b2, eps, eps_root, eps_placement, amsgrad, am
                 v_hat, v_raw, c2 = v / bc2, v, bc2
             if amsgrad:
                 maxes.append(v_max)
+            # the update is (step * m) / denom with a 0-d step, as torch's
+            # addcdiv_ and Keras compute it (one pass over m fewer than m / bc1)
             if eps_placement == "hat":
                 step = lr / bc1 if c2 is None else lr * xp.sqrt(c2) / bc1
                 denom = xp.sqrt(_base.plus_root(v_raw, eps_root)) + eps
-                updates.append(-step * (m / denom))
             else:
+                step = lr / bc1
                 denom = xp.sqrt(_base.plus_root(v_hat, eps_root)) + eps
-                updates.append(-lr * ((m / bc1) / denom))
+            updates.append((-step * m) / denom)
         return updates, (ms, vs, maxes), lr_value
 
     return _base.stateful_rule(name, AdamState, _moment_slots(amsgrad), step,
