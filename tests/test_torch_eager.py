@@ -261,6 +261,11 @@ def test_a_product_is_contracted_only_into_its_one_reader_as_it_was():
         assert contracted == ops, case
     ops, contracted = _recorded(lambda *v: [_CONTRACTIONS["y + x * s"][0](*v)], torch.float16)
     assert contracted == ops
+    # a product plus a quotient (AdamW's u + (-lr wd) p): the quotient joins
+    # the sum (addcdiv), one pass fewer than the product joining it
+    ops, contracted = _recorded(lambda x, y, z, e: [
+        torch.add(torch.div(torch.mul(x, _s(x)), z), torch.mul(y, _s(y, -0.5)))])
+    assert [f for f, *_ in contracted] == [torch.mul, torch.addcdiv]
     # lerp's weight 0.75 (its kernel's other branch): the product alone joins the sum
     ops, contracted = _recorded(
         lambda x, y, z, e: [torch.add(y, torch.mul(torch.sub(e, y), _s(x, 0.75)))])

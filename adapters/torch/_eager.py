@@ -283,6 +283,17 @@ def _contracted(rec: _Recorder, ops: list, outputs: list) -> list:
                 return i, x, number
         return None
 
+    def divided(y: _Ref, t: Any, j: int, like: torch.Tensor, sub: bool) -> tuple | None:
+        """As :func:`fused`, for ``y + (x * s) / z`` (``addcdiv``)."""
+        found = made_by(t, j, "div")
+        if found is not None:
+            k, (numerator, z) = found
+            inner = product(numerator, k, like)
+            if (inner is not None and piece(z, like) and unwritten(z, k, j)
+                    and unwritten(inner[1], inner[0], j)):
+                return (inner[0], k), "addcdiv", [y, inner[1], z], {"value": inner[2]}
+        return None
+
     def fused(y: _Ref, t: Any, j: int, like: torch.Tensor, sub: bool) -> tuple | None:
         """(the ops it replaces, the function's name, args, kwargs) of the one
         operation computing ``y + t`` (``y - t`` if ``sub``) at op ``j``, or None."""
@@ -308,13 +319,6 @@ def _contracted(rec: _Recorder, ops: list, outputs: list) -> list:
                 if inner is not None and unwritten(inner[1], inner[0], j):
                     return (inner[0], k), "addcmul", [y, inner[1], b_], {"value": inner[2]}
             return (k,), "addcmul", [y, a, b], {}
-        found = made_by(t, j, "div")
-        if found is not None:
-            k, (numerator, z) = found
-            inner = product(numerator, k, like)
-            if (inner is not None and piece(z, like) and unwritten(z, k, j)
-                    and unwritten(inner[1], inner[0], j)):
-                return (inner[0], k), "addcdiv", [y, inner[1], z], {"value": inner[2]}
         return None
 
     for j, (func, args, kwargs, index, _) in enumerate(ops):
@@ -326,8 +330,13 @@ def _contracted(rec: _Recorder, ops: list, outputs: list) -> list:
         y, b = args
         hit = None
         in_place = func in _FUSED_IN_PLACE  # into y: the sum's operands keep their places
-        for y_, t in ((y, b),) if name == "sub" or in_place else ((y, b), (b, y)):
-            if piece(y_, result) and (hit := fused(y_, t, j, result, name == "sub")):
+        orders = ((y, b),) if name == "sub" or in_place else ((y, b), (b, y))
+        # a quotient first: x * s + (a * c) / z is a product and addcdiv, one
+        # pass fewer than the quotient and a fused multiply-add
+        candidates = [] if name == "sub" else [(divided, y_, t) for y_, t in orders]
+        candidates += [(fused, y_, t) for y_, t in orders]
+        for how, y_, t in candidates:
+            if piece(y_, result) and (hit := how(y_, t, j, result, name == "sub")):
                 break
         if hit is None:
             continue

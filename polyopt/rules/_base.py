@@ -312,7 +312,9 @@ def apply_decoupled(xp, updates: list[Array], params: list[Array], weight_decay:
         rate = scalar(xp, weight_decay, p)
         if mode == "decoupled":
             rate = scalar(xp, lr, p) * rate
-        out.append(u - rate * p)
+        # u + (-rate) p: u - rate p exactly, with the 0-d factor negated once
+        # (polyopt.torch's eager replay runs it with u's quotient as one addcdiv)
+        out.append(u + (-rate) * p)
     return out
 
 
