@@ -90,6 +90,33 @@ def test_adam_first_step_is_minus_lr_sign_g(make):
         np.testing.assert_allclose(params[0], -0.01 * np.sign(g), rtol=1e-8)
 
 
+@pytest.mark.parametrize("b1", [0.0, 0.3, 0.9])
+def test_adam_moments_by_hand_in_each_form(b1):
+    """m: m + (1 - b1)(g - m) for b1 > 0.5 (torch's lerp_), b1 m + (1 - b1) g
+    otherwise (exact at b1 = 0: m is g itself); v: b2 v + ((1 - b2) g) g
+    (torch's addcmul_), each rounding as written (numpy, float32)."""
+    rng = np.random.default_rng(0)
+    g0, g1 = ((rng.standard_normal(1000) * 10.0 ** rng.integers(-3, 3, 1000)).astype(np.float32)
+              for _ in range(2))
+    rule = rules.adam(learning_rate=0.01, b1=b1)
+    state = rule.init([np.zeros(1000, np.float32)])
+    for g in (g0, g1):
+        _, state = rule.update([g], state, [np.zeros(1000, np.float32)])
+    w, b1_, b2, w2 = (np.float32(x) for x in (1 - b1, b1, 0.999, 1 - 0.999))
+    if b1 > 0.5:
+        m0 = w * g0  # 0 + w (g0 - 0)
+        m1 = m0 + w * (g1 - m0)
+    else:
+        m0 = w * g0
+        m1 = b1_ * m0 + w * g1
+    v0 = (w2 * g0) * g0
+    v1 = b2 * v0 + (w2 * g1) * g1
+    np.testing.assert_array_equal(state.first_moment[0], m1)
+    np.testing.assert_array_equal(state.second_moment[0], v1)
+    if b1 == 0.0:
+        np.testing.assert_array_equal(state.first_moment[0], g1)
+
+
 def test_adam_hat_placement_first_step_by_hand():
     # Keras: lr_t = lr sqrt(1-b2)/(1-b1); p -= lr_t m/(sqrt(v)+eps), m=(1-b1)g, v=(1-b2)g^2
     g, lr, eps = 0.5, 0.1, 1e-3
