@@ -24,6 +24,8 @@ Params = Sequence[Array]
 #: Keras adapter's TensorFlow namespace is tested against this set). Of the
 #: ``linalg`` extension only ``linalg.matrix_norm`` is called (Muon's 'spectral'
 #: preconditioning, ``ord=2``); ``conj`` serves complex params (Muon's X X^H).
+#: The combined operations of ``polyopt._namespace.fused`` are written in this
+#: subset (torch's namespace runs its own kernels for them).
 ARRAY_API_SUBSET = frozenset({
     "abs", "all", "asarray", "astype", "conj", "cos", "expm1", "finfo", "float32", "floor",
     "full_like", "imag", "int32", "isdtype", "isfinite", "linalg", "matmul", "matrix_transpose",

@@ -6,7 +6,7 @@ import math
 from typing import Any, NamedTuple
 
 from polyopt import hyper
-from polyopt._namespace import namespace
+from polyopt._namespace import fused, namespace
 from polyopt.rules import _base, _state
 from polyopt.rules._base import Rule
 from polyopt.rules._state import Slot
@@ -84,6 +84,7 @@ def newton_schulz(xp, x, coefficients, eps: float, eps_placement: str, dtype: An
     ``preconditioning``: 'frobenius' X / ||X||_F, 'spectral' X / ||X||_2 (``eps``
     added or clamped), 'aol' and 'schatten' (optax's) scale the first iteration
     instead. In ``dtype`` (None: x's); returns the result in ``dtype``."""
+    kernels = fused(xp)
     if dtype is not None and x.dtype != dtype:
         x = xp.astype(x, dtype)
     rows, cols = x.shape[-2], x.shape[-1]
@@ -92,10 +93,14 @@ def newton_schulz(xp, x, coefficients, eps: float, eps_placement: str, dtype: An
         x = xp.matrix_transpose(x)
     if preconditioning in ("frobenius", "spectral"):
         # an iteration in bfloat16 accumulates the norm in float32 (torch)
-        wide = xp.astype(x, xp.float32) if (
-            dtype is not None and _state.dtype_name(x) == "bfloat16") else x
-        norm = _frobenius(xp, wide) if preconditioning == "frobenius" else (
-            xp.linalg.matrix_norm(wide, ord=2, keepdims=x.ndim > 2))
+        bfloat16 = dtype is not None and _state.dtype_name(x) == "bfloat16"
+        if preconditioning == "spectral":
+            wide = xp.astype(x, xp.float32) if bfloat16 else x
+            norm = xp.linalg.matrix_norm(wide, ord=2, keepdims=x.ndim > 2)
+        elif bfloat16:
+            norm = kernels.bfloat16_norm(xp, x, keepdims=x.ndim > 2)
+        else:
+            norm = _frobenius(xp, x)
         if eps_placement == "clamp":
             x = x / _at_least(xp, _like(xp, norm, x), eps)
         else:
@@ -112,8 +117,8 @@ def newton_schulz(xp, x, coefficients, eps: float, eps_placement: str, dtype: An
                                                     _PRECONDITIONING_FLOOR)), x)
             x = x * scale
             gram = gram * (scale * scale)
-        poly = b * gram + xp.matmul(c * gram, gram)
-        x = a * x + xp.matmul(poly, x)
+        poly = kernels.matmul_add(xp, gram, gram, gram, beta=b, alpha=c)  # b A + c A A
+        x = kernels.matmul_add(xp, x, poly, x, beta=a)  # a X + B X
     return xp.matrix_transpose(x) if flip else x
 
 
@@ -328,6 +333,7 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
 
     def step(xp, grads, params, state, lr_value, layouts):
         check("muon.update", params, layouts)
+        kernels = fused(xp)  # torch's own lerp, addmm, sub(alpha=) on torch arrays
         t = None
         updates, moms = [], []
         for i, (g, p) in enumerate(zip(grads, params)):
@@ -340,8 +346,8 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
                 m = momentum * m + g
                 x = g + momentum * m if nesterov else m
             else:
-                m = momentum * m + (1 - momentum) * g
-                x = momentum * m + (1 - momentum) * g if nesterov else m
+                m = kernels.lerp(xp, m, g, 1 - momentum, momentum)
+                x = kernels.lerp(xp, g, m, momentum, 1 - momentum) if nesterov else m
                 if momentum_form == "ema_debiased":
                     if t is None:
                         t = _base.step_number(xp, state.count, g)
@@ -354,6 +360,7 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
             matrix, back = as_matrix(xp, x, layouts[i])
             o = newton_schulz(xp, matrix, coefficients, eps, eps_placement,
                               _iteration_dtype(xp, iteration_dtype, g), preconditioning)
+            o = kernels.row_major(xp, o)
             if o.dtype != g.dtype:
                 o = xp.astype(o, g.dtype)
             if adaptive:  # <B, O>, conjugating B (optax)
@@ -363,7 +370,7 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
             scale = _shape_scale(rows, cols, lr_scale, rms_scale, tuple(int(d) for d in g.shape))
             u = -(lr * scale) * back(o)
             if not _base.is_zero(weight_decay):
-                u = u - (lr * weight_decay) * p
+                u = kernels.minus(xp, u, lr * weight_decay, p)
             updates.append(u)
         adam_updates, adam_state = adam.update(placeholders(xp, grads, layouts), state.adam,
                                                placeholders(xp, params, layouts))
