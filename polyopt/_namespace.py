@@ -93,6 +93,12 @@ class Fused:
                        else xp.sum(squares))
 
 
+def _number(x: Any) -> bool:
+    """Whether ``x`` is a Python real number (float and int looked up first: an
+    isinstance of the numbers ABC costs about 0.5 us, twice per matrix product)."""
+    return type(x) in (float, int) or isinstance(x, numbers.Real)
+
+
 class TorchFused(Fused):
     """:class:`Fused` as torch's kernels, where the operands allow them (number
     coefficients): one pass and one rounding each, as torch.optim.Muon computes."""
@@ -100,7 +106,7 @@ class TorchFused(Fused):
     @staticmethod
     def lerp(xp, start, end, weight, keep):
         """torch.lerp (a fused multiply-add for either half of the weights)."""
-        if isinstance(weight, numbers.Real):
+        if _number(weight):
             return xp.lerp(start, end, weight)
         return Fused.lerp(xp, start, end, weight, keep)
 
@@ -108,14 +114,14 @@ class TorchFused(Fused):
     def matmul_add(xp, y, a, b, beta, alpha=None):
         """torch.addmm (baddbmm for a stack): the sum rounded once."""
         scale = 1 if alpha is None else alpha
-        if isinstance(beta, numbers.Real) and isinstance(scale, numbers.Real) and y.ndim in (2, 3):
+        if _number(beta) and _number(scale) and y.ndim in (2, 3):
             return (xp.addmm if y.ndim == 2 else xp.baddbmm)(y, a, b, beta=beta, alpha=scale)
         return Fused.matmul_add(xp, y, a, b, beta, alpha)
 
     @staticmethod
     def minus(xp, y, s, x):
         """torch.sub(alpha=s): one rounding."""
-        if isinstance(s, numbers.Real):
+        if _number(s):
             return xp.sub(y, x, alpha=s)
         return Fused.minus(xp, y, s, x)
 

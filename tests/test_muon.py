@@ -276,6 +276,23 @@ def test_hybrid_steps_vectors_with_the_adam_rule():
     assert [m.shape for m in state.adam.first_moment] == [(0,), (3,), ()]
 
 
+
+@pytest.mark.parametrize("shapes", [[(4, 3), (3,), (5, 2)], [(4, 3), (5, 2)]],
+                         ids=["hybrid", "matrices-only"])
+def test_the_adam_part_passes_a_muon_params_placeholders_through(shapes):
+    """A Muon param's (0,)-shaped Adam slots come back as they went in (the Adam
+    part steps its own params only, not a placeholder per Muon param), and the
+    Adam part's count still advances when every param is a matrix."""
+    params, grads = _problem(shapes, steps=1)
+    rule = rules.muon(learning_rate=0.02)
+    state = rule.init(params)
+    _, new = rule.update(grads[0], state, params)
+    muon = [len(s) == 2 for s in shapes]
+    for slot in ("first_moment", "second_moment"):
+        for is_muon, old, now in zip(muon, getattr(state.adam, slot), getattr(new.adam, slot)):
+            assert (now is old) == is_muon and now.shape == old.shape
+    assert int(new.adam.count) == int(state.adam.count) + 1 == int(new.count)
+
 def test_muon_params_all_refuses_a_vector_naming_it():
     rule = rules.muon(muon_params="all")
     params = [np.zeros((3, 2)), np.zeros(4)]

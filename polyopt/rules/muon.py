@@ -372,14 +372,23 @@ def muon(learning_rate, momentum, nesterov, momentum_form, ns_steps, ns_a, ns_b,
             if not _base.is_zero(weight_decay):
                 u = kernels.minus(xp, u, lr * weight_decay, p)
             updates.append(u)
-        adam_updates, adam_state = adam.update(placeholders(xp, grads, layouts), state.adam,
-                                               placeholders(xp, params, layouts))
+        # the Adam part steps its own params only: a Muon param's (0,)-shaped Adam slots
+        # pass through as they are (with no Adam param, one placeholder steps its counts)
+        own = [i for i, u in enumerate(updates) if u is None] or [0]
+        mine = [layouts[i] for i in own]
+        stepped, adam_own = adam.update(placeholders(xp, [grads[i] for i in own], mine),
+                                        _state.subset(state.adam, own),
+                                        placeholders(xp, [params[i] for i in own], mine))
+        muon_ones = [i for i, u in enumerate(updates) if u is not None]  # these win
+        adam_state = _state.merge([(own, adam_own)] + (
+            [(muon_ones, _state.subset(state.adam, muon_ones))] if muon_ones else []),
+            len(grads))
+        adam_updates = dict(zip(own, stepped))
         if not _base.is_zero(adam_weight_decay):  # decoupled, times adam_lr
             rate = _base.evaluate(adam_lr, state.count)
-            adam_updates = [a if u is not None else
-                            a - (_base.scalar(xp, rate, p) * adam_weight_decay) * p
-                            for u, a, p in zip(updates, adam_updates, params)]
-        updates = [a if u is None else u for u, a in zip(updates, adam_updates)]
+            adam_updates = {i: a - (_base.scalar(xp, rate, params[i]) * adam_weight_decay)
+                            * params[i] for i, a in adam_updates.items() if updates[i] is None}
+        updates = [adam_updates[i] if u is None else u for i, u in enumerate(updates)]
         return updates, (moms, adam_state), 0.0
 
     return _base.stateful_rule("muon", MuonState, slots, step, learning_rate=learning_rate,
