@@ -276,7 +276,6 @@ def test_hybrid_steps_vectors_with_the_adam_rule():
     assert [m.shape for m in state.adam.first_moment] == [(0,), (3,), ()]
 
 
-
 @pytest.mark.parametrize("shapes", [[(4, 3), (3,), (5, 2)], [(4, 3), (5, 2)]],
                          ids=["hybrid", "matrices-only"])
 def test_the_adam_part_passes_a_muon_params_placeholders_through(shapes):
@@ -292,6 +291,7 @@ def test_the_adam_part_passes_a_muon_params_placeholders_through(shapes):
         for is_muon, old, now in zip(muon, getattr(state.adam, slot), getattr(new.adam, slot)):
             assert (now is old) == is_muon and now.shape == old.shape
     assert int(new.adam.count) == int(state.adam.count) + 1 == int(new.count)
+
 
 def test_muon_params_all_refuses_a_vector_naming_it():
     rule = rules.muon(muon_params="all")
