@@ -14,6 +14,8 @@ eager path with torch.optim itself is tests/test_torch_parity.py's.
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -330,7 +332,7 @@ def test_a_slot_started_at_run_time_and_presets(monkeypatch):
 def _schedules(opt) -> list:
     """The eager schedules an optimizer keeps (one per bucket, dtypes and
     variant of the program)."""
-    return [schedule for key, (_, groups) in opt._eager_kept.items() if key is not None
+    return [schedule for key, (_, groups, _) in opt._eager_kept.items() if key is not None
             for group in groups for schedule in group[3].values()]
 
 
@@ -403,6 +405,60 @@ def test_the_schedule_is_kept_while_params_and_state_are_the_same(monkeypatch):
     _, whole_params, whole_states = steps(False)
     assert_within_roundings([(params, states)], [(whole_params, whole_states)],
                             "kept schedules")
+
+
+def _storages(tensors) -> set:
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def test_small_members_state_and_the_counts_live_in_flat_tensors(monkeypatch):
+    """From the step after the state starts, the slots of the small members
+    (gathered into one piece) are consecutive views of one flat tensor per
+    slot, which the replay reads and writes where it is, and the members'
+    counts are 0-d views of one flat tensor. The state still saves and
+    loads (torch.save), and an entry that the user replaces, or changes in
+    place, is what the next step reads: the numbers stay the per-tensor
+    step's at every step."""
+    shapes = [(3,), (5,), (2, 2), (300,), (5000,)]  # four gathered, one alone
+
+    def steps(replayed: bool) -> list:
+        monkeypatch.setattr(_eager, "eligible", ELIGIBLE if replayed else lambda rule: False)
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+        opt = pt.Adam(params, lr=0.01)
+        snapshots = []
+        for t in range(8):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            if t == 3:  # replaced: a new tensor, not a view of the flat one
+                opt.state[params[1]]["exp_avg"] = torch.full((5,), 0.25)
+            if t == 4:  # changed in place: this member's count differs from the others'
+                opt.state[params[0]]["step"].fill_(1.0)
+            if t == 5:  # and equal to theirs again
+                opt.state[params[0]]["step"].copy_(opt.state[params[1]]["step"])
+            if t == 6:
+                buffer = io.BytesIO()
+                torch.save(opt.state_dict(), buffer)
+                buffer.seek(0)
+                opt.load_state_dict(torch.load(buffer))
+            opt.step()
+            if replayed and t in (2, 7):
+                for key in ("exp_avg", "exp_avg_sq"):
+                    small = [opt.state[p][key] for p in params[:4]]
+                    assert len(_storages(small)) == 1, (t, key)
+                    assert [v.data_ptr() - small[0].data_ptr() for v in small] == [
+                        4 * k for k in (0, 3, 8, 12)], (t, key)
+                    assert opt.state[params[4]][key].untyped_storage().nbytes() == 4 * 5000
+                steps_ = [opt.state[p]["step"] for p in params]
+                assert len(_storages(steps_)) == 1 and all(v.ndim == 0 for v in steps_)
+            snapshots.append(([p.detach().clone() for p in params],
+                              [{k: v.clone() for k, v in opt.state[p].items()}
+                               for p in params]))
+        return snapshots
+
+    replayed, whole = steps(True), steps(False)
+    assert_within_roundings(replayed, whole, "flat state")
+    assert [st["step"].item() for st in replayed[4][1][:2]] == [2.0, 5.0]
 
 
 def test_adam_is_replayed_with_its_state_written_in_place(monkeypatch):
@@ -568,7 +624,7 @@ def test_a_0d_switch_replays_the_operand_it_chooses(monkeypatch):
         opt.step()
         if before is not None and t % 6:  # not a sync step: the slow weights as they were
             assert torch.equal(opt.state[params[0]]["slow_buffer"], before)
-    (_, groups), = [v for k, v in opt._eager_kept.items() if k is not None]
+    (_, groups, _), = [v for k, v in opt._eager_kept.items() if k is not None]
     plan = groups[0][2]
     # (rectified, sync): not at steps 1-5 (rho_t <= 5), both at 6, rectified at 7
     assert list(plan.variants) == [(False, False), (True, True), (True, False)]

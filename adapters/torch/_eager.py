@@ -25,7 +25,11 @@ reads the old value afterwards (``v * b2 + ((1 - b2) * g) * g``:
 ``v.mul_(b2)``, then ``v.addcmul_(g, g, value=1 - b2)``). What a bucket's
 replay needs (views, pieces, buffers) is
 kept across steps while its params and state are the same tensors on the
-same memory (:class:`_Schedule`). A ``where`` whose condition is a 0-d
+same memory (:class:`_Schedule`); the state of its small members then
+lives in one flat tensor per slot, and its 0-d state (counts) in one flat
+tensor per entry, whose views are the optimizer's state entries
+(:func:`_consecutive`, :func:`_flat_scalar`), so that the replay reads and
+writes them where they are. A ``where`` whose condition is a 0-d
 boolean of the 0-d part (Lookahead's synchronisation) runs as the operand it
 chooses, in a variant of the program per value (:func:`_specialized`). A
 product that one addition reads (``y + x * s``, ``y + x * z``, ``y + s * (e -
@@ -54,6 +58,8 @@ are replayed whole, without buffers.
 from __future__ import annotations
 
 import copy
+import itertools
+import operator
 import sys
 import threading
 from collections import defaultdict
@@ -68,8 +74,9 @@ from polyopt.rules import _state
 #: smaller pieces pay the ~1 us a torch call costs too often, larger ones
 #: stream from memory (measured: docs/performance.md).
 CHUNK = 1 << 19
-#: Tensors of at most this many elements are replayed together: gathered into
-#: one piece and scattered back, which costs less than a replay each (~15
+#: Tensors of at most this many elements are replayed together: their params
+#: and grads gathered into one piece (the params scattered back), their state
+#: kept in one flat tensor per slot, which costs less than a replay each (~15
 #: torch calls of ~1 us for Adam).
 SMALL = 1 << 12
 
@@ -550,7 +557,9 @@ def step(apply, update, layout, params: list, grads: list, states: list,
     ``scalars``: {path: value} of the bucket's 0-d state, as the rule reads it.
     ``chunk``: elements per piece (default :data:`CHUNK`). ``kept``: a dict
     owned by the optimizer, where the bucket's schedules are kept for its next
-    step (:class:`_Schedule`).
+    step (:class:`_Schedule`), whose state entries may become views of flat
+    tensors (:func:`_consecutive`, :func:`_flat_scalar`); None: ``states``
+    are a step's own (views of the optimizer's), nothing is kept or moved.
     """
     if torch.is_grad_enabled():  # differentiable=True: out= does not record autograd
         return False
@@ -559,13 +568,13 @@ def step(apply, update, layout, params: list, grads: list, states: list,
     shards = _local(params, grads, states, present)
     if shards is not None:
         params, grads, states = shards[:3]  # the same local tensors at every step (no_grad)
-    tensors = [*params, *(st[key] for st in states for _, key in present)]
     # the thread too: a schedule holds views of its thread's scratch buffers
-    signature = (update, layout, chunk, threading.get_ident(), tuple(present),
-                 *map(id, tensors), *map(torch.Tensor.data_ptr, tensors))
+    signature = (update, layout, chunk, threading.get_ident(), tuple(present))
+    tensors = [*params, *(st[key] for st in states for _, key in present)]
+    seen = (*signature, *map(id, tensors), *map(torch.Tensor.data_ptr, tensors))
     bucket = tuple(map(id, params))
     last = None if kept is None else kept.get(bucket)
-    if last is not None and last[0] == signature:
+    if last is not None and last[0] == seen:
         groups = last[1]
     else:
         by_kinds = defaultdict(list)  # one recording per combination of dtypes
@@ -592,20 +601,64 @@ def step(apply, update, layout, params: list, grads: list, states: list,
                     states[i][key] = (torch.empty(p.shape, dtype=dtype, device=p.device)
                                       if type(p) in _PLAIN else torch.empty_like(p, dtype=dtype))
             schedule = _Schedule(program, plan.outputs, params, states, present, members,
-                                 chunk)
+                                 chunk, kept is not None and shards is None)
             if not plan.started:
                 schedules[variant] = schedule
+                seen = None  # it may have moved state into flat tensors (_consecutive)
         schedule.run(program, grads)
     if shards is not None:
         _wrap_started(shards[3], states,
                       {key for group, *_ in plans for key, _ in group[2].started})
     new_scalars = plans[-1][3]
+    flats = {} if last is None else last[2]
     for path, key, _ in layout.scalars:
-        torch._foreach_copy_([st[key] for st in states], [new_scalars[path]] * len(states))
+        if kept is not None and shards is None and _flat_scalar(flats, states, key):
+            flats[key][0].copy_(new_scalars[path])
+        else:
+            torch._foreach_copy_([st[key] for st in states], [new_scalars[path]] * len(states))
     if kept is not None:
-        kept[bucket] = (signature, groups)
+        if seen is None:
+            tensors = [*params, *(st[key] for st in states for _, key in present)]
+            seen = (*signature, *map(id, tensors), *map(torch.Tensor.data_ptr, tensors))
+        kept[bucket] = (seen, groups, flats)
         kept.setdefault(None, set()).add(bucket)
     return True
+
+
+def _flat_scalar(flats: dict, states: list, key: str) -> bool:
+    """Whether the bucket's 0-d entries ``key`` are the 0-d views of one flat
+    tensor, ``flats[key] = (flat, views)``: kept from its last step, or made
+    now (they then replace the entries, as the compiled path keeps its
+    counts), so that one copy writes the new value of every member and
+    :func:`flat_scalars` reads them without a stack; False (nothing changed)
+    when the entries are not 0-d tensors of one dtype and device."""
+    built = flats.get(key)
+    if built is not None and all(map(operator.is_, map(dict.get, states,
+                                                        itertools.repeat(key)), built[1])):
+        return True
+    first = states[0][key]
+    if not all(type(st[key]) in _PLAIN and st[key].ndim == 0 and st[key].dtype == first.dtype
+               and st[key].device == first.device for st in states):
+        return False
+    flat = torch.empty(len(states), dtype=first.dtype, device=first.device)
+    views = flat.unbind()
+    for st, view in zip(states, views):
+        st[key] = view
+    flats[key] = (flat, views)
+    return True
+
+
+def flat_scalars(kept: dict, params: list, states: list) -> dict | None:
+    """{key: flat tensor} of the 0-d state of the bucket of exactly these
+    params, when every entry is still a view of it (its last :func:`step`
+    made them so, :func:`_flat_scalar`); else None."""
+    last = kept.get(tuple(map(id, params)))
+    if last is None or not last[2]:
+        return None
+    for key, (_, views) in last[2].items():
+        if not all(map(operator.is_, map(dict.get, states, itertools.repeat(key)), views)):
+            return None
+    return {key: flat for key, (flat, _) in last[2].items()}
 
 
 def forget_unused(kept: dict) -> None:
@@ -865,14 +918,14 @@ class _Schedule:
     """
 
     def __init__(self, program: _Program, outputs: list, params: list, states: list,
-                 present: list, members: list, chunk: int) -> None:
+                 present: list, members: list, chunk: int, move: bool = False) -> None:
         device = params[members[0]].device
         chunk = min(chunk, sum(params[i].numel() for i in members))
         full = _scratch(program.buffers, chunk, device)
         # positions among the inputs without the grad (what ops write into is state)
         direct = [t - 1 for t in program.direct_inputs]
         self.tasks: list = []  # (kind, member, ...)
-        small: list = []  # (member, flat inputs without the grad, flat targets)
+        small: list = []  # (member, its elements)
         one = {}  # member -> its task as it is (a small member left alone in its group)
         for i in members:
             st = states[i]
@@ -890,8 +943,7 @@ class _Schedule:
                 task = ("one", i, inputs, targets, buffers, [inputs[t] for t in direct])
                 if flat and n <= SMALL and n < chunk:
                     one[i] = task
-                    small.append((i, [t.view(-1) for t in inputs],
-                                  [t.view(-1) for t in targets]))
+                    small.append((i, n))
                 else:
                     self.tasks.append(task)
             elif flat:
@@ -905,31 +957,29 @@ class _Schedule:
                 self.tasks.append(("pieces", i, runs))
             else:
                 self.tasks.append(("whole", i, inputs, targets))
+        keys = list(dict.fromkeys([*(key for _, key in present), *outputs]))
         while small:  # groups of at most chunk elements
             size, k = 0, 0
-            while k < len(small) and size + small[k][1][0].numel() <= chunk:
-                size += small[k][1][0].numel()
+            while k < len(small) and size + small[k][1] <= chunk:
+                size += small[k][1]
                 k += 1
-            group, small = small[:k], small[k:]
+            group, small = [i for i, _ in small[:k]], small[k:]
             if len(group) == 1:  # alone: as it is, without the gather and the scatter
-                self.tasks.append(one[group[0][0]])
+                self.tasks.append(one[group[0]])
                 continue
-            self.tasks.append(("gathered", *self._gather(program, group, size, full, device)))
+            slots = {key: _consecutive([states[i] for i in group], key, move) for key in keys}
+            columns = [[params[i].view(-1) for i in group],
+                       *(slots[key] for _, key in present)]
+            # a gather buffer for the params, the grads and each state not one flat tensor
+            lists = [columns[0], columns[0], *columns[1:]]
+            dtypes = [c[0].dtype for c in lists if type(c) is list]
+            buffers = iter(_scratch(dtypes, size, device, "gather"))
+            gathered = [next(buffers) if type(c) is list else None for c in lists]
+            self.tasks.append(("gathered", group, [params[i].numel() for i in group], columns,
+                               gathered, [b[:size] for b in full],
+                               [slots[key] for key in outputs]))
         self.none = [None] * (len(program.buffers) + len(program.direct_inputs))
         self.chunk = chunk
-
-    @staticmethod
-    def _gather(program: _Program, group: list, size: int, full: list, device) -> tuple:
-        """What replaying ``group`` as one piece needs: (members, sizes, the
-        flat inputs per position, the gather buffers, the other buffers, the
-        flat targets per output)."""
-        n_in = len(group[0][1])
-        columns = [[flats[k] for _, flats, _ in group] for k in range(n_in)]
-        targets = [[outs[k] for _, _, outs in group] for k in range(len(group[0][2]))]
-        dtypes = [columns[0][0].dtype, columns[0][0].dtype, *(c[0].dtype for c in columns[1:])]
-        gathered = _scratch(dtypes, size, device, "gather")
-        return ([i for i, _, _ in group], [f.numel() for f in columns[0]], columns, gathered,
-                [b[:size] for b in full], targets)
 
     def run(self, program: _Program, grads: list) -> None:
         """Replay ``program`` (bound to this step's 0-d values) with these grads."""
@@ -960,14 +1010,58 @@ class _Schedule:
     @staticmethod
     def _run_gathered(program: _Program, grads: list, members: list, sizes: list,
                       columns: list, gathered: list, buffers: list, targets: list) -> None:
+        """The members' params and grads gathered into one piece each, as
+        their state where it is not one flat tensor (:func:`_consecutive`);
+        what the program wrote scattered back."""
         columns = [columns[0], [grads[i].reshape(-1) for i in members], *columns[1:]]
-        ins = [torch.cat(column, out=buf) for column, buf in zip(columns, gathered)]
+        ins = [torch.cat(column, out=buf) if type(column) is list else column
+               for column, buf in zip(columns, gathered)]
         news = program.run(program.constants, *ins, *buffers,
                            *[ins[t] for t in program.direct_inputs])
         for k in program.written:
-            torch._foreach_copy_(columns[k], ins[k].split(sizes))
+            if type(columns[k]) is list:
+                torch._foreach_copy_(columns[k], ins[k].split(sizes))
         for k in program.changed:
-            torch._foreach_copy_(targets[k], news[k].split(sizes))
+            if type(targets[k]) is list:
+                torch._foreach_copy_(targets[k], news[k].split(sizes))
+            elif news[k] is not targets[k]:
+                targets[k].copy_(news[k])
+
+
+def _consecutive(states: list, key: str, move: bool) -> torch.Tensor | list:
+    """The entries ``key`` of ``states`` as one flat tensor whose consecutive
+    pieces they are: the tensor they are views of, or (``move``) a new one,
+    whose views then replace them in ``states`` (the optimizer's own state,
+    as the compiled path keeps it), so that a gathered replay reads and
+    writes the state where it is, without a gather and a scatter; else their
+    flat views, to be gathered."""
+    tensors = [st[key] for st in states]
+    first = tensors[0]
+    start, size = first.data_ptr(), sum(t.numel() for t in tensors)
+    whole = first.as_strided((size,), (1,)) if size <= _room(first) else None
+    if whole is not None:
+        offset = 0
+        for t in tensors:
+            if (t.data_ptr() != start + offset * t.element_size() or not t.is_contiguous()
+                    or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+                whole = None
+                break
+            offset += t.numel()
+    if whole is not None:
+        return whole
+    if not move:
+        return [t.view(-1) for t in tensors]
+    whole = torch.cat([t.reshape(-1) for t in tensors])
+    offset = 0
+    for st, t in zip(states, tensors):
+        st[key] = whole[offset:offset + t.numel()].view(t.shape)
+        offset += t.numel()
+    return whole
+
+
+def _room(t: torch.Tensor) -> int:
+    """Elements of ``t``'s storage from its first element on."""
+    return t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
 
 
 def eligible(rule: Any) -> bool:

@@ -518,7 +518,11 @@ class RuleOptimizer(torch.optim.Optimizer):
             self._steady[index] = (list(params), list(built.grad_views))
 
     def _step_group(self, values: dict, params: list, grads: list,
-                    layouts: tuple | None = None, eager: bool = False) -> None:
+                    layouts: tuple | None = None, real_views: bool = False) -> None:
+        """One step of a group's params; ``real_views``: complex params' real
+        views with their state for this step only (:meth:`_step_real_view`),
+        stepped by the eager path."""
+        eager = real_views
         if not eager and any(map(torch.Tensor.is_complex, params)):
             self._step_real_view(values, params, grads, layouts)
             return
@@ -533,14 +537,16 @@ class RuleOptimizer(torch.optim.Optimizer):
                 return
         all_states = [self.state[p] for p in params]
         self._init_missing(values, layout, params, layouts, all_states)
-        for members in _buckets(layout, all_states):
+        flats = None if self.compiled else _eager.flat_scalars(self._eager_kept, params,
+                                                                  all_states)
+        for members in _buckets(layout, all_states, flats):
             ps = [params[i] for i in members]
             gs = [grads[i] for i in members]
             states = [all_states[i] for i in members]
             own = None if layouts is None else tuple(layouts[i] for i in members)
             rule = self._rule(values)
             if (not self.compiled and not self.defaults["differentiable"]
-                    and self._replay(rule, layout, ps, gs, states, own)):
+                    and self._replay(rule, layout, ps, gs, states, own, not real_views)):
                 continue
             if (self.compiled and not eager and not self.defaults["differentiable"]
                     and _flat.distributed(ps)
@@ -577,12 +583,13 @@ class RuleOptimizer(torch.optim.Optimizer):
             _differentiable.write(layout, states, new, recorded=False)
 
     def _replay(self, rule, layout: _Layout, params: list, grads: list, states: list,
-                own: tuple | None) -> bool:
+                own: tuple | None, keep: bool = True) -> bool:
         """The eager default's replayed step (polyopt.torch._eager) of a bucket:
         an elementwise rule, or the rest of a rule with a per-tensor prefix
         after its transform (run on each grad, DTensors too: then the rest is
         replayed on the local shards); False when no part of it replays
-        (nothing changed)."""
+        (nothing changed). ``keep``: the states are the optimizer's own (not
+        a step's temporary views), so the replay's schedules are kept."""
         parts = _eager.parts(rule)
         if parts is None:
             return False
@@ -590,7 +597,8 @@ class RuleOptimizer(torch.optim.Optimizer):
         if transform is not None:
             grads = _transformed(transform, params, grads, own)
         return _eager.step(_apply, rest.update, layout, params, grads, states,
-                           self._scalars(layout, states), kept=self._eager_kept)
+                           self._scalars(layout, states),
+                           kept=self._eager_kept if keep else None)
 
     def _local_rest(self, rule, values: dict, layout: _Layout, params: list, grads: list,
                     states: list, own: tuple | None) -> bool:
@@ -643,7 +651,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             views.append(v)
             view_grads.append(torch.view_as_real(g))
         try:
-            self._step_group(values, views, view_grads, layouts, eager=True)
+            self._step_group(values, views, view_grads, layouts, real_views=True)
         finally:
             for p, v in pairs:
                 if v in self.state:
@@ -803,11 +811,16 @@ class RuleOptimizer(torch.optim.Optimizer):
 
 
 
-def _buckets(layout: _Layout, states: list) -> list:
+def _buckets(layout: _Layout, states: list, flats: dict | None = None) -> list:
     """The positions of ``states`` by equal counts and present slots: one rule
-    call steps a bucket. The counts are read in one transfer when they stack."""
+    call steps a bucket. The counts are read in one transfer: from the flat
+    tensor whose views they are (``flats``: key -> it, :func:`_eager.flat_scalars`),
+    or stacked."""
     values = []
     for _, key, _ in layout.scalars:
+        if flats is not None and key in flats:
+            values.append(flats[key].tolist())
+            continue
         tensors = [st[key] for st in states]
         try:
             values.append(torch.stack(tensors).tolist())
