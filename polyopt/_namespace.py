@@ -7,15 +7,19 @@ TensorFlow arrays unchanged. Registered namespaces are consulted first, the
 most recent first; nothing is imported to find one.
 
 :func:`fused` gives the few combined operations the core names beyond that
-subset (Muon's ``lerp``, ``matmul_add``, ...): written in the subset for
-every namespace, torch's own kernels for torch's.
+subset (Muon's ``lerp``, ``matmul_add``, ...; gradient centralization's
+``centered``): written in the subset for every namespace, torch's own
+kernels for torch's, which can write into buffers the caller keeps
+(:func:`kept_results`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from array_api_compat import array_namespace, is_torch_namespace
@@ -84,6 +88,11 @@ class Fused:
         return x
 
     @staticmethod
+    def centered(xp, x, axes):
+        """x minus its mean over ``axes`` (gradient centralization)."""
+        return x - xp.mean(x, axis=axes, keepdims=True)
+
+    @staticmethod
     def bfloat16_norm(xp, x, keepdims):
         """The Frobenius norm of a bfloat16 matrix (of each of a stack, kept as
         (..., 1, 1) with ``keepdims``), accumulated in float32: returned in float32."""
@@ -91,6 +100,52 @@ class Fused:
         squares = wide * wide
         return xp.sqrt(xp.sum(squares, axis=(-2, -1), keepdims=True) if keepdims
                        else xp.sum(squares))
+
+
+#: The buffers a caller keeps for the results of the fused operations (see
+#: :func:`kept_results`), per thread: ``.kept`` = [buffers, index of the next
+#: result] (a thread-local, which torch.compile traces, where it cannot trace
+#: a ContextVar).
+_RESULTS = threading.local()
+
+
+@contextlib.contextmanager
+def kept_results(buffers: list) -> Iterator[None]:
+    """Within the block, torch's fused operations that return a new array of
+    their operand's shape write it into ``buffers`` instead: the k-th such
+    result into ``buffers[k]``, made (and appended) at its first use, or when
+    the shape, dtype or device changed. For a caller that reads the results
+    before it enters the block again and keeps none of them (the torch
+    adapter's eager step of a rule's per-tensor prefix, whose replay copies
+    what it keeps into its own state): a fresh tensor of a gradient's size
+    costs its memory pages again at every step (the allocator gives them
+    back; docs/performance.md). Other namespaces ignore it."""
+    before = getattr(_RESULTS, "kept", None)
+    _RESULTS.kept = [buffers, 0]
+    try:
+        yield
+    finally:
+        _RESULTS.kept = before
+
+
+def _result_like(xp, x: Any) -> Any:
+    """The kept buffer for the next result shaped as ``x`` (None outside
+    :func:`kept_results`)."""
+    kept = getattr(_RESULTS, "kept", None)
+    if kept is None:
+        return None
+    buffers, k = kept
+    kept[1] = k + 1
+    if k < len(buffers):
+        buffer = buffers[k]
+        if buffer.shape == x.shape and buffer.dtype == x.dtype and buffer.device == x.device:
+            return buffer
+    buffer = xp.empty(x.shape, dtype=x.dtype, device=x.device)
+    if k < len(buffers):
+        buffers[k] = buffer
+    else:
+        buffers.append(buffer)
+    return buffer
 
 
 def _number(x: Any) -> bool:
@@ -130,6 +185,15 @@ class TorchFused(Fused):
         """A transposed view copied once (each elementwise pass after it then reads
         its rows in order: 0.4-0.9 ms against 6.9-8.7 ms for a 3072x768 one)."""
         return x.contiguous()
+
+    @staticmethod
+    def centered(xp, x, axes):
+        """torch.sub into the kept buffer (:func:`kept_results`), if any: the
+        same kernel and numbers as ``x - mean``."""
+        out = _result_like(xp, x)
+        if out is None:
+            return Fused.centered(xp, x, axes)
+        return xp.sub(x, xp.mean(x, axis=axes, keepdims=True), out=out)
 
     @staticmethod
     def bfloat16_norm(xp, x, keepdims):

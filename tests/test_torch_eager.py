@@ -14,6 +14,7 @@ eager path with torch.optim itself is tests/test_torch_parity.py's.
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import pytest
@@ -329,10 +330,16 @@ def test_a_slot_started_at_run_time_and_presets(monkeypatch):
         assert "momentum_buffer" in dict(pieces[-1][1][0]) or where != "sgd momentum at run time"
 
 
+def _kept(opt) -> list:
+    """The (signature, groups, flat 0-d state) an optimizer keeps per bucket
+    (not the prefix's buffers, nor the buckets in use)."""
+    return [v for k, v in opt._eager_kept.items() if k is not None and k[0] != "prefix"]
+
+
 def _schedules(opt) -> list:
     """The eager schedules an optimizer keeps (one per bucket, dtypes and
     variant of the program)."""
-    return [schedule for key, (_, groups, _) in opt._eager_kept.items() if key is not None
+    return [schedule for _, groups, _ in _kept(opt)
             for group in groups for schedule in group[3].values()]
 
 
@@ -624,7 +631,7 @@ def test_a_0d_switch_replays_the_operand_it_chooses(monkeypatch):
         opt.step()
         if before is not None and t % 6:  # not a sync step: the slow weights as they were
             assert torch.equal(opt.state[params[0]]["slow_buffer"], before)
-    (_, groups, _), = [v for k, v in opt._eager_kept.items() if k is not None]
+    (_, groups, _), = _kept(opt)
     plan = groups[0][2]
     # (rectified, sync): not at steps 1-5 (rho_t <= 5), both at 6, rectified at 7
     assert list(plan.variants) == [(False, False), (True, True), (True, False)]
@@ -635,6 +642,55 @@ def test_a_0d_switch_replays_the_operand_it_chooses(monkeypatch):
     monkeypatch.setattr(_eager._Program, "__init__", original)
     pieces = run(pt.Ranger, 8, monkeypatch, steps=13)
     assert_within_roundings(pieces, run(pt.Ranger, None, monkeypatch, steps=13), "Ranger")
+
+
+def test_a_prefix_writes_its_results_into_buffers_kept_across_steps(monkeypatch):
+    """Ranger's gradient centralization (its per-tensor prefix) writes each
+    centralized gradient into a buffer the optimizer keeps for the bucket,
+    the same buffers at every step, and leaves ``p.grad`` as it was; its
+    numbers are those of fresh results (``g - mean``) bit for bit. Outside
+    the eager step (kept_results not entered) ``centered`` returns a fresh
+    tensor."""
+    from polyopt import _namespace
+    from polyopt.torch import _optimizer
+
+    def steps(kept: bool) -> tuple:
+        if not kept:
+            monkeypatch.setattr(_optimizer, "kept_results",
+                                lambda buffers: contextlib.nullcontext())
+        else:
+            monkeypatch.setattr(_optimizer, "kept_results", _namespace.kept_results)
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=gen).requires_grad_()
+                  for s in [(6, 3, 3, 3), (8, 6), (8,), (70, 70)]]
+        opt = pt.Ranger(params, lr=0.01)
+        pointers = []
+        for _ in range(7):
+            grads = [torch.randn(p.shape, generator=gen) for p in params]
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+            assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+            buffers = opt._eager_kept.get(("prefix", *map(id, params)), [])
+            pointers.append([b.data_ptr() for b in buffers])
+        return [p.detach().clone() for p in params], pointers
+
+    params, pointers = steps(True)
+    assert len(pointers[0]) == 3  # the three gradients of two axes or more
+    assert all(p == pointers[0] for p in pointers)
+    fresh, none = steps(False)
+    assert all(p == [] for p in none)
+    assert all(torch.equal(a, b) for a, b in zip(params, fresh))
+    x = torch.randn(4, 5)
+    kernels = _namespace.fused(_namespace.namespace(x))
+    buffers: list = []
+    with _namespace.kept_results(buffers):
+        first = kernels.centered(_namespace.namespace(x), x, (1,))
+    with _namespace.kept_results(buffers):
+        again = kernels.centered(_namespace.namespace(x), 2 * x, (1,))
+    alone = kernels.centered(_namespace.namespace(x), x, (1,))
+    assert again is first is buffers[0] and alone is not first
+    assert torch.equal(alone, x - x.mean(dim=1, keepdim=True))
 
 
 def test_a_switch_to_an_operand_changed_in_place_is_kept(monkeypatch):

@@ -661,6 +661,15 @@ def flat_scalars(kept: dict, params: list, states: list) -> dict | None:
     return {key: flat for key, (flat, _) in last[2].items()}
 
 
+def kept_buffers(kept: dict, params: list) -> list:
+    """The buffers kept for the results of the per-tensor prefix of the
+    bucket of exactly these params (:func:`polyopt._namespace.kept_results`),
+    dropped with its schedules (:func:`forget_unused`)."""
+    key = ("prefix", *map(id, params))
+    kept.setdefault(None, set()).add(key)
+    return kept.setdefault(key, [])
+
+
 def forget_unused(kept: dict) -> None:
     """Drop the schedules of buckets that :func:`step` did not use since the
     last call (the optimizer's params regrouped: they would keep the memory of

@@ -22,6 +22,7 @@ import array_api_compat.torch as _xp
 import torch
 
 from polyopt import native, rules
+from polyopt._namespace import kept_results
 from polyopt.hyper import Spec
 from polyopt.rules import _state
 from polyopt.torch import _differentiable, _eager, _flat, _sharded
@@ -594,7 +595,12 @@ class RuleOptimizer(torch.optim.Optimizer):
         if parts is None:
             return False
         transform, rest = parts
-        if transform is not None:
+        if transform is not None and keep and not _flat.distributed(params):
+            # its results written into buffers kept for the bucket (none of
+            # them outlives the step: the replay writes the state it keeps)
+            with kept_results(_eager.kept_buffers(self._eager_kept, params)):
+                grads = _transformed(transform, params, grads, own)
+        elif transform is not None:
             grads = _transformed(transform, params, grads, own)
         return _eager.step(_apply, rest.update, layout, params, grads, states,
                            self._scalars(layout, states),

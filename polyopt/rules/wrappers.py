@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from polyopt import hyper
+from polyopt._namespace import fused
 from polyopt.rules import _base, _state
 from polyopt.rules._base import Rule
 from polyopt.rules.adam_family import _radam
@@ -234,6 +235,7 @@ def centralize(keep_axis, min_ndim) -> Rule:
 
     def fn(xp, grads, params, count, layouts=None):
         outs = []
+        kernels = fused(xp)
         for i, g in enumerate(grads):
             if g.ndim < min_ndim:
                 outs.append(g)
@@ -243,7 +245,7 @@ def centralize(keep_axis, min_ndim) -> Rule:
                 axes = tuple(a for a in range(g.ndim) if a != keep)
             else:  # the layout's reduction axes (a 1-D gradient: all of it)
                 axes = _state.matrix_axes(layouts[i], g.ndim)[1]
-            outs.append(g - xp.mean(g, axis=axes, keepdims=True))
+            outs.append(kernels.centered(xp, g, axes))
         return outs
 
     if keep_axis is None:
