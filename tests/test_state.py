@@ -117,6 +117,29 @@ def test_a_layout_that_does_not_fit_is_refused_naming_the_tensor():
         rules.centralize().init(params, layouts=[None])
 
 
+def test_checked_layouts_are_kept_and_a_refusal_is_not():
+    """The checked layouts of the same shapes and layouts come back from the
+    cache (equal, each call its own list); other shapes or layouts are
+    checked again, a layout that does not fit is refused at every call, and
+    layouts given as lists (unhashable) are checked without the cache."""
+    params = _params()
+    given = [Layout((1,), (0,)), None, Layout((0, 1, 2), (3,))]
+    first = _state.layouts_for("t", params, given)
+    again = _state.layouts_for("t", params, list(given))
+    assert again == first and again is not first
+    assert first[0] == Layout((1,), (0,), ()) and first[1] is None
+    other = _state.layouts_for("t", [np.ones((3, 4)), *params[1:]], given)
+    assert other[0] == Layout((1,), (0,), ())
+    bad = [Layout((0,), (0,)), None, None]
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"does not fit params\[0\] of shape \(4, 3\)"):
+            _state.layouts_for("t", params, bad)
+    as_lists = _state.layouts_for("t", params, [[[1], [0]], None, [[0, 1, 2], [3]]])
+    assert as_lists == first
+    with pytest.raises(ValueError, match=r"layout \(\(3,\), \(0, 1, 2\)\) does not fit"):
+        _state.layouts_for("t", [np.ones((4, 3))], [[[3], [0, 1, 2]]])
+
+
 def test_capabilities_are_declared_and_combined_by_wrappers():
     assert rules.adam().elementwise and not rules.adam().uses_layout
     assert [s.name for s in rules.adam(amsgrad=True).slots] == [
