@@ -633,8 +633,7 @@ def _flat_scalar(flats: dict, states: list, key: str) -> bool:
     :func:`flat_scalars` reads them without a stack; False (nothing changed)
     when the entries are not 0-d tensors of one dtype and device."""
     built = flats.get(key)
-    if built is not None and all(map(operator.is_, map(dict.get, states,
-                                                        itertools.repeat(key)), built[1])):
+    if built is not None and _entries_are(states, key, built[1]):
         return True
     first = states[0][key]
     if not all(type(st[key]) in _PLAIN and st[key].ndim == 0 and st[key].dtype == first.dtype
@@ -655,10 +654,14 @@ def flat_scalars(kept: dict, params: list, states: list) -> dict | None:
     last = kept.get(tuple(map(id, params)))
     if last is None or not last[2]:
         return None
-    for key, (_, views) in last[2].items():
-        if not all(map(operator.is_, map(dict.get, states, itertools.repeat(key)), views)):
-            return None
+    if not all(_entries_are(states, key, views) for key, (_, views) in last[2].items()):
+        return None
     return {key: flat for key, (flat, _) in last[2].items()}
+
+
+def _entries_are(states: list, key: str, tensors) -> bool:
+    """Whether each state's entry ``key`` is still the tensor at its position."""
+    return all(map(operator.is_, map(dict.get, states, itertools.repeat(key)), tensors))
 
 
 def kept_buffers(kept: dict, params: list) -> list:
