@@ -4,7 +4,10 @@ a list of params (:func:`_apply`)."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import numbers
+import operator
 from typing import Any
 
 import torch
@@ -129,3 +132,18 @@ def _is_zero(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return False
     return isinstance(value, numbers.Number) and value == 0
+
+
+def views_of(buffer: torch.Tensor, shapes: list) -> list:
+    """Consecutive views of ``buffer`` with these shapes."""
+    views, offset = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        views.append(buffer[offset:offset + n].view(shape))
+        offset += n
+    return views
+
+
+def entries_are(states: list, key: str, tensors) -> bool:
+    """Whether each state dict's entry ``key`` is still the tensor at its position."""
+    return all(map(operator.is_, map(dict.get, states, itertools.repeat(key)), tensors))

@@ -58,8 +58,6 @@ are replayed whole, without buffers.
 from __future__ import annotations
 
 import copy
-import itertools
-import operator
 import sys
 import threading
 from collections import defaultdict
@@ -69,6 +67,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from polyopt.rules import _state
+from polyopt.torch._common import entries_are, views_of
 
 #: Elements per piece: 512k float32 (2 MiB per operand, in the L2/L3 caches);
 #: smaller pieces pay the ~1 us a torch call costs too often, larger ones
@@ -633,7 +632,7 @@ def _flat_scalar(flats: dict, states: list, key: str) -> bool:
     :func:`flat_scalars` reads them without a stack; False (nothing changed)
     when the entries are not 0-d tensors of one dtype and device."""
     built = flats.get(key)
-    if built is not None and _entries_are(states, key, built[1]):
+    if built is not None and entries_are(states, key, built[1]):
         return True
     first = states[0][key]
     if not all(type(st[key]) in _PLAIN and st[key].ndim == 0 and st[key].dtype == first.dtype
@@ -654,14 +653,10 @@ def flat_scalars(kept: dict, params: list, states: list) -> dict | None:
     last = kept.get(tuple(map(id, params)))
     if last is None or not last[2]:
         return None
-    if not all(_entries_are(states, key, views) for key, (_, views) in last[2].items()):
+    if not all(entries_are(states, key, views) for key, (_, views) in last[2].items()):
         return None
     return {key: flat for key, (flat, _) in last[2].items()}
 
-
-def _entries_are(states: list, key: str, tensors) -> bool:
-    """Whether each state's entry ``key`` is still the tensor at its position."""
-    return all(map(operator.is_, map(dict.get, states, itertools.repeat(key)), tensors))
 
 
 def kept_buffers(kept: dict, params: list) -> list:
@@ -1064,10 +1059,8 @@ def _consecutive(states: list, key: str, move: bool) -> torch.Tensor | list:
     if not move:
         return [t.view(-1) for t in tensors]
     whole = torch.cat([t.reshape(-1) for t in tensors])
-    offset = 0
-    for st, t in zip(states, tensors):
-        st[key] = whole[offset:offset + t.numel()].view(t.shape)
-        offset += t.numel()
+    for st, view in zip(states, views_of(whole, [t.shape for t in tensors])):
+        st[key] = view
     return whole
 
 

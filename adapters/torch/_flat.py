@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
-import operator
 import sys
 import types
 from typing import Any, NamedTuple
@@ -27,7 +25,15 @@ from torch.fx.passes.split_module import split_module
 
 from polyopt import rules
 from polyopt.rules import _state
-from polyopt.torch._common import _LOW_PRECISION, _apply, _is_zero, _Layout, as_count
+from polyopt.torch._common import (
+    _LOW_PRECISION,
+    _apply,
+    _is_zero,
+    _Layout,
+    as_count,
+    entries_are,
+    views_of,
+)
 
 _compiled_count = itertools.count()
 
@@ -211,16 +217,6 @@ class FlatParams(NamedTuple):
     views: list  # the params' .data
 
 
-def _views(buffer: torch.Tensor, shapes: list) -> list:
-    """Consecutive views of ``buffer`` with these shapes."""
-    views, offset = [], 0
-    for shape in shapes:
-        n = math.prod(shape)
-        views.append(buffer[offset:offset + n].view(shape))
-        offset += n
-    return views
-
-
 class FlatBucket:
     """One bucket of the flat path: its params (``flat``: the params and their
     grads as views of two flat buffers, made at its first step), its state
@@ -245,8 +241,7 @@ class FlatBucket:
             return False
         for key in keys:
             built = self.buffers.get(key)
-            if built is None or not all(map(operator.is_, map(dict.get, states,
-                                                                itertools.repeat(key)), built[1])):
+            if built is None or not entries_are(states, key, built[1]):
                 return False
         return True
 
@@ -261,13 +256,13 @@ class FlatBucket:
             built = self.buffers.get(key)
             if built is None or any(st[key] is not v for st, v in zip(states, built[1])):
                 buffer = torch.cat([st[key].reshape(-1) for st in states])
-                self._set_views(key, buffer, states, [st[key].shape for st in states])
+                self._setviews_of(key, buffer, states, [st[key].shape for st in states])
         self.states = states
         return {key: self.buffers[key][0] for key in keys}
 
-    def _set_views(self, key: str, buffer: torch.Tensor, states: list, shapes: list) -> None:
+    def _setviews_of(self, key: str, buffer: torch.Tensor, states: list, shapes: list) -> None:
         """``st[key]`` = the views of ``buffer`` with ``shapes``, one per state."""
-        views = _views(buffer, shapes)
+        views = views_of(buffer, shapes)
         for st, v in zip(states, views):
             st[key] = v
         self.buffers[key] = (buffer, views)
@@ -286,11 +281,11 @@ class FlatBucket:
         if built is None or pointers != built.pointers:
             flat_p = torch.cat([p.detach().reshape(-1) for p in params])
             shapes = [p.shape for p in params]
-            views = _views(flat_p, shapes)
+            views = views_of(flat_p, shapes)
             for p, v in zip(params, views):
                 p.data = v
             flat_g = flat_p.new_empty(flat_p.shape)
-            grad_views = _views(flat_g, shapes)
+            grad_views = views_of(flat_g, shapes)
             pointer = torch.Tensor.data_ptr
             built = self.flat = FlatParams(
                 flat_p, flat_g, tuple(map(pointer, views)), grad_views,
@@ -330,7 +325,7 @@ class FlatBucket:
                                          tensors, scalars)
         # slots the rule started (momentum that became non-zero) come back flat
         for key, buffer in zip(fresh, news):
-            self._set_views(key, buffer, states, [p.shape for p in params])
+            self._setviews_of(key, buffer, states, [p.shape for p in params])
         for (_, key, _), value in zip(layout.scalars, out):
             buffers[key].copy_(value)
 
@@ -430,7 +425,7 @@ def local_step(opt, values: dict, layout: _Layout, params: list, grads: list,
                                      layouts, tensors, scalars, factory)
     module = sys.modules["torch.distributed.tensor"]
     for key, buffer in zip(fresh, news):  # a slot the rule started: one DTensor per param
-        for st, p, view in zip(states, params, _views(buffer, [t.shape for t in local])):
+        for st, p, view in zip(states, params, views_of(buffer, [t.shape for t in local])):
             st[key] = module.DTensor.from_local(view, p.device_mesh, p.placements,
                                                 run_check=False, shape=p.shape,
                                                 stride=p.stride())

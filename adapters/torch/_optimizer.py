@@ -523,12 +523,11 @@ class RuleOptimizer(torch.optim.Optimizer):
         """One step of a group's params; ``real_views``: complex params' real
         views with their state for this step only (:meth:`_step_real_view`),
         stepped by the eager path."""
-        eager = real_views
-        if not eager and any(map(torch.Tensor.is_complex, params)):
+        if not real_views and any(map(torch.Tensor.is_complex, params)):
             self._step_real_view(values, params, grads, layouts)
             return
         layout = self._layout(values)
-        if self.compiled and not eager:
+        if self.compiled and not real_views:
             # the steady state of the flat path: the same params as the last
             # step, their state still the views of its flat buffers (so their
             # counts are equal): no bucketing, no lookups per param
@@ -549,18 +548,18 @@ class RuleOptimizer(torch.optim.Optimizer):
             if (not self.compiled and not self.defaults["differentiable"]
                     and self._replay(rule, layout, ps, gs, states, own, not real_views)):
                 continue
-            if (self.compiled and not eager and not self.defaults["differentiable"]
+            if (self.compiled and not real_views and not self.defaults["differentiable"]
                     and _flat.distributed(ps)
                     and self._local_rest(rule, values, layout, ps, gs, states, own)):
                 continue
             if not self.defaults["differentiable"] and _sharded.applies(rule, ps):
                 _sharded.step(self, values, layout, ps, gs, states, own,
-                              self.compiled and not eager)
+                              self.compiled and not real_views)
                 continue
-            if self.compiled and not eager and _flat.distributed(ps):  # checked in step()
+            if self.compiled and not real_views and _flat.distributed(ps):  # checked in step()
                 _flat.local_step(self, values, layout, ps, gs, states, own)
                 continue
-            if self.compiled and not eager and _flat.flat_eligible(ps):
+            if self.compiled and not real_views and _flat.flat_eligible(ps):
                 self._bucket(ps).step(self, values, layout, ps, gs, states, layouts=own)
                 continue
             if self.defaults["differentiable"]:  # recorded by autograd (never compiled)
@@ -571,7 +570,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                     update, ps, gs, self._tree(layout, states)))
                 continue
             tree = self._tree(layout, states)
-            if self.compiled and not eager:
+            if self.compiled and not real_views:
                 fn = _flat.compiled_step(self, values, ps, states, own)
                 new, scalars = fn(ps, gs, tree)
                 for p, value in zip([p for p in ps if p.ndim == 0], scalars):

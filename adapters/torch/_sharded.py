@@ -39,7 +39,7 @@ import sys
 import torch
 
 from polyopt.torch import _differentiable, _flat
-from polyopt.torch._common import _apply, _Layout
+from polyopt.torch._common import _apply, _Layout, views_of
 
 
 def _dtensor_module():
@@ -148,7 +148,7 @@ def _compiled(opt, values: dict, layout: _Layout, params: list, grads: list, sta
     fresh, news, out = _flat._run_compiled(opt, values, layout, present, structure,
                                            len(params), layouts, tensors, scalars)
     for key, buffer in zip(fresh, news):  # slots the rule started: flat, one view per param
-        for st, view in zip(states, _flat._views(buffer, [p.shape for p in params])):
+        for st, view in zip(states, views_of(buffer, [p.shape for p in params])):
             st[key] = view
     for (_, key, _), value in zip(layout.scalars, out):
         for st in states:
