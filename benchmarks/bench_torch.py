@@ -59,6 +59,11 @@ ALGORITHMS = {
     # matrices of the set; Newton-Schulz in bfloat16 in both (the preset's iteration_dtype)
     "Muon": ("Muon", {"lr": 1e-3}, "torch.optim.Muon", ("for-loop",)),
 }
+#: the same, with fresh gradients before every step (untimed), as a training
+#: loop's zero_grad() and backward make them: one step per round, more rounds
+FRESH = ", fresh grads"
+ALGORITHMS.update({name + FRESH: ALGORITHMS[name] for name in ("Adam", "SGD momentum")})
+FRESH_ROUNDS = 4  # rounds of one step per round of --steps steps
 FLAGS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
@@ -120,7 +125,7 @@ def slots(name: str) -> int:
         return common.slot_count(rules.muon())
     if polyopt_name.startswith("torch.optim."):
         rule_name, options = native.PRESETS[polyopt_name]
-        extra = {"momentum": 0.9} if name == "SGD momentum" else {}
+        extra = {"momentum": 0.9} if name.removesuffix(FRESH) == "SGD momentum" else {}
         return common.slot_count(getattr(rules, rule_name)(**{**options, **extra}))
     return common.slot_count(rules.ranger())
 
@@ -140,9 +145,11 @@ def run(name: str, set_name: str, steps: int, rounds: int, *, fast: bool,
     shapes = common.PARAM_SETS[set_name]
     if name == "Muon":
         shapes = common.matrices(shapes)
-    opts = {}
+    opts, grads = {}, {}
     for label, make in builders(name, fast).items():
-        opts[label] = make(make_params(shapes))
+        params = make_params(shapes)
+        opts[label] = make(params)
+        grads[label] = [p.grad for p in params]
 
     def runner(opt):
         def go(k: int) -> None:
@@ -150,11 +157,21 @@ def run(name: str, set_name: str, steps: int, rounds: int, *, fast: bool,
                 opt.step()
         return go
 
+    prepare = None
+    if name.endswith(FRESH):  # each step's grads new tensors (the last ones freed)
+        steps, rounds = 1, FRESH_ROUNDS * rounds
+
+        def prepare(label: str) -> None:
+            for p in opts[label].param_groups[0]["params"]:
+                p.grad = None
+            for p, g in zip(opts[label].param_groups[0]["params"], grads[label]):
+                p.grad = g.clone()
+
     return common.measure("torch", name, set_name, {k: runner(o) for k, o in opts.items()},
                           lambda label: state_bytes(opts[label]), slots=slots(name),
                           bandwidth=bandwidth, versions={"torch": torch.__version__,
                                                          "threads": torch.get_num_threads()},
-                          steps=steps, rounds=rounds)
+                          steps=steps, rounds=rounds, prepare=prepare)
 
 
 # --------------------------------------------------------------------------
@@ -279,19 +296,26 @@ def fsdp(out: Path, steps: int, rounds: int, world: int = 2) -> None:
 
 
 def first_call_child(algorithm: str, set_name: str) -> None:
-    """Time the first and the second step of the compiled path (a fresh process)."""
+    """Time the compiled path's first and second step with fresh grads (a
+    training loop with zero_grad()), then its first step with the grads of
+    the step before it back (zero_grad(set_to_none=False): the flat kernel
+    compiles then), in a fresh process."""
     import json
     import time
 
     torch.set_num_threads(1)
     _, kwargs, polyopt_name, _ = ALGORITHMS[algorithm]
     params = make_params(common.PARAM_SETS[set_name])
+    grads = [p.grad for p in params]
     if polyopt_name.startswith("torch.optim."):
         opt = pt.preset(polyopt_name, params, **kwargs, compiled=True)
     else:
         opt = getattr(pt, polyopt_name)(params, **kwargs, compiled=True)
     times = []
-    for _ in range(2):
+    for fresh in (True, True, False):
+        if fresh:
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
         started = time.perf_counter()
         opt.step()
         times.append(time.perf_counter() - started)
@@ -312,16 +336,19 @@ def first_call(out: Path, algorithms: list, set_name: str) -> None:
                 done = subprocess.run([sys.executable, __file__, "--first-call-child", algorithm,
                                        set_name], env=env, capture_output=True, text=True,
                                       check=True)
-                first, second = json.loads(done.stdout.rsplit("@@", 1)[1])
-                results[f"{algorithm}, {kind} cache"] = {"first step s": first,
-                                                         "second step ms": 1e3 * second}
-                print(algorithm, kind, f"first step {first:.2f} s, second {1e3 * second:.2f} ms",
-                      flush=True)
+                first, second, kept = json.loads(done.stdout.rsplit("@@", 1)[1])
+                results[f"{algorithm}, {kind} cache"] = {
+                    "first step s": first, "second step ms": 1e3 * second,
+                    "first step with kept grads s": kept}
+                print(algorithm, kind, f"first step {first:.2f} s, second {1e3 * second:.2f} ms, "
+                      f"first with kept grads {kept:.2f} s", flush=True)
     out.write_text(json.dumps({"set": set_name, "torch": torch.__version__,
                                "machine": common.machine(), "results": results}, indent=1))
-    print(f"compiled=True, first step on {set_name} (a fresh process each):")
+    print(f"compiled=True, first step on {set_name} (a fresh process each; fresh grads, then "
+          f"the first step whose grads are the last step's):")
     for label, r in results.items():
-        print(f"| {label} | {r['first step s']:.2f} s | {r['second step ms']:.2f} ms |")
+        print(f"| {label} | {r['first step s']:.2f} s | {r['second step ms']:.2f} ms "
+              f"| {r['first step with kept grads s']:.2f} s |")
 
 
 def main(argv=None) -> None:

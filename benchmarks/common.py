@@ -167,24 +167,31 @@ class Timing:
 
 
 def interleaved(variants: dict[str, Callable[[int], None]], *, steps: int, rounds: int,
-                warmup: int = 2) -> dict[str, Timing]:
+                warmup: int = 2, prepare: Callable[[str], None] | None = None
+                ) -> dict[str, Timing]:
     """Time ``variants`` (name -> run(n): run n steps and wait for the result).
 
     The first call of each variant (one step: compilation, allocation) is
     timed on its own; then ``warmup`` untimed rounds; then ``rounds`` rounds
     in which every variant runs ``steps`` steps, in rotating order.
+    ``prepare(name)``, untimed, runs before every call of a variant (fresh
+    gradients, as a training loop's backward makes them).
     """
+    prepare = prepare or (lambda name: None)
     timings = {name: Timing(name) for name in variants}
     for name, run in variants.items():
+        prepare(name)
         start = time.perf_counter()
         run(1)
         timings[name].first_call = time.perf_counter() - start
     for _ in range(warmup):
-        for run in variants.values():
+        for name, run in variants.items():
+            prepare(name)
             run(steps)
     names = list(variants)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            prepare(name)
             start = time.perf_counter()
             variants[name](steps)
             timings[name].per_step.append((time.perf_counter() - start) / steps)
@@ -408,11 +415,12 @@ def print_rows(result: Result) -> None:
 
 def measure(framework: str, algorithm: str, set_name: str,
             variants: dict[str, Callable[[int], None]], state_bytes: Callable[[str], int], *,
-            slots: int, bandwidth: float, versions: dict, steps: int, rounds: int) -> Result:
+            slots: int, bandwidth: float, versions: dict, steps: int, rounds: int,
+            prepare: Callable[[str], None] | None = None) -> Result:
     """Time ``variants`` (see :func:`interleaved`, one warm-up round), then record each
     one's ``state_bytes(name)`` (after the runs) and print the rows."""
     n, count = sizes(PARAM_SETS[set_name])
-    timings = interleaved(variants, steps=steps, rounds=rounds, warmup=1)
+    timings = interleaved(variants, steps=steps, rounds=rounds, warmup=1, prepare=prepare)
     summaries = [{**t.summary(), "state_bytes": state_bytes(name)} for name, t in timings.items()]
     result = Result(framework, algorithm, set_name, n, count, traffic_bytes(n, slots), bandwidth,
                     summaries, versions)

@@ -71,9 +71,9 @@ _step, _run_compiled = _sharded.step, _flat._run_compiled
 def spy(*args, **kwargs):
     gathered[0] += 1
     return _step(*args, **kwargs)
-def spy_compiled(opt, values, layout, present, structure, *args):
-    compiled_kinds.add(structure[0])  # "flat", "local" (shards) or "gathered"
-    return _run_compiled(opt, values, layout, present, structure, *args)
+def spy_compiled(opt, values, layout, present, structure, *args, **kwargs):
+    compiled_kinds.add(structure[0])  # "flat", "views", "local" (shards) or "gathered"
+    return _run_compiled(opt, values, layout, present, structure, *args, **kwargs)
 _sharded.step, _flat._run_compiled = spy, spy_compiled
 
 

@@ -129,7 +129,7 @@ def _scalar_partition(gm: torch.fx.GraphModule):
     return lambda node: part[node]
 
 
-def _compile_flat(step, example: list):
+def _compile_flat(step, example: list, contiguous: bool = False):
     """make_fx (fake tensors: nothing runs) of ``step``, its 0-d part split off
     (one small compiled graph), the rest one compiled elementwise kernel.
 
@@ -137,14 +137,19 @@ def _compile_flat(step, example: list):
     through dynamo: the graphs are already captured, and the caller keys them
     by every shape, dtype and device, so dynamo's guards would only add their
     cost to every step. Each part's example inputs are recorded by running
-    the split graph once on copies of ``example``.
+    the split graph once on copies of ``example``. ``contiguous``: every
+    input will be contiguous (the caller checked), as its shape, dtype and
+    device are (the caller's key): inductor's per-input size and stride
+    asserts, ~1 us each at every step, are left out.
     """
     gm = make_fx(step, tracing_mode="fake")(*example)
     # the rule's argument checks read 0-d hyperparameters (``.item()``) without
     # using the result: dead code, which inductor cannot run on fake tensors
     gm.graph.eliminate_dead_code()
+    part = _scalar_partition(gm)
+    _merge_scalars(gm, part)
     gm.recompile()
-    split = split_module(gm, None, _scalar_partition(gm))
+    split = split_module(gm, None, part)
     children = dict(split.named_children())
     recorded: dict = {}
     for name, child in children.items():
@@ -156,8 +161,33 @@ def _compile_flat(step, example: list):
         object.__setattr__(split, name, record)
     split(*[a.clone() for a in example])
     for name, child in children.items():
-        object.__setattr__(split, name, torch._inductor.compile(child, recorded[name]))
+        object.__setattr__(split, name, torch._inductor.compile(
+            child, recorded[name], options={"size_asserts": not contiguous}))
     return split
+
+
+def _merge_scalars(gm: torch.fx.GraphModule, part) -> None:
+    """Merge equal 0-d computations of the 0-d part (``part`` 0): a per-tensor
+    step computes its 0-d values (a learning rate cast to the param's dtype)
+    once per tensor, and each would be one more output of the 0-d graph and
+    one more input of the kernel."""
+    seen: dict = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or part(node) != 0:
+            continue
+        schema = getattr(node.target, "_schema", None)
+        if schema is None or schema.is_mutable:
+            continue
+        key = (node.target, node.args, tuple(sorted(node.kwargs.items())))
+        try:
+            hash(key)
+        except TypeError:
+            continue
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            gm.graph.erase_node(node)
+        else:
+            seen[key] = node
 
 
 def compiled_step(opt, values: dict, params: list, states: list,
@@ -343,8 +373,9 @@ class FlatBucket:
                        *[v for k in present for v in self.buffers[k][1]]]
         structure = (kind, type(opt), opt._structure(values), present, built.shapes, layouts)
         scalars = [buffers[k][0] for _, k, _ in layout.scalars]
+        # contiguous: the views of the flat buffers, and fresh grads (checked)
         fresh, news, out = _run_compiled(opt, values, layout, present, structure, count,
-                                         layouts, tensors, scalars)
+                                         layouts, tensors, scalars, contiguous=True)
         # slots the rule started (momentum that became non-zero) come back flat
         for key, buffer in zip(fresh, news):
             self._setviews_of(key, buffer, states, [p.shape for p in params])
@@ -354,12 +385,13 @@ class FlatBucket:
 
 def _run_compiled(opt, values: dict, layout: _Layout, present: tuple, structure: tuple,
                   count: int, layouts: tuple | None, tensors: list, scalars: list,
-                  factory=None) -> tuple:
+                  factory=None, contiguous: bool = False) -> tuple:
     """Run the compiled step of ``structure`` (traced and compiled at its first
     use, :func:`_flat_step` with ``count`` tensors per operand) on ``tensors``
     (params, grads, present slots) and the 0-d state ``scalars``, with the
     runtime hyperparameters of ``values``; ``factory`` makes the rule from
-    them (default: the optimizer's). Returns (keys of the slots the rule
+    them (default: the optimizer's); ``contiguous``: ``tensors`` are, at every
+    call with this ``structure``. Returns (keys of the slots the rule
     created, those slots flat, the new 0-d state)."""
     entry = _COMPILED_STEPS.get(structure)
     if entry is None:
@@ -372,7 +404,7 @@ def _run_compiled(opt, values: dict, layout: _Layout, present: tuple, structure:
         step = _flat_step(factory or type(opt).factory, values, names, layout, present, count,
                           layouts)
         # the counts go in as stored (float, torch's "step"); the graph casts them
-        entry = (_compile_flat(step, [*tensors, *scalars, *inputs]), names, inputs,
+        entry = (_compile_flat(step, [*tensors, *scalars, *inputs], contiguous), names, inputs,
                  step.created, [None] * len(names))
         _COMPILED_STEPS[structure] = entry
     fn, names, inputs, fresh, filled = entry
