@@ -15,7 +15,10 @@ row's reference is torch.optim.RAdam, which does the same RAdam step without
 Lookahead and gradient centralization). The copy bandwidth is measured with
 torch in the same process; ``vs bound`` is time / (minimum bytes per step /
 bandwidth). The optimizer state memory of each variant (bytes of the
-distinct storages of ``optimizer.state``) is recorded too.
+distinct storages of ``optimizer.state``) is recorded too. The rows
+"Adam, fresh grads" and "SGD momentum, fresh grads" give every variant new
+gradient tensors before each step (untimed; one step per round), as a
+training loop's ``zero_grad()`` and backward do.
 
 Muon: torch.optim.Muon (its one flavour, without flags) against the preset
 ``torch.optim.Muon`` (fast and default) on the 12 matrices of the
