@@ -9,13 +9,14 @@ most recent first; nothing is imported to find one.
 :func:`fused` gives the few combined operations the core names beyond that
 subset (Muon's ``lerp``, ``matmul_add``, ...; gradient centralization's
 ``centered``): written in the subset for every namespace, torch's own
-kernels for torch's, which can write into buffers the caller keeps
-(:func:`kept_results`).
+kernels for torch's, whose ``centered`` can leave its subtraction to the
+caller (:func:`deferred_centering`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 import threading
 import types
@@ -102,50 +103,31 @@ class Fused:
                        else xp.sum(squares))
 
 
-#: The buffers a caller keeps for the results of the fused operations (see
-#: :func:`kept_results`), per thread: ``.kept`` = [buffers, index of the next
-#: result] (a thread-local, which torch.compile traces, where it cannot trace
-#: a ContextVar).
-_RESULTS = threading.local()
+#: The centerings a caller computes itself (see :func:`deferred_centering`), per
+#: thread: ``.pending`` = the caller's dict (a thread-local, which
+#: torch.compile traces, where it cannot trace a ContextVar).
+_DEFERRED = threading.local()
 
 
 @contextlib.contextmanager
-def kept_results(buffers: list) -> Iterator[None]:
-    """Within the block, torch's fused operations that return a new array of
-    their operand's shape write it into ``buffers`` instead: the k-th such
-    result into ``buffers[k]``, made (and appended) at its first use, or when
-    the shape, dtype or device changed. For a caller that reads the results
-    before it enters the block again and keeps none of them (the torch
-    adapter's eager step of a rule's per-tensor prefix, whose replay copies
-    what it keeps into its own state): a fresh tensor of a gradient's size
-    costs its memory pages again at every step (the allocator gives them
-    back; docs/performance.md). Other namespaces ignore it."""
-    before = getattr(_RESULTS, "kept", None)
-    _RESULTS.kept = [buffers, 0]
+def deferred_centering(pending: dict) -> Iterator[dict]:
+    """Within the block, torch's ``centered(x, axes)`` computes nothing and
+    returns a new view of ``x`` (its values not centered), recording
+    ``pending[id(view)] = (view, center)``: the caller calls ``center(out)``
+    (``x - mean`` into ``out``, the same kernels and numbers) where it reads
+    the view. For a caller that reads every result of the block itself, as
+    returned: the torch adapter's eager step of a rule's per-tensor prefix
+    (gradient centralization), whose replay centers each gradient into a
+    cache-sized buffer right before it reads it, the mean's pass included,
+    so that the gradient comes from memory once (docs/performance.md). A
+    result that the block itself computes with would be wrong: callers
+    check that each view is returned as it is. Other namespaces ignore it."""
+    before = getattr(_DEFERRED, "pending", None)
+    _DEFERRED.pending = pending
     try:
-        yield
+        yield pending
     finally:
-        _RESULTS.kept = before
-
-
-def _result_like(xp, x: Any) -> Any:
-    """The kept buffer for the next result shaped as ``x`` (None outside
-    :func:`kept_results`)."""
-    kept = getattr(_RESULTS, "kept", None)
-    if kept is None:
-        return None
-    buffers, k = kept
-    kept[1] = k + 1
-    if k < len(buffers):
-        buffer = buffers[k]
-        if buffer.shape == x.shape and buffer.dtype == x.dtype and buffer.device == x.device:
-            return buffer
-    buffer = xp.empty(x.shape, dtype=x.dtype, device=x.device)
-    if k < len(buffers):
-        buffers[k] = buffer
-    else:
-        buffers.append(buffer)
-    return buffer
+        _DEFERRED.pending = before
 
 
 def _number(x: Any) -> bool:
@@ -188,11 +170,17 @@ class TorchFused(Fused):
 
     @staticmethod
     def centered(xp, x, axes):
-        """torch.sub into the kept buffer (:func:`kept_results`), if any: the
-        same kernel and numbers as ``x - mean``."""
-        out = _result_like(xp, x)
-        if out is None:
+        """``x - mean``; within :func:`deferred_centering` left to the caller."""
+        pending = getattr(_DEFERRED, "pending", None)
+        if pending is None:
             return Fused.centered(xp, x, axes)
+        view = x.view(x.shape)
+        pending[id(view)] = (view, functools.partial(TorchFused._center, xp, x, axes))
+        return view
+
+    @staticmethod
+    def _center(xp, x, axes, out):
+        """``x - mean`` into ``out`` (torch.sub: the kernel of ``x - mean``)."""
         return xp.sub(x, xp.mean(x, axis=axes, keepdims=True), out=out)
 
     @staticmethod

@@ -264,9 +264,9 @@ class _Worker:
         original_replay, original_local_shards = _eager._Schedule.run, _eager._local
         original_local, original_gathered = _flat.local_step, _sharded.step
 
-        def spy(schedule, program, grads):
+        def spy(schedule, program, grads, *rest):
             replayed.update(type(g).__name__ for g in grads)
-            return original_replay(schedule, program, grads)
+            return original_replay(schedule, program, grads, *rest)
 
         def local_spy(*args, **kwargs):
             replayed.add("local")

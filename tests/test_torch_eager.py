@@ -332,8 +332,8 @@ def test_a_slot_started_at_run_time_and_presets(monkeypatch):
 
 def _kept(opt) -> list:
     """The (signature, groups, flat 0-d state) an optimizer keeps per bucket
-    (not the prefix's buffers, nor the buckets in use)."""
-    return [v for k, v in opt._eager_kept.items() if k is not None and k[0] != "prefix"]
+    (not the buckets in use)."""
+    return [v for k, v in opt._eager_kept.items() if k is not None]
 
 
 def _schedules(opt) -> list:
@@ -644,25 +644,29 @@ def test_a_0d_switch_replays_the_operand_it_chooses(monkeypatch):
     assert_within_roundings(pieces, run(pt.Ranger, None, monkeypatch, steps=13), "Ranger")
 
 
-def test_a_prefix_writes_its_results_into_buffers_kept_across_steps(monkeypatch):
-    """Ranger's gradient centralization (its per-tensor prefix) writes each
-    centralized gradient into a buffer the optimizer keeps for the bucket,
-    the same buffers at every step, and leaves ``p.grad`` as it was; its
-    numbers are those of fresh results (``g - mean``) bit for bit. Outside
-    the eager step (kept_results not entered) ``centered`` returns a fresh
-    tensor."""
+@pytest.mark.parametrize("chunk", [None, 4096], ids=["whole", "pieces"])
+def test_centralization_is_left_to_the_replay(monkeypatch, chunk):
+    """Ranger's gradient centralization (its per-tensor prefix) computes the
+    means only; the replay subtracts, for a tensor replayed as it is into a
+    buffer of the piece size right before it reads it, for the others
+    (gathered small ones; with pieces of 4096 elements, the larger ones)
+    into a buffer kept for each, the same at every step. The numbers are
+    those of the centered grads computed whole (``g - mean``) bit for bit,
+    and ``p.grad`` stays as it was. A prefix that computes with a deferred
+    result is run again without deferral (simulated: ``centered(...) * 1``)."""
     from polyopt import _namespace
     from polyopt.torch import _optimizer
 
-    def steps(kept: bool) -> tuple:
-        if not kept:
-            monkeypatch.setattr(_optimizer, "kept_results",
-                                lambda buffers: contextlib.nullcontext())
-        else:
-            monkeypatch.setattr(_optimizer, "kept_results", _namespace.kept_results)
+    if chunk is not None:
+        monkeypatch.setattr(_eager, "CHUNK", chunk)
+    deferred = _optimizer.deferred_centering
+
+    def steps(mode: str) -> tuple:
+        monkeypatch.setattr(_optimizer, "deferred_centering",
+                            deferred if mode != "whole" else contextlib.nullcontext)
         gen = torch.Generator().manual_seed(0)
         params = [torch.randn(s, generator=gen).requires_grad_()
-                  for s in [(6, 3, 3, 3), (8, 6), (8,), (70, 70)]]
+                  for s in [(6, 3, 3, 3), (8, 6), (8,), (70, 70), (50, 20, 5)]]
         opt = pt.Ranger(params, lr=0.01)
         pointers = []
         for _ in range(7):
@@ -671,26 +675,48 @@ def test_a_prefix_writes_its_results_into_buffers_kept_across_steps(monkeypatch)
                 p.grad = g.clone()
             opt.step()
             assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
-            buffers = opt._eager_kept.get(("prefix", *map(id, params)), [])
-            pointers.append([b.data_ptr() for b in buffers])
+            (_, groups, _), = _kept(opt)
+            pointers.append({i: b.data_ptr() for i, b in groups[0][4].items()})
         return [p.detach().clone() for p in params], pointers
 
-    params, pointers = steps(True)
-    assert len(pointers[0]) == 3  # the three gradients of two axes or more
-    assert all(p == pointers[0] for p in pointers)
-    fresh, none = steps(False)
-    assert all(p == [] for p in none)
-    assert all(torch.equal(a, b) for a, b in zip(params, fresh))
-    x = torch.randn(4, 5)
-    kernels = _namespace.fused(_namespace.namespace(x))
-    buffers: list = []
-    with _namespace.kept_results(buffers):
-        first = kernels.centered(_namespace.namespace(x), x, (1,))
-    with _namespace.kept_results(buffers):
-        again = kernels.centered(_namespace.namespace(x), 2 * x, (1,))
-    alone = kernels.centered(_namespace.namespace(x), x, (1,))
-    assert again is first is buffers[0] and alone is not first
-    assert torch.equal(alone, x - x.mean(dim=1, keepdim=True))
+    whole, none = steps("whole")
+    assert all(p == {} for p in none)
+    deferred_run, pointers = steps("deferred")
+    assert all(torch.equal(a, b) for a, b in zip(deferred_run, whole))
+    assert all(p == pointers[-1] for p in pointers[1:])  # the same buffers at every step
+    # centered by the replay: the small (6, 3, 3, 3) and (8, 6) ones, gathered
+    # (members 0 and 1), and the two larger ones (3 and 4); not the vector (2)
+    assert set(pointers[-1]) == {0, 1, 3, 4}
+    scratch = _eager._scratch([torch.float32], 1, torch.device("cpu"), "centered")[0]
+    piece = {i for i, ptr in pointers[-1].items() if ptr == scratch.data_ptr()}
+    assert piece == ({3, 4} if chunk is None else set())  # replayed as they are
+
+    original = _namespace.TorchFused.centered
+    monkeypatch.setattr(_namespace.TorchFused, "centered",
+                        staticmethod(lambda xp, x, axes: original(xp, x, axes) * 1))
+    computed_with, _ = steps("deferred")
+    assert all(torch.equal(a, b) for a, b in zip(computed_with, whole))
+
+
+def test_centered_defers_its_work_to_the_caller_within_the_block():
+    """Within deferred_centering torch's ``centered`` returns a new view of its
+    operand, its values unchanged, and records how to center it; that writes
+    into the caller's buffer the values ``centered`` returns outside the block."""
+    from polyopt import _namespace
+
+    x = torch.randn(4, 5, 3)
+    xp = _namespace.namespace(x)
+    kernels = _namespace.fused(xp)
+    with _namespace.deferred_centering({}) as pending:
+        view = kernels.centered(xp, x, (1, 2))
+    (key, (kept, center)), = pending.items()
+    assert key == id(view) and kept is view and view is not x
+    assert torch.equal(view, x) and view.data_ptr() == x.data_ptr()
+    out = torch.empty(4, 5, 3)
+    assert center(out) is out
+    alone = kernels.centered(xp, x, (1, 2))
+    assert torch.equal(out, alone)
+    assert torch.equal(alone, x - x.mean(dim=(1, 2), keepdim=True))
 
 
 def test_a_switch_to_an_operand_changed_in_place_is_kept(monkeypatch):

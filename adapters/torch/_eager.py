@@ -547,7 +547,8 @@ def _scratch(dtypes: list, n: int, device, use: str = "ops") -> list:
 
 
 def step(apply, update, layout, params: list, grads: list, states: list,
-         scalars: dict, chunk: int | None = None, kept: dict | None = None) -> bool:
+         scalars: dict, chunk: int | None = None, kept: dict | None = None,
+         centers: dict | None = None) -> bool:
     """One step of an elementwise rule on a bucket (same counts, same present
     slots); False (and nothing changed) when the rule cannot be replayed.
 
@@ -559,6 +560,8 @@ def step(apply, update, layout, params: list, grads: list, states: list,
     step (:class:`_Schedule`), whose state entries may become views of flat
     tensors (:func:`_consecutive`, :func:`_flat_scalar`); None: ``states``
     are a step's own (views of the optimizer's), nothing is kept or moved.
+    ``centers``: the centerings a per-tensor prefix left to the replay
+    (:func:`polyopt._namespace.deferred_centering`; plain tensors only).
     """
     if torch.is_grad_enabled():  # differentiable=True: out= does not record autograd
         return False
@@ -580,18 +583,19 @@ def step(apply, update, layout, params: list, grads: list, states: list,
         for i, (p, g) in enumerate(zip(params, grads)):
             kinds = (p, g, *(states[i][key] for _, key in present))
             by_kinds[tuple((t.dtype, t.device) for t in kinds)].append(i)
-        groups = [[kinds, members, None, {}] for kinds, members in by_kinds.items()]
+        # [kinds, members, plan, {variant: schedule}, {member: centered grad buffer}]
+        groups = [[kinds, members, None, {}, {}] for kinds, members in by_kinds.items()]
     plans = []
     for group in groups:
-        kinds, members, plan, schedules = group
+        kinds, members, plan, schedules, _ = group
         now = _plan(apply, update, layout, present, scalars, kinds)
         if now is None:
             return False
         if now is not plan:
-            group[2:] = now, {}
+            group[2:4] = now, {}
         plans.append((group, *now.now(scalars)))
     for group, variant, program, _ in plans:
-        kinds, members, plan, schedules = group
+        kinds, members, plan, schedules, centered = group
         schedule = schedules.get(variant)  # one per variant of the program
         if schedule is None:
             for i in members:  # a slot the rule starts (momentum set at its first step)
@@ -600,11 +604,11 @@ def step(apply, update, layout, params: list, grads: list, states: list,
                     states[i][key] = (torch.empty(p.shape, dtype=dtype, device=p.device)
                                       if type(p) in _PLAIN else torch.empty_like(p, dtype=dtype))
             schedule = _Schedule(program, plan.outputs, params, states, present, members,
-                                 chunk, kept is not None and shards is None)
+                                 chunk, kept is not None and shards is None, centered)
             if not plan.started:
                 schedules[variant] = schedule
                 seen = None  # it may have moved state into flat tensors (_consecutive)
-        schedule.run(program, grads)
+        schedule.run(program, grads, centers)
     if shards is not None:
         _wrap_started(shards[3], states,
                       {key for group, *_ in plans for key, _ in group[2].started})
@@ -657,15 +661,6 @@ def flat_scalars(kept: dict, params: list, states: list) -> dict | None:
         return None
     return {key: flat for key, (flat, _) in last[2].items()}
 
-
-
-def kept_buffers(kept: dict, params: list) -> list:
-    """The buffers kept for the results of the per-tensor prefix of the
-    bucket of exactly these params (:func:`polyopt._namespace.kept_results`),
-    dropped with its schedules (:func:`forget_unused`)."""
-    key = ("prefix", *map(id, params))
-    kept.setdefault(None, set()).add(key)
-    return kept.setdefault(key, [])
 
 
 def forget_unused(kept: dict) -> None:
@@ -925,7 +920,8 @@ class _Schedule:
     """
 
     def __init__(self, program: _Program, outputs: list, params: list, states: list,
-                 present: list, members: list, chunk: int, move: bool = False) -> None:
+                 present: list, members: list, chunk: int, move: bool = False,
+                 centered: dict | None = None) -> None:
         device = params[members[0]].device
         chunk = min(chunk, sum(params[i].numel() for i in members))
         full = _scratch(program.buffers, chunk, device)
@@ -987,15 +983,30 @@ class _Schedule:
                                [slots[key] for key in outputs]))
         self.none = [None] * (len(program.buffers) + len(program.direct_inputs))
         self.chunk = chunk
+        # deferred centering (run's ``centers``): a member replayed as it is
+        # reads its grad centered into a piece-sized buffer right before; the
+        # others' centered grads are written whole, into buffers kept for the
+        # bucket (``centered``: member -> buffer, shared by its schedules)
+        self.whole = [i for task in self.tasks if task[0] != "one"
+                      for i in (task[1] if task[0] == "gathered" else [task[1]])]
+        self.centered = {} if centered is None else centered
 
-    def run(self, program: _Program, grads: list) -> None:
-        """Replay ``program`` (bound to this step's 0-d values) with these grads."""
+    def run(self, program: _Program, grads: list, centers: dict | None = None) -> None:
+        """Replay ``program`` (bound to this step's 0-d values) with these grads;
+        ``centers``: {id(grad): (grad, center)} of grads to read as
+        ``center(out)`` writes them (:func:`polyopt._namespace.deferred_centering`)."""
         run, constants, copies = program.run, program.constants, program.copies
+        if centers:
+            grads = self._center_whole(grads, centers)
         for task in self.tasks:
             kind = task[0]
             if kind == "one":
                 _, i, inputs, targets, buffers, direct = task
-                news = run(constants, inputs[0], grads[i], *inputs[1:], *buffers, *direct)
+                g = grads[i]
+                center = centers.get(id(g)) if centers else None
+                if center is not None:  # read from memory once, then from the cache
+                    g = center[1](self._center_buffer(i, g))
+                news = run(constants, inputs[0], g, *inputs[1:], *buffers, *direct)
                 for k in copies:
                     targets[k].copy_(news[k])
             elif kind == "pieces":
@@ -1013,6 +1024,29 @@ class _Schedule:
                 for target, new in zip(targets, news):
                     if new is not target:
                         target.copy_(new)
+
+    def _center_whole(self, grads: list, centers: dict) -> list:
+        """``grads`` with those of the members not replayed as they are
+        centered, each into a buffer kept for it."""
+        grads = list(grads)
+        for i in self.whole:
+            g = grads[i]
+            center = centers.get(id(g))
+            if center is not None:
+                out = self.centered.get(i)
+                if out is None or out.shape != g.shape or out.dtype != g.dtype:
+                    out = self.centered[i] = torch.empty(g.shape, dtype=g.dtype,
+                                                         device=g.device)
+                grads[i] = center[1](out)
+        return grads
+
+    def _center_buffer(self, i: int, g: torch.Tensor) -> torch.Tensor:
+        """A buffer of the piece size, viewed in the shape of member ``i``'s grad."""
+        out = self.centered.get(i)
+        if out is None or out.dtype != g.dtype:
+            piece = _scratch([g.dtype], self.chunk, g.device, "centered")[0]
+            out = self.centered[i] = piece[:g.numel()].view(g.shape)
+        return out
 
     @staticmethod
     def _run_gathered(program: _Program, grads: list, members: list, sizes: list,

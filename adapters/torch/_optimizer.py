@@ -22,7 +22,7 @@ import array_api_compat.torch as _xp
 import torch
 
 from polyopt import native, rules
-from polyopt._namespace import kept_results
+from polyopt._namespace import deferred_centering
 from polyopt.hyper import Spec
 from polyopt.rules import _state
 from polyopt.torch import _differentiable, _eager, _flat, _sharded
@@ -594,16 +594,20 @@ class RuleOptimizer(torch.optim.Optimizer):
         if parts is None:
             return False
         transform, rest = parts
+        centers = None
         if transform is not None and keep and not _flat.distributed(params):
-            # its results written into buffers kept for the bucket (none of
-            # them outlives the step: the replay writes the state it keeps)
-            with kept_results(_eager.kept_buffers(self._eager_kept, params)):
-                grads = _transformed(transform, params, grads, own)
+            # gradient centralization's subtraction left to the replay, which
+            # centers each grad where it reads it (none written out whole)
+            with deferred_centering({}) as centers:
+                transformed = _transformed(transform, params, grads, own)
+            if not set(centers) <= set(map(id, transformed)):  # computed with
+                centers, transformed = None, _transformed(transform, params, grads, own)
+            grads = transformed
         elif transform is not None:
             grads = _transformed(transform, params, grads, own)
         return _eager.step(_apply, rest.update, layout, params, grads, states,
                            self._scalars(layout, states),
-                           kept=self._eager_kept if keep else None)
+                           kept=self._eager_kept if keep else None, centers=centers)
 
     def _local_rest(self, rule, values: dict, layout: _Layout, params: list, grads: list,
                     states: list, own: tuple | None) -> bool:
