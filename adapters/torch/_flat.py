@@ -2,12 +2,15 @@
 
 Params of one dtype and device (not 16-bit, not 0-d) with the same counts and
 slots form a :class:`FlatBucket`: their ``.data`` become views of one flat
-buffer, their grads views of another, and each state slot one flat tensor
-whose views are the per-parameter state entries (``self.state[p][key]``, so
-``state_dict`` keeps torch's format). The bucket's step is traced once per
-structure (:func:`_flat_step`), split into its 0-d part and the elementwise
-kernel, and given to inductor (:func:`_compile_flat`). Other params (16-bit
-or 0-d) run one ``torch.compile`` graph per bucket (:func:`compiled_step`).
+buffer, their grads views of another when the same grads come back at the
+next step (fresh grads are read where they are, :meth:`FlatBucket.grads_of`),
+and each state slot one flat tensor whose views are the per-parameter state
+entries (``self.state[p][key]``, so ``state_dict`` keeps torch's format).
+The bucket's step is traced once per structure (:func:`_flat_step`: on the
+flat buffers, or on their per-param views), split into its 0-d part and the
+elementwise kernel, and given to inductor (:func:`_compile_flat`). Other
+params (16-bit or 0-d) run one ``torch.compile`` graph per bucket
+(:func:`compiled_step`).
 """
 
 from __future__ import annotations
@@ -249,8 +252,10 @@ class FlatParams(NamedTuple):
 
 
 class FlatBucket:
-    """One bucket of the flat path: its params (``flat``: the params and their
-    grads as views of two flat buffers, made at its first step), its state
+    """One bucket of the flat path: its params (``flat``: the params as views
+    of a flat buffer, made at its first step, and a flat grad buffer whose
+    views become the grads that come back; ``seen``: the last step's grads
+    read per param), its state
     (``buffers``: state key -> (flat buffer, per-param views), the views being
     the entries of the per-param state dicts ``states``), and its step
     (:meth:`step`: the compiled step of the bucket's structure, shared by
