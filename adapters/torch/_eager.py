@@ -662,7 +662,6 @@ def flat_scalars(kept: dict, params: list, states: list) -> dict | None:
     return {key: flat for key, (flat, _) in last[2].items()}
 
 
-
 def forget_unused(kept: dict) -> None:
     """Drop the schedules of buckets that :func:`step` did not use since the
     last call (the optimizer's params regrouped: they would keep the memory of
