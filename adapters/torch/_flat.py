@@ -140,7 +140,8 @@ def _compile_flat(step, example: list, contiguous: bool = False):
     through dynamo: the graphs are already captured, and the caller keys them
     by every shape, dtype and device, so dynamo's guards would only add their
     cost to every step. Each part's example inputs are recorded by running
-    the split graph once on copies of ``example``. ``contiguous``: every
+    the split graph once on copies of ``example``. Returns the split graph's
+    forward. ``contiguous``: every
     input will be contiguous (the caller checked), as its shape, dtype and
     device are (the caller's key): inductor's per-input size and stride
     asserts, ~1 us each at every step, are left out.
@@ -166,7 +167,9 @@ def _compile_flat(step, example: list, contiguous: bool = False):
     for name, child in children.items():
         object.__setattr__(split, name, torch._inductor.compile(
             child, recorded[name], options={"size_asserts": not contiguous}))
-    return split
+    # its generated forward, without nn.Module's call (hooks, which it has
+    # none of): measured 35-60 us less a step for 179 inputs, cold caches
+    return split.forward
 
 
 def _merge_scalars(gm: torch.fx.GraphModule, part) -> None:
