@@ -275,6 +275,24 @@ def test_a_product_is_contracted_only_into_its_one_reader_as_it_was():
     assert [f for f, *_ in contracted] == [torch.sub, torch.add]
 
 
+def test_a_result_nothing_reads_is_not_replayed():
+    """``_eager._live``: an operation whose result nothing reads (a rule's
+    ``count == 0`` only another branch used) and that writes nothing is left
+    out of the replay; one writing in place (``x.add_``), or with ``out=``,
+    stays, as do the operations it reads."""
+    ops, _ = _recorded(lambda x, y, z, e: [
+        torch.mul(x, 2.0), torch.eq(y, 0), y.add_(torch.sqrt(z)),
+        torch.exp(e, out=torch.empty(1))][:1])
+    kept = _eager._live(ops, [ops[0][3]])
+    assert [f for f, *_ in kept] == [torch.mul, torch.sqrt, torch.Tensor.add_, torch.exp]
+    assert [f for f, *_ in ops] == [torch.mul, torch.eq, torch.sqrt, torch.Tensor.add_,
+                                    torch.exp]
+    # a dunder method is no in-place one: SGD's 0-d part drops count == 0
+    ops, _ = _recorded(lambda x, y, z, e: [x + 1, x == 0][:1])
+    assert [f.__name__ for f, *_ in ops] == ["add", "__eq__"]
+    assert [f.__name__ for f, *_ in _eager._live(ops, [ops[0][3]])] == ["add"]
+
+
 def test_adam_moments_are_torch_optims_bit_for_bit(monkeypatch):
     """polyopt.torch.Adam's eager step computes m and v as torch.optim.Adam
     does (``lerp_``; ``mul_`` and ``addcmul_``), so its state equals

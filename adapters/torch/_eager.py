@@ -353,6 +353,20 @@ def _contracted(rec: _Recorder, ops: list, outputs: list) -> list:
     return [replaced.get(j, op) for j, op in enumerate(ops) if j not in dropped]
 
 
+def _live(ops: list, outputs: list) -> list:
+    """``ops`` without those whose result nothing reads and that write nothing
+    (a rule's ``count == 0`` that only its other branch used): each would be
+    one more call at every step."""
+    needed, kept = set(outputs), []
+    for op in reversed(ops):
+        func, args, kwargs, index, _ = op
+        name = getattr(func, "__name__", "")
+        if index in needed or "out" in kwargs or name.endswith("_") and name[-2:] != "__":
+            kept.append(op)
+            needed.update(v.index for v in (*args, *kwargs.values()) if isinstance(v, _Ref))
+    return kept[::-1]
+
+
 class _Program:
     """A recorded step as one generated Python function over the variables.
 
@@ -370,7 +384,7 @@ class _Program:
 
     def __init__(self, rec: _Recorder, ops: list, inputs: range, outputs: list, targets: list,
                  dynamic: tuple = ()) -> None:
-        ops = _contracted(rec, ops, outputs)
+        ops = _live(_contracted(rec, ops, outputs), outputs)
         first, n_inputs = inputs.start, len(inputs)
         last = {}  # variable -> index of the last op reading it
         readers = defaultdict(list)
