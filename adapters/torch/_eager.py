@@ -991,8 +991,9 @@ class _Schedule:
             dtypes = [c[0].dtype for c in lists if type(c) is list]
             buffers = iter(_scratch(dtypes, size, device, "gather"))
             gathered = [next(buffers) if type(c) is list else None for c in lists]
-            self.tasks.append(("gathered", group, [params[i].numel() for i in group], columns,
-                               gathered, [b[:size] for b in full],
+            self.tasks.append(("gathered", group, [params[i].numel() for i in group],
+                               [k for k, i in enumerate(group) if params[i].ndim != 1],
+                               columns, gathered, [b[:size] for b in full],
                                [slots[key] for key in outputs]))
         self.none = [None] * (len(program.buffers) + len(program.direct_inputs))
         self.chunk = chunk
@@ -1063,11 +1064,17 @@ class _Schedule:
 
     @staticmethod
     def _run_gathered(program: _Program, grads: list, members: list, sizes: list,
-                      columns: list, gathered: list, buffers: list, targets: list) -> None:
+                      shaped: list, columns: list, gathered: list, buffers: list,
+                      targets: list) -> None:
         """The members' params and grads gathered into one piece each, as
         their state where it is not one flat tensor (:func:`_consecutive`);
-        what the program wrote scattered back."""
-        columns = [columns[0], [grads[i].reshape(-1) for i in members], *columns[1:]]
+        what the program wrote scattered back. ``shaped``: the positions
+        among ``members`` of those of more than one axis (the others' grads,
+        of their shape, are gathered as they are)."""
+        flat = [grads[i] for i in members]
+        for k in shaped:
+            flat[k] = flat[k].reshape(-1)
+        columns = [columns[0], flat, *columns[1:]]
         ins = [torch.cat(column, out=buf) if type(column) is list else column
                for column, buf in zip(columns, gathered)]
         news = program.run(program.constants, *ins, *buffers,

@@ -540,9 +540,12 @@ class RuleOptimizer(torch.optim.Optimizer):
         flats = None if self.compiled else _eager.flat_scalars(self._eager_kept, params,
                                                                   all_states)
         for members in _buckets(layout, all_states, flats):
-            ps = [params[i] for i in members]
-            gs = [grads[i] for i in members]
-            states = [all_states[i] for i in members]
+            if len(members) == len(params):  # one bucket (the steady state)
+                ps, gs, states = params, grads, all_states
+            else:
+                ps = [params[i] for i in members]
+                gs = [grads[i] for i in members]
+                states = [all_states[i] for i in members]
             own = None if layouts is None else tuple(layouts[i] for i in members)
             rule = self._rule(values)
             if (not self.compiled and not self.defaults["differentiable"]
