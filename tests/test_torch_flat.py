@@ -382,3 +382,32 @@ def test_per_tensor_rules_run_flat_on_per_param_views(inductor_cache, name):
             assert {v.untyped_storage().data_ptr() for v in views} == {
                 buffer.untyped_storage().data_ptr()}
     assert covered == set(map(id, fast))
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh grads", "kept grads"])
+def test_the_step_counts_its_change_of_each_param_as_torch_optim_does(fresh):
+    """Autograd refuses a backward through a graph that saved a param the
+    step changed since (the param's version counter), as after
+    torch.optim.Adam's step. The compiled step writes the params through
+    views of a flat buffer (``p.data``: a version counter of its own) and
+    counts the change on the params themselves: with fresh grads (the
+    per-param kernel) and kept ones (the flat kernel)."""
+    x = torch.randn(3, 4, requires_grad=True)
+    outcomes = []
+    for make in (lambda ps: torch.optim.Adam(ps, lr=0.1),
+                 lambda ps: pt.preset("torch.optim.Adam", ps, lr=0.1, compiled=True)):
+        params = [torch.randn(4, 2, requires_grad=True), torch.randn(2, requires_grad=True)]
+        opt = make(params)
+        for t in range(4):
+            if fresh or t == 0:
+                for p in params:
+                    p.grad = torch.randn_like(p)
+            if t == 3:
+                versions = [p._version for p in params]
+                loss = (x @ params[0] + params[1]).square().sum()  # saves both params
+            opt.step()
+        assert all(p._version > v for p, v in zip(params, versions))
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+        outcomes.append([p._version - v for p, v in zip(params, versions)])
+    assert outcomes[1] == outcomes[0]

@@ -372,12 +372,17 @@ class FlatBucket:
         present = tuple(k for _, k in layout.slots if k in states[0])
         built = self.flat_params(params)
         fresh_grads = self.grads_of(params, grads)
+        # each param keeps its own version counter (``p.data = view`` does not
+        # share the buffer's): the step counts its in-place change on the
+        # params, as torch.optim's does, so that autograd refuses a backward
+        # through a graph that saved a param the step then changed
         if opt._rule(values).elementwise and fresh_grads is None:
             kind, count = "flat", 1
             tensors = [built.flat_p, built.flat_g, *[buffers[k] for k in present]]
-        else:
+            torch.autograd.graph.increment_version(params)
+        else:  # the params themselves (views of the flat buffer): the kernel counts them
             kind, count = "views", len(params)
-            tensors = [*built.views, *(built.grad_views if fresh_grads is None else fresh_grads),
+            tensors = [*params, *(built.grad_views if fresh_grads is None else fresh_grads),
                        *[v for k in present for v in self.buffers[k][1]]]
         structure = (kind, type(opt), opt._structure(values), present, built.shapes, layouts)
         scalars = [buffers[k][0] for _, k, _ in layout.scalars]
