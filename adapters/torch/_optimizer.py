@@ -501,31 +501,32 @@ class RuleOptimizer(torch.optim.Optimizer):
                         _flat.check_local(owner, rule, group, f" {index}")
             for index, (values, params, grads) in enumerate(plans):
                 if params:
-                    self._step_group(values, params, grads, layouts[index])
-                    self._note_steady(index, params)
+                    bucket = self._step_group(values, params, grads, layouts[index])
+                    if bucket is not None and index not in self._steady:
+                        self._note_steady(index, params, bucket)
             _eager.forget_unused(self._eager_kept)
         return loss
 
-    def _note_steady(self, index: int, params: list) -> None:
-        """Remember a group whose every param now has a grad view of one flat
-        buffer (holding the views keeps no memory alive)."""
-        if not self.compiled or index in self._steady:
-            return
+    def _note_steady(self, index: int, params: list, bucket: _flat.FlatBucket) -> None:
+        """Remember a group whose every param (``params``, the flat ``bucket``'s)
+        now has a grad view of one flat buffer (holding the views keeps no
+        memory alive)."""
         group = self.param_groups[index]["params"]
-        bucket = self._buckets.get(tuple(map(id, params)))
-        built = None if bucket is None else bucket.flat
+        built = bucket.flat
         if (built is not None and len(group) == len(params)
                 and all(map(operator.is_, map(_GRAD, params), built.grad_views))):
             self._steady[index] = (list(params), list(built.grad_views))
 
     def _step_group(self, values: dict, params: list, grads: list,
-                    layouts: tuple | None = None, real_views: bool = False) -> None:
+                    layouts: tuple | None = None,
+                    real_views: bool = False) -> _flat.FlatBucket | None:
         """One step of a group's params; ``real_views``: complex params' real
         views with their state for this step only (:meth:`_step_real_view`),
-        stepped by the eager path."""
+        stepped by the eager path. Returns the flat bucket that stepped all
+        of them, if one did."""
         if not real_views and any(map(torch.Tensor.is_complex, params)):
             self._step_real_view(values, params, grads, layouts)
-            return
+            return None
         layout = self._layout(values)
         if self.compiled and not real_views:
             # the steady state of the flat path: the same params as the last
@@ -534,7 +535,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             bucket = self._buckets.get(tuple(map(id, params)))
             if bucket is not None and bucket.intact(layout):
                 bucket.step(self, values, layout, params, grads, bucket.states, True, layouts)
-                return
+                return bucket
         all_states = [self.state[p] for p in params]
         self._init_missing(values, layout, params, layouts, all_states)
         flats = None if self.compiled else _eager.flat_scalars(self._eager_kept, params,
@@ -563,7 +564,10 @@ class RuleOptimizer(torch.optim.Optimizer):
                 _flat.local_step(self, values, layout, ps, gs, states, own)
                 continue
             if self.compiled and not real_views and _flat.flat_eligible(ps):
-                self._bucket(ps).step(self, values, layout, ps, gs, states, layouts=own)
+                bucket = self._bucket(ps)
+                bucket.step(self, values, layout, ps, gs, states, layouts=own)
+                if ps is params:
+                    return bucket
                 continue
             if self.defaults["differentiable"]:  # recorded by autograd (never compiled)
                 update = rule.update
@@ -584,6 +588,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                     update = functools.partial(update, layouts=list(own))
                 new = _apply(update, ps, gs, tree)
             _differentiable.write(layout, states, new, recorded=False)
+        return None
 
     def _replay(self, rule, layout: _Layout, params: list, grads: list, states: list,
                 own: tuple | None, keep: bool = True) -> bool:
