@@ -24,9 +24,9 @@ import polyopt.torch as pt
 from polyopt.torch import _eager
 from polyopt.torch.optimizers import OPTIMIZERS
 
-SHAPES = [(6, 5), (40,), (3,), (), (4, 3, 2, 2), (2,), (5,)]
+SHAPES = [(6, 5), (40,), (3,), (), (4, 3, 2, 2), (2,), (5,), (3,)]
 DTYPES = [torch.float32, torch.float32, torch.float64, torch.float32, torch.float16,
-          torch.float32, torch.float32]
+          torch.float32, torch.float32, torch.float16]
 EXTRA = {"sgd": {"momentum": 0.9, "nesterov": True}}
 ELIGIBLE = _eager.eligible
 

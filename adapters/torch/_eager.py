@@ -618,7 +618,8 @@ def step(apply, update, layout, params: list, grads: list, states: list,
                     states[i][key] = (torch.empty(p.shape, dtype=dtype, device=p.device)
                                       if type(p) in _PLAIN else torch.empty_like(p, dtype=dtype))
             schedule = _Schedule(program, plan.outputs, params, states, present, members,
-                                 chunk, kept is not None and shards is None, centered)
+                                 chunk, kept is not None and shards is None, centered,
+                                 kinds[1][0])
             if not plan.started:
                 schedules[variant] = schedule
                 seen = None  # it may have moved state into flat tensors (_consecutive)
@@ -929,12 +930,13 @@ class _Schedule:
     pieces of ``chunk`` elements; members of at most :data:`SMALL` elements
     (and contiguous) are gathered into one piece, replayed together and
     scattered back; tensor subclasses and larger non-contiguous members go
-    whole, without buffers.
+    whole, without buffers. ``grad_dtype``: the grads' dtype (a per-tensor
+    prefix's result: float32 for 16-bit params), that of their gather buffer.
     """
 
     def __init__(self, program: _Program, outputs: list, params: list, states: list,
                  present: list, members: list, chunk: int, move: bool = False,
-                 centered: dict | None = None) -> None:
+                 centered: dict | None = None, grad_dtype: torch.dtype | None = None) -> None:
         device = params[members[0]].device
         chunk = min(chunk, sum(params[i].numel() for i in members))
         full = _scratch(program.buffers, chunk, device)
@@ -989,6 +991,8 @@ class _Schedule:
             # a gather buffer for the params, the grads and each state not one flat tensor
             lists = [columns[0], columns[0], *columns[1:]]
             dtypes = [c[0].dtype for c in lists if type(c) is list]
+            # the grads' own dtype (a transform's result: float32 for 16-bit params)
+            dtypes[1] = grad_dtype or dtypes[1]
             buffers = iter(_scratch(dtypes, size, device, "gather"))
             gathered = [next(buffers) if type(c) is list else None for c in lists]
             self.tasks.append(("gathered", group, [params[i].numel() for i in group],
