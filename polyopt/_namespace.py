@@ -190,10 +190,16 @@ class TorchFused(Fused):
         return xp.linalg.vector_norm(x, axis=(-2, -1), keepdims=keepdims)
 
 
+#: array_api_compat's test without its lru_cache: torch.compile traces the
+#: rules (polyopt.torch's compiled=True), and dynamo warns at a traced call of
+#: an lru_cache-wrapped function (its cache is not consulted under tracing)
+_is_torch_namespace = getattr(is_torch_namespace, "__wrapped__", is_torch_namespace)
+
+
 def fused(xp) -> type[Fused]:
     """The fused operations for namespace ``xp``: torch's kernels for torch's
     namespace (array_api_compat's or torch itself), else :class:`Fused`."""
     # a registered namespace (Keras's on TensorFlow) need not be a module, nor hashable
-    if isinstance(xp, types.ModuleType) and is_torch_namespace(xp):
+    if isinstance(xp, types.ModuleType) and _is_torch_namespace(xp):
         return TorchFused
     return Fused

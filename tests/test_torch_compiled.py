@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -129,3 +130,36 @@ def test_every_other_class_compiles_to_the_eager_numbers(name):
 class _NoScheduler:
     def step(self):
         pass
+
+
+def test_tracing_a_rule_calls_no_cached_function():
+    """torch.compile traces the rules (bfloat16 params take the per-tensor
+    compiled step, which dynamo traces) to the eager numbers, Muon's matrix
+    views included (a generator passed to math.prod stopped dynamo), and
+    without a call of an lru_cache-wrapped function, at which dynamo warns
+    (once per process: its record is cleared here): the choice of torch's
+    kernels (``polyopt._namespace.fused``) that Ranger's and Muon's rules
+    make."""
+    torch._dynamo.utils.warn_once_cache.clear()
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(shape, generator=gen).to(torch.bfloat16) for shape in [(3, 5), (5,)]]
+    grads = [[torch.randn(p.shape, generator=gen).to(torch.bfloat16) for p in start]
+             for _ in range(3)]
+    for make in (lambda ps, c: pt.Ranger(ps, lr=0.1, compiled=c),
+                 lambda ps, c: pt.Muon(ps, lr=0.1, compiled=c)):
+        runs = []
+        for compiled in (False, True):
+            params = [p.clone().requires_grad_() for p in start]
+            opt = make(params, compiled)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for step in grads:
+                    for p, g in zip(params, step):
+                        p.grad = g.clone()
+                    opt.step()
+            assert not [w for w in caught if "lru_cache" in str(w.message)], [
+                str(w.message)[:200] for w in caught]
+            runs.append(params)
+        for eager, fast, before in zip(*runs, start):
+            assert torch.equal(fast, eager)
+            assert not torch.equal(fast, before)  # the steps moved it

@@ -33,15 +33,15 @@ def as_matrix(xp, x, layout):
     output, reduction = _state.matrix_axes(layout, x.ndim)
     batch = () if layout is None else tuple(layout.batch_axes)
     order = (*batch, *output, *reduction)
-    shape = tuple(int(d) for d in x.shape)
-    rows = math.prod(shape[a] for a in output)
-    cols = math.prod(shape[a] for a in reduction)
-    permuted = tuple(shape[a] for a in order)
+    shape = tuple([int(d) for d in x.shape])  # lists: torch.compile traces no generator
+    rows = math.prod([shape[a] for a in output])
+    cols = math.prod([shape[a] for a in reduction])
+    permuted = tuple([shape[a] for a in order])
     moved = order != tuple(range(x.ndim))
     matrix = xp.reshape(xp.permute_dims(x, order) if moved else x,
-                        (math.prod(shape[a] for a in batch), rows, cols) if batch else
+                        (math.prod([shape[a] for a in batch]), rows, cols) if batch else
                         (rows, math.prod(shape) // max(rows, 1)))
-    inverse = tuple(order.index(a) for a in range(x.ndim))
+    inverse = tuple([order.index(a) for a in range(x.ndim)])
 
     def back(m):
         m = xp.reshape(m, permuted)
