@@ -155,10 +155,9 @@ def _check_flags(owner: str, flags: dict, compiled: bool) -> None:
     if flags["capturable"]:
         raise ValueError(f"{owner}: capturable=True is not supported (polyopt's step is not "
                          f"CUDA-graph capturable); allowed: capturable=False")
-    for name in ("maximize", "differentiable"):
-        if flags[name] and compiled:
-            raise ValueError(f"{owner}: {name}=True is not supported with compiled=True "
-                             f"yet; use compiled=False")
+    if flags["differentiable"] and compiled:  # a step autograd records is never compiled
+        raise ValueError(f"{owner}: differentiable=True is not supported with "
+                         f"compiled=True; use compiled=False")
 
 
 # --------------------------------------------------------------------------
