@@ -397,6 +397,7 @@ def test_polyopt_torch_muon_refuses_an_adjust_lr_fn_torch_refuses():
         pt.Muon(params, adjust_lr_fn="none").param_groups[0])["lr_scale"] == "none"
 
 
+@pytest.mark.needs("jax")  # optax
 def test_polyopt_optax_muon_is_optax_contrib_muon():
     import optax
 
@@ -480,6 +481,7 @@ def test_a_preset_argument_the_native_shares_sets_both():
     assert opt._values(opt.param_groups[0])["adam_eps"] == 1e-5
 
 
+@pytest.mark.needs("jax")  # optax
 @pytest.mark.parametrize("options", OPTAX_OPTIONS, ids=str)
 @pytest.mark.parametrize("preconditioning", ["frobenius", "spectral", "aol", "schatten"])
 def test_polyopt_optax_muon_preconditioning_is_optax_contrib_muons(preconditioning, options):
@@ -504,6 +506,7 @@ def test_polyopt_optax_muon_preconditioning_is_optax_contrib_muons(preconditioni
         assert _relative(plain, want, params0) > 1e-6
 
 
+@pytest.mark.needs("jax")  # optax
 @pytest.mark.parametrize("ns_coeffs, ns_steps", [
     ("dion", 5), ("standard", 3), ((2.0, -1.5, 0.5), 4),
     (((3.0, -3.2, 1.2), (2.0, -1.5, 0.5)), 5), (np.asarray(hyper.MUON_DION_TABLE[:4]), 4)],
@@ -572,6 +575,7 @@ def _complex_problem(dtype, steps=50):
 COMPLEX_BOUNDS = {np.complex128: 1e-10, np.complex64: 5e-5}
 
 
+@pytest.mark.needs("jax")  # optax
 @pytest.mark.parametrize("dtype", [np.complex128, np.complex64], ids=["complex128", "complex64"])
 @pytest.mark.parametrize("options", [{}, {"adaptive": True, "nesterov": False},
                                      {"weight_decay": 0.1, "consistent_rms": 0.2}], ids=str)
@@ -599,6 +603,7 @@ def test_polyopt_optax_muon_steps_complex_params_as_optax_contrib_muon(precondit
     assert max(float(np.max(np.abs(w.imag - p.imag))) for w, p in zip(want, params0)) > 1e-3
 
 
+@pytest.mark.needs("jax")  # optax
 def test_complex_schatten_conjugates_where_optax_takes_nan():
     """optax 0.2.8's 'schatten' first iteration takes A = X X^T, unconjugated: for a
     complex X it is near 0, its scale 1/sqrt(||A||_F) blows X up and the update is NaN
@@ -699,6 +704,7 @@ def _run_optax(transform, params0, grads):
     return [np.asarray(p) for p in jax.tree.leaves(params)]
 
 
+@pytest.mark.needs("jax")  # optax
 def test_polyopt_optax_muon_takes_optax_dimension_numbers_and_weight_decay_mask():
     """optax.contrib.muon side by side on a pytree of a conv kernel (every axis named),
     a 3-D leaf (two reduction axes), a Dense kernel, an embedding given None (Adam),
@@ -739,6 +745,7 @@ def test_polyopt_optax_muon_takes_optax_dimension_numbers_and_weight_decay_mask(
     assert _relative(adam_all, want, start) > 1e-2
 
 
+@pytest.mark.needs("jax")  # optax
 @pytest.mark.parametrize("options", [{}, {"adaptive": True, "nesterov": False},
                                      {"consistent_rms": 0.2, "ns_coeffs": "dion"}], ids=str)
 @pytest.mark.parametrize("preconditioning", ["frobenius", "spectral", "aol", "schatten"])
@@ -904,6 +911,7 @@ def test_torch_muon_all_refuses_a_group_that_is_not_a_matrix_at_construction():
                   "layout": rules.NOT_A_MATRIX}], muon_params="all")
 
 
+@pytest.mark.needs("jax")  # optax
 def test_optax_muon_with_dimension_numbers_under_inject_hyperparams_and_chain():
     """The per-leaf choice survives optax's wrappers: inject_hyperparams (every number
     traced, adam_lr_ratio too) and chain give the plain transformation's numbers."""
