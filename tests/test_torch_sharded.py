@@ -395,3 +395,60 @@ def test_fsdp2_per_tensor_rules_equal_one_process(tmp_path, compiled):
     outs = _run(tmp_path, cases)
     for case in cases:
         _check(case, outs[0]["cases"][case["id"]], gathers=not case.get("local"))
+
+
+_VERSIONS = r"""
+import warnings
+warnings.simplefilter("ignore")
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+import polyopt.torch as pt
+
+rank, world = payload["rank"], payload["world"]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=payload["init"], rank=rank, world_size=world)
+mesh = init_device_mesh("cpu", (world,))
+MAKERS = {
+    "torch.optim.Adam": lambda ps: torch.optim.Adam(ps, lr=0.1),
+    "Adam": lambda ps, c: pt.preset("torch.optim.Adam", ps, lr=0.1, compiled=c),
+    "Ranger": lambda ps, c: pt.Ranger(ps, lr=0.1, compiled=c),
+    "Muon": lambda ps, c: pt.Muon(ps, lr=0.1, compiled=c),
+}
+result = {}
+for name, make in MAKERS.items():
+    for compiled in ([None] if name.startswith("torch") else [False, True]):
+        gen = torch.Generator().manual_seed(0)
+        whole = torch.randn(6, 4, generator=gen)
+        p = torch.nn.Parameter(distribute_tensor(whole, mesh, [Shard(0)]))
+        opt = make([p]) if compiled is None else make([p], compiled)
+        for t in range(3):
+            p.grad = distribute_tensor(torch.randn(6, 4, generator=gen), mesh, [Shard(0)])
+            if t == 2:
+                before = p._version
+                loss = (p * p).sum()  # saves p
+            opt.step()
+        try:
+            loss.backward()
+            outcome = "no error"
+        except RuntimeError as e:
+            outcome = "refused" if "modified by an inplace operation" in str(e) else str(e)
+        result[f"{name}, compiled={compiled}"] = [p._version > before, outcome]
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.needs("torch")
+def test_a_step_counts_its_change_of_dtensor_params_as_torch_optim_does(tmp_path):
+    """A step on DTensor params (its local shards, or the whole tensors
+    gathered) moves each DTensor param's version counter, as torch.optim's
+    DTensor ops do: autograd refuses a backward through a graph that saved
+    the param before the step. Elementwise (the replay on the local shards,
+    the compiled kernel on them), a per-tensor prefix (Ranger) and a
+    per-tensor rule (Muon, gathered), eager and compiled; 2 ranks."""
+    for out in run_ranks(_VERSIONS, {}, 2, str(tmp_path / "rendezvous")):
+        assert out.pop("torch.optim.Adam, compiled=None") == [True, "refused"]
+        assert out == {key: [True, "refused"] for key in out}, out
+        assert len(out) == 6

@@ -627,6 +627,9 @@ def step(apply, update, layout, params: list, grads: list, states: list,
     if shards is not None:
         _wrap_started(shards[3], states,
                       {key for group, *_ in plans for key, _ in group[2].started})
+        # the replay changed the local tensors in place; the DTensor params
+        # keep version counters of their own, which their in-place ops move
+        torch.autograd.graph.increment_version([p for p, _ in shards[3].values()])
     new_scalars = plans[-1][3]
     flats = {} if last is None else last[2]
     for path, key, _ in layout.scalars:

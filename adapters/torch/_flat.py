@@ -489,6 +489,9 @@ def local_step(opt, values: dict, layout: _Layout, params: list, grads: list,
             return type(opt).factory(**v).prefix[1]
     fresh, news, out = _run_compiled(opt, values, layout, present, structure, len(params),
                                      layouts, tensors, scalars, factory)
+    # the kernel counted its change on the local tensors; the DTensors keep
+    # counters of their own, which torch.optim's DTensor ops move
+    torch.autograd.graph.increment_version(params)
     module = sys.modules["torch.distributed.tensor"]
     for key, buffer in zip(fresh, news):  # a slot the rule started: one DTensor per param
         for st, p, view in zip(states, params, views_of(buffer, [t.shape for t in local])):

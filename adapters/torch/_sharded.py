@@ -116,6 +116,9 @@ def step(opt, values: dict, layout: _Layout, params: list, grads: list, states: 
                     st[k] = full_st[k]
             continue
         p.to_local().copy_(_part(full, p))
+        # the DTensor's own version counter too, as its in-place ops count it
+        # (autograd refuses a backward through a graph that saved it)
+        torch.autograd.graph.increment_version(p)
         for k in slot_keys:
             if k not in full_st:
                 continue
