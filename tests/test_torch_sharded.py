@@ -439,8 +439,7 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.distributed
-@pytest.mark.needs("torch")
+@pytest.mark.needs("torch")  # 2 ranks, 10 s: in the main run
 def test_a_step_counts_its_change_of_dtensor_params_as_torch_optim_does(tmp_path):
     """A step on DTensor params (its local shards, or the whole tensors
     gathered) moves each DTensor param's version counter, as torch.optim's
