@@ -142,10 +142,10 @@ def _compile_flat(step, example: list, contiguous: bool = False):
     by every shape, dtype and device, so dynamo's guards would only add their
     cost to every step. Each part's example inputs are recorded by running
     the split graph once on copies of ``example``. Returns the split graph's
-    forward. ``contiguous``: every
-    input will be contiguous (the caller checked), as its shape, dtype and
-    device are (the caller's key): inductor's per-input size and stride
-    asserts, ~1 us each at every step, are left out.
+    forward. ``contiguous``: every input will be contiguous (the caller
+    checked), as its shape, dtype and device are (the caller's key):
+    inductor's per-input size and stride asserts, ~1 us each at every step,
+    are left out.
     """
     gm = make_fx(step, tracing_mode="fake")(*example)
     # the rule's argument checks read 0-d hyperparameters (``.item()``) without
@@ -251,7 +251,6 @@ class FlatParams(NamedTuple):
     pointers: tuple  # data pointers of the param views
     grad_views: list
     shapes: tuple  # (shape, dtype, device) of each param
-    views: list  # the params' .data
 
 
 class FlatBucket:
@@ -323,7 +322,7 @@ class FlatBucket:
             pointer = torch.Tensor.data_ptr
             built = self.flat = FlatParams(
                 flat_p, flat_g, tuple(map(pointer, views)), grad_views,
-                tuple((tuple(p.shape), p.dtype, p.device) for p in params), views)
+                tuple((tuple(p.shape), p.dtype, p.device) for p in params))
         return built
 
     def grads_of(self, params: list, grads: list) -> list | None:
@@ -378,7 +377,6 @@ class FlatBucket:
         if opt._rule(values).elementwise and fresh_grads is None:
             kind, count = "flat", 1
             tensors = [built.flat_p, built.flat_g, *[buffers[k] for k in present]]
-            torch.autograd.graph.increment_version(params)
         else:  # the params themselves (views of the flat buffer): the kernel counts them
             kind, count = "views", len(params)
             tensors = [*params, *(built.grad_views if fresh_grads is None else fresh_grads),
@@ -388,6 +386,8 @@ class FlatBucket:
         # contiguous: the views of the flat buffers, and fresh grads (checked)
         fresh, news, out = _run_compiled(opt, values, layout, present, structure, count,
                                          layouts, tensors, scalars, contiguous=True)
+        if kind == "flat":  # the kernel counted it on the flat buffer only
+            torch.autograd.graph.increment_version(params)
         # slots the rule started (momentum that became non-zero) come back flat
         for key, buffer in zip(fresh, news):
             self._setviews_of(key, buffer, states, [p.shape for p in params])
