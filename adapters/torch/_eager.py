@@ -619,7 +619,7 @@ def step(apply, update, layout, params: list, grads: list, states: list,
                                       if type(p) in _PLAIN else torch.empty_like(p, dtype=dtype))
             schedule = _Schedule(program, plan.outputs, params, states, present, members,
                                  chunk, kept is not None and shards is None, centered,
-                                 kinds[1][0])
+                                 grad_dtype=kinds[1][0])
             if not plan.started:
                 schedules[variant] = schedule
                 seen = None  # it may have moved state into flat tensors (_consecutive)
@@ -939,7 +939,7 @@ class _Schedule:
 
     def __init__(self, program: _Program, outputs: list, params: list, states: list,
                  present: list, members: list, chunk: int, move: bool = False,
-                 centered: dict | None = None, grad_dtype: torch.dtype | None = None) -> None:
+                 centered: dict | None = None, *, grad_dtype: torch.dtype) -> None:
         device = params[members[0]].device
         chunk = min(chunk, sum(params[i].numel() for i in members))
         full = _scratch(program.buffers, chunk, device)
@@ -995,7 +995,7 @@ class _Schedule:
             lists = [columns[0], columns[0], *columns[1:]]
             dtypes = [c[0].dtype for c in lists if type(c) is list]
             # the grads' own dtype (a transform's result: float32 for 16-bit params)
-            dtypes[1] = grad_dtype or dtypes[1]
+            dtypes[1] = grad_dtype
             buffers = iter(_scratch(dtypes, size, device, "gather"))
             gathered = [next(buffers) if type(c) is list else None for c in lists]
             self.tasks.append(("gathered", group, [params[i].numel() for i in group],
